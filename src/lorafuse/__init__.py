@@ -1,0 +1,2 @@
+"""lorafuse."""
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from lorafuse.cli import main
+
+sys.exit(main())

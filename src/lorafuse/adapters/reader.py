@@ -1,0 +1,218 @@
+"""Reading PEFT LoRA adapters lazily, one module at a time, from a directory or a Hugging Face Hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafuse.adapters.config import LoraSettings, parse_settings
+from lorafuse.algebra.lowrank import LowRank
+from lorafuse.errors import AdapterError
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+TRAIN_RECORD = "lorafuse_train.json"
+PREFIX = "base_model.model."
+# `<module>.lora_A[.<adapter name>].weight`, or lora_embedding_A for embeddings (stored without `.weight`)
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?(\.weight)?$")
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """Where one module's factors live in the weights file."""
+
+    a_key: str
+    b_key: str
+    embedding: bool
+
+
+def resolve_adapter_dir(source: str | Path, allow_bin: bool = False) -> Path:
+    """A local adapter directory, downloading a Hub id (`org/name`) when no such directory exists."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise AdapterError(f"{path}: not a directory (an adapter is a directory with {CONFIG_NAME})")
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is None:
+        raise AdapterError(f"{source}: no such adapter directory")
+    from huggingface_hub import snapshot_download
+
+    patterns = [CONFIG_NAME, SAFETENSORS_NAME, TRAIN_RECORD] + ([BIN_NAME] if allow_bin else [])
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=patterns))
+    except Exception as exc:  # network, auth, missing repo: all reported the same way
+        raise AdapterError(f"{source}: not a local directory and could not be fetched from the Hub: {exc}") from exc
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter whose tensors are read on demand (memory stays near one module's size)."""
+
+    def __init__(self, source: str | Path, name: str | None = None, allow_bin: bool = False) -> None:
+        self.source = str(source)
+        self.path = resolve_adapter_dir(source, allow_bin)
+        self.settings: LoraSettings = parse_settings(self._read_config(), str(self.path / CONFIG_NAME))
+        self.weights_path = self._find_weights(allow_bin)
+        self._handle: Any = None
+        self._bin: dict[str, torch.Tensor] | None = None
+        self.name = name or self.train_record.get("task") or self.path.name
+
+    # -- files -------------------------------------------------------------------------------------
+    def _read_config(self) -> dict[str, Any]:
+        path = self.path / CONFIG_NAME
+        if not path.is_file():
+            raise AdapterError(f"{self.path}: missing {CONFIG_NAME} (not a PEFT adapter directory)")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(cfg, dict):
+            raise AdapterError(f"{path}: expected a JSON object")
+        return cfg
+
+    def _find_weights(self, allow_bin: bool) -> Path:
+        st, binf = self.path / SAFETENSORS_NAME, self.path / BIN_NAME
+        if st.is_file():
+            return st
+        if binf.is_file():
+            if not allow_bin:
+                raise AdapterError(
+                    f"{binf}: pickled .bin weights are only read with an explicit opt-in "
+                    "(--allow-bin / allow_bin=True); prefer safetensors"
+                )
+            return binf
+        raise AdapterError(f"{self.path}: missing {SAFETENSORS_NAME}")
+
+    @cached_property
+    def train_record(self) -> dict[str, Any]:
+        path = self.path / TRAIN_RECORD
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except json.JSONDecodeError:
+            return {}
+
+    @cached_property
+    def sha256(self) -> str:
+        return sha256_file(self.weights_path)
+
+    def _keys(self) -> list[str]:
+        if self.weights_path.suffix == ".bin":
+            return list(self._load_bin())
+        return list(self._open().keys())
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.weights_path), framework="pt")
+            except Exception as exc:
+                raise AdapterError(f"{self.weights_path}: corrupt or unreadable safetensors file ({exc})") from exc
+        return self._handle
+
+    def _load_bin(self) -> dict[str, torch.Tensor]:
+        if self._bin is None:
+            try:
+                self._bin = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise AdapterError(f"{self.weights_path}: unreadable .bin weights ({exc})") from exc
+        return self._bin
+
+    def tensor(self, key: str) -> torch.Tensor:
+        try:
+            if self.weights_path.suffix == ".bin":
+                return self._load_bin()[key]
+            return self._open().get_tensor(key)
+        except Exception as exc:
+            raise AdapterError(f"{self.weights_path}: cannot read tensor '{key}' ({exc})") from exc
+
+    # -- structure ---------------------------------------------------------------------------------
+    @cached_property
+    def _layout(self) -> tuple[dict[str, ModuleEntry], list[str]]:
+        halves: dict[str, dict[str, str]] = {}
+        extra: list[str] = []
+        for key in self._keys():
+            match = _LORA_KEY.match(key)
+            if match is None:
+                extra.append(key)
+                continue
+            module = match["module"].removeprefix(PREFIX)
+            halves.setdefault(module, {})[match["kind"][-1]] = key
+            halves[module]["embedding"] = "embedding" in match["kind"]
+        modules = {}
+        for module, h in sorted(halves.items()):
+            if "A" not in h or "B" not in h:
+                missing = "lora_B" if "B" not in h else "lora_A"
+                raise AdapterError(f"{self.weights_path}: module '{module}' has no {missing} tensor")
+            modules[module] = ModuleEntry(h["A"], h["B"], bool(h["embedding"]))
+        if not modules:
+            raise AdapterError(f"{self.weights_path}: no LoRA tensors (lora_A/lora_B) found")
+        self._check_extra(extra)
+        return modules, extra
+
+    def _check_extra(self, extra: list[str]) -> None:
+        if extra and not self.settings.modules_to_save:
+            raise AdapterError(
+                f"{self.weights_path}: tensors that are not LoRA factors ({', '.join(extra[:3])}"
+                f"{'…' if len(extra) > 3 else ''}) and no modules_to_save in the config"
+            )
+
+    @property
+    def modules(self) -> dict[str, ModuleEntry]:
+        return self._layout[0]
+
+    @property
+    def extra_keys(self) -> list[str]:
+        """Keys of `modules_to_save` tensors (e.g. a classification head)."""
+        return self._layout[1]
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """(out, in) of the update B·A, read from the file header without loading the tensors."""
+        entry = self.modules[module]
+        if self.weights_path.suffix == ".bin":
+            return (self.tensor(entry.b_key).shape[0], self.tensor(entry.a_key).shape[1])
+        h = self._open()
+        return (h.get_slice(entry.b_key).get_shape()[0], h.get_slice(entry.a_key).get_shape()[1])
+
+    def module_rank(self, module: str) -> int:
+        entry = self.modules[module]
+        if self.weights_path.suffix == ".bin":
+            return self.tensor(entry.a_key).shape[0]
+        return self._open().get_slice(entry.a_key).get_shape()[0]
+
+    def update(self, module: str) -> LowRank:
+        """The module's update with its scale folded into B: ΔW = (s·B)·A, as (out×r)·(r×in)."""
+        entry = self.modules[module]
+        A, B = self.tensor(entry.a_key), self.tensor(entry.b_key)
+        if A.ndim != 2 or B.ndim != 2:
+            raise AdapterError(f"{self.weights_path}: module '{module}': only linear/embedding LoRA is supported "
+                               f"(got lora_A of shape {tuple(A.shape)})")
+        if B.shape[1] != A.shape[0]:
+            raise AdapterError(f"{self.weights_path}: module '{module}': lora_B {tuple(B.shape)} and lora_A "
+                               f"{tuple(A.shape)} do not multiply")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterError(f"{self.weights_path}: module '{module}': NaN or Inf in its LoRA factors")
+        scale = self.settings.scaling(module, stored_rank=A.shape[0])
+        return LowRank(B.float() * scale, A.float())
+
+    def dtype(self) -> torch.dtype:
+        first = next(iter(self.modules.values()))
+        return self.tensor(first.a_key).dtype
+
+    def __repr__(self) -> str:
+        return f"LoraAdapter({self.name!r}, {len(self.modules)} modules, r={self.settings.r})"

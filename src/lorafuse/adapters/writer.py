@@ -1,0 +1,87 @@
+"""Writing a fused adapter in PEFT's own format: the keys and config PEFT itself would write.
+
+The stored factors carry the whole update (scaling 1): r = lora_alpha for every module, with rank_pattern and
+alpha_pattern for modules whose rank differs from the most common one, and rsLoRA off. Loading it back with
+PEFT, transformers or vLLM therefore gives exactly the computed ΔW.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafuse.adapters.reader import CONFIG_NAME, PREFIX, SAFETENSORS_NAME
+from lorafuse.algebra.lowrank import LowRank
+from lorafuse.atomic import atomic_output_dir
+
+PROVENANCE_NAME = "lorafuse_merge.json"
+HEADS_DIR = "task_heads"
+# Settings that describe the base model and must survive the merge unchanged.
+_CARRIED = ("base_model_name_or_path", "revision", "task_type", "fan_in_fan_out", "layers_pattern")
+
+
+def fused_config(
+    template: Mapping[str, Any],
+    ranks: Mapping[str, int],
+    target_modules: list[str],
+    modules_to_save: list[str] | None = None,
+) -> dict[str, Any]:
+    """A PEFT LoraConfig dict whose factors mean exactly what is stored: scaling 1 in every module."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {m: k for m, k in sorted(ranks.items()) if k != r}
+    cfg: dict[str, Any] = {k: template[k] for k in _CARRIED if k in template}
+    cfg.update(
+        peft_type="LORA",
+        r=r,
+        lora_alpha=r,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        use_rslora=False,
+        use_dora=False,
+        bias="none",
+        lora_dropout=0.0,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save or None,
+        init_lora_weights=True,
+        inference_mode=True,
+    )
+    return cfg
+
+
+def adapter_state_dict(
+    modules: Mapping[str, LowRank], embeddings: set[str], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """PEFT-format tensors: `base_model.model.<module>.lora_A.weight` (r×in) and `.lora_B.weight` (out×r)."""
+    state: dict[str, torch.Tensor] = {}
+    for module, update in modules.items():
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if module in embeddings else ("lora_A", "lora_B")
+        suffix = "" if module in embeddings else ".weight"
+        state[f"{PREFIX}{module}.{a_name}{suffix}"] = update.A.to(dtype).contiguous()
+        state[f"{PREFIX}{module}.{b_name}{suffix}"] = update.B.to(dtype).contiguous()
+    return state
+
+
+def write_adapter_dir(
+    out: str | Path,
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write adapter_config.json, adapter_model.safetensors, the provenance and per-task heads, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        save_file(dict(state), str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+        for name, tensors in (heads or {}).items():
+            (tmp / HEADS_DIR).mkdir(exist_ok=True)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / HEADS_DIR / f"{name}.safetensors"))
+    return Path(out)

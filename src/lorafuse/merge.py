@@ -1,0 +1,361 @@
+"""The merge engine: streams modules one at a time through a registered method and collects the fused adapter.
+
+`merge()` is the Python API behind `lorafuse merge`; it returns a `MergeResult` with `.save(dir)`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafuse.adapters.reader import LoraAdapter
+from lorafuse.adapters.writer import HEADS_DIR, adapter_state_dict, fused_config, write_adapter_dir
+from lorafuse.algebra.dense import dense_truncated_svd
+from lorafuse.algebra.lowrank import LowRank, truncate
+from lorafuse.errors import ConfigError, IncompatibleAdaptersError
+from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
+from lorafuse.methods.thresholds import StreamingQuantile
+from lorafuse.provenance import stamp
+from lorafuse.spaces import Projection, get_space
+
+MODULES_TO_SAVE_POLICIES = ("error", "per_task", "average", "drop")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Engine settings shared by every method."""
+
+    rank: int | None = None  # output rank; None: exact methods keep Σr, others the largest input rank
+    space: str = "full"
+    exact_svd: bool = False  # dense truncation by full SVD instead of randomized
+    modules_to_save: str = "error"
+    dtype: torch.dtype | None = None  # output dtype; default: the adapters' dtype
+    progress: bool = True
+
+
+@dataclass
+class MergeResult:
+    """A fused adapter held as factors (scaling 1), ready to save in PEFT's format."""
+
+    modules: dict[str, LowRank]
+    config: dict[str, Any]
+    provenance: dict[str, Any]
+    dtype: torch.dtype
+    embeddings: set[str] = field(default_factory=set)
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    extra_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """The fused dense update of one module (out×in)."""
+        return self.modules[module].dense()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = adapter_state_dict(self.modules, self.embeddings, self.dtype)
+        state.update(self.extra_state)
+        return state
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        return write_adapter_dir(path, self.state_dict(), self.config, self.provenance, self.heads, overwrite)
+
+
+# -- loading and checks ------------------------------------------------------------------------------------
+def load_adapters(
+    sources: Sequence[str | Path | LoraAdapter], names: Sequence[str] | None = None, allow_bin: bool = False
+) -> list[LoraAdapter]:
+    if not sources:
+        raise ConfigError("no adapters given")
+    if names is not None and len(names) != len(sources):
+        raise ConfigError(f"{len(names)} names for {len(sources)} adapters")
+    adapters = [
+        s if isinstance(s, LoraAdapter) else LoraAdapter(s, name=names[i] if names else None, allow_bin=allow_bin)
+        for i, s in enumerate(sources)
+    ]
+    _make_names_unique(adapters)
+    return adapters
+
+
+def _make_names_unique(adapters: list[LoraAdapter]) -> None:
+    seen: dict[str, int] = {}
+    for adapter in adapters:
+        count = seen.get(adapter.name, 0)
+        seen[adapter.name] = count + 1
+        if count:
+            adapter.name = f"{adapter.name}-{count + 1}"
+
+
+def check_compatible(adapters: Sequence[LoraAdapter], base_model: str | None = None) -> list[str]:
+    """All adapters must share base model, orientation and module shapes; returns the union of modules."""
+    first = adapters[0]
+    for adapter in adapters[1:]:
+        for attr, label in (("base_model", "base model"), ("fan_in_fan_out", "fan_in_fan_out"),
+                            ("task_type", "task_type")):
+            mine, theirs = getattr(first.settings, attr), getattr(adapter.settings, attr)
+            if mine and theirs and mine != theirs:
+                raise IncompatibleAdaptersError(
+                    f"{adapter.path}: {label} '{theirs}' differs from '{mine}' of {first.path}")
+    if base_model and first.settings.base_model and not _same_model(base_model, first.settings.base_model):
+        raise IncompatibleAdaptersError(
+            f"base_model '{base_model}' differs from the adapters' '{first.settings.base_model}'")
+    shapes: dict[str, tuple[tuple[int, int], LoraAdapter]] = {}
+    for adapter in adapters:
+        for module in adapter.modules:
+            shape = adapter.module_shape(module)
+            if module in shapes and shapes[module][0] != shape:
+                other = shapes[module][1]
+                raise IncompatibleAdaptersError(
+                    f"module '{module}': shape {shape} in {adapter.path} but {shapes[module][0]} in {other.path} "
+                    "(adapters of different base models?)")
+            shapes.setdefault(module, (shape, adapter))
+    return sorted(shapes, key=_natural_key)
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+# -- the engine ------------------------------------------------------------------------------------------
+class _ModuleStream:
+    """Reads one module's updates across adapters; a missing module is an exact zero of rank 0."""
+
+    def __init__(self, adapters: Sequence[LoraAdapter], shapes: dict[str, tuple[int, int]]) -> None:
+        self.adapters = adapters
+        self.shapes = shapes
+
+    def terms(self, module: str) -> list[LowRank]:
+        m, n = self.shapes[module]
+        return [a.update(module) if module in a.modules else LowRank(torch.zeros(m, 0), torch.zeros(0, n))
+                for a in self.adapters]
+
+
+def _generators(seed: int, names: Sequence[str], module: str) -> list[torch.Generator]:
+    """One generator per (adapter, module): DARE's drops do not depend on adapter order or module order."""
+    return [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{n}:{module}".encode())) for n in names]
+
+
+class _Thresholds:
+    """Per-task trim thresholds for element-wise methods, per module or global over the adapter."""
+
+    def __init__(self, method: MergeMethod, params: MethodParams, densities: list[float]) -> None:
+        from lorafuse.methods.elementwise import quantile_fractions
+
+        recipe = method.fn.recipe  # type: ignore[attr-defined]
+        self.fractions = [quantile_fractions(params, recipe, d) for d in densities]
+        self.global_scope = getattr(params, "trim_scope", "module") == "global" and any(self.fractions)
+        self.fixed: torch.Tensor | None = None
+
+    def fit_global(self, projections: Any) -> None:
+        """Two streaming passes over all modules' blocks (`projections` is a callable yielding them)."""
+        quantiles = [StreamingQuantile(f) for f in self.fractions]
+        for proj in projections("global trim: histogram"):
+            for q, block in zip(quantiles, proj.blocks):
+                q.observe(block)
+        for q in quantiles:
+            q.plan()
+        for proj in projections("global trim: threshold"):
+            for q, block in zip(quantiles, proj.blocks):
+                q.gather(block)
+        self.fixed = torch.tensor([q.thresholds() for q in quantiles], dtype=torch.float64)
+
+    def for_module(self, blocks: torch.Tensor) -> torch.Tensor:
+        from lorafuse.methods.primitives import kth_largest
+
+        if self.fixed is not None:
+            return self.fixed
+        width = max((len(f) for f in self.fractions), default=0)
+        return torch.tensor([[kth_largest(b, f) for f in fr] + [0.0] * (width - len(fr))
+                             for b, fr in zip(blocks, self.fractions)], dtype=torch.float64)
+
+
+def merge(
+    adapters: Sequence[str | Path | LoraAdapter],
+    method: str = "task_arithmetic",
+    *,
+    weights: Sequence[float] | None = None,
+    densities: Sequence[float | None] | None = None,
+    names: Sequence[str] | None = None,
+    base_model: str | None = None,
+    rank: int | None = None,
+    space: str = "full",
+    exact_svd: bool = False,
+    modules_to_save: str = "error",
+    dtype: torch.dtype | str | None = None,
+    allow_bin: bool = False,
+    progress: bool = True,
+    **params: Any,
+) -> MergeResult:
+    """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...)."""
+    spec = get_method(method)
+    parsed = spec.parse_params(params)
+    loaded = load_adapters(adapters, names, allow_bin)
+    options = MergeOptions(rank, space, exact_svd, modules_to_save, _as_dtype(dtype) or loaded[0].dtype(), progress)
+    weights = _per_adapter(weights, loaded, "weights", 1.0)
+    densities = _per_adapter(densities, loaded, "densities", getattr(parsed, "density", 1.0))
+    _check_options(spec, options, densities)
+    modules = check_compatible(loaded, base_model)
+    engine = _Engine(spec, parsed, loaded, modules, weights, densities, options)
+    return engine.run()
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    if dtype not in names:
+        raise ConfigError(f"unknown dtype '{dtype}' (valid: {', '.join(names)})")
+    return names[dtype]
+
+
+def _per_adapter(values: Sequence[Any] | None, adapters: list[LoraAdapter], field_name: str,
+                 default: float) -> list[float]:
+    if values is None:
+        return [float(default)] * len(adapters)
+    if len(values) != len(adapters):
+        raise ConfigError(f"{field_name}: {len(values)} values for {len(adapters)} adapters")
+    return [float(default if v is None else v) for v in values]
+
+
+def _check_options(spec: MergeMethod, options: MergeOptions, densities: list[float]) -> None:
+    for d in densities:
+        if not 0.0 < d <= 1.0:
+            raise ConfigError(f"density {d} is outside (0, 1]")
+    if options.rank is not None and options.rank < 1:
+        raise ConfigError(f"rank must be ≥ 1 (got {options.rank})")
+    if options.modules_to_save not in MODULES_TO_SAVE_POLICIES:
+        raise ConfigError(f"modules_to_save: '{options.modules_to_save}' is not one of "
+                          f"{', '.join(MODULES_TO_SAVE_POLICIES)}")
+    if spec.kind == "module" and options.space != "full":
+        raise ConfigError(f"method '{spec.name}' works on whole updates; 'space' applies to element-wise "
+                          "methods only (ties, dare_*, magnitude_prune, breadcrumbs)")
+    get_space(options.space)
+
+
+class _Engine:
+    def __init__(self, spec: MergeMethod, params: MethodParams, adapters: list[LoraAdapter], modules: list[str],
+                 weights: list[float], densities: list[float], options: MergeOptions) -> None:
+        self.spec, self.params, self.adapters, self.modules = spec, params, adapters, modules
+        self.weights, self.densities, self.options = weights, densities, options
+        shapes = {m: next(a.module_shape(m) for a in adapters if m in a.modules) for m in modules}
+        self.stream = _ModuleStream(adapters, shapes)
+        self.names = [a.name for a in adapters]
+        self.max_rank = max(a.module_rank(m) for a in adapters for m in a.modules)
+        self.energy: dict[str, float] = {}
+
+    def run(self) -> MergeResult:
+        merged = self._merge_all()
+        heads, extra = self._modules_to_save()
+        return MergeResult(
+            modules=merged,
+            config=self._config(merged, extra),
+            provenance=self._provenance(merged),
+            dtype=self.options.dtype,
+            embeddings={m for m in merged if any(m in a.modules and a.modules[m].embedding for a in self.adapters)},
+            heads=heads,
+            extra_state=extra,
+        )
+
+    def _progress(self, items: Sequence[str], desc: str) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, unit="module", disable=not self.options.progress, leave=False)
+
+    def _merge_all(self) -> dict[str, LowRank]:
+        if self.spec.kind == "module":
+            return {m: self._finish(m, self._module_update(m))
+                    for m in self._progress(self.modules, f"merge ({self.spec.name})")}
+        thresholds = _Thresholds(self.spec, self.params, self.densities)
+        if thresholds.global_scope:
+            thresholds.fit_global(lambda desc: (self._project(m) for m in self._progress(self.modules, desc)))
+        return {m: self._finish(m, self._elementwise_update(m, thresholds))
+                for m in self._progress(self.modules, f"merge ({self.spec.name}, {self.options.space} space)")}
+
+    def _module_update(self, module: str) -> LowRank | torch.Tensor:
+        return self.spec.fn(self.stream.terms(module), self.weights, self.params)
+
+    def _project(self, module: str) -> Projection:
+        return get_space(self.options.space)(self.stream.terms(module))
+
+    def _elementwise_update(self, module: str, thresholds: _Thresholds) -> LowRank | torch.Tensor:
+        proj = self._project(module)
+        blocks = proj.blocks.float()
+        merged = self.spec.fn(blocks, torch.tensor(self.weights, dtype=blocks.dtype), thresholds.for_module(blocks),
+                              self.params, _generators(getattr(self.params, "seed", 0), self.names, module))
+        return proj.rebuild(merged)
+
+    def _finish(self, module: str, update: LowRank | torch.Tensor) -> LowRank:
+        """Bring a module's result to the output rank, recording the energy kept where it was truncated."""
+        rank = self.options.rank
+        if isinstance(update, torch.Tensor):
+            out, kept = dense_truncated_svd(update, rank or self.max_rank, exact=self.options.exact_svd,
+                                            seed=zlib.crc32(module.encode()))
+            self.energy[module] = kept
+            return out
+        if rank is None and self.spec.exact:
+            return update
+        out, kept = truncate(update, rank or self.max_rank)
+        self.energy[module] = kept
+        return out
+
+    def _modules_to_save(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        with_extra = [a for a in self.adapters if a.extra_keys]
+        policy = self.options.modules_to_save
+        if not with_extra or policy == "drop":
+            return {}, {}
+        if policy == "error":
+            raise ConfigError(
+                f"{with_extra[0].path}: adapter has modules_to_save ({', '.join(with_extra[0].settings.modules_to_save)}"
+                "); choose what to do with them: modules_to_save = per_task (keep each adapter's, in "
+                f"{HEADS_DIR}/), average, or drop")
+        per_task = {a.name: {k: a.tensor(k) for k in a.extra_keys} for a in with_extra}
+        if policy == "per_task":
+            return per_task, {}
+        return {}, _average_tensors(per_task, with_extra)
+
+    def _config(self, merged: dict[str, LowRank], extra: dict[str, torch.Tensor]) -> dict[str, Any]:
+        first = self.adapters[0]
+        same_modules = all(set(a.modules) == set(first.modules) for a in self.adapters)
+        targets = first.settings.raw.get("target_modules") if same_modules else None
+        if not same_modules or not isinstance(targets, (list, str)):
+            targets = list(merged)
+        saved = sorted({m for a in self.adapters for m in a.settings.modules_to_save}) if extra else None
+        return fused_config(first.settings.raw, {m: u.rank for m, u in merged.items()}, targets, saved)
+
+    def _provenance(self, merged: dict[str, LowRank]) -> dict[str, Any]:
+        energies = list(self.energy.values())
+        return {
+            "tool": "lorafuse merge",
+            "method": {"name": self.spec.name, "paper": self.spec.paper, "exact": self.spec.exact},
+            "parameters": self.params.model_dump(mode="json", by_alias=True),
+            "options": {"rank": self.options.rank, "space": self.options.space, "exact_svd": self.options.exact_svd,
+                        "modules_to_save": self.options.modules_to_save, "dtype": str(self.options.dtype)},
+            "inputs": [{"name": a.name, "source": a.source, "path": str(a.path), "weights_file": a.weights_path.name,
+                        "sha256": a.sha256, "weight": w, "density": d, "r": a.settings.r,
+                        "lora_alpha": a.settings.lora_alpha, "use_rslora": a.settings.use_rslora}
+                       for a, w, d in zip(self.adapters, self.weights, self.densities)],
+            "output": {"modules": len(merged), "ranks": sorted({u.rank for u in merged.values()})},
+            "retained_energy": {
+                "min": min(energies) if energies else None,
+                "mean": sum(energies) / len(energies) if energies else None,
+                "per_module": self.energy,
+            },
+            **stamp(),
+        }
+
+
+def _average_tensors(per_task: dict[str, dict[str, torch.Tensor]], adapters: list[LoraAdapter]) -> dict[str, torch.Tensor]:
+    keys = set(next(iter(per_task.values())))
+    for adapter in adapters:
+        if set(per_task[adapter.name]) != keys:
+            raise IncompatibleAdaptersError(f"{adapter.path}: its modules_to_save tensors differ from the others' "
+                                            "and cannot be averaged")
+    return {k: torch.stack([t[k].float() for t in per_task.values()]).mean(0).to(next(iter(per_task.values()))[k].dtype)
+            for k in sorted(keys)}

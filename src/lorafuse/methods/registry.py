@@ -1,0 +1,103 @@
+"""One registry of merge methods. A method is a small typed function plus a pydantic parameter model; the
+engine (lorafuse.merge) streams modules through it.
+
+Two kinds:
+- `module`: receives one module's updates as factors (list of LowRank, weights) and returns a LowRank (exact
+  methods, spectral methods) or a dense tensor.
+- `elementwise`: defined entry by entry (TIES, DARE, ...); receives the tasks' blocks in a *space* (dense ΔW_t in
+  `full`, aligned blocks in `knots`/`core`) stacked as a [T, ...] tensor, with per-task trim thresholds computed
+  by the engine (per module, or globally over the whole adapter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lorafuse.errors import ConfigError, did_you_mean
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: unknown names are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    kind: Literal["module", "elementwise"]
+    fn: Callable[..., Any]
+    params: type[MethodParams]
+    summary: str
+    paper: str
+    exact: bool = False
+
+    def parse_params(self, values: dict[str, Any]) -> MethodParams:
+        """Validate user parameters, naming an unknown one with the closest valid name."""
+        known = set(self.params.model_fields) | {f.alias for f in self.params.model_fields.values() if f.alias}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"method '{self.name}': unknown parameter '{key}'{did_you_mean(key, known)}")
+        try:
+            return self.params(**values)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"method '{self.name}': invalid parameters: {problems}") from None
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(
+    name: str,
+    *,
+    kind: Literal["module", "elementwise"],
+    params: type[MethodParams],
+    summary: str,
+    paper: str,
+    exact: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator adding a method to the registry."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in REGISTRY:
+            raise ValueError(f"merge method '{name}' registered twice")
+        REGISTRY[name] = MergeMethod(name, kind, fn, params, summary, paper, exact)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MergeMethod:
+    _load_builtin_methods()
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown merge method '{name}'{did_you_mean(name, REGISTRY)}")
+    return REGISTRY[name]
+
+
+def list_methods() -> list[MergeMethod]:
+    _load_builtin_methods()
+    return list(REGISTRY.values())
+
+
+def _load_builtin_methods() -> None:
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+# Modules whose import registers methods; optional ones are skipped when absent.
+BUILTIN_MODULES = (
+    "lorafuse.methods.linear",
+    "lorafuse.methods.elementwise",
+    "lorafuse.methods.spectral",
+)
