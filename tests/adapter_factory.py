@@ -44,7 +44,7 @@ def write_adapter(
     save_file(state, str(path / "adapter_model.safetensors"))
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}), "base_model_name_or_path": base_model,
+        "target_modules": sorted(modules), "base_model_name_or_path": base_model,
         "rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {}, "bias": "none",
         "fan_in_fan_out": False, "lora_dropout": 0.0,
     }

@@ -22,6 +22,7 @@ from lorafuse.atomic import atomic_output_dir
 PROVENANCE_NAME = "lorafuse_merge.json"
 HEADS_DIR = "task_heads"
 # Settings that describe the base model and must survive the merge unchanged.
+_TASKS_WITH_HEADS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 _CARRIED = ("base_model_name_or_path", "revision", "task_type", "fan_in_fan_out", "layers_pattern")
 
 
@@ -35,6 +36,10 @@ def fused_config(
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: k for m, k in sorted(ranks.items()) if k != r}
     cfg: dict[str, Any] = {k: template[k] for k in _CARRIED if k in template}
+    if not modules_to_save and cfg.get("task_type") in _TASKS_WITH_HEADS:
+        # PEFT wraps a SEQ_CLS/TOKEN_CLS model's head as modules_to_save and then requires its weights in the
+        # file; a fused adapter without one is a plain LoRA on the backbone (heads live in task_heads/).
+        cfg["task_type"] = None
     cfg.update(
         peft_type="LORA",
         r=r,

@@ -1,0 +1,108 @@
+"""`lorafuse merge`: a mergekit-style YAML, or the same settings as flags (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lorafuse.errors import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="mergekit-style YAML (merge_method, models, parameters)")
+    p.add_argument("-o", "--output", help="output adapter directory (PEFT format)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", help="merge method (see --list-methods)")
+    g.add_argument("--adapters", nargs="+", metavar="ADAPTER", help="adapter directories or Hub ids")
+    g.add_argument("--names", nargs="+", help="labels for the adapters (default: task or directory name)")
+    g.add_argument("--weights", nargs="+", type=float, help="one weight per adapter")
+    g.add_argument("--densities", nargs="+", type=float, help="one density per adapter (element-wise methods)")
+    g.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged update")
+    g.add_argument("--density", type=float, help="fraction of entries kept per task (ties, magnitude_prune, ...)")
+    g.add_argument("--drop-rate", type=float, help="DARE drop probability")
+    g.add_argument("--trim-scope", choices=["module", "global"], help="trim threshold per module or whole adapter")
+    g.add_argument("--seed", type=int, help="seed of random methods (DARE)")
+    g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any other method parameter")
+    g.add_argument("--list-methods", action="store_true", help="list the methods and exit")
+    o = p.add_argument_group("output")
+    o.add_argument("--rank", type=int, help="output rank (default: exact methods keep Σr, others the largest input r)")
+    o.add_argument("--space", help="space of element-wise methods: full, knots, core")
+    o.add_argument("--exact-svd", action="store_true", default=None, help="exact SVD instead of randomized")
+    o.add_argument("--modules-to-save", choices=["error", "per_task", "average", "drop"],
+                   help="what to do with modules_to_save tensors (e.g. classification heads)")
+    o.add_argument("--dtype", help="output dtype (default: the adapters')")
+    o.add_argument("--base-model", help="base model id or path (checked against the adapters)")
+    o.add_argument("--output-model", help="also write the base model with the fused update added (safetensors)")
+    o.add_argument("--allow-bin", action="store_true", help="allow pickled adapter_model.bin (weights_only load)")
+    o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Merge the YAML config (if any) with the flags; flags take precedence."""
+    from lorafuse.mergeconfig import load_merge_config
+
+    kwargs: dict[str, Any] = {}
+    if args.config:
+        kwargs = load_merge_config(args.config).merge_kwargs(Path(args.config).resolve().parent)
+    flags = {"method": args.method, "adapters": args.adapters, "names": args.names, "weights": args.weights,
+             "densities": args.densities, "lambda": args.lambda_, "density": args.density,
+             "drop_rate": args.drop_rate, "trim_scope": args.trim_scope, "seed": args.seed, "rank": args.rank,
+             "space": args.space, "exact_svd": args.exact_svd, "modules_to_save": args.modules_to_save,
+             "dtype": args.dtype, "base_model": args.base_model, "allow_bin": args.allow_bin or None}
+    kwargs.update({k: v for k, v in flags.items() if v is not None})
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        kwargs[key.replace("-", "_")] = _parse_value(value)
+    if not kwargs.get("adapters"):
+        raise ConfigError("no adapters: give a config file or --adapters")
+    kwargs.setdefault("method", "task_arithmetic")
+    return kwargs
+
+
+def _list_methods() -> int:
+    from lorafuse.methods.registry import list_methods
+
+    for m in list_methods():
+        tag = "exact" if m.exact else m.kind
+        print(f"{m.name:18s} [{tag}] {m.summary}\n{'':18s}  {m.paper}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_methods:
+        return _list_methods()
+    from lorafuse.atomic import check_output
+    from lorafuse.merge import merge
+    from lorafuse.mergeconfig import dump_merge_config
+
+    if not args.output:
+        raise ConfigError("no output directory: pass -o/--output DIR")
+    kwargs = build_kwargs(args)
+    check_output(args.output, args.overwrite)
+    if args.output_model:
+        check_output(args.output_model, args.overwrite)
+    result = merge(progress=not args.quiet, **kwargs)
+    result.provenance["config_yaml"] = dump_merge_config(kwargs)
+    out = result.save(args.output, overwrite=args.overwrite)
+    print(f"wrote {out} ({len(result.modules)} modules, ranks {result.provenance['output']['ranks']})")
+    energy = result.provenance["retained_energy"]
+    if energy["min"] is not None:
+        print(f"retained energy after truncation: mean {energy['mean']:.4f}, min {energy['min']:.4f}")
+    if args.output_model:
+        from lorafuse.adapters.export import write_merged_model
+
+        base = kwargs.get("base_model") or result.config.get("base_model_name_or_path")
+        if not base:
+            raise ConfigError("--output-model needs --base-model (the adapters name none)")
+        print(f"wrote {write_merged_model(result, base, args.output_model, overwrite=args.overwrite)}")
+    return 0

@@ -1,0 +1,131 @@
+"""mergekit-style YAML for `lorafuse merge`:
+
+    merge_method: ties
+    base_model: meta-llama/Meta-Llama-3-8B-Instruct   # optional; checked against the adapters
+    models:
+      - model: ./adapters/mnli            # adapter directory or Hub id
+        name: mnli                        # optional label (default: training record's task, else dir name)
+        parameters: {weight: 1.0, density: 0.2}
+    parameters: {lambda: 1.0, density: 0.2, rank: 16, space: knots, trim_scope: global}
+    dtype: bfloat16
+
+Precedence: method defaults < global `parameters` < per-model `parameters`. Engine options (rank, space,
+exact_svd, modules_to_save) may sit in `parameters` or at the top level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorafuse.errors import ConfigError, did_you_mean
+
+ENGINE_OPTIONS = ("rank", "space", "exact_svd", "modules_to_save")
+PER_MODEL_PARAMETERS = ("weight", "density")
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    name: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key not in PER_MODEL_PARAMETERS:
+                raise ValueError(f"unknown per-model parameter '{key}'{did_you_mean(key, PER_MODEL_PARAMETERS)}")
+        return value
+
+
+class MergeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    models: list[ModelEntry] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    rank: int | None = None
+    space: str | None = None
+    exact_svd: bool | None = None
+    modules_to_save: str | None = None
+
+    def merge_kwargs(self, base_dir: Path | None = None) -> dict[str, Any]:
+        """Keyword arguments for `lorafuse.merge.merge`, adapter paths resolved against the config's folder."""
+        params = dict(self.parameters)
+        engine = {k: params.pop(k) for k in ENGINE_OPTIONS if k in params}
+        engine.update({k: getattr(self, k) for k in ENGINE_OPTIONS if getattr(self, k) is not None})
+        return {
+            "adapters": [_resolve(m.model, base_dir) for m in self.models],
+            "method": self.merge_method,
+            "names": [m.name or "" for m in self.models] if any(m.name for m in self.models) else None,
+            "weights": [m.parameters.get("weight", 1.0) for m in self.models],
+            "densities": [m.parameters.get("density") for m in self.models]
+            if any("density" in m.parameters for m in self.models) else None,
+            "base_model": self.base_model,
+            "dtype": self.dtype,
+            **engine,
+            **params,
+        }
+
+
+def _resolve(model: str, base_dir: Path | None) -> str:
+    """Relative adapter paths are relative to the config file; Hub ids pass through."""
+    if base_dir is None or Path(model).is_absolute():
+        return model
+    candidate = base_dir / model
+    return str(candidate) if candidate.exists() or model.startswith(".") else model
+
+
+def load_merge_config(path: str | Path) -> MergeConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with merge_method and models")
+    try:
+        return MergeConfig(**raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc, raw)}") from None
+
+
+def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(map(str, err["loc"]))
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1])
+            fields = MergeConfig.model_fields if len(err["loc"]) == 1 else ModelEntry.model_fields
+            parts.append(f"unknown field '{loc}'{did_you_mean(key, fields)}")
+        else:
+            parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def dump_merge_config(kwargs: dict[str, Any]) -> str:
+    """The mergekit-style YAML equivalent of merge() arguments (written beside outputs for reruns)."""
+    adapters = kwargs["adapters"]
+    names = kwargs.get("names") or [None] * len(adapters)
+    weights = kwargs.get("weights") or [1.0] * len(adapters)
+    densities = kwargs.get("densities") or [None] * len(adapters)
+    models = []
+    for src, name, w, d in zip(adapters, names, weights, densities):
+        entry: dict[str, Any] = {"model": str(src), "parameters": {"weight": w}}
+        if name:
+            entry["name"] = name
+        if d is not None:
+            entry["parameters"]["density"] = d
+        models.append(entry)
+    skip = {"adapters", "names", "weights", "densities", "method", "base_model", "dtype", "progress"}
+    params = {k: v for k, v in kwargs.items() if k not in skip and v is not None}
+    doc = {"merge_method": kwargs["method"], "base_model": kwargs.get("base_model"), "models": models,
+           "parameters": params, "dtype": kwargs.get("dtype")}
+    return yaml.safe_dump({k: v for k, v in doc.items() if v is not None}, sort_keys=False)

@@ -1,0 +1,131 @@
+"""Element-wise methods against plain dense references of each paper's definition, written here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adapter_factory import dense_update, llama_modules, write_adapter
+
+from lorafuse.merge import merge
+from lorafuse.methods.thresholds import StreamingQuantile
+
+MODULES = llama_modules(layers=2, names=("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"))
+FULL_RANK = 64  # ≥ every module's min dimension: truncation is lossless, so the merged dense update is compared
+
+
+@pytest.fixture()
+def adapters(tmp_path):
+    return [write_adapter(tmp_path / f"a{i}", MODULES, r=4, alpha=8, seed=10 + i) for i in range(3)]
+
+
+def tv(paths, module):
+    return torch.stack([dense_update(p, module) for p in paths])
+
+
+def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the int(density·N) largest |x| of each task (by sorting, independent of the library's kthvalue)."""
+    flat = x.reshape(x.shape[0], -1)
+    k = int(density * flat.shape[1])
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    idx = flat.abs().argsort(dim=1, descending=True)[:, :k]
+    mask.scatter_(1, idx, True)
+    return mask.reshape(x.shape)
+
+
+def ties_reference(x: torch.Tensor, density: float, lam: float, mask=None) -> torch.Tensor:
+    """TIES (Yadav et al. 2023): trim, elect sign by total mass, disjoint mean, λ."""
+    trimmed = x * (topk_mask(x, density) if mask is None else mask)
+    sign = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    return lam * (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def merged_dense(result, module):
+    return result.delta(module).double()
+
+
+def close(a, b, tol=1e-5):
+    return float((a - b).norm() / b.norm().clamp(min=1e-30)) < tol
+
+
+def test_ties_per_module(adapters):
+    result = merge(adapters, "ties", density=0.3, **{"lambda": 0.8}, rank=FULL_RANK, exact_svd=True, progress=False)
+    for module in MODULES:
+        assert close(merged_dense(result, module), ties_reference(tv(adapters, module), 0.3, 0.8)), module
+
+
+def test_ties_global_trim(adapters):
+    result = merge(adapters, "ties", density=0.25, trim_scope="global", rank=FULL_RANK, exact_svd=True,
+                   progress=False)
+    flat = torch.stack([torch.cat([tv(adapters, m)[t].reshape(-1) for m in MODULES]) for t in range(3)])
+    mask_flat = topk_mask(flat, 0.25)
+    offset = 0
+    for module in MODULES:
+        x = tv(adapters, module)
+        n = x[0].numel()
+        mask = mask_flat[:, offset:offset + n].reshape(x.shape)
+        offset += n
+        assert close(merged_dense(result, module), ties_reference(x, 0.25, 1.0, mask)), module
+
+
+def test_magnitude_prune_and_breadcrumbs(adapters):
+    mp = merge(adapters, "magnitude_prune", density=0.4, rank=FULL_RANK, exact_svd=True, progress=False)
+    bc = merge(adapters, "breadcrumbs", density=0.5, gamma=0.1, rank=FULL_RANK, exact_svd=True, progress=False)
+    for module in MODULES:
+        x = tv(adapters, module)
+        assert close(merged_dense(mp, module), (x * topk_mask(x, 0.4)).sum(0))
+        band = topk_mask(x, 0.6) & ~topk_mask(x, 0.1)  # drop the top 10%, keep the next 50%
+        assert close(merged_dense(bc, module), (x * band).sum(0))
+
+
+def test_dare_matches_reference_with_same_masks(adapters):
+    """DARE (Yu et al. 2024): drop with probability p, rescale 1/(1-p); masks from the documented seeding."""
+    import zlib
+
+    p = 0.6
+    lin = merge(adapters, "dare_linear", drop_rate=p, seed=3, rank=FULL_RANK, exact_svd=True, progress=False)
+    tie = merge(adapters, "dare_ties", drop_rate=p, seed=3, rank=FULL_RANK, exact_svd=True, progress=False)
+    names = [a.name for a in adapters]
+    for module in MODULES:
+        x = tv(adapters, module)
+        gens = [torch.Generator().manual_seed(zlib.crc32(f"3:{n}:{module}".encode())) for n in names]
+        keep = torch.stack([torch.rand(x[0].shape, generator=g) < 1 - p for g in gens])
+        dropped = x * keep / (1 - p)
+        assert close(merged_dense(lin, module), dropped.sum(0))
+        assert close(merged_dense(tie, module), ties_reference(dropped, 1.0, 1.0))
+
+
+def test_dare_is_seeded_and_order_independent(adapters):
+    a = merge(adapters, "dare_ties", drop_rate=0.5, seed=1, progress=False)
+    b = merge(adapters[::-1], "dare_ties", drop_rate=0.5, seed=1, progress=False)
+    c = merge(adapters, "dare_ties", drop_rate=0.5, seed=2, progress=False)
+    m = next(iter(MODULES))
+    assert close(a.delta(m).double(), b.delta(m).double(), tol=1e-4)
+    assert not close(a.delta(m).double(), c.delta(m).double(), tol=1e-2)
+
+
+def test_density_one_ties_of_one_adapter_is_identity(adapters):
+    result = merge(adapters[:1], "ties", density=1.0, rank=FULL_RANK, exact_svd=True, progress=False)
+    for module in MODULES:
+        assert close(merged_dense(result, module), dense_update(adapters[0], module))
+
+
+def test_dense_results_come_back_to_largest_input_rank(adapters):
+    result = merge(adapters, "ties", density=0.2, progress=False)
+    assert {u.rank for u in result.modules.values()} == {4}
+    assert 0 < result.provenance["retained_energy"]["min"] <= 1
+
+
+def test_streaming_quantile_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, generator=gen) * s for n, s in ((1000, 1.0), (5000, 0.01), (300, 30.0))]
+    allv = torch.cat(chunks).abs().sort(descending=True).values
+    q = StreamingQuantile([0.1, 0.5, 1.0, 0.0])
+    for c in chunks:
+        q.observe(c)
+    q.plan()
+    for c in chunks:
+        q.gather(c)
+    t10, t50, t100, t0 = q.thresholds()
+    assert t10 == float(allv[int(0.1 * allv.numel()) - 1]) and t50 == float(allv[int(0.5 * allv.numel()) - 1])
+    assert t100 == 0.0 and t0 == float("inf")
