@@ -10,7 +10,7 @@ from adapter_factory import llama_modules, write_adapter
 from safetensors.torch import load_file, save_file
 
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError, OutputExistsError
-from lorafuse.merge import merge
+from lorafuse.engine import merge
 
 MODULES = llama_modules(1, ("self_attn.q_proj", "mlp.down_proj"))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from adapter_factory import dense_update, llama_modules, write_adapter
 
-from lorafuse.merge import merge
+from lorafuse.engine import merge
 from lorafuse.methods.thresholds import StreamingQuantile
 
 MODULES = llama_modules(layers=2, names=("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"))

@@ -7,7 +7,7 @@ import torch
 from adapter_factory import dense_update, llama_modules, write_adapter
 
 from lorafuse.algebra.lowrank import LowRank, factor_svd, stack_lowrank, truncate
-from lorafuse.merge import merge
+from lorafuse.engine import merge
 
 MODULES = llama_modules(layers=2)
 

@@ -55,7 +55,7 @@ class MergeConfig(BaseModel):
     modules_to_save: str | None = None
 
     def merge_kwargs(self, base_dir: Path | None = None) -> dict[str, Any]:
-        """Keyword arguments for `lorafuse.merge.merge`, adapter paths resolved against the config's folder."""
+        """Keyword arguments for `lorafuse.engine.merge`, adapter paths resolved against the config's folder."""
         params = dict(self.parameters)
         engine = {k: params.pop(k) for k in ENGINE_OPTIONS if k in params}
         engine.update({k: getattr(self, k) for k in ENGINE_OPTIONS if getattr(self, k) is not None})

@@ -14,7 +14,7 @@ from lorafuse.atomic import atomic_output_dir
 from lorafuse.errors import AdapterError
 
 if TYPE_CHECKING:
-    from lorafuse.merge import MergeResult
+    from lorafuse.engine import MergeResult
 
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model", "chat_template.jinja")

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list_methods:
         return _list_methods()
     from lorafuse.atomic import check_output
-    from lorafuse.merge import merge
+    from lorafuse.engine import merge
     from lorafuse.mergeconfig import dump_merge_config
 
     if not args.output:

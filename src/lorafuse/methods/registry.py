@@ -1,5 +1,5 @@
 """One registry of merge methods. A method is a small typed function plus a pydantic parameter model; the
-engine (lorafuse.merge) streams modules through it.
+engine (lorafuse.engine) streams modules through it.
 
 Two kinds:
 - `module`: receives one module's updates as factors (list of LowRank, weights) and returns a LowRank (exact
