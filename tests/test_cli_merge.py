@@ -76,3 +76,22 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     assert torch  # the test process itself has torch; the CLI process above must not
+
+
+def test_hub_ids_are_downloaded(tmp_path, monkeypatch):
+    """A name that is not a local directory is fetched with huggingface_hub (offline here: the call is faked)."""
+    import huggingface_hub
+
+    local = write_adapter(tmp_path / "snapshot", MODULES, seed=3)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    from lorafuse.adapters.reader import LoraAdapter
+
+    adapter = LoraAdapter("someone/mnli-lora")
+    assert adapter.path == local and calls[0][0] == "someone/mnli-lora"
+    assert "adapter_model.bin" not in calls[0][1]

@@ -86,7 +86,33 @@ def write_adapter_dir(
         save_file(dict(state), str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+        (tmp / "README.md").write_text(model_card(config, provenance))
         for name, tensors in (heads or {}).items():
             (tmp / HEADS_DIR).mkdir(exist_ok=True)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / HEADS_DIR / f"{name}.safetensors"))
     return Path(out)
+
+
+def model_card(config: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
+    """A short Hub-style card: what was fused, how, and how to load it."""
+    method = provenance.get("method", {})
+    inputs = provenance.get("inputs", [])
+    rows = "\n".join(f"| {i['name']} | `{i['source']}` | {i.get('weight', '')} | `{i['sha256'][:12]}` |" for i in inputs)
+    base = config.get("base_model_name_or_path") or "the adapters' base model"
+    return f"""---
+library_name: peft
+base_model: {config.get("base_model_name_or_path") or ""}
+tags: [lora, lorafuse, {method.get("name", "merge")}]
+---
+# Fused LoRA adapter ({method.get("name", "")})
+
+Made by lorafuse from {len(inputs)} adapters of {base} with `{method.get("name", "")}` ({method.get("paper", "")}).
+Parameters: `{json.dumps(provenance.get("parameters", {}))}`; options: `{json.dumps(provenance.get("options", {}))}`.
+
+| adapter | source | weight | sha256 |
+|---|---|---|---|
+{rows}
+
+Load it with `PeftModel.from_pretrained(base_model, "<this directory>")`; rank r={config.get("r")}
+(`rank_pattern` lists modules of other ranks). Full provenance: `{PROVENANCE_NAME}`.
+"""
