@@ -95,3 +95,19 @@ def test_hub_ids_are_downloaded(tmp_path, monkeypatch):
     adapter = LoraAdapter("someone/mnli-lora")
     assert adapter.path == local and calls[0][0] == "someone/mnli-lora"
     assert "adapter_model.bin" not in calls[0][1]
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    from lorafuse.mergeconfig import load_merge_config
+    from lorafuse.methods.registry import get_method
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yml"))
+    assert examples
+    for path in examples:
+        kwargs = load_merge_config(path).merge_kwargs(path.parent)
+        spec = get_method(kwargs["method"])
+        engine = {"adapters", "method", "names", "weights", "densities", "base_model", "dtype", "rank", "space",
+                  "exact_svd", "modules_to_save"}
+        spec.parse_params({k: v for k, v in kwargs.items() if k not in engine})
