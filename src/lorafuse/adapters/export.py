@@ -8,8 +8,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from lorafuse.atomic import atomic_output_dir
 from lorafuse.errors import AdapterError
 
