@@ -1,0 +1,174 @@
+"""How a task becomes model inputs, a loss and a prediction.
+
+- `classify` (KnOTS's): sequence classification in one shared 3-way label space (contradiction, entailment,
+  neutral; a binary task's `not_entailment` takes the neutral slot). Each task has its own head; a binary task
+  masks the logit it does not use, in training and prediction alike.
+- `chat` (the seed's): the model's chat template with premise, hypothesis and the label words; the loss covers
+  only the answer tokens; prediction compares the label words' first-token log-likelihoods at the answer
+  position — all labels from one forward pass of the prompt, no generation. Models without a chat template get
+  a plain prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorafuse.errors import ConfigError
+from lorafuse.tasks.registry import Example, Task
+
+SHARED_LABELS = ("contradiction", "entailment", "neutral")
+SLOT = {"contradiction": 0, "entailment": 1, "neutral": 2, "not_entailment": 2}
+FORMULATIONS = ("classify", "chat")
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    targets: torch.Tensor  # classify: shared slot; chat: index into the task's labels
+
+
+def label_slots(task: Task) -> list[int]:
+    """The shared-space slots of a task's labels; refuses tasks the 3-way space cannot express."""
+    missing = [lab for lab in task.labels if lab not in SLOT]
+    slots = [SLOT[lab] for lab in task.labels if lab in SLOT]
+    if missing or len(set(slots)) != len(slots):
+        raise ConfigError(f"task '{task.name}': labels {list(task.labels)} cannot be expressed in the classify "
+                          f"formulation's shared space {SHARED_LABELS} (+ not_entailment as neutral); use chat")
+    return slots
+
+
+def logit_mask(task: Task) -> torch.Tensor:
+    mask = torch.full((len(SHARED_LABELS),), float("-inf"))
+    mask[label_slots(task)] = 0.0
+    return mask
+
+
+class Classify:
+    name = "classify"
+
+    def __init__(self, tokenizer: Any, max_length: int = 128) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def encode(self, task: Task, examples: Sequence[Example]) -> list[dict[str, Any]]:
+        label_slots(task)
+        enc = self.tokenizer([e.premise for e in examples], [e.hypothesis for e in examples], truncation=True,
+                             max_length=self.max_length)
+        return [{**{k: v[i] for k, v in enc.items()}, "target": SLOT[e.label]} for i, e in enumerate(examples)]
+
+    def collate(self, rows: list[dict[str, Any]]) -> Batch:
+        feats = [{k: v for k, v in r.items() if k != "target"} for r in rows]
+        inputs = self.tokenizer.pad(feats, return_tensors="pt")
+        return Batch(dict(inputs), torch.tensor([r["target"] for r in rows]))
+
+    def logits(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
+        return model(**batch.inputs).logits.float() + logit_mask(task).to(batch.targets.device)
+
+    def loss(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.logits(model, batch, task), batch.targets)
+
+    def predict(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
+        """Predicted shared slots (compare with batch.targets)."""
+        return self.logits(model, batch, task).argmax(-1)
+
+
+class Chat:
+    name = "chat"
+
+    def __init__(self, tokenizer: Any, max_length: int = 256) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def prompt(self, task: Task, ex: Example) -> str:
+        question = (f"Premise: {ex.premise}\nHypothesis: {ex.hypothesis}\n"
+                    f"What is the relation of the hypothesis to the premise? Answer with one word: "
+                    f"{', '.join(task.labels)}.")
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return f"{question}\nAnswer:"
+
+    def answer_ids(self, task: Task) -> list[list[int]]:
+        """Each label word's tokens (a leading space without a chat template); first tokens must differ."""
+        space = "" if getattr(self.tokenizer, "chat_template", None) else " "
+        ids = [self.tokenizer(space + lab, add_special_tokens=False)["input_ids"] for lab in task.labels]
+        firsts = [i[0] for i in ids]
+        if len(set(firsts)) != len(firsts):
+            raise ConfigError(f"task '{task.name}': label words {list(task.labels)} share a first token in this "
+                              "tokenizer, so one forward pass cannot score them; rename the labels in a task file")
+        return ids
+
+    def encode(self, task: Task, examples: Sequence[Example]) -> list[dict[str, Any]]:
+        answers = self.answer_ids(task)
+        rows = []
+        for e in examples:
+            # add_special_tokens=False: the chat template already holds BOS where the model wants one.
+            prompt = self.tokenizer(self.prompt(task, e), add_special_tokens=False)["input_ids"]
+            target = task.labels.index(e.label)
+            keep = self.max_length - len(answers[target])
+            rows.append({"prompt": prompt[-keep:], "answer": answers[target], "target": target})
+        return rows
+
+    def collate(self, rows: list[dict[str, Any]], with_answer: bool = False) -> Batch:
+        """Left-padded so the answer position is the last prompt position of every row."""
+        seqs = [r["prompt"] + (r["answer"] if with_answer else []) for r in rows]
+        width = max(map(len, seqs))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        targets = torch.tensor([r["target"] for r in rows])
+        batch = Batch({"input_ids": ids, "attention_mask": mask}, targets)
+        if with_answer:
+            batch.inputs["answer_lengths"] = torch.tensor([len(r["answer"]) for r in rows])
+            batch.inputs["answers"] = [r["answer"] for r in rows]  # type: ignore[assignment]
+        return batch
+
+    def _hidden(self, model: Any, batch: Batch) -> torch.Tensor:
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        backbone = getattr(hf, hf.base_model_prefix)
+        inputs = {k: v for k, v in batch.inputs.items() if k in ("input_ids", "attention_mask")}
+        positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return backbone(**inputs, position_ids=positions).last_hidden_state, hf.get_output_embeddings()
+
+    def loss(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
+        """Cross-entropy on the answer tokens only; the vocabulary projection runs on those positions alone."""
+        hidden, head = self._hidden(model, batch)
+        width = hidden.shape[1]
+        rows, cols, labels = [], [], []
+        for i, answer in enumerate(batch.inputs["answers"]):
+            for j, token in enumerate(answer):
+                rows.append(i)
+                cols.append(width - len(answer) - 1 + j)  # the position that predicts answer token j
+                labels.append(token)
+        logits = head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
+        return torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+
+    def predict(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
+        """Index of the label whose first token is most likely at the answer position."""
+        hidden, head = self._hidden(model, batch)
+        firsts = torch.tensor([a[0] for a in self.answer_ids(task)], device=hidden.device)
+        return head(hidden[:, -1])[:, firsts].argmax(-1)
+
+
+def make_formulation(name: str, tokenizer: Any, max_length: int | None = None) -> Classify | Chat:
+    if name == "classify":
+        return Classify(tokenizer, max_length or 128)
+    if name == "chat":
+        return Chat(tokenizer, max_length or 256)
+    raise ConfigError(f"unknown formulation '{name}' (valid: {', '.join(FORMULATIONS)})")
+
+
+def load_model(path: str, formulation: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """The model class each formulation needs, and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if formulation == "classify":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(SHARED_LABELS), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tokenizer
