@@ -118,13 +118,19 @@ def adapter_heads(path: str | Path, tasks: Sequence[str]) -> dict[str, dict[str,
     heads: dict[str, dict[str, torch.Tensor]] = {}
     own_task = adapter.train_record.get("task")
     if adapter.extra_keys:
-        own = {k: adapter.tensor(k) for k in adapter.extra_keys}
+        own = own_head(path)
         heads.update({t: own for t in tasks if own_task in (None, t)})
     for task in tasks:
         file = adapter.path / HEADS_DIR / f"{task}.safetensors"
         if file.is_file():
             heads[task] = load_file(str(file))
     return heads
+
+
+def own_head(path: str | Path) -> dict[str, torch.Tensor]:
+    """The modules_to_save tensors (a classification head) stored in an adapter, or {} if it has none."""
+    adapter = LoraAdapter(path)
+    return {k: adapter.tensor(k) for k in adapter.extra_keys}
 
 
 def adapter_updates(path: str | Path) -> tuple[dict[str, LowRank], bool]:
@@ -155,6 +161,14 @@ class Evaluator:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].get("input_ids", rows[i].get("prompt"))))
         rows = [rows[i] for i in order]  # length-sorted batches waste little on padding
         return [self.formulation.collate(rows[i:i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
+
+    def subset(self, names: Sequence[str]) -> Evaluator:
+        """The same loaded model and batches, restricted to some tasks."""
+        import copy
+
+        view = copy.copy(self)
+        view.tasks = [t for t in self.tasks if t.name in names]
+        return view
 
     def accuracy(self, task: Task) -> tuple[float, int]:
         correct = total = 0

@@ -165,10 +165,17 @@ def make_formulation(name: str, tokenizer: Any, max_length: int | None = None) -
 def load_model(path: str, formulation: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """The model class each formulation needs, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if formulation == "classify":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(SHARED_LABELS), dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # the fresh classifier head is expected: each task's adapter brings its own
+    try:
+        if formulation == "classify":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(SHARED_LABELS),
+                                                                       dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    finally:
+        logging.set_verbosity(level)
     return model, tokenizer

@@ -42,6 +42,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    logging_steps: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,7 +91,7 @@ def _trainer(model: Any, formulation: Any, task: Task, rows: list[dict[str, Any]
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
-        lr_scheduler_type="linear", warmup_steps=0.06, weight_decay=0.0, logging_steps=10, save_strategy="epoch",
+        lr_scheduler_type="linear", warmup_steps=0.06, weight_decay=0.0, logging_steps=max(1, cfg.logging_steps), save_strategy="epoch",
         save_total_limit=1, report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not cfg.progress,
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -123,7 +124,8 @@ def train_adapter(cfg: TrainConfig) -> Path:
     peft_model.eval()
     with atomic_output_dir(out, cfg.overwrite) as tmp:
         peft_model.save_pretrained(tmp)
-        record = _record(cfg, task, formulation_name, info.path, len(rows), result, train_seconds)
+        record = _record(cfg, task, formulation_name, info.path, len(rows), result, train_seconds,
+                         trainer.state.log_history)
         (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     val = Evaluator(cfg.model, [task], split="validation", formulation=formulation_name, data_dir=cfg.data_dir,
                     max_examples=cfg.max_eval_examples, max_length=cfg.max_length, progress=False).evaluate(out)
@@ -136,12 +138,14 @@ def train_adapter(cfg: TrainConfig) -> Path:
 
 
 def _record(cfg: TrainConfig, task: Task, formulation: str, model_path: str, n: int, result: Any,
-            seconds: float) -> dict[str, Any]:
+            seconds: float, log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    losses = [round(float(h["loss"]), 5) for h in log_history if "loss" in h]
     return {
         "task": task.name, "labels": list(task.labels), "model": cfg.model, "model_path": model_path,
         "formulation": formulation, "train_examples": n,
         "data_sha256": {"train": task.data_fingerprint("train", cfg.data_dir)},
         "hyperparameters": {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress")},
         "train_loss": float(result.training_loss), "train_steps": int(result.global_step),
+        "loss_history": losses,
         "train_seconds": round(seconds, 2), **stamp(),
     }
