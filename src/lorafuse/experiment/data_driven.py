@@ -1,0 +1,32 @@
+"""Data-driven fusion inside an experiment: LoraHub per task on a few-shot sample of its validation split, and
+the input-routed mixture trained on the train splits. Each is a cached job like the static methods."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+Job = tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]
+
+
+def jobs(runner: Any) -> Iterator[Job]:
+    cfg = runner.config
+    ids = {t: p.name for t, p in runner.state.adapters.items()}
+    if cfg.lorahub is not None:
+        for shots in cfg.lorahub.shots:
+            key = {"lorahub": cfg.lorahub.model_dump(), "shots": shots, "adapters": ids}
+            yield f"lorahub-{shots}shot", key, lambda s=shots: lorahub_job(runner, s)
+    if cfg.router is not None:
+        yield "router", {"router": cfg.router.model_dump(), "adapters": ids}, lambda: router_job(runner)
+
+
+def lorahub_job(runner: Any, shots: int) -> dict[str, Any]:
+    from lorafuse.fusion.lorahub import experiment_job
+
+    return experiment_job(runner, shots)
+
+
+def router_job(runner: Any) -> dict[str, Any]:
+    from lorafuse.fusion.router import experiment_job
+
+    return experiment_job(runner)
