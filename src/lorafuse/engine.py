@@ -233,9 +233,9 @@ def _check_options(spec: MergeMethod, options: MergeOptions, densities: list[flo
     if options.modules_to_save not in MODULES_TO_SAVE_POLICIES:
         raise ConfigError(f"modules_to_save: '{options.modules_to_save}' is not one of "
                           f"{', '.join(MODULES_TO_SAVE_POLICIES)}")
-    if spec.kind == "module" and options.space != "full":
-        raise ConfigError(f"method '{spec.name}' works on whole updates; 'space' applies to element-wise "
-                          "methods only (ties, dare_*, magnitude_prune, breadcrumbs)")
+    if spec.kind == "module" and options.space not in ("full", "core"):
+        raise ConfigError(f"method '{spec.name}' works on whole updates: it runs in the 'full' or 'core' space, "
+                          f"not '{options.space}'")
     get_space(options.space)
 
 
@@ -279,7 +279,13 @@ class _Engine:
                 for m in self._progress(self.modules, f"merge ({self.spec.name}, {self.options.space} space)")}
 
     def _module_update(self, module: str) -> LowRank | torch.Tensor:
-        return self.spec.fn(self.stream.terms(module), self.weights, self.params)
+        terms = self.stream.terms(module)
+        if self.options.space == "core":  # the method sees each update as its (Σr)×(Σr) core
+            from lorafuse.aligned import from_core, to_core
+
+            cores, UB, VA = to_core(terms)
+            return from_core(self.spec.fn(cores, self.weights, self.params), UB, VA)
+        return self.spec.fn(terms, self.weights, self.params)
 
     def _project(self, module: str) -> Projection:
         return get_space(self.options.space)(self.stream.terms(module))
