@@ -94,9 +94,22 @@ def _trainer(model: Any, formulation: Any, task: Task, rows: list[dict[str, Any]
         lr_scheduler_type="linear", warmup_steps=0.06, weight_decay=0.0, logging_steps=max(1, cfg.logging_steps), save_strategy="epoch",
         save_total_limit=1, report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not cfg.progress,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        **_checkpointing_arg(TrainingArguments, cfg.gradient_checkpointing),
     )
-    return FormulationTrainer(model=model, args=args, train_dataset=_Rows(rows), data_collator=collate)
+    trainer = FormulationTrainer(model=model, args=args, train_dataset=_Rows(rows), data_collator=collate)
+    if not cfg.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
+    return trainer
+
+
+def _checkpointing_arg(arguments: Any, enabled: bool) -> dict[str, bool]:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(arguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 def train_adapter(cfg: TrainConfig) -> Path:

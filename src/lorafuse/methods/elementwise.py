@@ -81,9 +81,9 @@ def sparsify(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams, thresho
 def combine(x: torch.Tensor, weights: torch.Tensor, recipe: Recipe, params: ElementwiseParams) -> torch.Tensor:
     """Weighted sum, or TIES's sign election and disjoint (weighted) mean, then λ."""
     if not recipe.consensus:
-        return params.lambda_ * (x * P.per_task(weights, x)).sum(dim=0)
-    votes = x * P.per_task(weights, x) if params.majority == "total" else x
-    return params.lambda_ * P.disjoint_mean(x, P.elect_sign(votes, params.majority), weights)
+        return params.lambda_ * P.weighted_sum(x, weights)
+    votes = weights if params.majority == "total" else None
+    return params.lambda_ * P.disjoint_mean(x, P.elect_sign(x, params.majority, votes), weights)
 
 
 def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary: str, paper: str) -> None:

@@ -28,10 +28,16 @@ def bernoulli_keep_mask(x: torch.Tensor, keep_prob: float, generators: list[torc
     return torch.stack(masks)
 
 
-def elect_sign(x: torch.Tensor, rule: str = "total") -> torch.Tensor:
-    """TIES sign election: the sign of the summed values ('total') or of the summed signs ('frequency')."""
+def weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_t w_t·x_t over the task axis, as one GEMV (no [T, ...] temporary)."""
+    return torch.tensordot(weights.to(x.dtype), x, dims=1)
+
+
+def elect_sign(x: torch.Tensor, rule: str = "total", weights: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES sign election: the sign of the (weighted) summed values ('total') or of the summed signs
+    ('frequency')."""
     if rule == "total":
-        return torch.sign(x.sum(dim=0))
+        return torch.sign(x.sum(dim=0) if weights is None else weighted_sum(x, weights))
     if rule == "frequency":
         return torch.sign(torch.sign(x).sum(dim=0))
     raise ValueError(f"unknown sign election rule '{rule}'")
@@ -39,13 +45,15 @@ def elect_sign(x: torch.Tensor, rule: str = "total") -> torch.Tensor:
 
 def disjoint_mean(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted mean over the tasks whose non-zero entry agrees with the elected sign; zero where none does.
-    With unit weights this is TIES's disjoint mean; otherwise each task's weight counts in the denominator."""
-    weights = torch.ones(x.shape[0], dtype=x.dtype) if weights is None else weights
-    agree = (torch.sign(x) == elected.unsqueeze(0)) & (x != 0)
-    zero = torch.zeros((), dtype=x.dtype)
-    total = torch.where(agree, x * per_task(weights, x), zero).sum(dim=0)
-    norm = torch.where(agree, per_task(weights.abs(), x), zero).sum(dim=0)
-    return total / torch.where(norm > 0, norm, torch.ones((), dtype=x.dtype))
+    With unit weights this is TIES's disjoint mean; otherwise each task's weight counts in the denominator.
+
+    x·elected > 0 exactly where a task agrees (elected is ±1 or 0), so its positive part is |x| on agreeing
+    entries and 0 elsewhere: both sums are then GEMVs over the task axis."""
+    weights = torch.ones(x.shape[0], dtype=x.dtype) if weights is None else weights.to(x.dtype)
+    agreeing = (x * elected.unsqueeze(0)).clamp_(min=0)
+    total = weighted_sum(agreeing, weights).mul_(elected)
+    norm = weighted_sum(torch.sign(agreeing), weights.abs())
+    return total.div_(torch.where(norm > 0, norm, torch.ones((), dtype=x.dtype)))
 
 
 def kth_largest(values: torch.Tensor, fraction: float) -> float:
