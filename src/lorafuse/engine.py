@@ -19,9 +19,9 @@ from lorafuse.algebra.dense import dense_truncated_svd
 from lorafuse.algebra.lowrank import LowRank, truncate
 from lorafuse.errors import ConfigError, IncompatibleAdaptersError
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
-from lorafuse.methods.thresholds import StreamingQuantile
+from lorafuse.methods.thresholds import StreamingQuantile, top_thresholds
 from lorafuse.provenance import stamp
-from lorafuse.spaces import Projection, get_space
+from lorafuse.spaces import DenseRows, Projection, get_space
 
 MODULES_TO_SAVE_POLICIES = ("error", "per_task", "average", "drop")
 
@@ -174,6 +174,16 @@ class _Thresholds:
         return torch.tensor([[kth_largest(b, f) for f in fr] + [0.0] * (width - len(fr))
                              for b, fr in zip(blocks, self.fractions)], dtype=torch.float64)
 
+    def for_rows(self, rows: DenseRows) -> torch.Tensor:
+        """Per-module thresholds of a full-space module produced in bands (exact, one pass per task)."""
+        if self.fixed is not None:
+            return self.fixed
+        width = max((len(f) for f in self.fractions), default=0)
+        total = rows.shape[0] * rows.shape[1]
+        per_task = [top_thresholds(lambda t=t: rows.task_values(t), total, fr, rows.task_sample(t)) if fr else []
+                    for t, fr in enumerate(self.fractions)]
+        return torch.tensor([v + [0.0] * (width - len(v)) for v in per_task], dtype=torch.float64)
+
 
 def merge(
     adapters: Sequence[str | Path | LoraAdapter],
@@ -291,11 +301,26 @@ class _Engine:
         return get_space(self.options.space)(self.stream.terms(module))
 
     def _elementwise_update(self, module: str, thresholds: _Thresholds) -> LowRank | torch.Tensor:
+        if self.options.space == "full":
+            return self._elementwise_full(module, thresholds)
         proj = self._project(module)
         blocks = proj.blocks.float()
         merged = self.spec.fn(blocks, torch.tensor(self.weights, dtype=blocks.dtype), thresholds.for_module(blocks),
                               self.params, _generators(getattr(self.params, "seed", 0), self.names, module))
         return proj.rebuild(merged)
+
+    def _elementwise_full(self, module: str, thresholds: _Thresholds) -> torch.Tensor:
+        """The full space a band of rows at a time: the same entries as the stacked dense blocks (element-wise
+        methods are separable once thresholds are known; DARE's generators are drawn in row order, so its masks are
+        those of one draw over the whole module), in memory of one m×n result plus a band."""
+        rows = DenseRows(self.stream.terms(module))
+        limits = thresholds.for_rows(rows)
+        weights = torch.tensor(self.weights, dtype=torch.float32)
+        generators = _generators(getattr(self.params, "seed", 0), self.names, module)
+        merged = torch.empty(rows.shape)
+        for start, stop in rows.bands():
+            merged[start:stop] = self.spec.fn(rows.band(start, stop), weights, limits, self.params, generators)
+        return merged
 
     def _finish(self, module: str, update: LowRank | torch.Tensor) -> LowRank:
         """Bring a module's result to the output rank, recording the energy kept where it was truncated."""

@@ -7,7 +7,7 @@ Aligned spaces (`knots`, `core`) live in lorafuse.aligned and register here on i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,3 +53,49 @@ def get_space(name: str) -> SpaceFn:
 def full_space(terms: Sequence[LowRank]) -> Projection:
     """Dense per-module updates: what TIES and DARE are defined on."""
     return Projection(torch.stack([t.dense() for t in terms]), lambda merged: merged)
+
+
+BAND_ENTRIES = 1 << 18  # one task's entries per band of rows: a few MB, reused, so no page faults per band
+_SAMPLE_ROWS, _SAMPLE_COLS = 1024, 512
+
+
+class DenseRows:
+    """The full space of one module produced a band of rows at a time. Element-wise methods are separable per
+    entry once their thresholds are known, so the T dense m×n updates never need to sit in memory together."""
+
+    def __init__(self, terms: Sequence[LowRank]) -> None:
+        self.B = [t.B.to(torch.float32) for t in terms]
+        self.A = [t.A.to(torch.float32) for t in terms]
+        self.shape = terms[0].shape
+        self.rows = max(1, BAND_ENTRIES // max(1, self.shape[1]))
+        self._buffer = torch.empty(len(terms), min(self.rows, self.shape[0]), self.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.B)
+
+    def bands(self) -> list[tuple[int, int]]:
+        return [(s, min(s + self.rows, self.shape[0])) for s in range(0, self.shape[0], self.rows)]
+
+    def band(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of every task's ΔW, [T, stop-start, n]; a view of a buffer reused by the next call."""
+        out = self._buffer[:, : stop - start]
+        for t in range(len(self)):
+            self.task_band(t, start, stop, out[t])
+        return out
+
+    def task_band(self, t: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.matmul(self.B[t][start:stop], self.A[t], out=out)
+
+    def task_values(self, t: int) -> Iterator[torch.Tensor]:
+        """Task t's ΔW band by band (each yielded view is overwritten by the next)."""
+        out = self._buffer[0]
+        for start, stop in self.bands():
+            yield self.task_band(t, start, stop, out[: stop - start])
+
+    def task_sample(self, t: int, seed: int = 0) -> torch.Tensor:
+        """Entries of ΔW_t on a random grid of rows × columns: enough to bracket its magnitude quantiles."""
+        gen = torch.Generator().manual_seed(seed)
+        m, n = self.shape
+        rows = torch.randperm(m, generator=gen)[:_SAMPLE_ROWS]
+        cols = torch.randperm(n, generator=gen)[:_SAMPLE_COLS]
+        return self.B[t][rows] @ self.A[t][:, cols]

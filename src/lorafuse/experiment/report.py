@@ -37,7 +37,7 @@ def write_report(out: Path, config: Any, state: Any) -> dict[str, Any]:
     jobs = rows_of(state)
     results = {"experiment": config.name, "config": config.model_dump(), "tasks": config.tasks,
                "adapters": {t: str(p) for t, p in state.adapters.items()}, "jobs": jobs,
-               "stage_seconds": dict(state.stage_seconds), "machine": machine(), **stamp()}
+               "stage_seconds": dict(state.stage_seconds), **stamp(), "machine": machine()}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     _write_csv(out / "results.csv", jobs, config.tasks)
     plots = _plots(out, jobs, config.tasks)

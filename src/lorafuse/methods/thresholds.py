@@ -7,6 +7,9 @@ of that one bin are gathered and sorted.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
 import torch
 
 _LOW, _HIGH, _BINS = -96.0, 32.0, 1 << 20
@@ -66,3 +69,64 @@ class StreamingQuantile:
             sorted_desc = torch.sort(torch.cat(values), descending=True).values
             out.append(float(sorted_desc[rank - 1]))
         return out
+
+
+# -- one-pass exact selection, bracketed by a sample -------------------------------------------------------
+_BRACKET_SIGMAS = 8.0  # half-width of the bracket in binomial standard deviations of the sample quantile
+
+
+def _bracket(sample: torch.Tensor, k: int, total: int) -> tuple[float, float]:
+    """Values lo ≤ hi that very likely enclose the k-th largest |x| of `total` entries, from a sample of |x|."""
+    desc = torch.sort(sample.reshape(-1).abs().float(), descending=True).values
+    n = desc.numel()
+    q = k / total
+    spread = _BRACKET_SIGMAS * (n * q * (1.0 - q)) ** 0.5 + 2.0
+    upper, lower = int(q * n - spread), int(q * n + spread) + 1
+    hi = float("inf") if upper < 0 else float(desc[upper])
+    lo = 0.0 if lower >= n else float(desc[lower])
+    return lo, hi
+
+
+def _count_and_band(values: Iterable[torch.Tensor], brackets: list[tuple[float, float]]
+                    ) -> list[tuple[int, np.ndarray]]:
+    """For each (lo, hi): how many |x| exceed hi, and the |x| lying in [lo, hi] (numpy: fast boolean selection)."""
+    above = [0] * len(brackets)
+    inside: list[list[np.ndarray]] = [[] for _ in brackets]
+    for chunk in values:
+        chunk = chunk.detach() if chunk.dtype in (torch.float32, torch.float64) else chunk.detach().float()
+        mag = np.abs(chunk.numpy().reshape(-1))
+        for i, (lo, hi) in enumerate(brackets):
+            above[i] += int(np.count_nonzero(mag > hi))
+            inside[i].append(mag[(mag >= lo) & (mag <= hi)])
+    return [(a, np.concatenate(v) if v else np.zeros(0, np.float32)) for a, v in zip(above, inside)]
+
+
+def top_thresholds(values: Callable[[], Iterable[torch.Tensor]], total: int, fractions: Sequence[float],
+                   sample: torch.Tensor) -> list[float]:
+    """Exact thresholds keeping int(f·total) of the largest |x| per fraction f (same rule as kth_largest:
+    inf keeps none, 0 keeps all) over chunks that `values()` produces (e.g. bands of a dense update).
+
+    A sample of |x| brackets each threshold; one pass counts the entries above the bracket and keeps those
+    inside it, so the k-th largest is read from a small sorted set. Where the sample misses (improbable, but
+    possible on adversarial data), a second pass with the bracket widened to the side it missed stays exact."""
+    ks = [int(f * total) for f in fractions]
+    out: list[float | None] = [float("inf") if k <= 0 else 0.0 if k >= total else None for k in ks]
+    todo = [i for i, v in enumerate(out) if v is None]
+    brackets = {i: _bracket(sample, ks[i], total) for i in todo}
+    for _ in range(2):
+        if not todo:
+            break
+        found = _count_and_band(values(), [brackets[i] for i in todo])
+        missed = []
+        for i, (above, inside) in zip(todo, found):
+            rank = ks[i] - above  # the threshold is the rank-th largest value inside the bracket
+            if 0 < rank <= inside.size:
+                out[i] = float(np.partition(inside, inside.size - rank)[inside.size - rank])
+            else:
+                lo, hi = brackets[i]
+                brackets[i] = (hi, float("inf")) if rank <= 0 else (0.0, lo)
+                missed.append(i)
+        todo = missed
+    if todo:
+        raise AssertionError("top_thresholds: a widened bracket must contain the threshold")
+    return [float(v) for v in out]  # type: ignore[arg-type]
