@@ -181,7 +181,15 @@ class Evaluator:
     def evaluate(self, adapter: str | Path | Updates | Any | None = None, heads: Heads | None = None,
                  fan_in_fan_out: bool = False) -> EvalResult:
         """Accuracy of each task with `adapter` (a directory, a MergeResult, factor updates, or None for the
-        base model); `heads` supplies per-task classification heads where the adapter has none."""
+        base model), or an input-routed mixture (a router directory or `Router`); `heads` supplies per-task
+        classification heads where the adapter has none."""
+        from lorafuse.fusion.router import Router, is_router
+
+        if isinstance(adapter, (str, Path)) and is_router(adapter):
+            adapter = Router.load(adapter)
+        if isinstance(adapter, Router):
+            with adapter.installed(self.model):
+                return self.evaluate(None, heads)
         updates, heads, fan_in_fan_out = self._resolve(adapter, heads, fan_in_fan_out)
         accuracy, examples = {}, {}
         from tqdm.auto import tqdm

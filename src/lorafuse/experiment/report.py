@@ -66,7 +66,7 @@ def _write_csv(path: Path, jobs: list[dict[str, Any]], tasks: list[str]) -> None
         w.writerow(["method", "kind", "task", "validation_accuracy", "test_accuracy", "test_normalized", "params"])
         for j in _ok(jobs):
             for t in tasks:
-                w.writerow([j["name"], j.get("kind", ""), t, j["validation"]["accuracy"].get(t),
+                w.writerow([j["name"], j.get("kind", ""), t, j.get("validation", {}).get("accuracy", {}).get(t),
                             j["test"]["accuracy"].get(t), j["test"].get("normalized", {}).get(t),
                             json.dumps(j.get("params", {}))])
 
