@@ -12,20 +12,22 @@ def per_task(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def magnitude_mask(x: torch.Tensor, keep_above: torch.Tensor) -> torch.Tensor:
-    """Keep entries with |x| ≥ the task's threshold (TIES trim / magnitude prune)."""
-    return x.abs() >= per_task(keep_above, x)
+    """1 where |x| ≥ the task's threshold, else 0 (TIES trim / magnitude prune). Masks are 0/1 in x's dtype:
+    on CPU, comparing into a float tensor and multiplying is several times faster than a bool mask."""
+    return x.abs().ge_(per_task(keep_above, x))
 
 
 def band_mask(x: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """Keep entries with lower ≤ |x| < upper: drop the largest outliers and the small noise (Breadcrumbs)."""
+    """1 where lower ≤ |x| < upper, else 0: drop the largest outliers and the small noise (Breadcrumbs)."""
     mag = x.abs()
-    return (mag >= per_task(lower, x)) & (mag < per_task(upper, x))
+    return mag.lt(per_task(upper, x)).to(x.dtype).mul_(mag.ge_(per_task(lower, x)))
 
 
 def bernoulli_keep_mask(x: torch.Tensor, keep_prob: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """DARE's random drop: keep each entry with probability keep_prob, one seeded generator per task."""
-    masks = [torch.rand(row.shape, generator=g) < keep_prob for row, g in zip(x, generators)]
-    return torch.stack(masks)
+    """DARE's random drop: 1 with probability keep_prob, else 0; one seeded generator per task, drawn in
+    row-major order (so drawing a module band by band gives the same mask as drawing it whole)."""
+    masks = [torch.rand(row.shape, generator=g, dtype=torch.float32) for row, g in zip(x, generators)]
+    return torch.stack([u.lt_(keep_prob) for u in masks]).to(x.dtype)
 
 
 def weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

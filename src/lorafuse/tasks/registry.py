@@ -186,12 +186,18 @@ def load_task_file(path: str | Path) -> list[Task]:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+_BUILTIN_LOADED: list[bool] = []
+
+
 def _load_builtin() -> None:
-    if _REGISTRY:
+    """Built-in and generated tasks, once; user tasks registered before keep their definitions."""
+    if _BUILTIN_LOADED:
         return
+    _BUILTIN_LOADED.append(True)
     text = resources.files("lorafuse.tasks").joinpath("builtin.yaml").read_text()
     for name, spec in yaml.safe_load(text).items():
-        register_task(task_from_dict(name, spec))
+        if name not in _REGISTRY:
+            register_task(task_from_dict(name, spec))
     from lorafuse.tasks import synthetic
 
     synthetic.register_all()
