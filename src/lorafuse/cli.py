@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # transformers 5 deprecation notices raised from inside PEFT/Trainer calls we do not control
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -170,6 +170,7 @@ def load_model(path: str, formulation: str, dtype: torch.dtype | None = None) ->
     tokenizer = AutoTokenizer.from_pretrained(path)
     level = logging.get_verbosity()
     logging.set_verbosity_error()  # the fresh classifier head is expected: each task's adapter brings its own
+    logging.disable_progress_bar()  # a bar per load is noise when the Evaluator and trainer load several times
     try:
         if formulation == "classify":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(SHARED_LABELS),
@@ -178,4 +179,5 @@ def load_model(path: str, formulation: str, dtype: torch.dtype | None = None) ->
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     finally:
         logging.set_verbosity(level)
+        logging.enable_progress_bar()
     return model, tokenizer
