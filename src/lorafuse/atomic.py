@@ -26,6 +26,7 @@ def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Pat
     path = check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the published output private
     try:
         yield tmp
         if path.exists():
