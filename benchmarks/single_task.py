@@ -5,8 +5,8 @@ training and evaluation times and the budget, written to benchmarks/results/sing
     .venv/bin/python benchmarks/single_task.py --model smollm2 --tasks mnli fever rte scitail \
         --max-examples 240 --epochs 1 --batch-size 8 --max-test 200
 
-Adapters are cached under benchmarks/work/ by the experiment runner's hash, so `lorafuse experiment nli5-minilm
---output benchmarks/work/nli5-minilm` reuses the MiniLM ones (same settings)."""
+Adapters are cached by the experiment runner's hash: `--run-dir benchmarks/work/nli5-minilm` reuses the adapters
+of `lorafuse experiment nli5-minilm --output benchmarks/work/nli5-minilm` (the defaults here are its settings)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--max-test", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "benchmarks" / "work"))
+    p.add_argument("--run-dir", help="reuse an experiment run directory's cached adapters (same settings)")
     args = p.parse_args()
 
     import torch
@@ -52,7 +53,7 @@ def main() -> None:
                   "max_examples": args.max_examples, "max_length": args.max_length},
         "eval": {"max_validation": args.max_validation, "max_test": args.max_test, "batch_size": 32,
                  "max_length": args.max_length}}, "single_task")
-    runner = ExperimentRunner(config, Path(args.work) / name, progress=True)
+    runner = ExperimentRunner(config, Path(args.run_dir or Path(args.work) / name), progress=True)
     config.check_tasks()
     start = time.perf_counter()
     runner.train_all()

@@ -1,40 +1,78 @@
-"""The experiment end to end on tiny models: caching, resuming, failure isolation, report consistency, and every
-shipped config validates."""
+"""The experiment end to end on tiny models built in code (offline): two tasks, three methods; a rerun does no
+work; an interrupted run resumes with only the missing jobs; one failed job is isolated; adapters are shared
+between run directories; the report's tables agree with results.json."""
 
 from __future__ import annotations
 
 import csv
 import json
+import random
+import re
 
 import pytest
-from tiny_models import tiny_bert, write_task_files
+import yaml
+from tiny_models import tiny_bert
 
-from lorafuse.errors import ConfigError
-from lorafuse.experiment.config import load_config, parse_config, shipped_configs
-from lorafuse.experiment.runner import ExperimentRunner
+import lorafuse.engine
+import lorafuse.training
+from lorafuse.experiment.config import parse_config
+from lorafuse.experiment.runner import ExperimentError, ExperimentRunner
+
+KEYWORDS = {"xa": {"not": "contradiction", "some": "neutral", "all": "entailment"},
+            "xb": {"more": "entailment", "than": "not_entailment"}}
+
+
+def write_keyword_task(root, name: str, seed: int) -> dict:
+    """A task a tiny model learns in a few steps: the label is given by one keyword of the hypothesis."""
+    rng = random.Random(seed)
+    files = {}
+    for split, size in (("train", 96), ("validation", 32), ("test", 32)):
+        rows = []
+        for i in range(size):
+            word, label = rng.choice(sorted(KEYWORDS[name].items()))
+            rows.append({"premise": f"the a has {rng.randrange(20)} .", "hypothesis": f"{word} a has {i % 20} .",
+                         "label": label, "id": f"{split}-{i}"})
+        path = root / name / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        files[split] = str(path)
+    labels = sorted(set(KEYWORDS[name].values()))
+    return {name: {"labels": labels if name == "xb" else ["contradiction", "entailment", "neutral"], "files": files}}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("exp")
     model = tiny_bert(root / "bert")
-    files = [write_task_files(root / "data", name, labels, seed=i) for i, (name, labels) in
-             enumerate([("xa", ["contradiction", "entailment", "neutral"]), ("xb", ["entailment", "not_entailment"])])]
-    tasks_yaml = root / "tasks.yaml"
-    merged = {}
-    for f in files:
-        merged.update(json.loads(f.read_text()))
-    for spec in merged.values():
-        spec["files"] = {s: str(root / "data" / p) for s, p in spec["files"].items()}
-    tasks_yaml.write_text(json.dumps(merged))
+    tasks = {**write_keyword_task(root / "data", "xa", 0), **write_keyword_task(root / "data", "xb", 1)}
+    (root / "tasks.yaml").write_text(json.dumps(tasks))
     raw = {"name": "tiny", "model": str(model), "formulation": "classify", "tasks": ["xa", "xb"],
-           "task_file": str(tasks_yaml),
-           "train": {"rank": 2, "epochs": 1, "batch_size": 8, "lr": 1e-3, "target_modules": ["query", "value"]},
-           "eval": {"max_validation": 16, "max_test": 16, "batch_size": 16},
+           "task_file": str(root / "tasks.yaml"),
+           "train": {"rank": 4, "epochs": 1, "batch_size": 8, "lr": 1e-2, "target_modules": ["query", "value"]},
+           "eval": {"max_validation": 32, "max_test": 32, "batch_size": 32},
            "methods": [{"method": "average"},
                        {"method": "task_arithmetic", "search": {"lambda": [0.5, 1.0]}},
                        {"method": "ties", "space": "knots", "search": {"density": [0.3, 1.0]}}]}
     return root, raw
+
+
+@pytest.fixture
+def counts(monkeypatch):
+    """How often training and merging really happen."""
+    calls = {"train": 0, "merge": 0}
+    train, merge = lorafuse.training.train_adapter, lorafuse.engine.merge
+
+    def counting_train(cfg):
+        calls["train"] += 1
+        return train(cfg)
+
+    def counting_merge(*args, **kwargs):
+        calls["merge"] += 1
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(lorafuse.training, "train_adapter", counting_train)
+    monkeypatch.setattr(lorafuse.engine, "merge", counting_merge)
+    return calls
 
 
 def run(raw, out, **kw):
@@ -42,87 +80,185 @@ def run(raw, out, **kw):
     return runner, runner.run()
 
 
-def test_end_to_end_then_cached_rerun(setup):
+def md_row(md: str, name: str) -> list[str]:
+    line = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_end_to_end_then_cached_rerun(setup, counts):
     root, raw = setup
     out = root / "run1"
-    runner, results = run(raw, out)
-    names = [j["name"] for j in results["jobs"]]
-    assert {"individual", "average", "task_arithmetic", "ties@knots"} <= set(names)
+    runner, results = run(raw, out, cache_dir=root / "cache")
     assert all(j["status"] == "ok" for j in results["jobs"]), [j.get("error") for j in results["jobs"]]
-    assert {"train:xa", "train:xb"} <= set(runner.state.executed)
+    assert [j["name"] for j in results["jobs"]] == ["individual", "base + task heads", "average",
+                                                    "task_arithmetic", "ties@knots"]
+    assert counts == {"train": 2, "merge": 1 + 2 + 2}  # one merge per grid point; the best is kept
     ta = next(j for j in results["jobs"] if j["name"] == "task_arithmetic")
-    assert len(ta["sweep"]) == 2 and ta["params"]["lambda"] in (0.5, 1.0)
-    best = max(s["validation"]["normalized_average"] for s in ta["sweep"])
-    assert ta["validation"]["normalized_average"] == best
+    assert [s["params"]["lambda"] for s in ta["sweep"]] == [0.5, 1.0]
+    best = max(ta["sweep"], key=lambda s: s["validation"]["normalized_average"])
+    assert ta["params"]["lambda"] == best["params"]["lambda"] and ta["validation"] == best["validation"]
+    assert (out / "fused" / "task_arithmetic" / "adapter_config.json").is_file()
+    assert (out / "fused" / "task_arithmetic" / "task_heads" / "xa.safetensors").is_file()
+    assert sorted(p.name.split("-")[0] for p in (root / "cache" / "adapters").iterdir()) == ["xa", "xb"]
 
-    # the report agrees with results.json
-    report = out / "report"
+    counts.update(train=0, merge=0)
+    rerun, again = run(raw, out, cache_dir=root / "cache")
+    assert rerun.state.executed == [] and counts == {"train": 0, "merge": 0}
+    assert [j["job_id"] for j in again["jobs"]] == [j["job_id"] for j in results["jobs"]]
+    assert [j["test"] for j in again["jobs"]] == [j["test"] for j in results["jobs"]]
+
+
+def assert_report_agrees(report) -> dict:
+    """results.csv, report.md and report.html show exactly the numbers of results.json."""
     saved = json.loads((report / "results.json").read_text())
     rows = list(csv.DictReader(open(report / "results.csv")))
-    for job in (j for j in saved["jobs"] if "test" in j):
-        for task in ("xa", "xb"):
+    md = (report / "report.md").read_text()
+    html = (report / "report.html").read_text()
+    assert len(rows) == len(saved["tasks"]) * len(saved["jobs"])
+    for job in (j for j in saved["jobs"] if j["status"] == "ok"):
+        cells = md_row(md, job["name"])
+        for i, task in enumerate(saved["tasks"]):
             row = next(r for r in rows if r["method"] == job["name"] and r["task"] == task)
             assert float(row["test_accuracy"]) == pytest.approx(job["test"]["accuracy"][task])
-        assert f"{100 * job['test']['average']:.1f}" in (report / "report.md").read_text()
-    assert (report / "report.html").read_text().count("<img") >= 2
-    assert (report / "per_task_accuracy.png").stat().st_size > 1000
-    assert (out / "fused" / "task_arithmetic" / "adapter_config.json").is_file()
+            assert float(row["test_normalized"]) == pytest.approx(job["test"]["normalized"][task])
+            acc, norm = re.match(r"([\d.]+) \(([\d.]+)\)", cells[1 + i]).groups()
+            assert float(acc) == pytest.approx(100 * job["test"]["accuracy"][task], abs=0.051)
+            assert float(norm) == pytest.approx(job["test"]["normalized"][task], abs=0.051)
+        n = len(saved["tasks"])
+        assert float(cells[1 + n]) == pytest.approx(100 * job["test"]["average"], abs=0.051)
+        assert float(cells[2 + n]) == pytest.approx(job["test"]["normalized_average"], abs=0.051)
+        assert f"<td>{job['name']}</td>" in html
+    for job in (j for j in saved["jobs"] if j["status"] != "ok"):
+        assert job["error"] in md and all(r["error"] == job["error"] for r in rows if r["method"] == job["name"])
+    assert html.count("<img") == 3 and "data:image/png;base64," in html
+    for plot in ("per_task_accuracy.png", "normalized_accuracy.png", "coefficient_sweeps.png"):
+        assert (report / plot).read_bytes()[:4] == b"\x89PNG"
+    return saved
 
-    rerun, again = run(raw, out)
-    assert rerun.state.executed == []  # nothing trained, fused or evaluated again
-    assert [j["job_id"] for j in again["jobs"]] == [j["job_id"] for j in results["jobs"]]
+
+def test_report_agrees_with_results_json(setup):
+    root, raw = setup
+    report = root / "run1" / "report"
+    if not (report / "results.json").is_file():
+        run(raw, root / "run1", cache_dir=root / "cache")
+    saved = assert_report_agrees(report)
+    assert set(saved["stage_seconds"]) == {"train", "reference", "fuse", "data-driven", "report"}
+    assert saved["stage_compute_seconds"]["fuse"] > 0 and saved["machine"]["cores"] >= 1
 
 
-def test_interrupted_run_resumes_and_failures_are_isolated(setup, monkeypatch):
+def test_report_of_a_known_state(tmp_path):
+    """Distinct numbers (the tiny models learn little), a sweep over two coefficients and a failed job."""
+    from lorafuse.experiment.report import write_report
+    from lorafuse.experiment.runner import RunState
+
+    config = parse_config({"name": "known", "model": "minilm", "tasks": ["rte", "mnli"],
+                           "methods": [{"method": "ties", "search": {"lambda": [0.5, 1.0], "density": [0.2]}}]}, "t")
+
+    def split(rte, mnli, ref=(0.8, 0.6)):
+        norm = {"rte": 100 * rte / ref[0], "mnli": 100 * mnli / ref[1]}
+        return {"accuracy": {"rte": rte, "mnli": mnli}, "normalized": norm, "average": (rte + mnli) / 2,
+                "normalized_average": sum(norm.values()) / 2}
+
+    sweep = [{"params": {"lambda": lam, "density": 0.2}, "validation": split(0.5 * lam + 0.2, 0.4)}
+             for lam in (0.5, 1.0)]
+    state = RunState(jobs=[
+        {"name": "individual", "kind": "reference", "status": "ok", "test": split(0.8, 0.6), "stage": "reference",
+         "seconds": 1.0},
+        {"name": "ties", "kind": "static", "status": "ok", "params": {"lambda": 1.0, "density": 0.2},
+         "sweep": sweep, "validation": sweep[1]["validation"], "test": split(0.72, 0.36), "stage": "fuse",
+         "settings_tried": 2, "search_seconds": 3.5, "seconds": 4.0},
+        {"name": "tsv@core", "status": "failed", "error": "RuntimeError: boom", "stage": "fuse", "seconds": 0.1}])
+    results = write_report(tmp_path, config, state)
+    saved = assert_report_agrees(tmp_path)
+    assert saved == json.loads(json.dumps(results, default=str))
+    md = (tmp_path / "report.md").read_text()
+    assert "| ties | 72.0 (90.0) | 36.0 (60.0) | 54.0 | 75.0 | lambda=1.0, density=0.2 |" in md
+    assert saved["stage_compute_seconds"] == {"reference": 1.0, "fuse": 4.1}
+
+
+def test_interrupted_run_resumes_and_failures_are_isolated(setup, counts, monkeypatch):
     root, raw = setup
     out = root / "run2"
     original = ExperimentRunner._fuse
-    calls = []
 
     def dying(self, spec):
-        calls.append(spec.name)
         if spec.name == "task_arithmetic":
             raise KeyboardInterrupt  # the process is killed in the middle of the fuse stage
         return original(self, spec)
 
     monkeypatch.setattr(ExperimentRunner, "_fuse", dying)
     with pytest.raises(KeyboardInterrupt):
-        run(raw, out)
-    monkeypatch.setattr(ExperimentRunner, "_fuse", original)
+        run(raw, out, cache_dir=root / "cache")
+    finished = sorted(p.name.split("-")[0] for p in (out / "jobs").glob("*.json"))
+    assert finished == ["base", "fuse", "individual", "train", "train"]  # average fused; nothing half-written
+    assert not list((out / "jobs").glob(".*"))
 
-    def failing_merge(self, spec, point):
+    def failing_fuse(self, spec):
         if spec.method == "ties":
             raise RuntimeError("boom")
-        return original_merge(self, spec, point)
+        return original(self, spec)
 
-    original_merge = ExperimentRunner._merge
-    monkeypatch.setattr(ExperimentRunner, "_merge", failing_merge)
-    runner, results = run(raw, out)
-    executed = [j.split("-")[1] if j.startswith("fuse-") else j.split("-")[0] for j in runner.state.executed]
-    assert "train:xa" not in runner.state.executed and "average" not in executed
-    assert "task_arithmetic" in executed
+    monkeypatch.setattr(ExperimentRunner, "_fuse", failing_fuse)
+    counts.update(train=0, merge=0)
+    runner, results = run(raw, out, cache_dir=root / "cache")
+    assert [j.rsplit("-", 1)[0] for j in runner.state.executed] == ["fuse-task_arithmetic", "fuse-ties-knots"]
+    assert counts == {"train": 0, "merge": 2}  # only task_arithmetic's grid
     failed = [j for j in results["jobs"] if j["status"] == "failed"]
-    assert len(failed) == 1 and "boom" in failed[0]["error"]
+    assert [j["name"] for j in failed] == ["ties@knots"] and "boom" in failed[0]["error"]
     assert "boom" in (out / "report" / "report.md").read_text()
-    monkeypatch.setattr(ExperimentRunner, "_merge", original_merge)
-    runner, results = run(raw, out)  # the failed job is retried, the rest is cached
-    assert len(runner.state.executed) == 1 and all(j["status"] == "ok" for j in results["jobs"])
+    assert next(r for r in csv.DictReader(open(out / "report" / "results.csv"))
+                if r["status"] == "failed")["error"].endswith("boom")
+
+    monkeypatch.setattr(ExperimentRunner, "_fuse", original)
+    runner, results = run(raw, out, cache_dir=root / "cache")  # the failed job is retried, the rest is cached
+    assert [j.rsplit("-", 1)[0] for j in runner.state.executed] == ["fuse-ties-knots"]
+    assert all(j["status"] == "ok" for j in results["jobs"])
 
 
-def test_every_shipped_config_validates():
-    shipped = shipped_configs()
-    assert {"demo", "nli5-minilm", "nli4-smollm2", "nli4-llama3-8b", "knots6-llama3-8b"} <= set(shipped)
-    for name, path in shipped.items():
-        config = load_config(path)
-        assert path.read_text().startswith("# lorafuse "), f"{name}: header must state the command"
-        assert config.methods, name
+def test_only_stage_and_a_failed_training(setup, counts, tmp_path):
+    root, raw = setup
+    runner, results = run(raw, tmp_path / "a", cache_dir=root / "cache", stages=["train"])
+    assert results == {} and counts["train"] == 0  # adapters come from the shared cache
+    assert [r["reused"] for r in runner.state.training] == [True, True]
+    with pytest.raises(ExperimentError, match="stage 'reference' has not run"):
+        run(raw, tmp_path / "a", cache_dir=root / "cache", stages=["report"])
+
+    def trainer(cfg):
+        if cfg.task == "xb":
+            raise RuntimeError("out of memory")
+        return lorafuse.training.train_adapter(cfg)
+
+    fresh = {**raw, "train": {**raw["train"], "seed": 1}}
+    with pytest.raises(ExperimentError, match="xb: RuntimeError: out of memory"):
+        run(fresh, tmp_path / "b", trainer=trainer)
+    assert counts["train"] == 1  # xa still trained
+    runner, _ = run(fresh, tmp_path / "b", stages=["train"])
+    assert runner.state.executed == ["train:xb"]
 
 
-def test_config_errors_are_named():
-    base = {"name": "x", "model": "minilm", "tasks": ["rte"]}
-    with pytest.raises(ConfigError, match="unknown field 'trian'"):
-        parse_config({**base, "trian": {}}, "cfg.yaml")
-    with pytest.raises(ConfigError, match="did you mean 'ties'"):
-        parse_config({**base, "methods": [{"method": "tie"}]}, "cfg.yaml")
-    with pytest.raises(ConfigError, match="densty"):
-        parse_config({**base, "methods": [{"method": "ties", "search": {"densty": [0.1]}}]}, "cfg.yaml")
+def test_cli_reuses_the_run_and_prints_the_table(setup, capsys):
+    from lorafuse.cli import main
+
+    root, raw = setup
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    if not (root / "run1" / "report").is_dir():
+        run(raw, root / "run1", cache_dir=root / "cache")
+    assert main(["experiment", str(config), "--output", str(root / "run1"), "--cache-dir", str(root / "cache"),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| task_arithmetic |" in printed and str(root / "run1" / "report" / "report.html") in printed
+
+    from lorafuse.commands import experiment
+    from lorafuse.experiment import STAGES
+
+    assert experiment.STAGES == STAGES  # kept apart so that `lorafuse --help` imports no pydantic
+
+
+def test_random_search_samples_the_grid():
+    spec = parse_config({"name": "x", "model": "minilm", "tasks": ["rte"], "methods": [
+        {"method": "ties", "search": {"lambda": [0.5, 1.0], "density": [0.1, 0.2, 0.5]}, "samples": 4}]},
+        "cfg").methods[0]
+    points = ExperimentRunner.settings(spec)
+    assert len(points) == 4 and len({json.dumps(p, sort_keys=True) for p in points}) == 4
+    assert all(p in spec.grid() for p in points) and points == ExperimentRunner.settings(spec)

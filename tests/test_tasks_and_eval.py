@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_bert, tiny_llama, write_task_files
 
 from lorafuse.errors import AdapterError, ConfigError
 from lorafuse.evaluation import EvalResult, Evaluator, applied, markdown_table
 from lorafuse.tasks import DataError, Task, get_task, load_task_file
 from lorafuse.training import TRAIN_RECORD, TrainConfig, train_adapter
-from tiny_models import tiny_bert, tiny_llama, write_task_files
 
 
 @pytest.fixture(scope="module")

@@ -188,8 +188,8 @@ class Evaluator:
         if isinstance(adapter, (str, Path)) and is_router(adapter):
             adapter = Router.load(adapter)
         if isinstance(adapter, Router):
-            with adapter.installed(self.model):
-                return self.evaluate(None, heads)
+            with adapter.installed(self.model):  # classify: each task's adapter brings its own head
+                return self.evaluate(None, {**(heads or {}), **adapter.heads})
         updates, heads, fan_in_fan_out = self._resolve(adapter, heads, fan_in_fan_out)
         accuracy, examples = {}, {}
         from tqdm.auto import tqdm

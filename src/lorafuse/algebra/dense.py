@@ -14,7 +14,7 @@ def dense_truncated_svd(
     """Rank-`rank` approximation of a dense update and the fraction of its squared Frobenius norm kept."""
     M = M.to(torch.float32)
     rank = max(1, min(rank, *M.shape))
-    total = float(M.double().pow(2).sum())
+    total = float(torch.linalg.vector_norm(M)) ** 2  # float32 cascade sum: no float64 copy of M
     if exact or rank + oversample >= min(M.shape):
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     else:

@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+STAGES = ("train", "reference", "fuse", "data-driven", "report")  # as lorafuse.experiment.runner.STAGES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML, or a shipped config name (see --list)")
-    p.add_argument("--output", help="run directory (default: runs/<name>)")
+    add_run_options(p)
     p.add_argument("--data-dir", help="override the config's data_dir")
-    p.add_argument("--fresh", action="store_true", help="discard cached jobs and adapters of this run directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--only-stage", nargs="+", choices=STAGES, metavar="STAGE",
+                   help=f"run only these stages ({', '.join(STAGES)}); the others only read finished work")
     p.add_argument("--list", action="store_true", help="list the shipped configs and exit")
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", help="run directory (default: runs/<config name>)")
+    p.add_argument("--cache-dir", help="adapter cache shared between run directories (default: the run directory)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="fresh", action="store_false", default=False,
+                        help="reuse finished jobs and adapters (the default)")
+    resume.add_argument("--fresh", dest="fresh", action="store_true",
+                        help="delete the run directory first (a separate --cache-dir is kept)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def run(args: argparse.Namespace) -> int:
+    from lorafuse.errors import ConfigError
     from lorafuse.experiment.config import load_config, shipped_configs
 
     if args.list:
@@ -22,29 +37,46 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:20s} {path.read_text().splitlines()[0].lstrip('# ')}")
         return 0
     if not args.config:
-        from lorafuse.errors import ConfigError
-
         raise ConfigError("give a config file or a shipped config name (lorafuse experiment --list)")
     config = load_config(args.config)
     if args.data_dir:
         config = config.model_copy(update={"data_dir": args.data_dir})
-    return execute(config, args.output, args.fresh, args.quiet)
+    return execute(config, args, stages=args.only_stage)
 
 
-def execute(config, output: str | None, fresh: bool, quiet: bool) -> int:
+def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = None) -> int:
+    """Run `config` with the shared run options; print the results table, any failures and the report path."""
     import shutil
+    import time
     from pathlib import Path
 
     from lorafuse.experiment.report import results_table
     from lorafuse.experiment.runner import ExperimentRunner
 
-    out = Path(output or Path("runs") / config.name)
-    if fresh and out.exists():
+    out = Path(args.output or Path("runs") / config.name)
+    _warn_without_gpu(config)
+    if args.fresh and out.exists():
         shutil.rmtree(out)
-    results = ExperimentRunner(config, out, progress=not quiet).run()
+    start = time.perf_counter()
+    runner = ExperimentRunner(config, out, progress=not args.quiet, cache_dir=args.cache_dir, stages=stages)
+    results = runner.run()
+    if not results:
+        print(f"stages {', '.join(stages or [])} done in {time.perf_counter() - start:.0f} s; run directory {out}")
+        return 0
     print(results_table(results["jobs"], config.tasks))
-    failed = [j for j in results["jobs"] if j.get("status") != "ok"]
-    for job in failed:
-        print(f"failed: {job.get('job_id')}: {job.get('error')}")
-    print(f"\nreport: {out / 'report' / 'report.html'} (also report.md, results.json, results.csv)")
+    for job in results["jobs"]:
+        if job.get("status") != "ok":
+            print(f"failed: {job.get('job_id')}: {job.get('error')}")
+    print(f"\n{time.perf_counter() - start:.0f} s. Report: {out / 'report' / 'report.html'} "
+          "(also report.md, results.json, results.csv and the plots)")
     return 0
+
+
+def _warn_without_gpu(config: Any) -> None:
+    import sys
+
+    import torch
+
+    if config.hardware == "gpu" and not torch.cuda.is_available():
+        print(f"warning: config '{config.name}' is sized for a GPU and none is visible; this will be very slow",
+              file=sys.stderr)

@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="validation", choices=["train", "validation"])
     p.add_argument("--data-dir")
     p.add_argument("--task-file")
-    p.add_argument("--head", help="adapter whose classification head scores the task (classify)")
+    p.add_argument("--head", help="classify: an adapter trained on the target task; its modules_to_save head "
+                   "scores the task (LoraHub composes LoRA updates only)")
     p.add_argument("--budget", type=int, default=40)
     p.add_argument("--optimizer", default="NGOpt", help="any nevergrad optimizer, e.g. CMA, NGOpt, OnePlusOne")
     p.add_argument("--composition", choices=["factors", "updates"], default="factors",
@@ -28,31 +29,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import random
 
     from lorafuse.atomic import check_output
-    from lorafuse.engine import merge
     from lorafuse.evaluation import Evaluator, own_head
-    from lorafuse.fusion.lorahub import LoraHubSettings, lorahub
+    from lorafuse.fusion.lorahub import LoraHubSettings, lorahub, save_lorahub
     from lorafuse.tasks import get_task, load_task_file
 
     check_output(args.output, args.overwrite)
     if args.task_file:
         load_task_file(args.task_file)
+    settings = LoraHubSettings(args.budget, args.optimizer, args.bound, args.l1, args.composition, args.seed)
+    settings.check()
     pool = get_task(args.task).load(args.split, args.data_dir)
     examples = random.Random(args.seed).sample(pool, min(args.shots, len(pool)))
     ev = Evaluator(args.model, [args.task], split=args.split, formulation=args.formulation, data_dir=args.data_dir,
                    max_examples=1, max_length=args.max_length, progress=False)
-    settings = LoraHubSettings(args.budget, args.optimizer, args.bound, args.l1, args.composition, args.seed)
-    result, _ = lorahub(ev, args.adapters, args.task, examples, settings, own_head(args.head) if args.head else None)
-    method = "lorahub_factors" if args.composition == "factors" else "linear"
-    fused = merge(args.adapters, method, weights=result.weights, modules_to_save="drop", progress=False)
-    fused.provenance["lorahub"] = {"task": args.task, "shots": len(examples), "settings": settings.__dict__,
-                                   "weights": result.weights, "few_shot_loss": result.loss,
-                                   "search_seconds": result.seconds, "trace": result.trace}
-    out = fused.save(args.output, overwrite=args.overwrite)
-    (out / "lorahub_trace.json").write_text(json.dumps(fused.provenance["lorahub"], indent=2) + "\n")
-    print(f"weights {[round(w, 3) for w in result.weights]}, few-shot loss {result.loss:.4f}, "
-          f"{result.seconds:.1f} s; wrote {out}")
+    head = own_head(args.head) if args.head else None
+    result, _ = lorahub(ev, args.adapters, args.task, examples, settings, head)
+    out = save_lorahub(result, args.adapters, args.output, args.task, head, args.overwrite)
+    print(f"weights {[round(w, 3) for w in result.weights]}, few-shot loss {result.loss:.4f} "
+          f"({len(examples)} examples, {result.seconds:.1f} s); wrote {out}")
     return 0

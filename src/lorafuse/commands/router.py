@@ -15,6 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples-per-task", type=int, default=200)
     p.add_argument("--epochs", type=int, default=200, help="full-batch gate optimisation steps")
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--granularity", choices=["sentence", "token"], default="sentence",
+                   help="gate per input (mean-pooled features) or per token")
+    p.add_argument("--e2e-epochs", type=int, default=0,
+                   help="then fine-tune the gate end to end on the tasks' losses for this many epochs")
+    p.add_argument("--e2e-lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int)
     p.add_argument("-o", "--output", required=True)
@@ -24,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorafuse.atomic import check_output
     from lorafuse.errors import ConfigError
-    from lorafuse.evaluation import Evaluator
-    from lorafuse.fusion.router import Router, train_gate
+    from lorafuse.evaluation import Evaluator, adapter_heads
+    from lorafuse.fusion import loss_batches
+    from lorafuse.fusion.router import Router, train_end_to_end, train_gate
     from lorafuse.tasks import load_task_file
 
     check_output(args.output, args.overwrite)
@@ -36,8 +42,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tasks names {len(tasks)} tasks for {len(args.adapters)} adapters")
     ev = Evaluator(args.model, tasks, split="train", formulation=args.formulation, data_dir=args.data_dir,
                    max_examples=args.examples_per_task, max_length=args.max_length, progress=False)
-    router = Router.from_adapters(args.adapters, int(ev.model.config.hidden_size), tasks)
-    stats = train_gate(router, ev.model, [ev.batches[t] for t in tasks], args.epochs, args.lr, args.seed)
+    router = Router.from_adapters(args.adapters, int(ev.model.config.hidden_size), tasks, args.granularity)
+    batches = [ev.batches[t] for t in tasks]
+    stats = train_gate(router, ev.model, batches, args.epochs, args.lr, args.seed)
+    if args.e2e_epochs:
+        heads = {t: adapter_heads(a, [t]).get(t) for t, a in zip(tasks, args.adapters)}  # classify: own heads
+        examples = [t.load("train", args.data_dir, args.examples_per_task) for t in ev.tasks]
+        with_answers = [loss_batches(ev.formulation, t, ex, 32) for t, ex in zip(ev.tasks, examples)]
+        stats |= train_end_to_end(router, ev.model, ev.formulation, ev.tasks, with_answers, heads, args.e2e_epochs,
+                                  args.e2e_lr, args.seed)
     out = router.save(args.output, args.overwrite, {"tasks": tasks, "training": stats})
     print(f"gate accuracy on its training inputs {100 * stats['gate_train_accuracy']:.1f}%; wrote {out}")
     return 0

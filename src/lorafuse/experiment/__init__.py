@@ -1,6 +1,7 @@
-"""Experiments: config schema, cached runner, report."""
+"""Experiments: the config schema, the cached runner (train → reference → fuse → data-driven → report) and the
+report writer."""
 
-from lorafuse.experiment.config import ExperimentConfig, load_config
-from lorafuse.experiment.runner import ExperimentRunner
+from lorafuse.experiment.config import ExperimentConfig, load_config, shipped_configs
+from lorafuse.experiment.runner import STAGES, ExperimentError, ExperimentRunner
 
-__all__ = ["ExperimentConfig", "ExperimentRunner", "load_config"]
+__all__ = ["STAGES", "ExperimentConfig", "ExperimentError", "ExperimentRunner", "load_config", "shipped_configs"]

@@ -47,6 +47,8 @@ class MethodSpec(_Strict):
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, list[Any]] = Field(default_factory=dict)
+    samples: int | None = Field(None, ge=1, description="random search: this many grid points (default: all)")
+    sample_seed: int = 0
     rank: int | None = None
 
     @field_validator("method")
@@ -56,6 +58,14 @@ class MethodSpec(_Strict):
 
         get_method(name)
         return name
+
+    @field_validator("search")
+    @classmethod
+    def _nonempty_lists(cls, search: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in search.items():
+            if not values:
+                raise ValueError(f"search.{name}: give at least one value")
+        return search
 
     @model_validator(mode="after")
     def _known_params(self) -> MethodSpec:
@@ -112,10 +122,22 @@ class ExperimentConfig(_Strict):
             raise ValueError("tasks must be distinct")
         return tasks
 
+    @model_validator(mode="after")
+    def _distinct_methods(self) -> ExperimentConfig:
+        seen: set[str] = set()
+        for spec in self.methods:
+            if spec.name in seen:
+                raise ValueError(f"two methods are named '{spec.name}': give one a distinct `label`")
+            seen.add(spec.name)
+        return self
+
     def check_tasks(self) -> None:
         """Tasks must exist (after any task file is loaded)."""
         from lorafuse.tasks import get_task, load_task_file
 
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ConfigError(f"data_dir '{self.data_dir}': no such directory (relative paths are taken from "
+                              f"the current directory, {Path.cwd()})")
         if self.task_file:
             load_task_file(self.task_file)
         for task in self.tasks:

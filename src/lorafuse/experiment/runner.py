@@ -1,108 +1,181 @@
 """`lorafuse experiment`: train each task's adapter, fuse with every requested method and space, search each
 method's coefficients on validation, evaluate the chosen setting on test, and write the report.
 
-Each stage's unit of work (an adapter, a fusion job) is cached on disk, so a rerun skips finished work and an
-interrupted run resumes. One failed job is recorded with its error and the others go on.
+Every unit of work (an adapter, a reference evaluation, a fusion job with its search) is a job cached on disk by a
+hash of what determines it, so a rerun skips finished work and an interrupted run resumes. One failed job is
+recorded with its error and the others go on. Stages: train → reference → fuse → data-driven → report.
 """
 
 from __future__ import annotations
 
+import random
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafuse import __version__
+from lorafuse.errors import ConfigError, LorafuseError
+from lorafuse.experiment.cache import JobStore, adapter_key, stable_hash
 from lorafuse.experiment.config import ExperimentConfig, MethodSpec
-from lorafuse.experiment.store import JobStore, stable_hash
+
+STAGES = ("train", "reference", "fuse", "data-driven", "report")
+TRAIN_RECORD = "lorafuse_train.json"  # written last by lorafuse.training, inside the atomic output directory
+
+
+class ExperimentError(LorafuseError):
+    """A stage cannot go on (an adapter failed to train, or a prerequisite stage has not run)."""
 
 
 @dataclass
 class RunState:
     adapters: dict[str, Path] = field(default_factory=dict)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> task -> own accuracy
-    jobs: list[dict[str, Any]] = field(default_factory=list)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
+    training: list[dict[str, Any]] = field(default_factory=list)  # one record per task's adapter
+    jobs: list[dict[str, Any]] = field(default_factory=list)  # reference, fused and data-driven results
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # this invocation's wall time per stage
     executed: list[str] = field(default_factory=list)  # what actually ran (not loaded from the cache)
 
 
 class ExperimentRunner:
+    """Runs one experiment config into a run directory (`jobs/`, `fused/`, `report/`; `adapters/` unless a
+    shared `cache_dir` is given). `trainer` replaces `lorafuse.training.train_adapter` (tests, custom training).
+    `stages` restricts the work to some stages; the others only read what earlier runs left in the cache."""
+
     def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True,
+                 cache_dir: str | Path | None = None, stages: Sequence[str] | None = None,
                  trainer: Callable[..., Path] | None = None) -> None:
         self.config, self.out, self.progress = config, Path(out), progress
+        self.adapter_root = Path(cache_dir or self.out) / "adapters"
+        self.stages = tuple(stages or STAGES)
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise ConfigError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
         self.store = JobStore(self.out / "jobs")
         self.state = RunState()
         self._trainer = trainer
         self._evaluators: dict[str, Any] = {}
+        self._heads: dict[str, dict[str, Any]] | None = None
+        self._fingerprints: dict[str, dict[str, str]] = {}
+        self._bar: Any = None
 
     # -- stages ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """All stages up to the last requested one; returns the results (as in results.json) when the report
+        stage ran, else {}."""
         from tqdm.auto import tqdm
 
         self.config.check_tasks()
-        stages = [("train", self.train_all), ("reference", self.references), ("fuse", self.fuse_all),
-                  ("data-driven", self.data_driven), ("report", self.report)]
-        bar = tqdm(stages, desc=f"experiment {self.config.name}", unit="stage", disable=not self.progress)
+        steps = {"train": self.train_all, "reference": self.references, "fuse": self.fuse_all,
+                 "data-driven": self.data_driven, "report": self.report}
+        last = max(STAGES.index(s) for s in self.stages)
         results: dict[str, Any] = {}
-        for name, stage in bar:
-            bar.set_postfix_str(name)
-            start = time.perf_counter()
-            results = stage() or results
-            self.state.stage_seconds[name] = round(time.perf_counter() - start, 2)
-        from lorafuse.experiment.report import finalize_timings
+        with tqdm(total=self._job_count(STAGES[:last + 1]), desc=f"experiment {self.config.name}", unit="job",
+                  disable=not self.progress, position=0) as self._bar:
+            for name in STAGES[:last + 1]:
+                start = time.perf_counter()
+                results = steps[name]() or results
+                self.state.stage_seconds[name] = round(time.perf_counter() - start, 2)
+        self._bar = None
+        if results:
+            from lorafuse.experiment.report import finalize_timings
 
-        finalize_timings(self.out, self.state.stage_seconds)
+            finalize_timings(self.out / "report", self.state.stage_seconds)
         return results
 
     def train_all(self) -> None:
-        for task in self._bar(self.config.tasks, "train"):
-            self.state.adapters[task] = self._train(task)
+        """One adapter per task; a failed task is recorded and the others still train, then the run stops."""
+        self.state.training = [self._train(task) for task in self.config.tasks]
+        failed = [r for r in self.state.training if r["status"] != "ok"]
+        if failed:
+            raise ExperimentError("training failed: " + "; ".join(f"{r['task']}: {r['error']}" for r in failed)
+                                  + f" (records in {self.store.root})")
+        self.state.adapters = {r["task"]: Path(r["adapter"]) for r in self.state.training}
 
     def references(self) -> None:
         """Each task's own adapter on its own task (the denominators of normalized accuracy), and the base."""
-        own = self._cached("individual", {"adapters": self._adapter_ids()}, self._individual)
+        own = self._job("individual", "reference", {"adapters": self.adapter_ids()}, self._individual,
+                        required=True)
         self.state.reference = {split: own[split]["accuracy"] for split in ("validation", "test")}
-        self.state.jobs.append(own)
-        self.state.jobs.append(self._cached("base", {"adapters": self._adapter_ids()}, self._base))
+        base = self._job("base", "reference", {"adapters": self.adapter_ids()}, self._base, required=True)
+        self.state.jobs += [own, base]
 
     def fuse_all(self) -> None:
-        for spec in self._bar(self.config.methods, "fuse"):
-            key = {"spec": spec.model_dump(), "adapters": self._adapter_ids()}
-            self.state.jobs.append(self._cached(f"fuse-{_slug(spec.name)}", key, lambda s=spec: self._fuse(s)))
+        for spec in self.config.methods:
+            key = {"spec": spec.model_dump(), "adapters": self.adapter_ids()}
+            self._add(self._job(f"fuse-{_slug(spec.name)}", "fuse", key, lambda s=spec: self._fuse(s), label=spec.name))
 
     def data_driven(self) -> None:
         from lorafuse.experiment import data_driven
 
         for job_id, key, fn in data_driven.jobs(self):
-            self.state.jobs.append(self._cached(job_id, key, fn))
+            self._add(self._job(job_id, "data-driven", key, fn))
 
     def report(self) -> dict[str, Any]:
         from lorafuse.experiment.report import write_report
 
-        return write_report(self.out / "report", self.config, self.state)
+        if self._bar is not None:
+            self._bar.set_postfix_str("report")
+        results = write_report(self.out / "report", self.config, self.state)
+        self._advance()
+        return results
 
     # -- units of work -----------------------------------------------------------------------------------
-    def _train(self, task: str) -> Path:
-        from lorafuse.tasks import get_task
-
-        t = self.config.train
-        key = stable_hash({"model": self.config.model, "formulation": self.config.formulation, "task": task,
-                           "train": t.model_dump(), "version": __version__,
-                           "data": get_task(task).data_fingerprint("train", self.config.data_dir)})
-        path = self.out / "adapters" / f"{task}-{key[:10]}"
-        if (path / "lorafuse_train.json").is_file():
-            return path
+    def _train(self, task: str) -> dict[str, Any]:
+        key = adapter_key(self.config, task, self.fingerprint(task, "train"))
+        path = self.adapter_root / f"{task}-{key[:10]}"
+        job_id = f"train-{task}-{key[:8]}"
+        if (path / TRAIN_RECORD).is_file():
+            record = self.store.get(job_id) or self._reused(job_id, task, path)
+            self._advance()
+            return record
+        if "train" not in self.stages:
+            raise ExperimentError(f"task '{task}': no trained adapter in {self.adapter_root} (run the train stage)")
         self.state.executed.append(f"train:{task}")
-        from lorafuse.training import TrainConfig, train_adapter
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"train {task}")
+        start = time.perf_counter()
+        record: dict[str, Any] = {"name": f"train {task}", "kind": "train", "task": task, "adapter": str(path),
+                                  "stage": "train", "job_id": job_id}
+        try:
+            (self._trainer or _train_adapter)(self._train_config(task, path))
+            record.update(self._train_summary(path), status="ok")
+        except Exception as exc:  # recorded; the other tasks still train
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                          traceback=traceback.format_exc(limit=8))
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        self.store.put(job_id, record)
+        self._advance()
+        return record
 
-        cfg = TrainConfig(task=task, model=self.config.model, output=str(path), formulation=self.config.formulation,
-                          data_dir=self.config.data_dir, overwrite=True, resume=True, progress=self.progress,
-                          max_eval_examples=self.config.eval.max_validation, **t.model_dump())
-        return (self._trainer or train_adapter)(cfg)
+    def _train_config(self, task: str, path: Path) -> Any:
+        from lorafuse.training import TrainConfig
+
+        return TrainConfig(task=task, model=self.config.model, output=str(path), formulation=self.config.formulation,
+                           data_dir=self.config.data_dir, overwrite=True, resume=True, progress=self.progress,
+                           max_eval_examples=self.config.eval.max_validation, **self.config.train.model_dump())
+
+    def _reused(self, job_id: str, task: str, path: Path) -> dict[str, Any]:
+        """An adapter found in a shared cache (trained by another run directory): recorded, not retrained."""
+        summary = self._train_summary(path)
+        record = {"name": f"train {task}", "kind": "train", "task": task, "adapter": str(path), "stage": "train",
+                  "job_id": job_id, "status": "ok", "reused": True, **summary,
+                  "seconds": summary.get("train_seconds")}
+        self.store.put(job_id, record)
+        return record
+
+    @staticmethod
+    def _train_summary(path: Path) -> dict[str, Any]:
+        import json
+
+        file = path / TRAIN_RECORD
+        data = json.loads(file.read_text()) if file.is_file() else {}
+        keys = ("train_examples", "train_steps", "train_loss", "train_seconds", "validation_accuracy")
+        return {k: data[k] for k in keys if k in data}
 
     def evaluator(self, split: str) -> Any:
+        """One loaded model and tokenized split per run, shared by every job that evaluates on it."""
         if split not in self._evaluators:
             from lorafuse.evaluation import Evaluator
 
@@ -114,9 +187,12 @@ class ExperimentRunner:
         return self._evaluators[split]
 
     def own_heads(self) -> dict[str, dict[str, Any]]:
-        from lorafuse.evaluation import own_head
+        """Each task's classification head from its own adapter (empty in the chat formulation)."""
+        if self._heads is None:
+            from lorafuse.evaluation import own_head
 
-        return {t: h for t, p in self.state.adapters.items() if (h := own_head(p))}
+            self._heads = {t: h for t, p in self.state.adapters.items() if (h := own_head(p))}
+        return self._heads
 
     def _individual(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": "individual", "kind": "reference"}
@@ -137,26 +213,36 @@ class ExperimentRunner:
         return out
 
     def _fuse(self, spec: MethodSpec) -> dict[str, Any]:
-        """Grid search on validation (average normalized accuracy), the best setting on test, saved as PEFT."""
+        """Search on validation (average normalized accuracy; one setting for all tasks), the best on test, saved
+        as a PEFT adapter."""
         from tqdm.auto import tqdm
 
-        sweep = []
+        sweep, best, result = [], None, None
         start = time.perf_counter()
-        for point in tqdm(spec.grid(), desc=spec.name, unit="setting", disable=not self.progress, leave=False):
-            result = self._merge(spec, point)
-            val = self.evaluator("validation").evaluate(result, heads=self.own_heads())
-            val.normalize(self.state.reference["validation"])
-            sweep.append({"params": point, "validation": val.to_dict()})
-        best = max(sweep, key=lambda s: s["validation"]["normalized_average"])
+        for point in tqdm(self.settings(spec), desc=spec.name, unit="setting", disable=not self.progress,
+                          leave=False, position=1):
+            merged = self._merge(spec, point)
+            val = self.evaluator("validation").evaluate(merged, heads=self.own_heads())
+            point_result = {"params": point, "validation": val.normalize(self.state.reference["validation"]).to_dict()}
+            sweep.append(point_result)
+            if best is None or _score(point_result) > _score(best):  # first of equals wins; only the best is kept
+                best, result = point_result, merged
         search_seconds = time.perf_counter() - start
-        result = self._merge(spec, best["params"])
         test = self.evaluator("test").evaluate(result, heads=self.own_heads())
-        test.normalize(self.state.reference["test"])
         fused_dir = result.save(self.out / "fused" / _slug(spec.name), overwrite=True)
         return {"name": spec.name, "kind": "static", "method": spec.method, "space": spec.space,
                 "params": {**spec.params, **best["params"]}, "sweep": sweep, "validation": best["validation"],
-                "test": test.to_dict(), "fused_dir": str(fused_dir), "search_seconds": round(search_seconds, 2),
-                "settings_tried": len(sweep)}
+                "test": test.normalize(self.state.reference["test"]).to_dict(), "fused_dir": str(fused_dir),
+                "search_seconds": round(search_seconds, 2), "settings_tried": len(sweep)}
+
+    @staticmethod
+    def settings(spec: MethodSpec) -> list[dict[str, Any]]:
+        """The grid, or `samples` points of it drawn without replacement (seeded) when the spec asks for a
+        random search."""
+        grid = spec.grid()
+        if spec.samples is None or spec.samples >= len(grid):
+            return grid
+        return random.Random(spec.sample_seed).sample(grid, spec.samples)
 
     def _merge(self, spec: MethodSpec, point: dict[str, Any]) -> Any:
         from lorafuse.engine import merge
@@ -165,36 +251,78 @@ class ExperimentRunner:
         return merge([self.state.adapters[t] for t in tasks], spec.method, names=tasks, space=spec.space,
                      rank=spec.rank, modules_to_save="per_task", progress=False, **{**spec.params, **point})
 
-    # -- helpers -----------------------------------------------------------------------------------------
-    def _cached(self, job_id: str, key: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        job_id = f"{job_id}-{stable_hash({**key, 'eval': self.config.eval.model_dump()})[:8]}"
+    # -- jobs and caching ---------------------------------------------------------------------------------
+    def _job(self, name: str, stage: str, key: dict[str, Any], fn: Callable[[], dict[str, Any]],
+             required: bool = False, label: str | None = None) -> dict[str, Any] | None:
+        """A finished job from the store, or run it now (when its stage is selected) and store its result,
+        failed or not. The id hashes the key with the evaluation settings and the evaluation data."""
+        job_id = f"{name}-{stable_hash({**key, 'eval': self.config.eval.model_dump(), 'data': self._eval_data()})[:8]}"
         done = self.store.get(job_id)
-        if done is not None:
+        if done is not None or stage not in self.stages:
+            if done is None and required:
+                raise ExperimentError(f"job '{job_id}' of stage '{stage}' has not run (select that stage)")
+            self._advance(done is not None)
             return done
+        if self._bar is not None:
+            self._bar.set_postfix_str(label or name)
         self.state.executed.append(job_id)
         start = time.perf_counter()
         try:
             result = {**fn(), "status": "ok"}
         except Exception as exc:  # one failed job is reported; the others go on
-            result = {"name": job_id, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+            result = {"name": label or name, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                       "traceback": traceback.format_exc(limit=8)}
-        result["seconds"] = round(time.perf_counter() - start, 2)
-        result["job_id"] = job_id
+        result.update(seconds=round(time.perf_counter() - start, 2), job_id=job_id, stage=stage)
         self.store.put(job_id, result)
+        self._advance()
         return result
 
-    def _adapter_ids(self) -> dict[str, str]:
+    def _add(self, job: dict[str, Any] | None) -> None:
+        if job is not None:
+            self.state.jobs.append(job)
+
+    def fingerprint(self, task: str, split: str) -> str:
+        """sha256 of a task's split (files hashed once per run)."""
+        cached = self._fingerprints.setdefault(task, {})
+        if split not in cached:
+            from lorafuse.tasks import get_task
+
+            cached[split] = get_task(task).data_fingerprint(split, self.config.data_dir)
+        return cached[split]
+
+    def _eval_data(self) -> dict[str, list[str]]:
+        return {t: [self.fingerprint(t, "validation"), self.fingerprint(t, "test")] for t in self.config.tasks}
+
+    def adapter_ids(self) -> dict[str, str]:
         return {t: p.name for t, p in self.state.adapters.items()}
+
+    def _job_count(self, stages: Iterable[str]) -> int:
+        cfg = self.config
+        counts = {"train": len(cfg.tasks), "reference": 2, "fuse": len(cfg.methods), "report": 1,
+                  "data-driven": (len(cfg.lorahub.shots) if cfg.lorahub else 0) + (1 if cfg.router else 0)}
+        return sum(counts[s] for s in stages)
+
+    def _advance(self, counted: bool = True) -> None:
+        if self._bar is not None and counted:
+            self._bar.update(1)
+        elif self._bar is not None:
+            self._bar.total -= 1  # a job of an unselected stage that never ran
+            self._bar.refresh()
 
     def _formulation(self) -> str:
         from lorafuse.models import resolve_model
 
         return self.config.formulation or resolve_model(self.config.model).formulation
 
-    def _bar(self, items: list[Any], desc: str) -> Any:
-        from tqdm.auto import tqdm
 
-        return tqdm(items, desc=desc, leave=False, disable=not self.progress)
+def _train_adapter(cfg: Any) -> Path:
+    from lorafuse.training import train_adapter
+
+    return train_adapter(cfg)
+
+
+def _score(point: dict[str, Any]) -> float:
+    return point["validation"]["normalized_average"]
 
 
 def _slug(name: str) -> str:

@@ -2,32 +2,53 @@
 one weight per adapter for a target task, found without gradients on a few labelled examples.
 
 Objective: the few-shot cross-entropy + 0.05·mean|w|, w ∈ [-1.5, 1.5]^N, start 0, nevergrad NGOpt, budget 40 (the
-paper's defaults). Composition as in the paper, Â = Σ w_i A_i and B̂ = Σ w_i s_i B_i (cross terms included; needs
-equal ranks), or, with `composition="updates"`, the exact Σ w_i ΔW_i. Everything that does not depend on the
-weights — the base model, the tokenized examples, every adapter's factors — is prepared once; a candidate costs
-one composition and one forward pass over the few examples.
+paper's defaults, all settable). Two compositions:
+
+- `factors` (the paper's): Â = Σ w_i A_i, B̂ = Σ w_i s_i B_i, cross terms w_i w_j s_j B_j A_i included; needs equal
+  ranks per module. Each adapter's scale s_i = alpha_i/r_i (rsLoRA and rank_pattern included) is folded into its
+  B before the sum, so adapters trained with equal alpha/r give exactly the paper's s·B̂Â and adapters with
+  different scales keep their own.
+- `updates`: the exact Σ w_i s_i B_i A_i, held at rank Σr as B = [w_1 s_1 B_1 … w_N s_N B_N], A = [A_1; …; A_N];
+  only B depends on the weights.
+
+Per candidate the cost is one forward pass over the few examples: the base model is loaded, wrapped with PEFT LoRA
+layers (scaling 1) and the examples tokenized once; every adapter's factors are read once and stacked; a candidate
+writes its composed factors into the existing LoRA parameters in place (`param.data.copy_`).
+
+In the classify formulation the target task's classification head must be supplied (its own adapter's
+modules_to_save): LoraHub composes LoRA updates, and a new task's label head cannot come from them.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.algebra.lowrank import LowRank, stack_lowrank
-from lorafuse.errors import ConfigError
+from lorafuse.errors import AdapterError, ConfigError, did_you_mean
+from lorafuse.fusion import loss_batches
 from lorafuse.methods.registry import MethodParams, register
+
+PAPER = "Huang et al., LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition, COLM 2024"
+SLOT_ADAPTER = "lorafuse_lorahub"
+TRACE_FILE = "lorahub.json"
+COMPOSITIONS = ("factors", "updates")
 
 
 @dataclass(frozen=True)
 class LoraHubSettings:
+    """The search; defaults are the paper's."""
+
     budget: int = 40
     optimizer: str = "NGOpt"
     bound: float = 1.5
@@ -35,15 +56,36 @@ class LoraHubSettings:
     composition: Literal["factors", "updates"] = "factors"
     seed: int = 0
 
+    def check(self) -> None:
+        import nevergrad as ng
+
+        if self.composition not in COMPOSITIONS:
+            raise ConfigError(f"composition '{self.composition}'{did_you_mean(self.composition, COMPOSITIONS)}")
+        if self.optimizer not in ng.optimizers.registry:
+            raise ConfigError(f"unknown nevergrad optimizer '{self.optimizer}'"
+                              f"{did_you_mean(self.optimizer, ng.optimizers.registry)}")
+        if self.budget < 1 or self.bound <= 0 or self.l1 < 0:
+            raise ConfigError(f"LoraHub settings: budget ≥ 1, bound > 0 and l1 ≥ 0 (got {self})")
+
 
 @dataclass
 class LoraHubResult:
+    """The recommended weights, their few-shot loss (without the L1 term) and every candidate tried."""
+
     weights: list[float]
     loss: float
     trace: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    names: list[str] = field(default_factory=list)
+    settings: LoraHubSettings = field(default_factory=LoraHubSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weights": dict(zip(self.names, self.weights)) if self.names else self.weights,
+                "few_shot_loss": self.loss, "search_seconds": round(self.seconds, 3),
+                "settings": asdict(self.settings), "paper": PAPER, "trace": self.trace}
 
 
+# -- composition ---------------------------------------------------------------------------------------------
 class _NoParams(MethodParams):
     pass
 
@@ -51,45 +93,176 @@ class _NoParams(MethodParams):
 @register(
     "lorahub_factors", kind="module", params=_NoParams, exact=True,
     summary="LoraHub's composition Â = Σ w_i A_i, B̂ = Σ w_i s_i B_i (cross terms included; equal ranks)",
-    paper="Huang et al., LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition, COLM 2024",
+    paper=PAPER,
 )
 def compose_factors(terms: Sequence[LowRank], weights: Sequence[float], params: _NoParams) -> LowRank:
     present = [(t, w) for t, w in zip(terms, weights) if t.rank > 0]
-    ranks = {t.rank for t, _ in present}
+    ranks = sorted({t.rank for t, _ in present})
     if len(ranks) != 1:
-        raise ConfigError(f"LoraHub's factor composition needs equal ranks (got {sorted(ranks)}); use "
-                          "composition 'updates' (the exact weighted sum)")
+        raise ConfigError(f"LoraHub's factor composition needs equal ranks (got {ranks}); use composition "
+                          "'updates' (the exact weighted sum)")
     B = sum(w * t.B.float() for t, w in present)
     A = sum(w * t.A.float() for t, w in present)
     return LowRank(B, A)
 
 
-def compose(factors: dict[str, list[LowRank]], weights: Sequence[float], composition: str) -> dict[str, LowRank]:
-    """The composed update of every module for one candidate."""
+def compose(factors: Mapping[str, Sequence[LowRank]], weights: Sequence[float], composition: str
+            ) -> dict[str, LowRank]:
+    """The composed update of every module for one weight vector."""
     if composition == "updates":
         return {m: stack_lowrank(terms, weights) for m, terms in factors.items()}
     return {m: compose_factors(terms, weights, _NoParams()) for m, terms in factors.items()}
 
 
 def load_factors(adapters: Sequence[str | Path]) -> tuple[dict[str, list[LowRank]], bool]:
-    """Every module's factors of every adapter, read once (a missing module is a rank-0 zero)."""
+    """Every module's factors of every adapter (scale folded into B), read once; a missing module is rank 0."""
     loaded = [LoraAdapter(a) for a in adapters]
+    if not loaded:
+        raise ConfigError("LoraHub needs at least one adapter")
     modules = sorted({m for a in loaded for m in a.modules})
     shapes = {m: next(a.module_shape(m) for a in loaded if m in a.modules) for m in modules}
-    factors = {m: [a.update(m) if m in a.modules else LowRank(torch.zeros(shapes[m][0], 0),
-                                                               torch.zeros(0, shapes[m][1])) for a in loaded]
+    factors = {m: [a.update(m) if m in a.modules else
+                   LowRank(torch.zeros(shapes[m][0], 0), torch.zeros(0, shapes[m][1])) for a in loaded]
                for m in modules}
+    embeddings = [f"{a.path}: {m}" for a in loaded for m, e in a.modules.items() if e.embedding]
+    if embeddings:
+        raise AdapterError(f"LoraHub composes linear LoRA layers only; embedding LoRA in {embeddings[0]}")
     return factors, loaded[0].settings.fan_in_fan_out
 
 
+# -- LoRA slots in the loaded model -----------------------------------------------------------------------------
+class _Slot:
+    """One module's stacked factors and the LoRA parameters that receive a candidate's composition."""
+
+    def __init__(self, terms: Sequence[LowRank], composition: str) -> None:
+        self.composition = composition
+        if composition == "factors":
+            compose_factors(terms, [1.0] * len(terms), _NoParams())  # the equal-rank check
+            r = max(t.rank for t in terms)
+            out, inp = terms[0].shape
+            self.A = torch.stack([t.A.float() if t.rank else torch.zeros(r, inp) for t in terms])  # T×r×in
+            self.B = torch.stack([t.B.float() if t.rank else torch.zeros(out, r) for t in terms])  # T×out×r
+            self.rank = r
+        else:
+            self.A = torch.cat([t.A.float() for t in terms])  # Σr×in, fixed
+            self.B = torch.cat([t.B.float() for t in terms], dim=1)  # out×Σr, scaled per column
+            self.columns = torch.repeat_interleave(torch.arange(len(terms)), torch.tensor([t.rank for t in terms]))
+            self.rank = self.A.shape[0]
+        self.lora_A: torch.nn.Parameter | None = None
+        self.lora_B: torch.nn.Parameter | None = None
+
+    def bind(self, layer: Any) -> None:
+        self.lora_A, self.lora_B = layer.lora_A[SLOT_ADAPTER].weight, layer.lora_B[SLOT_ADAPTER].weight
+        device = self.lora_A.device  # compose where the model lives (no host round trip per candidate)
+        self.A, self.B = self.A.to(device), self.B.to(device)
+        if self.composition == "updates":
+            self.columns = self.columns.to(device)
+            self.lora_A.data.copy_(self.A)
+
+    def write(self, w: torch.Tensor) -> None:
+        if self.lora_A is None or self.lora_B is None:
+            raise RuntimeError("slot written before it was bound to a LoRA layer")
+        if self.composition == "factors":
+            self.lora_A.data.copy_(torch.einsum("t,tri->ri", w, self.A))
+            self.lora_B.data.copy_(torch.einsum("t,tor->or", w, self.B))
+        else:
+            self.lora_B.data.copy_(self.B * w[self.columns])
+
+
+class LoraSlots:
+    """PEFT LoRA layers (scaling 1) injected once into a loaded model for every module of the adapters; `write`
+    puts a candidate's composition into them in place; `remove` restores the model's original modules."""
+
+    def __init__(self, model: torch.nn.Module, factors: Mapping[str, Sequence[LowRank]], composition: str) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from lorafuse.evaluation import _submodule
+
+        self.model = model
+        self.slots = {m: _Slot(terms, composition) for m, terms in factors.items()}
+        names = {id(mod): name for name, mod in model.named_modules()}
+        self.targets = {names[id(_submodule(model, m))]: m for m in factors}
+        ranks = {name: self.slots[m].rank for name, m in self.targets.items()}
+        config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), lora_dropout=0.0,
+                            target_modules=sorted(ranks), rank_pattern={re.escape(k): v for k, v in ranks.items()},
+                            alpha_pattern={re.escape(k): v for k, v in ranks.items()}, init_lora_weights=False)
+        self.had_config = hasattr(model, "peft_config")
+        inject_adapter_in_model(config, model, adapter_name=SLOT_ADAPTER)
+        for name, module in self.targets.items():
+            self.slots[module].bind(model.get_submodule(name))
+
+    def write(self, weights: Sequence[float]) -> None:
+        w = torch.tensor(weights, dtype=torch.float32)
+        on: dict[torch.device, torch.Tensor] = {}
+        for slot in self.slots.values():
+            slot.write(on.setdefault(slot.A.device, w.to(slot.A.device)))
+
+    def remove(self) -> None:
+        """Put every wrapped module's original layer back (no merge: the base weights were never touched)."""
+        for name in self.targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, getattr(parent, child).get_base_layer())
+        if not self.had_config and hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+
+
+@contextmanager
+def lora_slots(model: torch.nn.Module, factors: Mapping[str, Sequence[LowRank]], composition: str
+               ) -> Iterator[LoraSlots]:
+    slots = LoraSlots(model, factors, composition)
+    try:
+        yield slots
+    finally:
+        slots.remove()
+
+
+# -- the objective and the search ----------------------------------------------------------------------------
+class FewShotObjective:
+    """The few-shot loss of a composition on a loaded model: examples tokenized once, factors written into the
+    PEFT slots in place per call. Use as a context manager (the slots exist only inside it)."""
+
+    def __init__(self, model: Any, formulation: Any, task: Any, examples: Sequence[Any],
+                 factors: Mapping[str, Sequence[LowRank]], composition: str,
+                 head: Mapping[str, torch.Tensor] | None = None) -> None:
+        if formulation.name == "classify" and not head:
+            raise ConfigError(f"task '{task.name}': the classify formulation needs the target task's classification "
+                              "head (the modules_to_save of an adapter trained on it: --head ADAPTER)")
+        if not examples:
+            raise ConfigError(f"task '{task.name}': LoraHub needs at least one labelled example")
+        self.batch = loss_batches(formulation, task, examples)[0]
+        self.model, self.formulation, self.task, self.head = model, formulation, task, head
+        self.factors, self.composition = factors, composition
+        self._slots: LoraSlots | None = None
+        self._stack: Any = None
+
+    def __enter__(self) -> FewShotObjective:
+        from contextlib import ExitStack
+
+        from lorafuse.evaluation import head_loaded
+
+        self._stack = ExitStack()
+        self._slots = self._stack.enter_context(lora_slots(self.model, self.factors, self.composition))
+        self._stack.enter_context(head_loaded(self.model, self.head))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+        self._slots = None
+
+    def __call__(self, weights: Sequence[float]) -> float:
+        if self._slots is None:
+            raise RuntimeError("FewShotObjective is called inside `with objective:` (its LoRA slots live there)")
+        self._slots.write(weights)
+        with torch.no_grad():
+            return float(self.formulation.loss(self.model, self.batch, self.task))
+
+
 def search(objective: Any, n: int, settings: LoraHubSettings) -> LoraHubResult:
-    """Minimise objective(w) + l1·mean|w| over the box with nevergrad; returns the recommendation and trace."""
+    """Minimise objective(w) + l1·mean|w| over [-bound, bound]^n from w = 0 with a nevergrad optimizer."""
     import nevergrad as ng
 
-    if settings.optimizer not in ng.optimizers.registry:
-        from lorafuse.errors import did_you_mean
-
-        raise ConfigError(f"unknown optimizer '{settings.optimizer}'{did_you_mean(settings.optimizer, ng.optimizers.registry)}")
+    settings.check()
     param = ng.p.Array(init=np.zeros(n)).set_bounds(-settings.bound, settings.bound)
     param.random_state = np.random.RandomState(settings.seed)
     opt = ng.optimizers.registry[settings.optimizer](parametrization=param, budget=settings.budget)
@@ -103,42 +276,42 @@ def search(objective: Any, n: int, settings: LoraHubSettings) -> LoraHubResult:
         opt.tell(cand, total)
         trace.append({"step": step, "weights": w, "loss": loss, "objective": total})
     best = [float(x) for x in opt.provide_recommendation().value]
-    return LoraHubResult(best, float(objective(best)), trace, time.perf_counter() - start)
-
-
-class FewShotObjective:
-    """The few-shot loss of a composed adapter on a loaded model; the examples are tokenized once."""
-
-    def __init__(self, model: Any, formulation: Any, task: Any, examples: Sequence[Any],
-                 factors: dict[str, list[LowRank]], composition: str, fan_in_fan_out: bool = False,
-                 head: dict[str, torch.Tensor] | None = None) -> None:
-        rows = formulation.encode(task, examples)
-        collate = formulation.collate
-        self.batch = collate(rows, with_answer=True) if formulation.name == "chat" else collate(rows)
-        self.model, self.formulation, self.task = model, formulation, task
-        self.factors, self.composition, self.fan_in_fan_out, self.head = factors, composition, fan_in_fan_out, head
-
-    def __call__(self, weights: Sequence[float]) -> float:
-        from lorafuse.evaluation import applied, head_loaded
-
-        updates = compose(self.factors, weights, self.composition)
-        with applied(self.model, updates, self.fan_in_fan_out), head_loaded(self.model, self.head), \
-                torch.no_grad():
-            return float(self.formulation.loss(self.model, self.batch, self.task))
+    loss = next((s["loss"] for s in trace if s["weights"] == best), None)
+    loss = float(objective(best)) if loss is None else loss
+    return LoraHubResult(best, loss, trace, time.perf_counter() - start, settings=settings)
 
 
 def lorahub(evaluator: Any, adapters: Sequence[str | Path], task: str, examples: Sequence[Any],
-            settings: LoraHubSettings = LoraHubSettings(), head: dict[str, torch.Tensor] | None = None
+            settings: LoraHubSettings = LoraHubSettings(), head: Mapping[str, torch.Tensor] | None = None
             ) -> tuple[LoraHubResult, dict[str, LowRank]]:
-    """Learn LoraHub weights for `task` from `examples` on an Evaluator's loaded model; returns the result and
-    the composed updates (ready to evaluate or to save)."""
+    """LoraHub weights for `task` from labelled `examples`, on an Evaluator's loaded model (its model and
+    formulation are reused; the model is left as it was). Returns the result and the composed updates."""
     from lorafuse.tasks import get_task
 
-    factors, fan_in = load_factors(adapters)
+    settings.check()
+    factors, _ = load_factors(adapters)
     objective = FewShotObjective(evaluator.model, evaluator.formulation, get_task(task), examples, factors,
-                                 settings.composition, fan_in, head)
-    result = search(objective, len(adapters), settings)
+                                 settings.composition, head)
+    with objective:
+        result = search(objective, len(adapters), settings)
+    result.names = [LoraAdapter(a).name for a in adapters]
     return result, compose(factors, result.weights, settings.composition)
+
+
+def save_lorahub(result: LoraHubResult, adapters: Sequence[str | Path], out: str | Path, task: str,
+                 head: Mapping[str, torch.Tensor] | None = None, overwrite: bool = False) -> Path:
+    """The composed adapter in PEFT's format through the merge engine (provenance recorded), with the target
+    task's head in task_heads/ and the weights and search trace in lorahub.json."""
+    from lorafuse.engine import merge
+
+    method = "lorahub_factors" if result.settings.composition == "factors" else "linear"
+    fused = merge(adapters, method, weights=result.weights, modules_to_save="drop", progress=False)
+    fused.provenance["lorahub"] = {"task": task, **{k: v for k, v in result.to_dict().items() if k != "trace"}}
+    if head:
+        fused.heads = {task: dict(head)}
+    path = fused.save(out, overwrite=overwrite)
+    (path / TRACE_FILE).write_text(json.dumps({"task": task, **result.to_dict()}, indent=2) + "\n")
+    return path
 
 
 def experiment_job(runner: Any, shots: int) -> dict[str, Any]:

@@ -1,94 +1,136 @@
-"""An input-routed mixture of LoRA adapters (in the line of MoLE, LoRA-Flow and X-LoRA).
+"""An input-routed mixture of LoRA adapters, in the line of MoLE (Wu et al., "Mixture of LoRA Experts", ICLR 2024)
+and LoRA-Flow (Wang et al., ACL 2024): the adapters stay separate and a small gate picks their weights per input.
 
-A small gate reads the base model's mean-pooled last hidden state of the input (adapters off) and outputs softmax
-weights g(x) over the T adapters; every adapted linear layer then computes W·x + Σ_t g_t(x)·s_t·B_t·A_t·x. The gate
-is trained on examples of each adapter's task with the task's identity as the target, adapters frozen. The price:
-a second (gate) pass of the base model and T low-rank products per adapted layer, instead of one merged adapter.
+The gate is a linear layer on the base model's last hidden state (adapters off): mean-pooled over the input
+(`granularity="sentence"`, the default) or per token (`"token"`). Its softmax weights g over the T adapters enter
+every adapted linear layer as W·x + Σ_t g_t·s_t·B_t·A_t·x, computed as one rank-Σr product with the gate applied
+between the factors. It is trained on examples of each adapter's task with the task's identity as the target,
+adapters and base frozen (`train_gate`), optionally then end to end on the tasks' own losses (`train_end_to_end`).
+The price at inference: one extra base-model pass for the gate and rank Σr instead of one merged adapter.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.atomic import atomic_output_dir
-from lorafuse.errors import AdapterError
+from lorafuse.errors import AdapterError, ConfigError
 from lorafuse.provenance import stamp
 
 ROUTER_CONFIG = "router_config.json"
 GATE_FILE = "gate.safetensors"
+GRANULARITIES = ("sentence", "token")
+Granularity = Literal["sentence", "token"]
 
 
+# -- features the gate reads -----------------------------------------------------------------------------------
 def backbone_of(model: Any) -> Any:
+    """The base network without its classification or LM head (BertModel, LlamaModel, ...)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(hf, hf.base_model_prefix)
 
 
-def pooled_features(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    """Mean-pooled last hidden state of the base network (no classification or LM head)."""
-    return _pool(backbone_of(model), inputs)
-
-
-def _pool(backbone: Any, inputs: dict[str, Any]) -> torch.Tensor:
+def _features(backbone: Any, inputs: Mapping[str, Any], granularity: str) -> torch.Tensor:
+    """Last hidden state, mean-pooled over real tokens ([B, H]) or per token ([B, L, H]). Positions come from the
+    attention mask so left- and right-padded batches give the same features."""
     keep = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")
             and v is not None}
     if "attention_mask" not in keep:
         keep["attention_mask"] = torch.ones_like(keep["input_ids"])
-    hidden = backbone(**keep).last_hidden_state
-    mask = keep["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    mask = keep["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone(**keep, position_ids=positions).last_hidden_state.float()
+    if granularity == "token":
+        return hidden
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def pooled_features(model: Any, inputs: Mapping[str, Any], granularity: str = "sentence") -> torch.Tensor:
+    """The gate's input for a batch, with the base model alone (call it without a router installed)."""
+    return _features(backbone_of(model), inputs, granularity)
+
+
+# -- the mixture --------------------------------------------------------------------------------------------------
+@dataclass
+class _Module:
+    """One adapted module: every adapter's factors side by side, A = [A_1; …] and B = [s_1 B_1 … ], and the
+    adapter each rank column belongs to."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    columns: torch.Tensor
+    cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def factors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (like.dtype, like.device)
+        if key not in self.cache:
+            self.cache[key] = (self.A.to(like), self.B.to(like))
+        return self.cache[key]
+
+    def delta(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Σ_t g_t·s_t·B_t·A_t·x for x [B, ..., in] and gate weights g [B, T] or [B, L, T]."""
+        A, B = self.factors(x)
+        gc = g[..., self.columns.to(g.device)].to(x.dtype)
+        if gc.ndim == 2:
+            gc = gc.reshape(gc.shape[0], *([1] * (x.ndim - 2)), gc.shape[-1])
+        return ((x @ A.T) * gc) @ B.T
 
 
 @dataclass
 class Router:
-    """Gate (a linear layer on pooled features) plus every adapter's factors per module."""
+    """A gate (linear layer on the base model's last hidden state) over T adapters' factors."""
 
     gate: torch.nn.Linear
     names: list[str]
-    factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]  # module -> [(A_t, s_t·B_t)]
+    modules: dict[str, _Module]
     paths: list[str]
-    fan_in_fan_out: bool = False
-    fixed: torch.Tensor | None = None  # force these weights (tests, ablations)
+    sha256: list[str]
+    granularity: Granularity = "sentence"
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> its adapter's head
+    fixed: torch.Tensor | None = None  # force these weights [T] (tests, ablations, one-hot routing)
 
     @classmethod
-    def from_adapters(cls, adapters: Sequence[str | Path], hidden: int, names: Sequence[str] | None = None) -> Router:
+    def from_adapters(cls, adapters: Sequence[str | Path], hidden: int, names: Sequence[str] | None = None,
+                      granularity: Granularity = "sentence") -> Router:
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"router granularity '{granularity}' is not one of {', '.join(GRANULARITIES)}")
         loaded = [LoraAdapter(a) for a in adapters]
-        factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for module in sorted({m for a in loaded for m in a.modules}):
-            pairs = []
-            for a in loaded:
-                if module in a.modules:
-                    u = a.update(module)
-                    pairs.append((u.A.float(), u.B.float()))
-                else:
-                    pairs.append((None, None))
-            factors[module] = pairs
-        return cls(torch.nn.Linear(hidden, len(loaded)), list(names or [a.name for a in loaded]), factors,
-                   [str(a.path) for a in loaded], loaded[0].settings.fan_in_fan_out)
+        if len(loaded) < 2:
+            raise ConfigError("a router needs at least two adapters")
+        if names is not None and len(names) != len(loaded):
+            raise ConfigError(f"router: {len(names)} names for {len(loaded)} adapters")
+        names = list(names or [a.name for a in loaded])
+        modules = {m: _stack(loaded, m) for m in sorted({m for a in loaded for m in a.modules})}
+        heads = {a.train_record.get("task") or n: {k: a.tensor(k) for k in a.extra_keys}
+                 for a, n in zip(loaded, names) if a.extra_keys}
+        return cls(torch.nn.Linear(hidden, len(loaded)), names, modules, [str(a.path) for a in loaded],
+                   [a.sha256 for a in loaded], granularity, heads)
 
     def weights(self, features: torch.Tensor) -> torch.Tensor:
+        """Softmax gate weights over the adapters: [B, T] (sentence) or [B, L, T] (token)."""
         if self.fixed is not None:
-            return self.fixed.expand(features.shape[0], -1)
+            return self.fixed.to(features.device).expand(*features.shape[:-1], -1)
         return torch.softmax(self.gate(features.float()), dim=-1)
 
     @contextmanager
-    def installed(self, model: Any) -> Iterator[None]:
-        """Route every forward of `model`: a gate pass with adapters off, then the mixture in each layer."""
+    def installed(self, model: Any) -> Iterator[Router]:
+        """Route every forward of `model`: a gate pass of the backbone with the mixture off, then the mixture in
+        each adapted layer. Gradients reach the gate when enabled (end-to-end training), never the features."""
         from lorafuse.evaluation import _submodule
 
         state: dict[str, Any] = {"g": None, "off": False}
-        handles = []
 
-        def gate_hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-            """Runs before every backbone pass (both formulations go through it); its own pass is unrouted."""
+        def gate_hook(backbone: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if state["off"]:
                 return
             inputs = dict(kwargs)
@@ -97,90 +139,93 @@ class Router:
             state["off"] = True
             try:
                 with torch.no_grad():
-                    state["g"] = self.weights(_pool(module, inputs))
+                    feats = _features(backbone, inputs, self.granularity)
             finally:
                 state["off"] = False
+            state["g"] = self.weights(feats)
 
-        def layer_hook(name: str) -> Any:
-            pairs = self.factors[name]
-
-            def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        def layer_hook(module: _Module) -> Any:
+            def hook(layer: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
                 if state["off"] or state["g"] is None:
                     return output
-                x = args[0]
-                g = state["g"].to(x.dtype)
-                extra = torch.zeros_like(output)
-                for t, (A, B) in enumerate(pairs):
-                    if A is None:
-                        continue
-                    y = (x @ A.T.to(x.dtype)) @ B.T.to(x.dtype)
-                    extra = extra + g[:, t].reshape(-1, *([1] * (y.ndim - 1))) * y
-                return output + extra
-
+                return output + module.delta(args[0], state["g"])
             return hook
 
+        handles = [backbone_of(model).register_forward_pre_hook(gate_hook, with_kwargs=True)]
         try:
-            handles.append(backbone_of(model).register_forward_pre_hook(gate_hook, with_kwargs=True))
-            for name in self.factors:
-                handles.append(_submodule(model, name).register_forward_hook(layer_hook(name)))
-            yield
+            for name, module in self.modules.items():
+                handles.append(_submodule(model, name).register_forward_hook(layer_hook(module)))
+            yield self
         finally:
             for h in handles:
                 h.remove()
 
-    def save(self, out: str | Path, overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    def save(self, out: str | Path, overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
+        """router_config.json (adapters with their sha256, gate settings, provenance) + gate.safetensors."""
         from safetensors.torch import save_file
 
-        from lorafuse.adapters.reader import sha256_file
-
-        config = {"adapters": [{"name": n, "path": p, "sha256": sha256_file(Path(p) / "adapter_model.safetensors")}
-                               for n, p in zip(self.names, self.paths)],
-                  "gate": {"in_features": self.gate.in_features, "pooling": "mean last hidden state, adapters off"},
-                  **(extra or {}), **stamp()}
+        config = {"adapters": [{"name": n, "path": p, "sha256": h}
+                               for n, p, h in zip(self.names, self.paths, self.sha256)],
+                  "gate": {"in_features": self.gate.in_features, "granularity": self.granularity,
+                           "features": "last hidden state of the base model (adapters off)"
+                                       + (", mean-pooled" if self.granularity == "sentence" else ", per token")},
+                  "method": "input-routed mixture of LoRA adapters (MoLE, Wu et al., ICLR 2024)",
+                  **dict(extra or {}), **stamp()}
         with atomic_output_dir(out, overwrite) as tmp:
-            save_file({k: v.contiguous() for k, v in self.gate.state_dict().items()}, str(tmp / GATE_FILE))
+            save_file({k: v.detach().contiguous() for k, v in self.gate.state_dict().items()}, str(tmp / GATE_FILE))
             (tmp / ROUTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return Path(out)
 
     @classmethod
     def load(cls, path: str | Path) -> Router:
+        """A saved router; refuses adapters that changed since its gate was trained."""
         from safetensors.torch import load_file
 
         path = Path(path)
-        config = json.loads((path / ROUTER_CONFIG).read_text())
-        entries = config["adapters"]
-        router = cls.from_adapters([e["path"] for e in entries], config["gate"]["in_features"],
-                                   [e["name"] for e in entries])
-        for entry in entries:
-            from lorafuse.adapters.reader import sha256_file
-
-            if sha256_file(Path(entry["path"]) / "adapter_model.safetensors") != entry["sha256"]:
+        try:
+            config = json.loads((path / ROUTER_CONFIG).read_text())
+            entries, gate = config["adapters"], config["gate"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise AdapterError(f"{path / ROUTER_CONFIG}: not a readable router config ({exc})") from exc
+        router = cls.from_adapters([e["path"] for e in entries], gate["in_features"], [e["name"] for e in entries],
+                                   gate.get("granularity", "sentence"))
+        for entry, digest in zip(entries, router.sha256):
+            if digest != entry["sha256"]:
                 raise AdapterError(f"{path / ROUTER_CONFIG}: adapter '{entry['name']}' at {entry['path']} changed "
                                    "since the router was trained (sha256 differs)")
         router.gate.load_state_dict(load_file(str(path / GATE_FILE)))
         return router
 
 
+def _stack(adapters: Sequence[LoraAdapter], module: str) -> _Module:
+    present = [(t, a.update(module)) for t, a in enumerate(adapters) if module in a.modules]
+    if any(a.modules[module].embedding for a in adapters if module in a.modules):
+        raise AdapterError(f"module '{module}': the router mixes linear LoRA layers only (embedding LoRA found)")
+    columns = torch.cat([torch.full((u.rank,), t) for t, u in present])
+    return _Module(torch.cat([u.A.float() for _, u in present]), torch.cat([u.B.float() for _, u in present], 1),
+                   columns)
+
+
 def is_router(path: str | Path) -> bool:
     return (Path(path) / ROUTER_CONFIG).is_file()
 
 
-def train_gate(router: Router, model: Any, batches_per_task: Sequence[Sequence[Any]], epochs: int = 50,
+@contextmanager
+def load_router(model: Any, router_dir: str | Path) -> Iterator[Router]:
+    """Load a saved router and route `model`'s forwards through it inside the context (used by the Evaluator
+    for `lorafuse eval --adapter ROUTER_DIR`)."""
+    with Router.load(router_dir).installed(model) as router:
+        yield router
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+def train_gate(router: Router, model: Any, batches_per_task: Sequence[Sequence[Any]], epochs: int = 200,
                lr: float = 1e-2, seed: int = 0) -> dict[str, float]:
-    """Fit the gate to predict each example's task from its pooled features (computed once, adapters off)."""
+    """Fit the gate to predict each input's task (cross-entropy) from base-model features computed once;
+    full-batch Adam on standardised features, folded back into the gate so it applies to raw features."""
     torch.manual_seed(seed)
-    feats, labels = [], []
-    with torch.no_grad():
-        for t, batches in enumerate(batches_per_task):
-            for batch in batches:
-                f = pooled_features(model, batch.inputs)
-                feats.append(f)
-                labels.append(torch.full((f.shape[0],), t))
-    X, y = torch.cat(feats).float(), torch.cat(labels)
+    X, y = _task_features(router, model, batches_per_task)
     mean, std = X.mean(0), X.std(0).clamp(min=1e-6)
-    with torch.no_grad():  # standardise inside the gate so that saved weights apply to raw features
-        router.gate.weight.zero_()
-        router.gate.bias.zero_()
     layer = torch.nn.Linear(X.shape[1], len(batches_per_task))
     opt = torch.optim.Adam(layer.parameters(), lr=lr)
     Z = (X - mean) / std
@@ -193,44 +238,102 @@ def train_gate(router: Router, model: Any, batches_per_task: Sequence[Sequence[A
         router.gate.weight.copy_(layer.weight / std)
         router.gate.bias.copy_(layer.bias - (layer.weight / std) @ mean)
         accuracy = float((layer(Z).argmax(-1) == y).float().mean())
-    return {"gate_loss": float(loss), "gate_train_accuracy": accuracy, "examples": int(len(y))}
+    return {"gate_loss": loss.item(), "gate_train_accuracy": accuracy, "examples": int(len(y))}
+
+
+def _task_features(router: Router, model: Any, batches_per_task: Sequence[Sequence[Any]]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every input (every real token, at token granularity) and its task index."""
+    if len(batches_per_task) != len(router.names):
+        raise ConfigError(f"router: examples for {len(batches_per_task)} tasks, {len(router.names)} adapters")
+    feats, labels = [], []
+    with torch.no_grad():
+        for t, batches in enumerate(batches_per_task):
+            for batch in batches:
+                f = pooled_features(model, batch.inputs, router.granularity)
+                if router.granularity == "token":
+                    f = f[batch.inputs["attention_mask"].bool()]
+                feats.append(f)
+                labels.append(torch.full((f.shape[0],), t))
+    if not feats:
+        raise ConfigError("router: no training examples")
+    return torch.cat(feats).float(), torch.cat(labels)
+
+
+def train_end_to_end(router: Router, model: Any, formulation: Any, tasks: Sequence[Any],
+                     batches_per_task: Sequence[Sequence[Any]], heads: Mapping[str, Any] | None = None,
+                     epochs: int = 1, lr: float = 1e-3, seed: int = 0) -> dict[str, float]:
+    """Fine-tune the gate on the tasks' own losses through the routed model (base and adapters frozen), one
+    task's batch at a time with its head loaded; start from `train_gate`'s solution."""
+    import random
+
+    from lorafuse.evaluation import head_loaded
+
+    steps = [(t, b) for t, batches in enumerate(batches_per_task) for b in batches]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    opt = torch.optim.Adam(router.gate.parameters(), lr=lr)
+    losses: list[float] = []
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with router.installed(model):
+            for epoch in range(epochs):
+                random.Random(seed + epoch).shuffle(steps)
+                for t, batch in steps:
+                    with head_loaded(model, (heads or {}).get(tasks[t].name)):
+                        opt.zero_grad()
+                        loss = formulation.loss(model, batch, tasks[t])
+                        loss.backward()
+                        opt.step()
+                    losses.append(float(loss.detach()))
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    n = len(steps)
+    return {"e2e_first_epoch_loss": sum(losses[:n]) / n, "e2e_last_epoch_loss": sum(losses[-n:]) / n,
+            "e2e_steps": len(losses)}
+
+
+# -- cost ------------------------------------------------------------------------------------------------------------
+def latency(evaluator: Any, adapter: Any, heads: Mapping[str, Any] | None = None, repeats: int = 1
+            ) -> float:
+    """Seconds per example of evaluating `adapter` (a directory, updates or a Router) on the evaluator's
+    batches, best of `repeats` runs."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = evaluator.evaluate(adapter, heads=heads)
+        best = min(best, time.perf_counter() - start)
+    return best / sum(result.examples.values())
 
 
 def experiment_job(runner: Any) -> dict[str, Any]:
     """Train the gate on each task's train split, evaluate the routed mixture on test, and time it against one
     merged adapter."""
+    from lorafuse.tasks import get_task
+
     cfg = runner.config.router
     tasks = list(runner.state.adapters)
     ev = runner.evaluator("test")
-    model = ev.model
-    router = Router.from_adapters([runner.state.adapters[t] for t in tasks], _hidden_size(model), tasks)
+    router = Router.from_adapters([runner.state.adapters[t] for t in tasks], int(ev.model.config.hidden_size), tasks)
     batches = []
     for t in tasks:
-        from lorafuse.tasks import get_task
-
         task = get_task(t)
         rows = ev.formulation.encode(task, task.load("train", runner.config.data_dir, cfg.examples_per_task))
         batches.append([ev.formulation.collate(rows[i:i + 32]) for i in range(0, len(rows), 32)])
     start = time.perf_counter()
-    stats = train_gate(router, model, batches, epochs=cfg.epochs * 10, seed=cfg.seed)
+    stats = train_gate(router, ev.model, batches, epochs=cfg.epochs * 10, seed=cfg.seed)
     train_seconds = time.perf_counter() - start
     out = router.save(runner.out / "router", overwrite=True, extra={"tasks": tasks, "training": stats})
     heads = runner.own_heads()
     start = time.perf_counter()
-    with router.installed(model):
-        result = ev.evaluate(None, heads=heads)
+    result = ev.evaluate(router, heads=heads)
     routed_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    ev.evaluate(runner.state.adapters[tasks[0]], heads=heads)  # one merged adapter, same batches
-    merged_seconds = time.perf_counter() - start
+    merged = latency(ev, runner.state.adapters[tasks[0]], heads)  # one adapter's cost, same batches
     n = sum(result.examples.values())
     result.normalize(runner.state.reference["test"])
     cost = {"gate_train_seconds": round(train_seconds, 2), "routed_ms_per_example": round(1000 * routed_seconds / n, 3),
-            "merged_ms_per_example": round(1000 * merged_seconds / n, 3),
-            "latency_ratio": round(routed_seconds / merged_seconds, 2), **stats}
+            "merged_ms_per_example": round(1000 * merged, 3),
+            "latency_ratio": round(routed_seconds / n / merged, 2), **stats}
     return {"name": "router", "kind": "data-driven", "method": "router", "params": {}, "test": result.to_dict(),
             "router_dir": str(out), "search_seconds": round(train_seconds, 2), "cost": cost}
-
-
-def _hidden_size(model: Any) -> int:
-    return int(model.config.hidden_size)

@@ -68,9 +68,9 @@ def sparsify(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams, thresho
              generators: list[torch.Generator]) -> torch.Tensor:
     """Zero the entries each task drops; thresholds is [T, n_fractions]."""
     if recipe.sparsify is Sparsify.MAGNITUDE:
-        return x * P.magnitude_mask(x, thresholds[:, 0])
+        return P.magnitude_mask(x, thresholds[:, 0]).mul_(x)
     if recipe.sparsify is Sparsify.BAND:
-        return x * P.band_mask(x, thresholds[:, 0], thresholds[:, 1])
+        return P.band_mask(x, thresholds[:, 0], thresholds[:, 1]).mul_(x)
     if recipe.sparsify is Sparsify.RANDOM:
         keep = 1.0 - params.drop_rate
         scale = 1.0 / keep if params.rescale else 1.0

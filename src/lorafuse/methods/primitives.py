@@ -55,7 +55,8 @@ def disjoint_mean(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor 
     agreeing = (x * elected.unsqueeze(0)).clamp_(min=0)
     total = weighted_sum(agreeing, weights).mul_(elected)
     norm = weighted_sum(torch.sign(agreeing), weights.abs())
-    return total.div_(torch.where(norm > 0, norm, torch.ones((), dtype=x.dtype)))
+    # where no task agrees both sums are 0: clamping the count to the smallest normal number keeps 0/… = 0
+    return total.div_(norm.clamp_(min=torch.finfo(norm.dtype).tiny))
 
 
 def kth_largest(values: torch.Tensor, fraction: float) -> float:

@@ -77,13 +77,15 @@ _BRACKET_SIGMAS = 8.0  # half-width of the bracket in binomial standard deviatio
 
 def _bracket(sample: torch.Tensor, k: int, total: int) -> tuple[float, float]:
     """Values lo ≤ hi that very likely enclose the k-th largest |x| of `total` entries, from a sample of |x|."""
-    desc = torch.sort(sample.reshape(-1).abs().float(), descending=True).values
-    n = desc.numel()
+    mags = np.abs(sample.detach().reshape(-1).float().numpy())
+    n = mags.size
     q = k / total
     spread = _BRACKET_SIGMAS * (n * q * (1.0 - q)) ** 0.5 + 2.0
-    upper, lower = int(q * n - spread), int(q * n + spread) + 1
-    hi = float("inf") if upper < 0 else float(desc[upper])
-    lo = 0.0 if lower >= n else float(desc[lower])
+    upper, lower = int(q * n - spread), int(q * n + spread) + 1  # ranks from the top, 0-based
+    wanted = [n - 1 - r for r in (upper, lower) if 0 <= r < n]  # the same ranks in ascending order
+    picked = np.partition(mags, wanted) if wanted else mags
+    hi = float("inf") if upper < 0 else float(picked[n - 1 - upper])
+    lo = 0.0 if lower >= n else float(picked[n - 1 - lower])
     return lo, hi
 
 

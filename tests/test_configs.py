@@ -1,0 +1,105 @@
+"""Every shipped experiment config validates and states its command; config errors name the field; the demo's
+generated tasks are deterministic, disjoint across splits, balanced enough, and test different skills."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+
+from lorafuse.errors import ConfigError
+from lorafuse.experiment.config import load_config, parse_config, shipped_configs
+from lorafuse.tasks import get_task
+from lorafuse.tasks.synthetic import GENERATORS, SIZES, generate
+
+SHIPPED = {"demo", "nli5-minilm", "nli4-smollm2", "nli4-llama3-8b", "knots6-llama3-8b"}
+
+
+def test_every_shipped_config_validates():
+    shipped = shipped_configs()
+    assert SHIPPED <= set(shipped)
+    for name, path in shipped.items():
+        config = load_config(path)
+        assert config.name == name and load_config(name) == config
+        header = path.read_text().splitlines()[0]
+        assert header.startswith("# lorafuse ") and (name in header or name == "demo"), header
+        assert config.methods, name
+        for task in config.tasks:
+            get_task(task)
+        for spec in config.methods:
+            assert len(spec.grid()) >= 1
+
+
+def test_the_seed_and_knots_configs():
+    seed, knots = load_config("nli4-llama3-8b"), load_config("knots6-llama3-8b")
+    assert seed.model == "meta-llama/Meta-Llama-3-8B-Instruct" and seed.formulation == "chat"
+    assert seed.tasks == ["mnli", "fever", "rte", "scitail"] and seed.data_dir is None and seed.hardware == "gpu"
+    assert knots.tasks == ["snli", "mnli", "sick", "qnli", "rte", "scitail"] and knots.formulation == "classify"
+    assert knots.train.rank == 16 and set(knots.train.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {(m.method, m.space) for m in knots.methods} >= {("ties", "full"), ("ties", "knots")}
+
+
+def test_cpu_configs_stay_within_their_budget():
+    for name in ("demo", "nli5-minilm", "nli4-smollm2"):
+        config = load_config(name)
+        assert config.hardware == "cpu" and config.train.max_examples <= 1000, name
+        assert config.eval.max_validation <= 500 and config.eval.max_test <= 1000, name
+    assert load_config("demo").tasks == list(GENERATORS)
+
+
+def test_config_errors_are_named():
+    base = {"name": "x", "model": "minilm", "tasks": ["rte"]}
+    with pytest.raises(ConfigError, match="cfg.yaml: unknown field 'trian'"):
+        parse_config({**base, "trian": {}}, "cfg.yaml")
+    with pytest.raises(ConfigError, match="did you mean 'ties'"):
+        parse_config({**base, "methods": [{"method": "tie"}]}, "cfg.yaml")
+    with pytest.raises(ConfigError, match="densty"):
+        parse_config({**base, "methods": [{"method": "ties", "search": {"densty": [0.1]}}]}, "cfg.yaml")
+    with pytest.raises(ConfigError, match="train.lr"):
+        parse_config({**base, "train": {"lr": -1}}, "cfg.yaml")
+    with pytest.raises(ConfigError, match="search.lambda: give at least one value"):
+        parse_config({**base, "methods": [{"method": "ties", "search": {"lambda": []}}]}, "cfg.yaml")
+    with pytest.raises(ConfigError, match="two methods are named 'ties'"):
+        parse_config({**base, "methods": [{"method": "ties"}, {"method": "ties", "params": {"density": 0.5}}]},
+                     "cfg.yaml")
+    with pytest.raises(ConfigError, match="did you mean 'nli5-minilm'"):
+        load_config("nli5-minlm")
+    with pytest.raises(ConfigError, match="unknown task 'rtee'"):
+        parse_config({**base, "tasks": ["rtee"]}, "cfg.yaml").check_tasks()
+    with pytest.raises(ConfigError, match="data_dir 'no/such/dir'"):
+        parse_config({**base, "data_dir": "no/such/dir"}, "cfg.yaml").check_tasks()
+
+
+def test_generated_tasks_are_deterministic_disjoint_and_balanced():
+    for name, (_, labels, _) in GENERATORS.items():
+        splits = {s: generate(name, s) for s in SIZES}
+        assert splits["train"] == generate(name, "train")  # the same on every call (and machine)
+        pairs = {s: {(e.premise, e.hypothesis) for e in ex} for s, ex in splits.items()}
+        assert not pairs["train"] & pairs["validation"] and not pairs["train"] & pairs["test"]
+        assert not pairs["validation"] & pairs["test"]
+        for split, examples in splits.items():
+            assert len(examples) == SIZES[split]
+            counts = Counter(e.label for e in examples)
+            assert set(counts) == set(labels) and min(counts.values()) >= 0.15 * len(examples), (name, split)
+        assert get_task(name).load("test") == splits["test"]
+
+
+def _negation_rule(e) -> str:
+    return "contradiction" if e.premise.count(" not ") != e.hypothesis.count(" not ") else "entailment"
+
+
+def _numbers_rule(e) -> str:
+    a, b = re.findall(r"\d+", e.premise), re.findall(r"\d+", e.hypothesis)
+    if not (a and b):
+        return "neutral"
+    return "entailment" if int(a[0]) > int(b[0]) else "contradiction"
+
+
+def test_generated_tasks_test_different_skills():
+    """The rule that solves one task does not solve another: the tasks are different problems."""
+    for rule_task, rule in (("syn_negation", _negation_rule), ("syn_numbers", _numbers_rule)):
+        for task in GENERATORS:
+            examples = generate(task, "test")
+            accuracy = sum(rule(e) == e.label for e in examples) / len(examples)
+            assert accuracy == 1.0 if task == rule_task else accuracy < 0.75, (rule_task, task, accuracy)
