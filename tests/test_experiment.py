@@ -245,7 +245,7 @@ def test_cli_reuses_the_run_and_prints_the_table(setup, capsys):
     if not (root / "run1" / "report").is_dir():
         run(raw, root / "run1", cache_dir=root / "cache")
     assert main(["experiment", str(config), "--output", str(root / "run1"), "--cache-dir", str(root / "cache"),
-                 "--quiet"]) == 0
+                 "--quiet", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "| task_arithmetic |" in printed and str(root / "run1" / "report" / "report.html") in printed
 

@@ -26,6 +26,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     resume.add_argument("--fresh", dest="fresh", action="store_true",
                         help="delete the run directory first (a separate --cache-dir is kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a machine busy with other "
+                                               "jobs, where oversubscribed threads run several times slower)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +56,10 @@ def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = No
     from lorafuse.experiment.runner import ExperimentRunner
 
     out = Path(args.output or Path("runs") / config.name)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     _warn_without_gpu(config)
     if args.fresh and out.exists():
         shutil.rmtree(out)

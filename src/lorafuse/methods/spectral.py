@@ -1,6 +1,17 @@
-"""Spectral methods, computed from the factors: per-task and summed SVDs via QR + small SVD, orthogonalisations
-on thin m×K and K×n matrices. In core space (`space: core`) they run on the (Σr)×(Σr) cores instead, as the Core
-Space paper does with TSV."""
+"""Spectral methods, computed from the factors: per-task and summed SVDs by `factor_svd` (QR + small SVD), and
+orthogonalisations (orthogonal Procrustes) of thin m×K and n×K matrices via a QR and a K×K SVD. No m×n matrix is
+formed. With `space="core"` the engine runs them on the (Σr)×(Σr) cores of Core Space instead (Core-Space TSV).
+
+LoRA and the papers' dense definitions. A rank-r update has r non-zero singular values; the papers' code takes
+dense SVDs, whose trailing singular vectors (σ = 0) are an arbitrary basis of the null space. Here only the
+numerically non-zero directions (σ > 1e-6·σ_max) are used, so the results depend on the updates alone:
+- TSV-M keeps min(r_t, ⌊fraction·min(m, n)⌋) directions per task. The dense code keeps ⌊min(m, n)/T⌋ columns even
+  past rank r_t, and those null-space columns enter the Procrustes step and perturb the others. When every r_t ≤
+  ⌊R/T⌋ (equal ranks), our full-space TSV equals Core-Space TSV exactly.
+- Iso-C averages the non-zero spectrum of the sum (rank ≤ Σr). The dense mean over min(m, n) values, zeros
+  included, would spread that mean over arbitrary null directions: a full-rank update unrelated to the tasks.
+- Iso-CTS sizes its subspaces from the sum's numerical rank K (the dense code: min(m, n)).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +21,19 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from lorafuse.algebra.lowrank import WORK_DTYPE, LowRank, factor_svd, numerical_rank, stack_lowrank
+from lorafuse.algebra.lowrank import (
+    CORE_DTYPE,
+    WORK_DTYPE,
+    FactorSVD,
+    LowRank,
+    factor_svd,
+    numerical_rank,
+    stack_lowrank,
+)
 from lorafuse.methods.registry import MethodParams, register
+
+ISO_PAPER = ("Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+             "Subspaces, ICML 2025")
 
 
 class TSVParams(MethodParams):
@@ -29,76 +51,94 @@ class IsoCTSParams(IsoParams):
 
 
 def nearest_orthogonal(M: torch.Tensor) -> torch.Tensor:
-    """Orthogonal Procrustes: the matrix with orthonormal columns closest to M (P·Qᵀ from M = P S Qᵀ)."""
-    P, _, Qh = torch.linalg.svd(M.double(), full_matrices=False)
-    return (P @ Qh).to(WORK_DTYPE)
+    """Orthogonal Procrustes: the matrix with orthonormal columns closest to a tall M (P·Qᵀ from M = P S Qᵀ),
+    from a thin QR (M = Q R) and the SVD of the small R: P·Qᵀ = Q·(P_R Q_Rᵀ)."""
+    Q, R = torch.linalg.qr(M.to(WORK_DTYPE))
+    P, _, Qh = torch.linalg.svd(R.to(CORE_DTYPE))
+    return Q @ (P @ Qh).to(WORK_DTYPE)
+
+
+def _top(svd: FactorSVD, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (m×k), S (k), V (n×k) of the top k = min(limit, numerical rank) directions."""
+    k = numerical_rank(svd.S) if limit is None else min(limit, numerical_rank(svd.S))
+    return svd.U[:, :k], svd.S[:k], svd.Vh[:k].T
+
+
+Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _orthogonalised(parts: Sequence[Triplets]) -> Triplets:
+    """The concatenated directions of all parts, each side replaced by its nearest orthonormal matrix."""
+    Us, Ss, Vs = zip(*parts)
+    return nearest_orthogonal(torch.cat(Us, 1)), torch.cat(Ss), nearest_orthogonal(torch.cat(Vs, 1))
+
+
+def _zero(m: int, n: int) -> LowRank:
+    return LowRank(torch.zeros(m, 0), torch.zeros(0, n))
 
 
 @register(
     "tsv", kind="module", params=TSVParams,
-    summary="Task Singular Vectors: each task's top 1/T singular directions, decorrelated by Procrustes",
+    summary="Task Singular Vectors (TSV-M): each task's top singular directions, decorrelated by Procrustes",
     paper="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025",
 )
 def tsv(terms: Sequence[LowRank], weights: Sequence[float], params: TSVParams) -> LowRank:
-    """TSV-M. With LoRA each task has rank r_t, so it keeps min(r_t, ⌊fraction·min(m, n)⌋) directions."""
+    """α·Û·diag(S)·V̂ᵀ: per task the top ⌊fraction·min(m, n)⌋ triplets of w_t·ΔW_t (at most its rank), the U's and
+    V's concatenated and orthogonalised, the singular values kept. In core space min(m, n) = R = Σr, as in the Core
+    Space code (⌊R/T⌋ per task)."""
     m, n = terms[0].shape
     budget = max(1, math.floor((params.fraction or 1.0 / len(terms)) * min(m, n)))
-    Us, Ss, Vs = [], [], []
-    for term, w in zip(terms, weights):
-        if term.rank == 0:
-            continue
-        svd = factor_svd(term.B * w, term.A)
-        k = min(budget, numerical_rank(svd.S))
-        Us.append(svd.U[:, :k]), Ss.append(svd.S[:k]), Vs.append(svd.Vh[:k].T)
-    U, V = nearest_orthogonal(torch.cat(Us, 1)), nearest_orthogonal(torch.cat(Vs, 1))
-    S = torch.cat(Ss).to(WORK_DTYPE)
-    return LowRank(params.alpha * U * S, V.T)
+    parts = [_top(factor_svd(t.B * w, t.A), budget) for t, w in zip(terms, weights) if t.rank and w]
+    parts = [p for p in parts if p[1].numel()]
+    if not parts:
+        return _zero(m, n)
+    U, S, V = _orthogonalised(parts)
+    return LowRank(params.alpha * U * S.to(WORK_DTYPE), V.T)
 
 
-def _isotropic(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, alpha: float) -> LowRank:
-    """α·mean(S)·U·Vh: every kept direction with the same singular value."""
-    return LowRank(alpha * float(S.mean()) * U, Vh)
+def _flat(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, alpha: float) -> LowRank:
+    """α·mean(S)·U·Vᵀ: every kept direction with the same singular value."""
+    return LowRank(alpha * float(S.mean()) * U, V.T)
 
 
-@register(
-    "iso_c", kind="module", params=IsoParams,
-    summary="Iso-C: the task-arithmetic sum with a flat spectrum (all singular values set to their mean)",
-    paper="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
-          "ICML 2025",
-)
-def iso_c(terms: Sequence[LowRank], weights: Sequence[float], params: IsoParams) -> LowRank:
-    """The mean is over the non-zero spectrum of the sum (rank ≤ Σr for LoRA), not over min(m, n) zeros."""
-    svd = factor_svd(*_stacked(terms, weights))
-    k = max(1, numerical_rank(svd.S))
-    return _isotropic(svd.U[:, :k], svd.S[:k], svd.Vh[:k], params.alpha)
-
-
-@register(
-    "iso_cts", kind="module", params=IsoCTSParams,
-    summary="Iso-CTS: the sum's top common subspace plus each task's own directions outside it, flat spectrum",
-    paper="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
-          "ICML 2025",
-)
-def iso_cts(terms: Sequence[LowRank], weights: Sequence[float], params: IsoCTSParams) -> LowRank:
-    """Budget K = the sum's numerical rank; ⌈common·K⌉ common directions, ⌊(K − k_c)/T⌋ per task from the task's
-    update projected off the common subspace; both bases orthogonalised (Procrustes), spectrum made flat."""
-    B, A = _stacked(terms, weights)
-    total = factor_svd(B, A)
-    K = max(1, numerical_rank(total.S))
-    kc = min(K, math.ceil(params.common * K))
-    per_task = (K - kc) // len(terms)
-    Uc, Vc = total.U[:, :kc], total.Vh[:kc].T
-    Us, Vs, Ss = [Uc], [Vc], [total.S[:kc]]
-    for term, w in zip(terms, weights):
-        if per_task == 0 or term.rank == 0:
-            continue
-        own = factor_svd(term.B * w - Uc @ (Uc.T @ (term.B * w)), term.A)
-        k = min(per_task, numerical_rank(own.S))
-        Us.append(own.U[:, :k]), Vs.append(own.Vh[:k].T), Ss.append(own.S[:k])
-    U, V = nearest_orthogonal(torch.cat(Us, 1)), nearest_orthogonal(torch.cat(Vs, 1))
-    return _isotropic(U, torch.cat(Ss), V.T, params.alpha)
-
-
-def _stacked(terms: Sequence[LowRank], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _task_sum(terms: Sequence[LowRank], weights: Sequence[float]) -> FactorSVD:
+    """SVD of Σ w_t ΔW_t from the stacked factors."""
     stacked = stack_lowrank(terms, weights)
-    return stacked.B, stacked.A
+    return factor_svd(stacked.B, stacked.A)
+
+
+@register("iso_c", kind="module", params=IsoParams, paper=ISO_PAPER,
+          summary="Iso-C: the task-arithmetic sum with a flat spectrum (its singular values set to their mean)")
+def iso_c(terms: Sequence[LowRank], weights: Sequence[float], params: IsoParams) -> LowRank:
+    """α·σ̄·U·Vᵀ over the sum's non-zero spectrum (rank ≤ Σr). The paper uses the sum, its code the mean of the
+    task vectors: a factor T that α absorbs; we follow the paper."""
+    U, S, V = _top(_task_sum(terms, weights))
+    return _flat(U, S, V, params.alpha) if S.numel() else _zero(*terms[0].shape)
+
+
+def iso_cts_sizes(rank: int, tasks: int, common: float) -> tuple[int, int]:
+    """(common directions, directions per task) for a budget of `rank`: ⌊common·rank⌋, then the rest rounded to a
+    multiple of T and the common part grown to fill the budget (the authors' code)."""
+    kc = math.floor(common * rank)
+    per_task = min(round((rank - kc) / tasks), rank // tasks)
+    return rank - per_task * tasks, per_task
+
+
+@register("iso_cts", kind="module", params=IsoCTSParams, paper=ISO_PAPER,
+          summary="Iso-CTS: the sum's top common subspace plus each task's own directions outside it, flat spectrum")
+def iso_cts(terms: Sequence[LowRank], weights: Sequence[float], params: IsoCTSParams) -> LowRank:
+    """The common subspace: the top k_c directions of the sum. Each task adds the top s directions of its update
+    with the common left subspace projected out (w_t·(I − U_c U_cᵀ)ΔW_t). Both sides are orthogonalised
+    (Procrustes) and every direction gets the mean of the collected singular values, scaled by α. Budget: the
+    sum's numerical rank K (≤ Σr), split by `iso_cts_sizes`."""
+    U, S, V = _top(_task_sum(terms, weights))
+    if S.numel() == 0:
+        return _zero(*terms[0].shape)
+    kc, per_task = iso_cts_sizes(S.numel(), len(terms), params.common)
+    common = U[:, :kc]
+    parts = [(common, S[:kc], V[:, :kc])]
+    for term, w in zip(terms, weights):
+        if per_task and term.rank and w:
+            B = term.B.to(WORK_DTYPE) * w
+            parts.append(_top(factor_svd(B - common @ (common.T @ B), term.A), per_task))
+    return _flat(*_orthogonalised(parts), params.alpha)

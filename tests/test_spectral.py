@@ -1,0 +1,207 @@
+"""TSV-M, Iso-C and Iso-CTS (full and core space) against dense references of their papers' definitions, written
+with full torch.linalg.svd's of the dense float64 ΔW_t (keeping the non-zero spectrum, as documented)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from adapter_factory import dense_update, llama_modules, write_adapter
+
+from lorafuse.adapters.reader import LoraAdapter
+from lorafuse.engine import merge
+from lorafuse.errors import ConfigError
+from lorafuse.methods.spectral import iso_cts_sizes, nearest_orthogonal
+
+MODULES = llama_modules(2, ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"))
+FULL = 64
+WEIGHTS = [1.0, 0.6, 1.5]
+
+
+def make_adapters(root, dtype=torch.float32, equal_ranks=False):
+    """Mixed ranks (a: r=4, one module r=6; b: r=2 rsLoRA; c: r=3 without the MLP), or three r=3 adapters."""
+    attn = {m: s for m, s in MODULES.items() if "self_attn" in m}
+    if equal_ranks:
+        return [write_adapter(root / n, MODULES, r=3, alpha=6, seed=s, dtype=dtype) for n, s in (("a", 1), ("b", 2),
+                                                                                                 ("c", 3))]
+    pattern = {"model.layers.0.self_attn.q_proj": 6}
+    return [write_adapter(root / "a", MODULES, r=4, alpha=8, seed=1, rank_pattern=pattern, dtype=dtype),
+            write_adapter(root / "b", MODULES, r=2, alpha=4, seed=2, rslora=True, dtype=dtype),
+            write_adapter(root / "c", attn, r=3, alpha=3, seed=3, dtype=dtype)]
+
+
+@pytest.fixture()
+def mixed(tmp_path):
+    return make_adapters(tmp_path)
+
+
+def dense_tvs(paths, module, weights=None):
+    m, n = MODULES[module]
+    weights = weights or [1.0] * len(paths)
+    return torch.stack([w * u if (u := dense_update(p, module)) is not None else torch.zeros(m, n, dtype=torch.float64)
+                        for p, w in zip(paths, weights)])
+
+
+def rel(a, b):
+    return float((a.double() - b).norm() / b.norm())
+
+
+def svd_nonzero(x, limit=None):
+    """Dense SVD of x keeping its numerically non-zero triplets (at most `limit`)."""
+    U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    k = int((S > 1e-6 * S[0]).sum()) if S[0] > 0 else 0
+    k = k if limit is None else min(k, limit)
+    return U[:, :k], S[:k], Vh[:k].T
+
+
+def procrustes(M):
+    P, _, Qh = torch.linalg.svd(M, full_matrices=False)
+    return P @ Qh
+
+
+def tsv_dense(x, fraction=None, alpha=1.0):
+    """TSV-M (Gargiulo et al.): per task the top ⌊fraction·min(m, n)⌋ triplets, U's and V's concatenated and
+    replaced by their nearest orthogonal matrices, rebuilt with the concatenated singular values."""
+    T = x.shape[0]
+    budget = math.floor((fraction or 1 / T) * min(x.shape[1:]))
+    parts = [svd_nonzero(t, budget) for t in x if t.abs().max() > 0]
+    Us, Ss, Vs = zip(*parts)
+    return alpha * procrustes(torch.cat(Us, 1)) @ torch.diag(torch.cat(Ss)) @ procrustes(torch.cat(Vs, 1)).T
+
+
+def iso_c_dense(x, alpha=1.0):
+    """Iso-C (Marczak et al.): the SVD of the sum with every non-zero singular value set to their mean."""
+    U, S, V = svd_nonzero(x.sum(0))
+    return alpha * S.mean() * U @ V.T
+
+
+def iso_cts_dense(x, common=0.8, alpha=1.0):
+    """Iso-CTS: the sum's top k_c directions + each task's top s directions off the common left subspace,
+    both sides orthogonalised, flat spectrum at the mean of the collected singular values. k_c and s as the
+    authors' code sizes them, with the budget K = the sum's rank."""
+    T = x.shape[0]
+    U, S, V = svd_nonzero(x.sum(0))
+    K = S.numel()
+    kc = math.floor(common * K)
+    s = round((K - kc) / T)
+    kc = K - s * T
+    Uc = U[:, :kc]
+    parts = [(Uc, S[:kc], V[:, :kc])]
+    for t in x:
+        if s and t.abs().max() > 0:
+            parts.append(svd_nonzero(t - Uc @ (Uc.T @ t), s))
+    Us, Ss, Vs = zip(*parts)
+    return alpha * torch.cat(Ss).mean() * procrustes(torch.cat(Us, 1)) @ procrustes(torch.cat(Vs, 1)).T
+
+
+def core_dense(paths, module, weights):
+    """Core Space: U_B, V_A from dense SVDs of the stacked (scaled) B's and A's; cores of the weighted updates."""
+    Bs, As = [], []
+    for p in paths:
+        adapter = LoraAdapter(p)
+        if module in adapter.modules:
+            u = adapter.update(module)
+            Bs.append(u.B.double()), As.append(u.A.double())
+    UB = torch.linalg.svd(torch.cat(Bs, 1), full_matrices=False)[0]
+    VA = torch.linalg.svd(torch.cat(As), full_matrices=False)[2]
+    return UB, VA, torch.stack([UB.T @ x @ VA.T for x in dense_tvs(paths, module, weights)])
+
+
+# -- full space ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tsv_matches_dense_reference(tmp_path, dtype):
+    paths = make_adapters(tmp_path, dtype)
+    result = merge(paths, "tsv", alpha=0.9, weights=WEIGHTS, rank=FULL, progress=False)
+    for module in MODULES:
+        assert rel(result.delta(module), tsv_dense(dense_tvs(paths, module, WEIGHTS), alpha=0.9)) < 1e-4, module
+
+
+def test_tsv_fraction_limits_the_directions_per_task(mixed):
+    """fraction 1/16 of min(m, n) = 1 or 2 directions per task here, fewer than the ranks."""
+    result = merge(mixed, "tsv", fraction=1 / 16, rank=FULL, progress=False)
+    for module in MODULES:
+        x = dense_tvs(mixed, module)
+        assert rel(result.delta(module), tsv_dense(x, fraction=1 / 16)) < 1e-4, module
+        budget = math.floor(min(x.shape[1:]) / 16)
+        assert result.modules[module].rank == sum(min(budget, int(t.abs().max() > 0) * 6) for t in x)
+
+
+def test_tsv_of_one_adapter_is_the_adapter(mixed):
+    result = merge(mixed[:1], "tsv", rank=FULL, progress=False)
+    for module in MODULES:
+        assert rel(result.delta(module), dense_tvs(mixed[:1], module)[0]) < 1e-5
+
+
+def test_iso_c_matches_dense_reference(mixed):
+    result = merge(mixed, "iso_c", alpha=1.3, weights=WEIGHTS, rank=FULL, progress=False)
+    for module in MODULES:
+        ref = iso_c_dense(dense_tvs(mixed, module, WEIGHTS), 1.3)
+        assert rel(result.delta(module), ref) < 1e-4, module
+        S = torch.linalg.svdvals(result.delta(module).double())
+        k = result.modules[module].rank
+        assert torch.allclose(S[:k], S[:k].mean().expand(k), rtol=1e-4)  # flat spectrum
+
+
+@pytest.mark.parametrize("common", [0.8, 0.5])
+def test_iso_cts_matches_dense_reference(mixed, common):
+    result = merge(mixed, "iso_cts", common=common, weights=WEIGHTS, rank=FULL, progress=False)
+    for module in MODULES:
+        ref = iso_cts_dense(dense_tvs(mixed, module, WEIGHTS), common)
+        assert rel(result.delta(module), ref) < 1e-4, module
+
+
+def test_iso_cts_sizes_follow_the_authors_rounding():
+    assert iso_cts_sizes(10, 3, 0.8) == (7, 1)  # ⌊8⌋ common, 2 left → round(2/3) = 1 per task, common grows to 7
+    assert iso_cts_sizes(64, 4, 0.8) == (52, 3)
+    assert iso_cts_sizes(5, 6, 0.8) == (5, 0)  # fewer directions than tasks: all common
+    assert iso_cts_sizes(4, 6, 0.1) == (4, 0)
+
+
+def test_nearest_orthogonal_is_the_polar_factor():
+    M = torch.randn(50, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Q = nearest_orthogonal(M).double()
+    assert torch.allclose(Q, procrustes(M), atol=1e-5)
+    assert torch.allclose(Q.T @ Q, torch.eye(7, dtype=torch.float64), atol=1e-5)
+
+
+# -- core space ------------------------------------------------------------------------------------------------
+def test_core_space_tsv_matches_dense_reference(mixed):
+    """Core-Space TSV (Panariello et al.): TSV on the cores M_t with ⌊R/T⌋ directions per task, rebuilt."""
+    result = merge(mixed, "tsv", space="core", weights=WEIGHTS, rank=FULL, progress=False)
+    for module in MODULES:
+        UB, VA, cores = core_dense(mixed, module, WEIGHTS)
+        assert rel(result.delta(module), UB @ tsv_dense(cores) @ VA) < 1e-4, module
+
+
+def test_core_space_tsv_equals_full_space_tsv_for_equal_ranks(tmp_path):
+    """With r_t ≤ ⌊R/T⌋ both keep every direction of every task, and Procrustes commutes with the basis."""
+    paths = make_adapters(tmp_path, equal_ranks=True)
+    full = merge(paths, "tsv", rank=FULL, progress=False)
+    core = merge(paths, "tsv", space="core", rank=FULL, progress=False)
+    for module in MODULES:
+        assert rel(core.delta(module), full.delta(module).double()) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "task_arithmetic"])
+def test_core_space_is_lossless_for_sum_based_methods(mixed, method):
+    full = merge(mixed, method, weights=WEIGHTS, rank=FULL, progress=False)
+    core = merge(mixed, method, weights=WEIGHTS, space="core", rank=FULL, progress=False)
+    for module in MODULES:
+        assert rel(core.delta(module), full.delta(module).double()) < 1e-4
+
+
+def test_spectral_methods_do_not_run_in_knots_space(mixed):
+    with pytest.raises(ConfigError, match="'full' or 'core'"):
+        merge(mixed, "tsv", space="knots", progress=False)
+
+
+def test_spectral_merge_saves_at_the_default_rank(mixed, tmp_path):
+    """The default output rank is the largest input rank (6), or less where the method keeps fewer directions:
+    down_proj has only a (r=4) and b (r=2), so K = 6 → 3 common + 1 per present task = 5."""
+    result = merge(mixed, "iso_cts", progress=False)
+    loaded = LoraAdapter(result.save(tmp_path / "out"))
+    assert loaded.module_rank("model.layers.0.self_attn.q_proj") == 6
+    assert loaded.module_rank("model.layers.0.mlp.down_proj") == 5
+    for module in MODULES:
+        assert rel(loaded.update(module).dense(), result.delta(module).double()) < 1e-5
