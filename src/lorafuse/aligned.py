@@ -3,18 +3,19 @@
 KnOTS (Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025): per module, the SVD of the updates
 side by side, [ΔW_1 … ΔW_T] = U S [V_1ᵀ … V_Tᵀ]. Each task is the block S·V_tᵀ (k×n); TA/TIES/DARE merge the blocks
 and ΔW = U·merged. The concatenation is [B_1 … B_T]·blockdiag(A_1 … A_T) = Q_B R_B·blockdiag(R_1ᵀ Q_1ᵀ, …) (thin
-QRs of the stacked B's and of each A_tᵀ), so with the SVD U_c S V_cᵀ of the (Σr)×(Σr) core R_B·blockdiag(R_tᵀ):
-U = Q_B U_c and V_tᵀ = (V_c's rows for task t)·Q_tᵀ. Never the m×(T·n) SVD that KnOTS's code takes.
+QRs of the stacked B's and of each A_tᵀ), so its SVD follows from the SVD of the (Σr)×(Σr) core R_B·blockdiag(R_tᵀ)
+(see `KnotsBasis`): never the m×(T·n) SVD that KnOTS's code takes, and no m×n matrix at all.
 
 Paper and code, and what is done here:
-- Σ placement. The paper writes the merge on the V_t and rebuilds U Σ V_mergedᵀ; the released code (`s_on_V=True`,
-  the setting of every shipped config and of the reported numbers) folds Σ into each task's block before merging.
+- Σ placement. The paper merges the V_t ("merges the V's into a single V(merged) … multiplies the U, Σ and
+  V(merged)", Fig. 1); the released code (`s_on_V=True`, the setting of every shipped config, so of the reported
+  numbers) folds Σ into each task's block before merging.
   Both agree for task arithmetic and DARE; for TIES they differ only in which entries the magnitude trim keeps. We
   fold Σ (blocks S·V_tᵀ), as the code and the reported numbers do; the trim is then on the entries' contribution
   to ΔW rather than on unit-norm rows of V.
-- Spectrum cut. The code keeps σ > 1e-5 (absolute) of its float64 SVD, which removes the rounding-noise tail of an
-  m×(T·n) matrix of rank ≤ Σr. Here the core is only (Σr)×(Σr), and the cut is relative, σ > 1e-5·σ_max, so that
-  it does not depend on the adapters' scale (α/r, weights); on KnOTS's own models both keep the same directions.
+- Spectrum cut. The paper states none; the code keeps σ > 1e-5 (absolute) of its float64 SVD, which removes the
+  rounding-noise tail of an m×(T·n) matrix of rank ≤ Σr. Here the core is only (Σr)×(Σr) (no such tail), and the
+  cut is relative, σ > 1e-5·σ_max, so that which directions survive does not depend on the adapters' scale (α/r).
 - Trim scope. KnOTS trims over all modules' blocks flattened together: the engine's `trim_scope="global"`.
   One λ for all tasks (the code multiplies every block by weights[0]): the methods' `lambda`, weights default 1.
 
@@ -23,7 +24,8 @@ and V_A (right singular vectors of the stacked A's, R×n); each task's core M_t 
 rebuilds it exactly (ΔW_t = U_B M_t V_A), since every B_t lies in span(U_B) and every A_t in the row span of V_A.
 From thin QRs B_stack = Q_B R_B and A_stackᵀ = Q_A R_A with SVDs R_B = P_B…, R_A = P_A…: U_B = Q_B P_B,
 V_A = (Q_A P_A)ᵀ and M_t = (P_Bᵀ R_B,t)(R_A,tᵀ P_A), all small. The code computes the same M_t from per-factor SVDs
-(its comment notes the equivalence). Any method runs on the cores; ΔW = U_B·M·V_A, returned as factors.
+(its comment notes the equivalence). Any method runs on the cores; ΔW = U_B·M·V_A, returned as factors. As
+everywhere in lorafuse the LoRA scale is folded into B (the Core Space code stacks the raw factors, with α = r).
 
 Element-wise methods are basis-dependent, so both spaces use singular bases (unique up to the sign of each pair,
 which TIES's trim/election and DARE's masks do not see: a sign flip flips one row in every task's block alike).
@@ -53,46 +55,56 @@ def _stacked_qr(factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 @dataclass(frozen=True)
 class KnotsBasis:
-    """The joint SVD of one module's concatenated updates, held small: U = Q_B·U_c (m×k), S (k), and per task
-    S·V_tᵀ = C_t·Q_tᵀ with C_t = S·(the task's k×r_t slice of the core's right singular vectors)."""
+    """The joint SVD U S [V_1ᵀ … V_Tᵀ] of one module's C = [B_1 … B_T]·blockdiag(A_1 … A_T), held small.
 
-    Qb: torch.Tensor  # m×Σr, orthonormal columns
-    Uc: torch.Tensor  # Σr×k
+    With B_stack = Q_B R_B, A_tᵀ = Q_t R_t and the core SVD R_B·blockdiag(R_tᵀ) = U_c S V_cᵀ:
+    - blocks S·V_tᵀ = Uᵀ ΔW_t = (U_cᵀ R_B,t)·A_t: a k×r_t coefficient times the task's own A_t;
+    - U = Q_B U_c = C·V·S⁻¹ = B_stack·X with X = blockdiag(R_tᵀ)·V_cᵀ·S⁻¹ (Σr×k).
+    So only R factors are computed (no Q formed), and U only when a merged block is rebuilt: the engine's
+    global-trim passes use the blocks alone. Rounding: each block carries the error of a float32 product B_t·A_t;
+    a float32 column of U with small σ_i carries ~ε·σ_max/σ_i, which the merged block's row i (of size ~σ_i)
+    brings back to ~ε·σ_max: the rebuilt update is as exact as ΔW_t = B_t·A_t in float32."""
+
+    B: torch.Tensor  # m×Σr, the stacked B's
+    X: torch.Tensor  # Σr×k, float64
     S: torch.Tensor  # k, descending, float64
-    coefficients: list[torch.Tensor]  # T × (k×r_t)
-    Qa: list[torch.Tensor]  # T × (n×r_t), orthonormal columns: A_tᵀ = Q_t R_t
+    coefficients: list[torch.Tensor]  # T × (k×r_t): U_cᵀ R_B,t
+    A: list[torch.Tensor]  # T × (r_t×n)
 
     @property
     def U(self) -> torch.Tensor:
-        return self.Qb @ self.Uc
+        """The left singular vectors (m×k)."""
+        return self.B @ self.X.to(self.B.dtype)
 
     def blocks(self) -> torch.Tensor:
-        """[T, k, n]: each task's S·V_tᵀ (= Uᵀ ΔW_t), written in place (no stacking copy)."""
-        out = torch.empty(len(self.Qa), self.S.numel(), self.Qa[0].shape[0], dtype=WORK_DTYPE)
-        for t, (c, q) in enumerate(zip(self.coefficients, self.Qa)):
-            torch.matmul(c, q.T, out=out[t])
+        """[T, k, n]: each task's S·V_tᵀ, written in place (no stacking copy)."""
+        out = torch.empty(len(self.A), self.S.numel(), self.A[0].shape[1], dtype=self.B.dtype)
+        for t, (c, a) in enumerate(zip(self.coefficients, self.A)):
+            torch.matmul(c, a, out=out[t])
         return out
 
 
-def knots_basis(terms: Sequence[LowRank], tol: float = KNOTS_TOL) -> KnotsBasis:
-    """The KnOTS decomposition from the factors: QR of the stacked B's, QR of each A_tᵀ, one (Σr)×(Σr) SVD."""
-    Qb, Rb = _stacked_qr([t.B for t in terms])
-    qa = [torch.linalg.qr(t.A.to(WORK_DTYPE).T) for t in terms]
-    core = Rb.to(CORE_DTYPE) @ torch.block_diag(*[R.T.to(CORE_DTYPE) for _, R in qa])
-    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
-    k = max(1, numerical_rank(S, tol))
-    scaled = S[:k, None] * Vch[:k]
+def knots_basis(terms: Sequence[LowRank], tol: float = KNOTS_TOL, dtype: torch.dtype = WORK_DTYPE) -> KnotsBasis:
+    """The KnOTS decomposition from the factors: R of the stacked B's, R of each A_tᵀ, one (Σr)×(Σr) SVD in
+    float64; the tall work in `dtype`."""
+    B = torch.cat([t.B.to(dtype) for t in terms], dim=1)
+    A = [t.A.to(dtype) for t in terms]
+    Rb = torch.linalg.qr(B, mode="r").R.to(CORE_DTYPE)
+    Ra = torch.block_diag(*[torch.linalg.qr(a.T, mode="r").R.T.to(CORE_DTYPE) for a in A])
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra, full_matrices=False)
+    k = numerical_rank(S, tol)  # 0 when every update of the module is zero
+    Uc, S, Vch = Uc[:, :k], S[:k], Vch[:k]
     offsets = _offsets(terms)
-    coefficients = [scaled[:, offsets[i]:offsets[i + 1]].to(WORK_DTYPE) for i in range(len(terms))]
-    return KnotsBasis(Qb, Uc[:, :k].to(WORK_DTYPE), S[:k], coefficients, [Q for Q, _ in qa])
+    coefficients = [(Uc.T @ Rb[:, offsets[i]:offsets[i + 1]]).to(dtype) for i in range(len(terms))]
+    return KnotsBasis(B, Ra @ Vch.T / S, S, coefficients, A)
 
 
 def knots_decomposition(terms: Sequence[LowRank], tol: float = KNOTS_TOL) -> tuple[torch.Tensor, torch.Tensor,
                                                                                      list[torch.Tensor]]:
-    """U (m×k), S (k) and the per-task V_tᵀ (k×n) of [ΔW_1 … ΔW_T] = U S [V_1ᵀ … V_Tᵀ], from the factors."""
-    basis = knots_basis(terms, tol)
-    inverse = (1.0 / basis.S).to(WORK_DTYPE)[:, None]
-    return basis.U, basis.S, [inverse * block for block in basis.blocks()]
+    """U (m×k), S (k) and the per-task V_tᵀ (k×n) of [ΔW_1 … ΔW_T] = U S [V_1ᵀ … V_Tᵀ], from the factors (an
+    analysis helper, computed in float64 since V_tᵀ = S⁻¹·(S·V_tᵀ) divides each row by its σ)."""
+    basis = knots_basis(terms, tol, CORE_DTYPE)
+    return basis.U, basis.S, list(basis.blocks() / basis.S[:, None])
 
 
 @register_space("knots")
