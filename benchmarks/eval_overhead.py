@@ -41,8 +41,8 @@ def main() -> None:
             for batch in ev.batches[task.name]:
                 if ev.formulation_name == "classify":
                     ev.model(**batch.inputs)
-                else:
-                    ev.formulation._hidden(ev.model, batch)
+                else:  # the plain model's own forward, logits at the last position only
+                    ev.model(**batch.inputs, logits_to_keep=1)
 
     def full() -> None:
         ev.evaluate(None, heads=heads)

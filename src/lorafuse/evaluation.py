@@ -8,6 +8,7 @@ one forward pass each and no re-loading. Classification heads are swapped per ta
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -21,18 +22,22 @@ from lorafuse.adapters.reader import PREFIX, LoraAdapter
 from lorafuse.adapters.writer import HEADS_DIR
 from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import AdapterError, ConfigError
-from lorafuse.formulations import Batch, load_model, make_formulation
+from lorafuse.formulations import Batch, check_formulation, load_model, make_formulation
 from lorafuse.tasks.registry import Task, get_task
 
 Updates = Mapping[str, LowRank]
-Heads = Mapping[str, Mapping[str, torch.Tensor]]
+Heads = Mapping[str, "Mapping[str, torch.Tensor] | str | Path"]
 
 
 @dataclass
 class EvalResult:
+    """Per-task accuracy (fractions), example counts and, once normalized, accuracy as % of each task's own
+    adapter (`reference`), with their cross-task averages."""
+
     accuracy: dict[str, float]
     examples: dict[str, int]
     normalized: dict[str, float] = field(default_factory=dict)
+    reference: dict[str, float] = field(default_factory=dict)
 
     @property
     def average(self) -> float:
@@ -43,13 +48,15 @@ class EvalResult:
         return sum(self.normalized.values()) / len(self.normalized) if self.normalized else None
 
     def normalize(self, reference: Mapping[str, float]) -> EvalResult:
-        """Accuracy as a percentage of each task's own adapter's accuracy."""
-        self.normalized = {t: 100.0 * a / reference[t] for t, a in self.accuracy.items() if reference.get(t)}
+        """Accuracy as a percentage of each task's own adapter's accuracy (KnOTS's normalized accuracy)."""
+        self.reference = {t: float(reference[t]) for t in self.accuracy if reference.get(t)}
+        self.normalized = {t: 100.0 * self.accuracy[t] / r for t, r in self.reference.items()}
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "examples": self.examples, "average": self.average,
-                "normalized": self.normalized, "normalized_average": self.normalized_average}
+                "normalized": self.normalized, "normalized_average": self.normalized_average,
+                "reference": self.reference}
 
 
 # -- applying adapters -------------------------------------------------------------------------------------
@@ -109,22 +116,45 @@ def head_loaded(model: torch.nn.Module, head: Mapping[str, torch.Tensor] | None)
                 params[k].copy_(v)
 
 
-def adapter_heads(path: str | Path, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Heads stored with an adapter: its own modules_to_save (for the task it was trained on, or for every task
-    when it names none) and any `task_heads/<task>.safetensors` of a fused adapter."""
+def load_task_head(task: str, adapter: str | Path | None = None,
+                   heads: Mapping[str, str | Path | Mapping[str, torch.Tensor]] | None = None,
+                   heads_dir: str | Path | None = None) -> dict[str, torch.Tensor] | None:
+    """Task `task`'s classification head, for single and fused adapters alike. First found wins:
+    (1) the adapter's own modules_to_save when its lorafuse_train.json says it was trained on `task`;
+    (2) `<adapter>/task_heads/<task>.safetensors` (a merge with modules_to_save: per_task);
+    (3) `heads[task]`: the task's own adapter directory, or the head tensors themselves;
+    (4) `<heads_dir>/<task>`: the task's own adapter directory;
+    (5) the adapter's own modules_to_save when it has no training record (a PEFT adapter trained elsewhere)."""
     from safetensors.torch import load_file
 
-    adapter = LoraAdapter(path)
-    heads: dict[str, dict[str, torch.Tensor]] = {}
-    own_task = adapter.train_record.get("task")
-    if adapter.extra_keys:
-        own = own_head(path)
-        heads.update({t: own for t in tasks if own_task in (None, t)})
-    for task in tasks:
-        file = adapter.path / HEADS_DIR / f"{task}.safetensors"
-        if file.is_file():
-            heads[task] = load_file(str(file))
-    return heads
+    own = LoraAdapter(adapter) if adapter is not None else None
+    trained_on = own.train_record.get("task") if own is not None else None
+    if own is not None and trained_on == task and own.extra_keys:
+        return own_head(own.path)
+    if own is not None and (own.path / HEADS_DIR / f"{task}.safetensors").is_file():
+        return load_file(str(own.path / HEADS_DIR / f"{task}.safetensors"))
+    given = (heads or {}).get(task)
+    if given is not None:
+        return dict(given) if isinstance(given, Mapping) else _required_head(given, task)
+    if heads_dir is not None and (Path(heads_dir) / task).is_dir():
+        return _required_head(Path(heads_dir) / task, task)
+    if own is not None and trained_on is None and own.extra_keys:
+        return own_head(own.path)
+    return None
+
+
+def _required_head(path: str | Path, task: str) -> dict[str, torch.Tensor]:
+    head = own_head(path)
+    if not head:
+        raise AdapterError(f"{path}: given as task '{task}'s head but has no modules_to_save tensors "
+                           "(train it with --formulation classify)")
+    return head
+
+
+def adapter_heads(path: str | Path, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The heads an adapter directory carries itself (rules 1, 2 and 5 of `load_task_head`), by task."""
+    found = {t: load_task_head(t, path) for t in tasks}
+    return {t: h for t, h in found.items() if h is not None}
 
 
 def own_head(path: str | Path) -> dict[str, torch.Tensor]:
@@ -134,13 +164,52 @@ def own_head(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def adapter_updates(path: str | Path) -> tuple[dict[str, LowRank], bool]:
+    """Every module's exact update (scale folded in) and whether the weights are stored transposed."""
     adapter = LoraAdapter(path)
     return {m: adapter.update(m) for m in adapter.modules}, adapter.settings.fan_in_fan_out
 
 
+@dataclass(frozen=True)
+class InMemoryAdapter:
+    """PEFT-format tensors (`base_model.model.<module>.lora_A.weight` …) with their LoraConfig (or its dict):
+    an adapter that never touched the disk, e.g. a LoraHub candidate."""
+
+    tensors: Mapping[str, torch.Tensor]
+    config: Any
+
+
+def in_memory_updates(adapter: InMemoryAdapter) -> tuple[dict[str, LowRank], bool]:
+    """The exact updates of PEFT-format tensors, scaled by their config as PEFT would."""
+    from lorafuse.adapters.config import parse_settings
+    from lorafuse.adapters.reader import _LORA_KEY
+
+    cfg = adapter.config.to_dict() if hasattr(adapter.config, "to_dict") else dict(adapter.config)
+    plain = {k: v.value if isinstance(v, enum.Enum) else list(v) if isinstance(v, set) else v for k, v in cfg.items()}
+    settings = parse_settings(plain, "in-memory adapter config")
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in adapter.tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is not None:
+            halves.setdefault(match["module"].removeprefix(PREFIX), {})[match["kind"][-1]] = tensor
+    updates = {}
+    for module, h in halves.items():
+        if set(h) != {"A", "B"}:
+            raise AdapterError(f"in-memory adapter: module '{module}' lacks lora_{'A' if 'A' not in h else 'B'}")
+        scale = settings.scaling(module, stored_rank=h["A"].shape[0])
+        updates[module] = LowRank(h["B"].float() * scale, h["A"].float())
+    return updates, settings.fan_in_fan_out
+
+
 # -- the evaluator -----------------------------------------------------------------------------------------
+AdapterLike = Any  # a directory, None, {module: LowRank}, InMemoryAdapter, a MergeResult, a Router (or its dir)
+
+
 class Evaluator:
-    """A base model with its tasks tokenized once; `evaluate` any number of adapters against it."""
+    """A base model with its tasks tokenized once; `evaluate` any number of adapters against it.
+
+    Each adapter is applied as its exact update W ← W + ΔW on the loaded model and undone afterwards (the same
+    outputs as PEFT's wrapped model, without re-loading the base or wrapping it), so a candidate costs its
+    forward passes only. Batches are length-sorted; other splits than `split` are tokenized on first use."""
 
     def __init__(self, model: str, tasks: Sequence[str | Task], split: str = "test", formulation: str | None = None,
                  data_dir: str | Path | None = None, max_examples: int | None = None, batch_size: int = 32,
@@ -149,81 +218,136 @@ class Evaluator:
 
         info = resolve_model(model)
         self.model_name, self.formulation_name = model, formulation or info.formulation
+        self.tasks = [t if isinstance(t, Task) else get_task(t) for t in tasks]
+        check_formulation(self.formulation_name, self.tasks)
         self.model, tokenizer = load_model(info.path, self.formulation_name)
         self.model.eval()
         self.formulation = make_formulation(self.formulation_name, tokenizer, max_length)
-        self.tasks = [t if isinstance(t, Task) else get_task(t) for t in tasks]
         self.split, self.batch_size, self.progress = split, batch_size, progress
-        self.batches = {t.name: self._batches(t, data_dir, max_examples) for t in self.tasks}
+        self.data_dir, self.max_examples = data_dir, max_examples
+        self.batches = {t.name: self._batches(t, split) for t in self.tasks}
+        self._other_splits: dict[str, dict[str, list[Batch]]] = {}
 
-    def _batches(self, task: Task, data_dir: str | Path | None, max_examples: int | None) -> list[Batch]:
-        rows = self.formulation.encode(task, task.load(self.split, data_dir, max_examples))
+    def _batches(self, task: Task, split: str) -> list[Batch]:
+        rows = self.formulation.encode(task, task.load(split, self.data_dir, self.max_examples))
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].get("input_ids", rows[i].get("prompt"))))
         rows = [rows[i] for i in order]  # length-sorted batches waste little on padding
         return [self.formulation.collate(rows[i:i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
+
+    def batches_for(self, task: Task, split: str | None = None) -> list[Batch]:
+        """A task's batches of `split` (the evaluator's own split by default), tokenized once."""
+        if split is None or split == self.split:
+            return self.batches[task.name]
+        cache = self._other_splits.setdefault(split, {})
+        if task.name not in cache:
+            cache[task.name] = self._batches(task, split)
+        return cache[task.name]
 
     def subset(self, names: Sequence[str]) -> Evaluator:
         """The same loaded model and batches, restricted to some tasks."""
         import copy
 
+        unknown = [n for n in names if n not in {t.name for t in self.tasks}]
+        if unknown:
+            raise ConfigError(f"tasks {unknown} were not loaded by this evaluator (loaded: "
+                              f"{', '.join(t.name for t in self.tasks)})")
         view = copy.copy(self)
         view.tasks = [t for t in self.tasks if t.name in names]
         return view
 
-    def accuracy(self, task: Task) -> tuple[float, int]:
+    def accuracy(self, task: Task, split: str | None = None, bar: Any = None) -> tuple[float, int]:
+        """Accuracy of the model as it stands (adapter and head already applied) on one task."""
         correct = total = 0
         with torch.inference_mode():
-            for batch in self.batches[task.name]:
+            for batch in self.batches_for(task, split):
                 correct += int((self.formulation.predict(self.model, batch, task) == batch.targets).sum())
                 total += len(batch.targets)
+                if bar is not None:
+                    bar.update(len(batch.targets))
         return correct / total, total
 
-    def evaluate(self, adapter: str | Path | Updates | Any | None = None, heads: Heads | None = None,
-                 fan_in_fan_out: bool = False) -> EvalResult:
-        """Accuracy of each task with `adapter` (a directory, a MergeResult, factor updates, or None for the
-        base model), or an input-routed mixture (a router directory or `Router`); `heads` supplies per-task
-        classification heads where the adapter has none."""
+    def evaluate(self, adapter: AdapterLike = None, heads: Heads | None = None, fan_in_fan_out: bool = False,
+                 tasks: Sequence[str] | None = None, split: str | None = None) -> EvalResult:
+        """Accuracy of each task (all loaded ones, or `tasks`) on `split` with `adapter`: a directory (single,
+        fused or router), None for the base model, an `InMemoryAdapter` or (tensors, LoraConfig) pair,
+        {module: LowRank} updates, or a MergeResult. `heads` gives per-task classification heads (tensors, or
+        the task's own adapter directory) where the adapter has none of its own (see `load_task_head`)."""
         from lorafuse.fusion.router import Router, is_router
 
+        if tasks is not None:
+            return self.subset(tasks).evaluate(adapter, heads, fan_in_fan_out, split=split)
         if isinstance(adapter, (str, Path)) and is_router(adapter):
             adapter = Router.load(adapter)
         if isinstance(adapter, Router):
             with adapter.installed(self.model):  # classify: each task's adapter brings its own head
-                return self.evaluate(None, {**(heads or {}), **adapter.heads})
+                return self.evaluate(None, {**(heads or {}), **adapter.heads}, split=split)
         updates, heads, fan_in_fan_out = self._resolve(adapter, heads, fan_in_fan_out)
-        accuracy, examples = {}, {}
+        with self._naming_base(adapter), applied(self.model, updates, fan_in_fan_out):
+            return self._accuracies(heads, split)
+
+    def _accuracies(self, heads: Mapping[str, Any], split: str | None) -> EvalResult:
+        """Each task's accuracy with the adapter already applied, its head swapped in."""
         from tqdm.auto import tqdm
 
-        with applied(self.model, updates, fan_in_fan_out):
-            for task in tqdm(self.tasks, desc="evaluate", unit="task", disable=not self.progress, leave=False):
+        accuracy, examples = {}, {}
+        total = sum(len(b.targets) for t in self.tasks for b in self.batches_for(t, split))
+        with tqdm(total=total, desc="evaluate", unit="ex", disable=not self.progress, leave=False) as bar:
+            for task in self.tasks:
                 head = heads.get(task.name)
                 if self.formulation_name == "classify" and head is None:
                     raise ConfigError(f"task '{task.name}': no classification head (give the task's own adapter "
-                                      "with --heads, or merge with modules_to_save=per_task)")
+                                      "with --heads / --heads-dir, or merge with modules_to_save: per_task)")
+                bar.set_postfix_str(task.name)
                 with head_loaded(self.model, head):
-                    accuracy[task.name], examples[task.name] = self.accuracy(task)
+                    accuracy[task.name], examples[task.name] = self.accuracy(task, split, bar)
         return EvalResult(accuracy, examples)
 
-    def _resolve(self, adapter: Any, heads: Heads | None, fan_in_fan_out: bool) -> tuple[Updates, dict, bool]:
+    @contextmanager
+    def _naming_base(self, adapter: AdapterLike) -> Iterator[None]:
+        """Adapter errors name the base model the adapter was made for beside the one loaded here."""
+        try:
+            yield
+        except AdapterError as exc:
+            if not isinstance(adapter, (str, Path)):
+                raise
+            made_for = LoraAdapter(adapter).settings.base_model
+            raise AdapterError(f"{adapter}: {exc} [adapter made for base '{made_for}'; this evaluator loaded "
+                               f"'{self.model_name}']") from None
+
+    def _resolve(self, adapter: AdapterLike, heads: Heads | None, fan_in_fan_out: bool) -> tuple[Updates, dict, bool]:
+        """The adapter's updates and each task's head (see `load_task_head` for the order)."""
         names = [t.name for t in self.tasks]
-        own: dict[str, Any] = {}
-        if adapter is None:
-            updates: Updates = {}
-        elif isinstance(adapter, (str, Path)):
+        given = dict(heads or {})
+        if isinstance(adapter, (str, Path)):
             updates, fan_in_fan_out = adapter_updates(adapter)
-            own = adapter_heads(adapter, names)
-        elif hasattr(adapter, "modules") and hasattr(adapter, "heads"):  # a MergeResult
-            updates, own = adapter.modules, dict(adapter.heads)
-            fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
-        else:
-            updates = adapter
-        return updates, {**(heads or {}), **own}, fan_in_fan_out
+            found = {t: load_task_head(t, adapter, given) for t in names}
+            return updates, {t: h for t, h in found.items() if h is not None}, fan_in_fan_out
+        given = {t: h for t in names if (h := load_task_head(t, None, given)) is not None}  # dirs -> tensors
+        if adapter is None:
+            return {}, given, fan_in_fan_out
+        if isinstance(adapter, tuple) and len(adapter) == 2:  # (PEFT-format tensors, LoraConfig)
+            adapter = InMemoryAdapter(*adapter)
+        if isinstance(adapter, InMemoryAdapter):
+            updates, fan_in_fan_out = in_memory_updates(adapter)
+            return updates, given, fan_in_fan_out
+        if hasattr(adapter, "modules") and hasattr(adapter, "heads"):  # a MergeResult
+            return adapter.modules, {**given, **adapter.heads}, bool(adapter.config.get("fan_in_fan_out"))
+        return adapter, given, fan_in_fan_out
 
 
 def load_reference(path: str | Path) -> dict[str, float]:
-    """Per-task accuracies of each task's own adapter, from a results JSON written by `lorafuse eval`."""
-    data = json.loads(Path(path).read_text())
-    return dict(data.get("accuracy", data))
+    """Each task's own-adapter accuracy from a JSON file: a `lorafuse eval` results file (its `reference`
+    section if it has one, else its `accuracy`) or a plain {task: accuracy} mapping; percentages become
+    fractions."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read reference results ({exc})") from None
+    table = data.get("reference") or data.get("accuracy", data) if isinstance(data, dict) else None
+    if not isinstance(table, dict) or not all(isinstance(v, (int, float)) for v in table.values()):
+        raise ConfigError(f"{path}: expected {{task: accuracy}} or a `lorafuse eval` results file")
+    return {t: float(v) / 100 if v > 1 else float(v) for t, v in table.items()}
 
 
 def markdown_table(rows: Mapping[str, EvalResult], tasks: Sequence[str]) -> str:

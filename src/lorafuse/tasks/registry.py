@@ -7,6 +7,7 @@ demo's generated tasks).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -35,11 +36,22 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Fields:
+    """Which keys of a data row hold the premise, hypothesis and label (the shared schema's by default)."""
+
+    premise: str = "premise"
+    hypothesis: str = "hypothesis"
+    label: str = "label"
+
+
+@dataclass(frozen=True)
 class HubSource:
+    """How to load a task with `datasets.load_dataset`: id, config, split names, fields and label mapping."""
+
     dataset: str
-    premise: str
-    hypothesis: str
-    label: str
+    premise: str = "premise"
+    hypothesis: str = "hypothesis"
+    label: str = "label"
     config: str | None = None
     splits: dict[str, str] = field(default_factory=dict)
     label_names: list[str | None] | None = None
@@ -51,12 +63,16 @@ Loader = Callable[[str], list[Example]]
 
 @dataclass(frozen=True)
 class Task:
+    """A task's definition: label words and where its examples come from (first match wins: `loader` (Python),
+    `files` (a task file's own paths), `--data-dir` (`<dir>/<name>/<split>.jsonl`), `hub`)."""
+
     name: str
     labels: tuple[str, ...]
     description: str = ""
     hub: HubSource | None = None
     files: dict[str, str] = field(default_factory=dict)  # split -> path (user task files)
-    loader: Loader | None = None  # generated tasks
+    loader: Loader | None = None  # examples made in Python, e.g. the generated demo suite
+    fields: Fields = field(default_factory=Fields)  # keys of the local JSONL rows
 
     def load(self, split: str, data_dir: str | Path | None = None, max_examples: int | None = None) -> list[Example]:
         """Examples of one split, validated against the task's labels, truncated to max_examples."""
@@ -71,9 +87,9 @@ class Task:
         if self.loader is not None:
             return self.loader(split)
         if split in self.files:
-            return read_jsonl(Path(self.files[split]), self.labels)
+            return read_jsonl(Path(self.files[split]), self.labels, self.fields)
         if data_dir is not None:
-            return read_jsonl(Path(data_dir) / self.name / f"{split}.jsonl", self.labels)
+            return read_jsonl(Path(data_dir) / self.name / f"{split}.jsonl", self.labels, self.fields)
         if self.hub is not None:
             return load_from_hub(self.hub, split, self.labels)
         raise ConfigError(f"task '{self.name}': no data source (give --data-dir, or a task file with files/hub)")
@@ -88,33 +104,34 @@ class Task:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def read_jsonl(path: Path, labels: tuple[str, ...]) -> list[Example]:
-    """The shared schema; errors name the file and line."""
+def read_jsonl(path: Path, labels: tuple[str, ...], fields: Fields = Fields()) -> list[Example]:
+    """The shared schema (or a task's own field names); errors name the file and line."""
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     examples = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
-                examples.append(_parse_line(line, path, lineno, labels))
+                examples.append(_parse_line(line, path, lineno, labels, fields))
     if not examples:
         raise DataError(f"{path}: empty data file")
     return examples
 
 
-def _parse_line(line: str, path: Path, lineno: int, labels: tuple[str, ...]) -> Example:
+def _parse_line(line: str, path: Path, lineno: int, labels: tuple[str, ...], fields: Fields) -> Example:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object")
-    for key in ("premise", "hypothesis", "label"):
+    for key in (fields.premise, fields.hypothesis, fields.label):
         if not isinstance(row.get(key), str):
             raise DataError(f"{path}:{lineno}: field '{key}' missing or not a string")
-    if row["label"] not in labels:
-        raise DataError(f"{path}:{lineno}: unknown label '{row['label']}' (task labels: {', '.join(labels)})")
-    return Example(row["premise"], row["hypothesis"], row["label"], str(row.get("id", f"{path.stem}-{lineno}")))
+    label = row[fields.label]
+    if label not in labels:
+        raise DataError(f"{path}:{lineno}: unknown label '{label}'{did_you_mean(label, labels)}")
+    return Example(row[fields.premise], row[fields.hypothesis], label, str(row.get("id", f"{path.stem}-{lineno}")))
 
 
 def load_from_hub(hub: HubSource, split: str, labels: tuple[str, ...]) -> list[Example]:
@@ -149,39 +166,75 @@ def _hub_label(value: Any, hub: HubSource) -> str | None:
 _REGISTRY: dict[str, Task] = {}
 
 
-def register_task(task: Task, replace: bool = False) -> Task:
+def register_task(task: Task, replace: bool = False, examples: Loader | None = None) -> Task:
+    """Add a task to the registry; `examples(split) -> list[Example]` supplies its data from Python."""
+    if examples is not None:
+        task = dataclasses.replace(task, loader=examples)
     if task.name in _REGISTRY and not replace:
-        raise ConfigError(f"task '{task.name}' is already registered")
+        raise ConfigError(f"task '{task.name}' is already registered (pass replace=True to redefine it)")
     if len(set(task.labels)) != len(task.labels) or len(task.labels) < 2:
         raise ConfigError(f"task '{task.name}': needs at least two distinct labels (got {list(task.labels)})")
     _REGISTRY[task.name] = task
     return task
 
 
+TASK_FIELDS = ("labels", "description", "hub", "files", "fields")
+HUB_FIELDS = {f.name for f in dataclasses.fields(HubSource)}
+
+
 def task_from_dict(name: str, spec: dict[str, Any], base_dir: Path | None = None) -> Task:
-    known = {"labels", "description", "hub", "files"}
+    """A task from its YAML mapping; relative `files` are resolved against the task file's directory."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"task '{name}': expected a mapping with labels and files or hub")
     for key in spec:
-        if key not in known:
-            raise ConfigError(f"task '{name}': unknown field '{key}'{did_you_mean(key, known)}")
-    if "labels" not in spec:
-        raise ConfigError(f"task '{name}': missing field 'labels'")
+        if key not in TASK_FIELDS:
+            raise ConfigError(f"task '{name}': unknown field '{key}'{did_you_mean(key, TASK_FIELDS)}")
+    labels = spec.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(lab, str) for lab in labels):
+        raise ConfigError(f"task '{name}': 'labels' must be a list of label words (got {labels!r}; quote "
+                          "words YAML reads otherwise, such as yes/no/true/null or numbers)")
     files = {s: str((base_dir / p) if base_dir and not Path(p).is_absolute() else p)
              for s, p in (spec.get("files") or {}).items()}
-    hub = HubSource(**spec["hub"]) if spec.get("hub") else None
-    return Task(name, tuple(spec["labels"]), spec.get("description", ""), hub, files)
+    for split in files:
+        if split not in SPLITS:
+            raise ConfigError(f"task '{name}': files: unknown split '{split}'{did_you_mean(split, SPLITS)}")
+    fields = _mapping(name, "fields", spec.get("fields") or {}, {"premise", "hypothesis", "label"})
+    return Task(name, tuple(labels), spec.get("description", ""), _hub(name, spec.get("hub"), fields), files,
+                fields=Fields(**fields))
+
+
+def _hub(name: str, hub: Any, fields: dict[str, str]) -> HubSource | None:
+    """`hub: org/dataset` (with the task's `fields`) or `hub: {dataset: ..., config: ..., splits: ...}`."""
+    if hub is None:
+        return None
+    spec = {"dataset": hub} if isinstance(hub, str) else _mapping(name, "hub", hub, HUB_FIELDS)
+    if "dataset" not in spec:
+        raise ConfigError(f"task '{name}': hub: missing 'dataset' (a Hugging Face dataset id)")
+    return HubSource(**{**fields, **spec})
+
+
+def _mapping(name: str, where: str, value: Any, known: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"task '{name}': '{where}' must be a mapping")
+    for key in value:
+        if key not in known:
+            raise ConfigError(f"task '{name}': {where}: unknown field '{key}'{did_you_mean(key, known)}")
+    return dict(value)
 
 
 def load_task_file(path: str | Path) -> list[Task]:
-    """Register the tasks of a user YAML: `name: {labels: [...], files: {train: a.jsonl, ...} | hub: {...}}`."""
+    """Register the tasks of a user YAML, either one task (`name: x`, `labels: [...]`, `files:`/`hub:`,
+    optional `fields:`) or a mapping of several (`x: {labels: [...], files: {...}}`)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read task file ({exc})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of task name -> definition")
+        raise ConfigError(f"{path}: expected a task (name, labels, files or hub) or a mapping name -> task")
+    specs = {raw.pop("name"): raw} if "name" in raw else raw
     try:
-        return [register_task(task_from_dict(n, s, path.parent), replace=True) for n, s in raw.items()]
+        return [register_task(task_from_dict(str(n), s, path.parent), replace=True) for n, s in specs.items()]
     except (TypeError, ConfigError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -204,6 +257,7 @@ def _load_builtin() -> None:
 
 
 def get_task(name: str) -> Task:
+    """A registered task by name; unknown names get a did-you-mean and the list of known tasks."""
     _load_builtin()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown task '{name}'{did_you_mean(name, _REGISTRY)}; known: {', '.join(sorted(_REGISTRY))}")
@@ -211,5 +265,6 @@ def get_task(name: str) -> Task:
 
 
 def list_tasks() -> list[str]:
+    """Names of every registered task (built-in, generated and user-defined)."""
     _load_builtin()
     return sorted(_REGISTRY)
