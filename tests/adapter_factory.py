@@ -67,3 +67,27 @@ def dense_update(path: Path, module: str) -> torch.Tensor:
     alpha = cfg.get("alpha_pattern", {}).get(module, cfg["lora_alpha"])
     scale = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
     return scale * B @ A
+
+
+MIXED_MODULES = llama_modules(2, ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"))
+
+
+def mixed_adapters(root: Path, dtype: torch.dtype = torch.float32, equal_ranks: bool = False) -> list[Path]:
+    """Mixed ranks (a: r=4, one module r=6 by rank_pattern; b: r=2 rsLoRA; c: r=3 without the MLP), or three
+    r=3 adapters: the set the aligned-space and spectral tests share."""
+    attn = {m: s for m, s in MIXED_MODULES.items() if "self_attn" in m}
+    if equal_ranks:
+        return [write_adapter(root / n, MIXED_MODULES, r=3, alpha=6, seed=s, dtype=dtype)
+                for n, s in (("a", 1), ("b", 2), ("c", 3))]
+    pattern = {"model.layers.0.self_attn.q_proj": 6}
+    return [write_adapter(root / "a", MIXED_MODULES, r=4, alpha=8, seed=1, rank_pattern=pattern, dtype=dtype),
+            write_adapter(root / "b", MIXED_MODULES, r=2, alpha=4, seed=2, rslora=True, dtype=dtype),
+            write_adapter(root / "c", attn, r=3, alpha=3, seed=3, dtype=dtype)]
+
+
+def dense_stack(paths: list[Path], module: str, weights: list[float] | None = None) -> torch.Tensor:
+    """[T, m, n] float64 reference updates (weighted), zeros where an adapter lacks the module."""
+    m, n = MIXED_MODULES[module]
+    weights = weights or [1.0] * len(paths)
+    return torch.stack([w * u if (u := dense_update(p, module)) is not None else torch.zeros(m, n, dtype=torch.float64)
+                        for p, w in zip(paths, weights)])

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_factory import dense_update, llama_modules, write_adapter
+from adapter_factory import (
+    MIXED_MODULES,
+    dense_stack,
+    mixed_adapters,
+)
 
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.algebra.lowrank import LowRank
@@ -13,18 +17,12 @@ from lorafuse.aligned import core_space, knots_decomposition, knots_space, to_co
 from lorafuse.engine import merge
 from lorafuse.methods.registry import get_method
 
-MODULES = llama_modules(2, ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"))
+MODULES = MIXED_MODULES
 FULL = 64  # an output rank above every Σr here: no truncation
 WEIGHTS = [1.0, 0.7, -0.4]
 
 
-def make_adapters(root, dtype=torch.float32):
-    """Mixed ranks: a has r=4 with one module at r=6 (rank_pattern), b r=2 rsLoRA, c r=3 without the MLP."""
-    attn = {m: s for m, s in MODULES.items() if "self_attn" in m}
-    pattern = {"model.layers.0.self_attn.q_proj": 6}
-    return [write_adapter(root / "a", MODULES, r=4, alpha=8, seed=1, rank_pattern=pattern, dtype=dtype),
-            write_adapter(root / "b", MODULES, r=2, alpha=4, seed=2, rslora=True, dtype=dtype),
-            write_adapter(root / "c", attn, r=3, alpha=3, seed=3, dtype=dtype)]
+make_adapters = mixed_adapters
 
 
 @pytest.fixture()
@@ -33,9 +31,7 @@ def mixed(tmp_path):
 
 
 def dense_tvs(paths, module):
-    m, n = MODULES[module]
-    return torch.stack([u if (u := dense_update(p, module)) is not None else torch.zeros(m, n, dtype=torch.float64)
-                        for p in paths])
+    return dense_stack(paths, module)
 
 
 def rel(a, b):

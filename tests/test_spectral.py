@@ -7,28 +7,23 @@ import math
 
 import pytest
 import torch
-from adapter_factory import dense_update, llama_modules, write_adapter
+from adapter_factory import (
+    MIXED_MODULES,
+    dense_stack,
+    mixed_adapters,
+)
 
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.engine import merge
 from lorafuse.errors import ConfigError
 from lorafuse.methods.spectral import iso_cts_sizes, nearest_orthogonal
 
-MODULES = llama_modules(2, ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"))
+MODULES = MIXED_MODULES
 FULL = 64
 WEIGHTS = [1.0, 0.6, 1.5]
 
 
-def make_adapters(root, dtype=torch.float32, equal_ranks=False):
-    """Mixed ranks (a: r=4, one module r=6; b: r=2 rsLoRA; c: r=3 without the MLP), or three r=3 adapters."""
-    attn = {m: s for m, s in MODULES.items() if "self_attn" in m}
-    if equal_ranks:
-        return [write_adapter(root / n, MODULES, r=3, alpha=6, seed=s, dtype=dtype) for n, s in (("a", 1), ("b", 2),
-                                                                                                 ("c", 3))]
-    pattern = {"model.layers.0.self_attn.q_proj": 6}
-    return [write_adapter(root / "a", MODULES, r=4, alpha=8, seed=1, rank_pattern=pattern, dtype=dtype),
-            write_adapter(root / "b", MODULES, r=2, alpha=4, seed=2, rslora=True, dtype=dtype),
-            write_adapter(root / "c", attn, r=3, alpha=3, seed=3, dtype=dtype)]
+make_adapters = mixed_adapters
 
 
 @pytest.fixture()
@@ -37,10 +32,7 @@ def mixed(tmp_path):
 
 
 def dense_tvs(paths, module, weights=None):
-    m, n = MODULES[module]
-    weights = weights or [1.0] * len(paths)
-    return torch.stack([w * u if (u := dense_update(p, module)) is not None else torch.zeros(m, n, dtype=torch.float64)
-                        for p, w in zip(paths, weights)])
+    return dense_stack(paths, module, weights)
 
 
 def rel(a, b):
