@@ -87,7 +87,8 @@ def run_task(args: argparse.Namespace, ev: Any, task: str, overhead: bool) -> di
             "train_seconds": record["train_seconds"], "train_wall_seconds": round(train_wall, 1),
             "eval_seconds": round(eval_seconds, 2), "bare_forward_seconds": bare and round(bare, 2),
             "eval_overhead_percent": bare and round(100 * (eval_seconds / bare - 1), 1),
-            "eval_examples_per_second": round(n / eval_seconds, 1)}
+            "eval_examples_per_second": round(n / eval_seconds, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def main() -> None:
@@ -116,9 +117,24 @@ def save(args: argparse.Namespace, formulation: str, rows: list[dict[str, Any]],
               "machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": " ".join([".venv/bin/python", "benchmarks/single_task.py", *sys.argv[1:]])}
     runs = _load_runs()
-    runs[args.run_name or args.model] = result
+    key = args.run_name or args.model
+    result["rows"] = _kept_rows(runs.get(key), result) + rows
+    runs[key] = result
     RESULTS.with_suffix(".json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     RESULTS.with_suffix(".md").write_text(markdown(runs))
+
+
+_RUN_ONLY = {"tasks", "overhead", "threads", "run_name", "work"}
+
+
+def _kept_rows(previous: dict[str, Any] | None, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of tasks this run does not redo, kept only when they were measured with the same budget."""
+    if not previous:
+        return []
+    same = {k: v for k, v in previous["budget"].items() if k not in _RUN_ONLY} == \
+        {k: v for k, v in result["budget"].items() if k not in _RUN_ONLY}
+    redone = {r["task"] for r in result["rows"]}
+    return [r for r in previous["rows"] if same and r["task"] not in redone]
 
 
 def _load_runs() -> dict[str, Any]:

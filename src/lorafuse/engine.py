@@ -15,7 +15,7 @@ import torch
 
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.adapters.writer import HEADS_DIR, adapter_state_dict, fused_config, write_adapter_dir
-from lorafuse.algebra.dense import dense_truncated_svd
+from lorafuse.algebra.dense import ROW_SPACE_POWER_ITERATIONS, dense_truncated_svd
 from lorafuse.algebra.lowrank import LowRank, truncate
 from lorafuse.errors import ConfigError, IncompatibleAdaptersError
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
@@ -60,7 +60,10 @@ class MergeResult:
         return state
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        return write_adapter_dir(path, self.state_dict(), self.config, self.provenance, self.heads, overwrite)
+        lora = adapter_state_dict(self.modules, self.embeddings)  # cast one tensor at a time while writing
+        dtypes = dict.fromkeys(lora, self.dtype)
+        return write_adapter_dir(path, {**lora, **self.extra_state}, self.config, self.provenance, self.heads,
+                                 overwrite, dtypes)
 
 
 # -- loading and checks ------------------------------------------------------------------------------------
@@ -123,6 +126,15 @@ def _natural_key(name: str) -> list[Any]:
 
 
 # -- the engine ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Dense:
+    """A module's merged update as a full matrix, with the inputs' row space (stacked A's) that seeds its
+    truncation (see algebra.dense)."""
+
+    matrix: torch.Tensor
+    row_space: torch.Tensor | None = None
+
+
 class _ModuleStream:
     """Reads one module's updates across adapters; a missing module is an exact zero of rank 0."""
 
@@ -259,6 +271,8 @@ class _Engine:
         self.names = [a.name for a in adapters]
         self.max_rank = max(a.module_rank(m) for a in adapters for m in a.modules)
         self.energy: dict[str, float] = {}
+        for adapter in adapters:  # the provenance's hashes, computed beside the merge
+            adapter.start_hashing()
 
     def run(self) -> MergeResult:
         merged = self._merge_all()
@@ -300,7 +314,7 @@ class _Engine:
     def _project(self, module: str) -> Projection:
         return get_space(self.options.space)(self.stream.terms(module))
 
-    def _elementwise_update(self, module: str, thresholds: _Thresholds) -> LowRank | torch.Tensor:
+    def _elementwise_update(self, module: str, thresholds: _Thresholds) -> LowRank | _Dense:
         if self.options.space == "full":
             return self._elementwise_full(module, thresholds)
         proj = self._project(module)
@@ -309,7 +323,7 @@ class _Engine:
                               self.params, _generators(getattr(self.params, "seed", 0), self.names, module))
         return proj.rebuild(merged)
 
-    def _elementwise_full(self, module: str, thresholds: _Thresholds) -> torch.Tensor:
+    def _elementwise_full(self, module: str, thresholds: _Thresholds) -> _Dense:
         """The full space a band of rows at a time: the same entries as the stacked dense blocks (element-wise
         methods are separable once thresholds are known; DARE's generators are drawn in row order, so its masks are
         those of one draw over the whole module), in memory of one m×n result plus a band."""
@@ -320,14 +334,16 @@ class _Engine:
         merged = torch.empty(rows.shape)
         for start, stop in rows.bands():
             merged[start:stop] = self.spec.fn(rows.band(start, stop), weights, limits, self.params, generators)
-        return merged
+        return _Dense(merged, torch.cat(rows.A))
 
-    def _finish(self, module: str, update: LowRank | torch.Tensor) -> LowRank:
+    def _finish(self, module: str, update: LowRank | torch.Tensor | _Dense) -> LowRank:
         """Bring a module's result to the output rank, recording the energy kept where it was truncated."""
         rank = self.options.rank
         if isinstance(update, torch.Tensor):
-            out, kept = dense_truncated_svd(update, rank or self.max_rank, exact=self.options.exact_svd,
-                                            seed=zlib.crc32(module.encode()))
+            update = _Dense(update)
+        if isinstance(update, _Dense):
+            out, kept = dense_truncated_svd(update.matrix, rank or self.max_rank, exact=self.options.exact_svd,
+                                            seed=zlib.crc32(module.encode()), row_space=update.row_space)
             self.energy[module] = kept
             return out
         if rank is None and self.spec.exact:
@@ -360,6 +376,15 @@ class _Engine:
         saved = sorted({m for a in self.adapters for m in a.settings.modules_to_save}) if extra else None
         return fused_config(first.settings.raw, {m: u.rank for m, u in merged.items()}, targets, saved)
 
+    def _truncation_rule(self) -> str | None:
+        """How dense results (element-wise methods in the full space) were brought back to low rank."""
+        if self.spec.kind != "elementwise" or self.options.space != "full":
+            return None
+        if self.options.exact_svd:
+            return "exact SVD"
+        return (f"randomized SVD started from the inputs' row space, {ROW_SPACE_POWER_ITERATIONS} power "
+                "iteration(s), exact when the rank is near full")
+
     def _provenance(self, merged: dict[str, LowRank]) -> dict[str, Any]:
         energies = list(self.energy.values())
         return {
@@ -367,6 +392,7 @@ class _Engine:
             "method": {"name": self.spec.name, "paper": self.spec.paper, "exact": self.spec.exact},
             "parameters": self.params.model_dump(mode="json", by_alias=True),
             "options": {"rank": self.options.rank, "space": self.options.space, "exact_svd": self.options.exact_svd,
+                        "dense_truncation": self._truncation_rule(),
                         "modules_to_save": self.options.modules_to_save, "dtype": str(self.options.dtype)},
             "inputs": [{"name": a.name, "source": a.source, "path": str(a.path), "weights_file": a.weights_path.name,
                         "sha256": a.sha256, "weight": w, "density": d, "r": a.settings.r,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from lorafuse.adapters.config import LoraSettings, parse_settings
+from lorafuse.adapters.safetensors_io import SafetensorsFile
 from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import AdapterError
 
@@ -52,6 +54,9 @@ def resolve_adapter_dir(source: str | Path, allow_bin: bool = False) -> Path:
         raise AdapterError(f"{source}: not a local directory and could not be fetched from the Hub: {exc}") from exc
 
 
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafuse-sha256")
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -68,7 +73,8 @@ class LoraAdapter:
         self.path = resolve_adapter_dir(source, allow_bin)
         self.settings: LoraSettings = parse_settings(self._read_config(), str(self.path / CONFIG_NAME))
         self.weights_path = self._find_weights(allow_bin)
-        self._handle: Any = None
+        self._handle: SafetensorsFile | None = None
+        self._hashing: Future[str] | None = None
         self._bin: dict[str, torch.Tensor] | None = None
         self.name = name or self.train_record.get("task") or self.path.name
 
@@ -108,21 +114,22 @@ class LoraAdapter:
 
     @cached_property
     def sha256(self) -> str:
-        return sha256_file(self.weights_path)
+        return self._hashing.result() if self._hashing is not None else sha256_file(self.weights_path)
+
+    def start_hashing(self) -> None:
+        """Hash the weights file on a background thread (hashlib releases the GIL): on two cores the
+        provenance's sha256 then costs no wall time beside the merge."""
+        if self._hashing is None and "sha256" not in self.__dict__:
+            self._hashing = _HASHER.submit(sha256_file, self.weights_path)
 
     def _keys(self) -> list[str]:
         if self.weights_path.suffix == ".bin":
             return list(self._load_bin())
-        return list(self._open().keys())
+        return self._open().keys()
 
-    def _open(self) -> Any:
+    def _open(self) -> SafetensorsFile:
         if self._handle is None:
-            from safetensors import safe_open
-
-            try:
-                self._handle = safe_open(str(self.weights_path), framework="pt")
-            except Exception as exc:
-                raise AdapterError(f"{self.weights_path}: corrupt or unreadable safetensors file ({exc})") from exc
+            self._handle = SafetensorsFile(self.weights_path)
         return self._handle
 
     def _load_bin(self) -> dict[str, torch.Tensor]:
@@ -137,7 +144,9 @@ class LoraAdapter:
         try:
             if self.weights_path.suffix == ".bin":
                 return self._load_bin()[key]
-            return self._open().get_tensor(key)
+            return self._open().read(key)
+        except AdapterError:
+            raise
         except Exception as exc:
             raise AdapterError(f"{self.weights_path}: cannot read tensor '{key}' ({exc})") from exc
 
@@ -187,13 +196,13 @@ class LoraAdapter:
         if self.weights_path.suffix == ".bin":
             return (self.tensor(entry.b_key).shape[0], self.tensor(entry.a_key).shape[1])
         h = self._open()
-        return (h.get_slice(entry.b_key).get_shape()[0], h.get_slice(entry.a_key).get_shape()[1])
+        return (h.shape(entry.b_key)[0], h.shape(entry.a_key)[1])
 
     def module_rank(self, module: str) -> int:
         entry = self.modules[module]
         if self.weights_path.suffix == ".bin":
             return self.tensor(entry.a_key).shape[0]
-        return self._open().get_slice(entry.a_key).get_shape()[0]
+        return self._open().shape(entry.a_key)[0]
 
     def update(self, module: str) -> LowRank:
         """The module's update with its scale folded into B: ΔW = (s·B)·A, as (out×r)·(r×in)."""
@@ -205,14 +214,23 @@ class LoraAdapter:
         if B.shape[1] != A.shape[0]:
             raise AdapterError(f"{self.weights_path}: module '{module}': lora_B {tuple(B.shape)} and lora_A "
                                f"{tuple(A.shape)} do not multiply")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        if not (_all_finite(A) and _all_finite(B)):
             raise AdapterError(f"{self.weights_path}: module '{module}': NaN or Inf in its LoRA factors")
         scale = self.settings.scaling(module, stored_rank=A.shape[0])
-        return LowRank(B.float() * scale, A.float())
+        owned = self.weights_path.suffix != ".bin" and B.dtype == torch.float32  # a fresh buffer: scale in place
+        return LowRank(B.mul_(scale) if owned else B.float() * scale, A.float())
 
     def dtype(self) -> torch.dtype:
         first = next(iter(self.modules.values()))
-        return self.tensor(first.a_key).dtype
+        if self.weights_path.suffix == ".bin":
+            return self.tensor(first.a_key).dtype
+        return self._open().dtype(first.a_key)
 
     def __repr__(self) -> str:
         return f"LoraAdapter({self.name!r}, {len(self.modules)} modules, r={self.settings.r})"
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """True when no entry is NaN or ±Inf. A sum carries any NaN or Inf through without allocating a mask as
+    large as the tensor; only a non-finite sum (or an overflowing one) needs the entry-by-entry check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lorafuse.adapters.reader import CONFIG_NAME, PREFIX, SAFETENSORS_NAME
+from lorafuse.adapters.safetensors_io import save_safetensors
 from lorafuse.algebra.lowrank import LowRank
 from lorafuse.atomic import atomic_output_dir
 
@@ -59,15 +60,16 @@ def fused_config(
 
 
 def adapter_state_dict(
-    modules: Mapping[str, LowRank], embeddings: set[str], dtype: torch.dtype
+    modules: Mapping[str, LowRank], embeddings: set[str], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """PEFT-format tensors: `base_model.model.<module>.lora_A.weight` (r×in) and `.lora_B.weight` (out×r)."""
+    """PEFT-format tensors: `base_model.model.<module>.lora_A.weight` (r×in) and `.lora_B.weight` (out×r),
+    cast to `dtype` (None: as computed, for a writer that casts one tensor at a time)."""
     state: dict[str, torch.Tensor] = {}
     for module, update in modules.items():
         a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if module in embeddings else ("lora_A", "lora_B")
         suffix = "" if module in embeddings else ".weight"
-        state[f"{PREFIX}{module}.{a_name}{suffix}"] = update.A.to(dtype).contiguous()
-        state[f"{PREFIX}{module}.{b_name}{suffix}"] = update.B.to(dtype).contiguous()
+        state[f"{PREFIX}{module}.{a_name}{suffix}"] = update.A if dtype is None else update.A.to(dtype).contiguous()
+        state[f"{PREFIX}{module}.{b_name}{suffix}"] = update.B if dtype is None else update.B.to(dtype).contiguous()
     return state
 
 
@@ -78,18 +80,18 @@ def write_adapter_dir(
     provenance: Mapping[str, Any],
     heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     overwrite: bool = False,
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> Path:
-    """Write adapter_config.json, adapter_model.safetensors, the provenance and per-task heads, atomically."""
-    from safetensors.torch import save_file
-
+    """Write adapter_config.json, adapter_model.safetensors, the provenance and per-task heads, atomically.
+    `dtypes` casts tensors of `state` as they are written (one at a time, never the whole state at once)."""
     with atomic_output_dir(out, overwrite) as tmp:
-        save_file(dict(state), str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        save_safetensors(tmp / SAFETENSORS_NAME, state, metadata={"format": "pt"}, dtypes=dtypes)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(model_card(config, provenance))
         for name, tensors in (heads or {}).items():
             (tmp / HEADS_DIR).mkdir(exist_ok=True)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / HEADS_DIR / f"{name}.safetensors"))
+            save_safetensors(tmp / HEADS_DIR / f"{name}.safetensors", tensors)
     return Path(out)
 
 
