@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tests.adapter_factory import llama_modules, write_adapter
 
 from lorafuse.adapters.reader import LoraAdapter, sha256_file
 from lorafuse.adapters.safetensors_io import SafetensorsFile, save_safetensors
 from lorafuse.errors import AdapterError
-from tests.adapter_factory import llama_modules, write_adapter
 
 
 def _tensors() -> dict[str, torch.Tensor]:
