@@ -56,6 +56,12 @@ def test_normalized_accuracy_and_averages(tmp_path):
         load_reference(tmp_path / "bad.json")
 
 
+def test_collapse_needs_one_label_on_nearly_every_example():
+    r = EvalResult({"a": 0.5, "b": 0.5}, {"a": 100, "b": 100},
+                   predicted={"a": {"x": 96, "y": 4}, "b": {"x": 60, "y": 40}})
+    assert r.collapsed("a") == "x" and r.collapsed("b") is None and r.collapsed("missing") is None
+
+
 def test_classify_crafted_head_and_binary_mask(bert, yaml_tasks):  # noqa: F811
     """Zero weights, bias ordering neutral > entailment > contradiction: a 3-way task predicts neutral everywhere;
     the binary task's not_entailment sits in neutral's slot; with entailment on top, contradiction is masked."""
@@ -63,6 +69,9 @@ def test_classify_crafted_head_and_binary_mask(bert, yaml_tasks):  # noqa: F811
     result = ev.evaluate(None, heads={"cmp3": _head([0.0, 1.0, 2.0]), "cmp2": _head([0.0, 1.0, 2.0])})
     assert result.accuracy["cmp3"] == pytest.approx(_share("cmp3", "neutral"))
     assert result.accuracy["cmp2"] == pytest.approx(_share("cmp2", "not_entailment"))
+    assert result.predicted == {"cmp3": {"neutral": result.examples["cmp3"]},  # counted under the task's labels
+                                "cmp2": {"not_entailment": result.examples["cmp2"]}}
+    assert result.collapsed("cmp2") == "not_entailment" and result.to_dict()["predicted"] == result.predicted
     masked = ev.evaluate(None, heads={"cmp2": _head([9.0, 0.0, 1.0])}, tasks=["cmp2"])  # contradiction masked
     assert masked.accuracy == {"cmp2": pytest.approx(_share("cmp2", "not_entailment"))}
     with pytest.raises(ConfigError, match="no classification head"):
@@ -89,7 +98,9 @@ def test_chat_crafted_model_predicts_first_label(llama, yaml_tasks):  # noqa: F8
     ev = Evaluator(str(llama), ["cmp3"], data_dir=yaml_tasks, progress=False)
     with torch.no_grad():
         ev.model.model.norm.weight.zero_()
-    assert ev.evaluate().accuracy["cmp3"] == pytest.approx(_share("cmp3", "contradiction"))
+    result = ev.evaluate()
+    assert result.accuracy["cmp3"] == pytest.approx(_share("cmp3", "contradiction"))
+    assert result.predicted["cmp3"] == {"contradiction": result.examples["cmp3"]}
 
 
 def test_chat_multi_token_labels_scored_in_one_pass(llama, tmp_path):  # noqa: F811

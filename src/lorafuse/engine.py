@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,9 +194,19 @@ class _Thresholds:
             return self.fixed
         width = max((len(f) for f in self.fractions), default=0)
         total = rows.shape[0] * rows.shape[1]
-        per_task = [top_thresholds(lambda t=t: rows.task_values(t), total, fr, rows.task_sample(t)) if fr else []
-                    for t, fr in enumerate(self.fractions)]
+
+        def task_thresholds(t: int) -> list[float]:
+            fr = self.fractions[t]
+            return top_thresholds(lambda: rows.task_values(t), total, fr, rows.task_sample(t)) if fr else []
+
+        # Tasks are independent, and the counting pass is numpy (one core, GIL released): one thread per core.
+        per_task = list(_pool().map(task_thresholds, range(len(self.fractions))))
         return torch.tensor([v + [0.0] * (width - len(v)) for v in per_task], dtype=torch.float64)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="lorafuse-trim")
 
 
 def merge(

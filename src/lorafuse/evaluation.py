@@ -38,6 +38,15 @@ class EvalResult:
     examples: dict[str, int]
     normalized: dict[str, float] = field(default_factory=dict)
     reference: dict[str, float] = field(default_factory=dict)
+    predicted: dict[str, dict[str, int]] = field(default_factory=dict)  # task → label → times predicted
+
+    def collapsed(self, task: str, share: float = 0.95) -> str | None:
+        """The label predicted for at least `share` of the task's examples, if any: an adapter (or a fusion)
+        that has collapsed onto one class, whatever its accuracy."""
+        counts = self.predicted.get(task) or {}
+        total = sum(counts.values())
+        label, top = max(counts.items(), key=lambda kv: kv[1], default=(None, 0))
+        return label if total and top >= share * total else None
 
     @property
     def average(self) -> float:
@@ -56,7 +65,7 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "examples": self.examples, "average": self.average,
                 "normalized": self.normalized, "normalized_average": self.normalized_average,
-                "reference": self.reference}
+                "reference": self.reference, "predicted": self.predicted}
 
 
 # -- applying adapters -------------------------------------------------------------------------------------
@@ -257,14 +266,33 @@ class Evaluator:
 
     def accuracy(self, task: Task, split: str | None = None, bar: Any = None) -> tuple[float, int]:
         """Accuracy of the model as it stands (adapter and head already applied) on one task."""
+        correct, total, _ = self._score(task, split, bar)
+        return correct / total, total
+
+    def _score(self, task: Task, split: str | None, bar: Any) -> tuple[int, int, dict[str, int]]:
+        """Correct predictions, examples, and how often each label was predicted."""
         correct = total = 0
+        counts = torch.zeros(0, dtype=torch.long)
         with torch.inference_mode():
             for batch in self.batches_for(task, split):
-                correct += int((self.formulation.predict(self.model, batch, task) == batch.targets).sum())
+                predicted = self.formulation.predict(self.model, batch, task).cpu()
+                correct += int((predicted == batch.targets.cpu()).sum())
                 total += len(batch.targets)
+                bins = torch.bincount(predicted)
+                counts = torch.nn.functional.pad(counts, (0, max(0, len(bins) - len(counts))))
+                counts[: len(bins)] += bins
                 if bar is not None:
                     bar.update(len(batch.targets))
-        return correct / total, total
+        names = self._label_names(task)
+        return correct, total, {names.get(i, str(i)): int(n) for i, n in enumerate(counts.tolist()) if n}
+
+    def _label_names(self, task: Task) -> dict[int, str]:
+        """Prediction index → label word: classify predicts shared slots, chat indexes the task's labels."""
+        if self.formulation_name == "classify":
+            from lorafuse.formulations import SLOT
+
+            return {SLOT[label]: label for label in task.labels}
+        return dict(enumerate(task.labels))
 
     def evaluate(self, adapter: AdapterLike = None, heads: Heads | None = None, fan_in_fan_out: bool = False,
                  tasks: Sequence[str] | None = None, split: str | None = None) -> EvalResult:
@@ -289,7 +317,7 @@ class Evaluator:
         """Each task's accuracy with the adapter already applied, its head swapped in."""
         from tqdm.auto import tqdm
 
-        accuracy, examples = {}, {}
+        accuracy, examples, predicted = {}, {}, {}
         total = sum(len(b.targets) for t in self.tasks for b in self.batches_for(t, split))
         with tqdm(total=total, desc="evaluate", unit="ex", disable=not self.progress, leave=False) as bar:
             for task in self.tasks:
@@ -299,8 +327,9 @@ class Evaluator:
                                       "with --heads / --heads-dir, or merge with modules_to_save: per_task)")
                 bar.set_postfix_str(task.name)
                 with head_loaded(self.model, head):
-                    accuracy[task.name], examples[task.name] = self.accuracy(task, split, bar)
-        return EvalResult(accuracy, examples)
+                    correct, examples[task.name], predicted[task.name] = self._score(task, split, bar)
+                accuracy[task.name] = correct / examples[task.name]
+        return EvalResult(accuracy, examples, predicted=predicted)
 
     @contextmanager
     def _naming_base(self, adapter: AdapterLike) -> Iterator[None]:

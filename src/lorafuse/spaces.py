@@ -56,7 +56,7 @@ def full_space(terms: Sequence[LowRank]) -> Projection:
 
 
 BAND_ENTRIES = 1 << 18  # one task's entries per band of rows: a few MB, reused, so no page faults per band
-_SAMPLE_ROWS, _SAMPLE_COLS = 1024, 512
+_SAMPLE_ENTRIES = 1 << 18
 
 
 class DenseRows:
@@ -87,15 +87,21 @@ class DenseRows:
         return torch.matmul(self.B[t][start:stop], self.A[t], out=out)
 
     def task_values(self, t: int) -> Iterator[torch.Tensor]:
-        """Task t's ΔW band by band (each yielded view is overwritten by the next)."""
-        out = self._buffer[0]
+        """Task t's ΔW band by band (each yielded view is overwritten by the next). Each call has its own buffer,
+        so several tasks can be read at once from different threads."""
+        out = torch.empty(min(self.rows, self.shape[0]), self.shape[1])
         for start, stop in self.bands():
             yield self.task_band(t, start, stop, out[: stop - start])
 
     def task_sample(self, t: int, seed: int = 0) -> torch.Tensor:
-        """Entries of ΔW_t on a random grid of rows × columns: enough to bracket its magnitude quantiles."""
+        """Entries of ΔW_t at independent uniformly random positions, to bracket its magnitude quantiles.
+
+        Independent positions, not a grid of rows × columns: a low-rank update's entries share their row's and
+        column's scale, so a grid's entries are correlated and its quantiles scatter far more than a binomial
+        bracket allows (on Llama-3-8B's gate_proj a 1024×512 grid missed the 20% quantile for one task in four,
+        and each miss costs a second pass)."""
         gen = torch.Generator().manual_seed(seed)
         m, n = self.shape
-        rows = torch.randperm(m, generator=gen)[:_SAMPLE_ROWS]
-        cols = torch.randperm(n, generator=gen)[:_SAMPLE_COLS]
-        return self.B[t][rows] @ self.A[t][:, cols]
+        rows = torch.randint(m, (_SAMPLE_ENTRIES,), generator=gen)
+        cols = torch.randint(n, (_SAMPLE_ENTRIES,), generator=gen)
+        return (self.B[t][rows] * self.A[t][:, cols].T).sum(dim=1)
