@@ -242,9 +242,13 @@ CASES: dict[str, dict[str, Any]] = {
 NOTES = {
     "ties": "the full space runs a band of rows at a time with exact per-module thresholds (one counting pass per "
     "task, bracketed by a sample); same run, one layer, same load: the original engine (all T dense blocks stacked, "
-    "torch.kthvalue) took 170.6 s and 5.08 GB, this one 23.9 s and 0.64 GB, with bit-identical output.",
+    "torch.kthvalue) took 170.6 s and 5.08 GB, this one 23.9 s and 0.64 GB, with bit-identical output. Since "
+    "then: the bracket comes from entries at independent random positions (a rows × columns grid of a low-rank "
+    "update is correlated, and missed the bracket for one task in four on gate/up_proj, forcing a second pass), "
+    "tasks are counted on parallel threads, and the dense result is truncated by a range finder started from the "
+    "inputs' row space (see the truncation row): 2 layers went from 21.1 s to 13.2 s in one A/B run.",
     "dare_ties": "DARE's masks are drawn band by band from each task's seeded generator, in row order: the same "
-    "masks as one draw over the whole module. The 32-layer row shared the machine with that before/after check.",
+    "masks as one draw over the whole module. Drawing them (a single-threaded generator) is most of its time.",
     "truncation_accuracy": "rank-16 energy kept by lorafuse's randomized truncation of the dense TIES result, as "
     "a fraction of the exact SVD's (1.0 = optimal); seconds = the two default truncations only. The range finder "
     "starts from the inputs' row space (the stacked A's) with 1 power iteration; the textbook random start with 4 "
@@ -339,15 +343,20 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Ratio vs the I/O floor of the same layer count, and vs PEFT per layer (PEFT's one-layer time)."""
     floor = {r["layers"]: r["seconds"] for r in rows if r["case"] == "io_floor" and "seconds" in r}
     peft = {r["case"].removeprefix("peft_"): r["seconds"] for r in rows if r["case"].startswith("peft_") and "seconds" in r}
+    peft_rows = {r["case"].removeprefix("peft_"): r for r in rows if r["case"].startswith("peft_")}
     for r in rows:
         if "seconds" not in r or r["case"].startswith("peft_") or r["case"] == "io_floor":
             continue
-        if r["layers"] in floor and r["case"] != "knots_dense_reference":
+        if r["layers"] in floor and r["case"] not in ("knots_dense_reference", "truncation_accuracy"):
             r["ratio_vs_io_floor"] = r["seconds"] / floor[r["layers"]]
         peer = CASES[r["case"]].get("peft")
         if peer in peft:
             r["peft_case"] = peer
             r["ratio_vs_peft_per_layer"] = (r["seconds"] / r["layers"]) / peft[peer]
+            other = peft_rows[peer]
+            if other.get("cached_from") or other.get("threads") != r.get("threads"):
+                r["peft_conditions"] = f"PEFT measured {other.get('cached_from', 'in this run')} with " \
+                                       f"{other.get('threads', '?')} thread(s) at load {other.get('load_at_start')}"
     knots_ref = next((r for r in rows if r["case"] == "knots_dense_reference" and "seconds" in r), None)
     knots_l1 = next((r for r in rows if r["case"] == "knots_ties" and r["layers"] == 1 and "seconds" in r), None)
     if knots_ref and knots_l1:
@@ -387,7 +396,8 @@ def markdown(info: dict[str, Any], rows: list[dict[str, Any]], notes: list[str])
                 f"{m} {r[f'{m}_row_space_vs_exact']:.6f}" for m in ("q_proj", "k_proj")) + "; random start, 4 "
                 "iterations " + ", ".join(f"{m} {r[f'{m}_random_start_vs_exact']:.4f}" for m in ("q_proj", "k_proj")))
         if "peft_case" in r:
-            note.append(f"vs PEFT {r['peft_case']}")
+            note.append(f"vs PEFT {r['peft_case']}" + (f" ({r['peft_conditions']}: not comparable)"
+                                                       if r.get("peft_conditions") else ""))
         if "ratio_vs_dense_knots" in r:
             note.append(f"{r['ratio_vs_dense_knots']:.3f} × the dense KnOTS SVDs of one layer's q and k")
         if "peak_gb_before_call" in r:
@@ -444,6 +454,8 @@ def main() -> None:
                 old = next((r for r in previous.get("rows", []) if r["case"] == case and r["layers"] == layers), None)
                 if old is not None:
                     rows.append({**old, "cached_from": old.get("cached_from") or previous["machine"]["date"]})
+                    if not args.only or args.write:
+                        write_results(info, rows, previous if args.only else {})
                     continue
             wait_for_quiet(args.max_load, args.max_wait)
             rows.append(run_case(case, layers, args.timeout, args.threads))
