@@ -345,6 +345,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     peft = {r["case"].removeprefix("peft_"): r["seconds"] for r in rows if r["case"].startswith("peft_") and "seconds" in r}
     peft_rows = {r["case"].removeprefix("peft_"): r for r in rows if r["case"].startswith("peft_")}
     for r in rows:
+        for key in ("ratio_vs_io_floor", "peft_case", "ratio_vs_peft_per_layer", "peft_conditions"):
+            r.pop(key, None)  # recomputed from the rows as they are now
         if "seconds" not in r or r["case"].startswith("peft_") or r["case"] == "io_floor":
             continue
         if r["layers"] in floor and r["case"] not in ("knots_dense_reference", "truncation_accuracy"):
