@@ -129,3 +129,26 @@ def test_streaming_quantile_is_exact():
     t10, t50, t100, t0 = q.thresholds()
     assert t10 == float(allv[int(0.1 * allv.numel()) - 1]) and t50 == float(allv[int(0.5 * allv.numel()) - 1])
     assert t100 == 0.0 and t0 == float("inf")
+
+
+def test_rows_sample_brackets_skewed_low_rank_updates_in_one_pass(monkeypatch):
+    """A low-rank update whose rows and columns have very different scales (as real B's and A's do) makes a grid
+    sample's entries correlated; the sample of independent positions still brackets the exact threshold, so each
+    task's values are read once, and the threshold equals a full sort's."""
+    import lorafuse.methods.thresholds as thresholds
+    from lorafuse.algebra.lowrank import LowRank
+    from lorafuse.spaces import DenseRows
+
+    gen = torch.Generator().manual_seed(0)
+    m, n, r = 3000, 700, 4
+    B = torch.randn(m, r, generator=gen) * torch.exp(2 * torch.randn(m, 1, generator=gen))
+    A = torch.randn(r, n, generator=gen) * torch.exp(torch.randn(1, n, generator=gen))
+    rows = DenseRows([LowRank(B, A)])
+    passes = []
+    original = thresholds._count_and_band
+    monkeypatch.setattr(thresholds, "_count_and_band", lambda v, b: passes.append(1) or original(v, b))
+    for density in (0.02, 0.2, 0.7):
+        passes.clear()
+        (got,) = thresholds.top_thresholds(lambda: rows.task_values(0), m * n, [density], rows.task_sample(0))
+        exact = (B @ A).abs().reshape(-1).sort(descending=True).values[int(density * m * n) - 1]
+        assert got == float(exact) and len(passes) == 1
