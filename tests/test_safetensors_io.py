@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from tests.adapter_factory import llama_modules, write_adapter
 
 from lorafuse.adapters.reader import LoraAdapter, sha256_file
-from lorafuse.adapters.safetensors_io import SafetensorsFile, save_safetensors
+from lorafuse.adapters.safetensors_io import PendingTensor, SafetensorsFile, save_safetensors
 from lorafuse.errors import AdapterError
 
 
@@ -101,3 +101,20 @@ def test_background_hash_equals_direct_hash(tmp_path: Path) -> None:
     adapter = LoraAdapter(path)
     adapter.start_hashing()
     assert adapter.sha256 == sha256_file(adapter.weights_path)
+
+
+def test_pending_tensors_are_produced_one_at_a_time(tmp_path: Path) -> None:
+    made: list[str] = []
+
+    def make(key: str, value: float) -> torch.Tensor:
+        made.append(key)
+        return torch.full((2, 3), value)
+
+    entries = {k: PendingTensor((2, 3), torch.float32, lambda k=k, v=v: make(k, v)) for k, v in (("b", 2.0), ("a", 1.0))}
+    save_safetensors(tmp_path / "x.safetensors", {**entries, "c": torch.zeros(1)})
+    assert made == ["a", "b"]  # in file order, only while writing
+    loaded = load_file(str(tmp_path / "x.safetensors"))
+    assert torch.equal(loaded["a"], torch.ones(2, 3)) and torch.equal(loaded["b"], torch.full((2, 3), 2.0))
+    bad = {"a": PendingTensor((2, 2), torch.float32, lambda: torch.zeros(3))}
+    with pytest.raises(ValueError, match="announced"):
+        save_safetensors(tmp_path / "y.safetensors", bad)

@@ -3,11 +3,15 @@ at inference. Streams one base shard at a time and keeps its sharding."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
+from lorafuse.adapters.safetensors_io import PendingTensor, SafetensorsFile, save_safetensors
 from lorafuse.atomic import atomic_output_dir
 from lorafuse.errors import AdapterError
 
@@ -48,31 +52,47 @@ def _weight_key(module: str, keys: set[str]) -> str | None:
     return None
 
 
-def write_merged_model(result: MergeResult, base: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write W + ΔW for every fused module, every other tensor unchanged, same shard layout and file names."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    model_dir = resolve_model_dir(base)
+def _fused_weights(result: MergeResult, source: SafetensorsFile, pending: set[str]) -> dict[str, str]:
+    """{weight key in this shard: fused module}, with every shape checked before anything is written."""
+    keys = set(source.keys())
     transpose = bool(result.config.get("fan_in_fan_out"))
+    fused = {}
+    for module in sorted(pending):
+        key = _weight_key(module, keys)
+        if key is None:
+            continue
+        shape = result.modules[module].shape
+        shape = shape[::-1] if transpose else shape
+        if tuple(shape) != source.shape(key):
+            raise AdapterError(f"{source.path}: '{key}' has shape {source.shape(key)}, the fused update of "
+                               f"'{module}' {tuple(shape)}")
+        fused[key] = module
+    return fused
+
+
+def _updated(result: MergeResult, source: SafetensorsFile, key: str, module: str | None) -> torch.Tensor:
+    weight = source.read(key)
+    if module is None:
+        return weight
+    delta = result.delta(module)
+    delta = delta.T if result.config.get("fan_in_fan_out") else delta
+    return (weight.float() + delta).to(weight.dtype)
+
+
+def write_merged_model(result: MergeResult, base: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write W + ΔW for every fused module, every other tensor unchanged, same shard layout and file names.
+    Each shard is written holding one of its tensors at a time (read, updated where fused, written)."""
+    model_dir = resolve_model_dir(base)
     pending = set(result.modules)
     with atomic_output_dir(out, overwrite) as tmp:
         for shard in _shards(model_dir):
-            with safe_open(str(shard), framework="pt") as fh:
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-            for module in list(pending):
-                key = _weight_key(module, set(tensors))
-                if key is None:
-                    continue
-                delta = result.delta(module)
-                weight = tensors[key]
-                delta = delta.T if transpose else delta
-                if tuple(delta.shape) != tuple(weight.shape):
-                    raise AdapterError(f"{shard}: '{key}' has shape {tuple(weight.shape)}, the fused update of "
-                                       f"'{module}' {tuple(delta.shape)}")
-                tensors[key] = (weight.float() + delta).to(weight.dtype)
-                pending.discard(module)
-            save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
+            source = SafetensorsFile(shard)
+            fused = _fused_weights(result, source, pending)
+            pending -= set(fused.values())
+            entries = {key: PendingTensor(source.shape(key), source.dtype(key),
+                                          functools.partial(_updated, result, source, key, fused.get(key)))
+                       for key in source.keys()}
+            save_safetensors(tmp / shard.name, entries, metadata=source.metadata or {"format": "pt"})
         if pending:
             raise AdapterError(f"{model_dir}: no base weight for modules {sorted(pending)[:3]}")
         for name in _COPIED + ("model.safetensors.index.json",):

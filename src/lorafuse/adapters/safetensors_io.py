@@ -14,9 +14,11 @@ multiple of 8 bytes), then the tensors' bytes back to back, offsets relative to 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +110,22 @@ def _check_entry(key: str, entry: dict[str, Any], data_size: int) -> None:
                          f"{list(entry['shape'])} within {data_size} bytes of data")
 
 
+@dataclass(frozen=True)
+class PendingTensor:
+    """A tensor the writer produces only when its turn comes (e.g. read from another file and updated), so a
+    whole file is written holding one tensor at a time; shape and dtype must be known before."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
 def save_safetensors(
     path: str | Path,
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor | PendingTensor],
     metadata: Mapping[str, str] | None = None,
     dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> None:
@@ -131,6 +146,10 @@ def save_safetensors(
         fh.write(struct.pack("<Q", len(encoded)))
         fh.write(encoded)
         for key in keys:
-            tensor = tensors[key].detach().to("cpu", dtypes.get(key, tensors[key].dtype)).contiguous()
+            value = tensors[key]
+            tensor = value.load() if isinstance(value, PendingTensor) else value
+            if tuple(tensor.shape) != tuple(value.shape):
+                raise ValueError(f"{path}: tensor '{key}' came out {tuple(tensor.shape)}, announced {tuple(value.shape)}")
+            tensor = tensor.detach().to("cpu", dtypes.get(key, value.dtype)).contiguous()
             if tensor.numel():
                 fh.write(tensor.reshape(-1).view(torch.uint8).numpy())
