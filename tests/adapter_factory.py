@@ -91,3 +91,20 @@ def dense_stack(paths: list[Path], module: str, weights: list[float] | None = No
     weights = weights or [1.0] * len(paths)
     return torch.stack([w * u if (u := dense_update(p, module)) is not None else torch.zeros(m, n, dtype=torch.float64)
                         for p, w in zip(paths, weights)])
+
+
+def core_bases(paths: list[Path], module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Core Space's bases as its code computes them: U_B and V_A from dense float64 SVDs of the stacked (scaled)
+    B's and A's of the adapters that have the module."""
+    from lorafuse.adapters.reader import LoraAdapter
+
+    Bs, As = [], []
+    for p in paths:
+        adapter = LoraAdapter(p)
+        if module in adapter.modules:
+            u = adapter.update(module)
+            Bs.append(u.B.double())
+            As.append(u.A.double())
+    UB = torch.linalg.svd(torch.cat(Bs, 1), full_matrices=False)[0]
+    VA = torch.linalg.svd(torch.cat(As), full_matrices=False)[2]
+    return UB, VA

@@ -7,6 +7,7 @@ import pytest
 import torch
 from adapter_factory import (
     MIXED_MODULES,
+    core_bases,
     dense_stack,
     mixed_adapters,
 )
@@ -147,14 +148,7 @@ def knots_dense(x):
 
 def core_dense(paths, module):
     """Core Space as its code computes it: SVDs of the stacked B's and A's, M_t = U_Bᵀ ΔW_t V_Aᵀ."""
-    Bs, As = [], []
-    for p in paths:
-        adapter = LoraAdapter(p)
-        if module in adapter.modules:
-            u = adapter.update(module)
-            Bs.append(u.B.double()), As.append(u.A.double())
-    UB = torch.linalg.svd(torch.cat(Bs, 1), full_matrices=False)[0]
-    VA = torch.linalg.svd(torch.cat(As), full_matrices=False)[2]
+    UB, VA = core_bases(paths, module)
     return UB, VA, torch.stack([UB.T @ x @ VA.T for x in dense_tvs(paths, module)])
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from adapter_factory import (
     MIXED_MODULES,
+    core_bases,
     dense_stack,
     mixed_adapters,
 )
@@ -89,14 +90,7 @@ def iso_cts_dense(x, common=0.8, alpha=1.0):
 
 def core_dense(paths, module, weights):
     """Core Space: U_B, V_A from dense SVDs of the stacked (scaled) B's and A's; cores of the weighted updates."""
-    Bs, As = [], []
-    for p in paths:
-        adapter = LoraAdapter(p)
-        if module in adapter.modules:
-            u = adapter.update(module)
-            Bs.append(u.B.double()), As.append(u.A.double())
-    UB = torch.linalg.svd(torch.cat(Bs, 1), full_matrices=False)[0]
-    VA = torch.linalg.svd(torch.cat(As), full_matrices=False)[2]
+    UB, VA = core_bases(paths, module)
     return UB, VA, torch.stack([UB.T @ x @ VA.T for x in dense_tvs(paths, module, weights)])
 
 
