@@ -243,10 +243,10 @@ NOTES = {
     "ties": "the full space runs a band of rows at a time with exact per-module thresholds (one counting pass per "
     "task, bracketed by a sample); same run, one layer, same load: the original engine (all T dense blocks stacked, "
     "torch.kthvalue) took 170.6 s and 5.08 GB, this one 23.9 s and 0.64 GB, with bit-identical output. Since "
-    "then: the bracket comes from entries at independent random positions (a rows × columns grid of a low-rank "
-    "update is correlated, and missed the bracket for one task in four on gate/up_proj, forcing a second pass), "
-    "tasks are counted on parallel threads, and the dense result is truncated by a range finder started from the "
-    "inputs' row space (see the truncation row): 2 layers went from 21.1 s to 13.2 s in one A/B run.",
+    "then: tasks are counted on parallel threads, the dense result is truncated by a range finder started from "
+    "the inputs' row space (see the truncation row), and the bracket comes from entries at independent random "
+    "positions (a rows × columns grid of a low-rank update is correlated, and missed the bracket for one task in "
+    "four on gate_proj, forcing a second pass): that last change alone took 2 layers from 21.1 s to 13.2 s.",
     "dare_ties": "DARE's masks are drawn band by band from each task's seeded generator, in row order: the same "
     "masks as one draw over the whole module. Drawing them (a single-threaded generator) is most of its time.",
     "truncation_accuracy": "rank-16 energy kept by lorafuse's randomized truncation of the dense TIES result, as "

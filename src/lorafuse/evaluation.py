@@ -271,20 +271,20 @@ class Evaluator:
 
     def _score(self, task: Task, split: str | None, bar: Any) -> tuple[int, int, dict[str, int]]:
         """Correct predictions, examples, and how often each label was predicted."""
+        from collections import Counter
+
         correct = total = 0
-        counts = torch.zeros(0, dtype=torch.long)
+        counts: Counter[int] = Counter()
         with torch.inference_mode():
             for batch in self.batches_for(task, split):
                 predicted = self.formulation.predict(self.model, batch, task).cpu()
                 correct += int((predicted == batch.targets.cpu()).sum())
                 total += len(batch.targets)
-                bins = torch.bincount(predicted)
-                counts = torch.nn.functional.pad(counts, (0, max(0, len(bins) - len(counts))))
-                counts[: len(bins)] += bins
+                counts.update(predicted.tolist())
                 if bar is not None:
                     bar.update(len(batch.targets))
         names = self._label_names(task)
-        return correct, total, {names.get(i, str(i)): int(n) for i, n in enumerate(counts.tolist()) if n}
+        return correct, total, {names.get(i, str(i)): n for i, n in sorted(counts.items())}
 
     def _label_names(self, task: Task) -> dict[int, str]:
         """Prediction index → label word: classify predicts shared slots, chat indexes the task's labels."""

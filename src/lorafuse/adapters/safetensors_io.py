@@ -101,10 +101,7 @@ def _check_entry(key: str, entry: dict[str, Any], data_size: int) -> None:
     if entry["dtype"] not in DTYPES:
         raise ValueError(f"tensor '{key}': unsupported dtype {entry['dtype']}")
     begin, end = entry["data_offsets"]
-    numel = 1
-    for dim in entry["shape"]:
-        numel *= int(dim)
-    expected = numel * DTYPES[entry["dtype"]].itemsize
+    expected = math.prod(int(dim) for dim in entry["shape"]) * DTYPES[entry["dtype"]].itemsize
     if not 0 <= begin <= end <= data_size or end - begin != expected:
         raise ValueError(f"tensor '{key}': data offsets {begin}..{end} do not hold {entry['dtype']}"
                          f"{list(entry['shape'])} within {data_size} bytes of data")
