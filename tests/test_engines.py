@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from adapter_factory import llama_modules, write_adapter
+
 from engine_loaders import (
     LoadError,
     intended_deltas,
-    lorax_load,
     llamacpp_convert,
+    lorax_load,
     peft_load,
     sglang_load,
     vllm_load,
 )
-
 from lorafuse.adapters.engines import check_adapter
 from lorafuse.adapters.serving import fit_for_engine
 from lorafuse.cli import main

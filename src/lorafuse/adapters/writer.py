@@ -151,6 +151,8 @@ def model_card(config: Mapping[str, Any], provenance: Mapping[str, Any],
     ranks = ("`rank_pattern` lists modules of other ranks" if config.get("rank_pattern") else
              "every module is stored at this rank, lower-rank ones zero-padded, so engines that read only `r` "
              "(vLLM, SGLang, LoRAX, TGI, llama.cpp) load it; check one with `lorafuse check DIR --engine vllm`")
+    if int(config.get("r") or 0) > 16:  # vLLM's default max_lora_rank
+        ranks += f"; vLLM serves it with `--max-lora-rank {_next_vllm_rank(int(config['r']))}` or more"
     return f"""---
 library_name: peft
 base_model: {config.get("base_model_name_or_path") or ""}
@@ -204,6 +206,13 @@ assert not unexpected and not set(head) & set(missing)
 model.eval()
 ```
 """
+
+
+def _next_vllm_rank(r: int) -> int:
+    """The smallest of vLLM's max_lora_rank choices that holds rank r."""
+    from lorafuse.adapters.engines import VLLM_MAX_LORA_RANKS
+
+    return next((k for k in VLLM_MAX_LORA_RANKS if k >= r), r)
 
 
 def _num_labels(tensors: Mapping[str, torch.Tensor]) -> int:
