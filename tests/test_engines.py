@@ -171,3 +171,16 @@ def test_merge_target_vllm_picks_the_rank_and_refuses_heads(tmp_path, capsys):
                  "--modules-to-save", "average"]) == 1
     assert "does not load" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("engine", ["sglang", "lorax", "llamacpp"])
+def test_the_suggested_rewrite_passes(cases, tmp_path, engine):
+    """The fix a failed rank-pattern check prints (a one-adapter linear merge with --target) is exact and loads."""
+    source = cases["fused_rank_patterns"]
+    fix = check_adapter(source, engine).failures[0].fix
+    command = fix[fix.index("`lorafuse ") + len("`lorafuse "):fix.rindex("`")].replace("OUT", str(tmp_path / "out"))
+    assert main([*command.split(), "--quiet"]) == 0
+    out = tmp_path / "out"
+    assert check_adapter(out, engine).ok and replay(engine, out)
+    want, got = intended_deltas(source), intended_deltas(out)
+    assert all(torch.allclose(got[m], want[m], atol=1e-6) for m in want)

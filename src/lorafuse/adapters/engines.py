@@ -204,8 +204,12 @@ def _scaling_finding(layout: AdapterLayout, engine_scale: Callable[[str, ModuleF
     return Finding("scaling", False,
                    f"{how}: {len(wrong)} of {len(layout.modules)} modules scaled {ratios} relative to PEFT "
                    f"(e.g. {next(iter(wrong))})",
-                   f"rewrite it at one rank with scaling 1: `lorafuse merge --method linear --adapters "
-                   f"{layout.source} -o OUT --target {engine}` (a one-adapter linear merge is exact)")
+                   _rewrite_fix(layout, engine))
+
+
+def _rewrite_fix(layout: AdapterLayout, engine: str) -> str:
+    return (f"rewrite it at one rank with scaling 1: `lorafuse merge --method linear --adapters {layout.source} "
+            f"-o OUT --target {engine}` (a one-adapter linear merge is exact; it zero-pads every module to one rank)")
 
 
 def _global_scale(layout: AdapterLayout, rslora: bool) -> float:
@@ -263,9 +267,7 @@ def _ranks_equal_r(layout: AdapterLayout, why: str, engine: str) -> Finding:
     if off:
         sizes = ", ".join(str(k) for k in sorted(set(off.values())))
         return Finding("one rank", False, f"{len(off)} of {len(layout.modules)} modules stored at rank {sizes}, not "
-                       f"r={layout.r()}: {why}",
-                       f"re-merge without --rank-patterns, or rewrite it: `lorafuse merge --method linear --adapters "
-                       f"{layout.source} -o OUT --target {engine}` (zero-pads every module to one rank)")
+                       f"r={layout.r()}: {why}", _rewrite_fix(layout, engine))
     return Finding("one rank", True, f"every module stored at r={layout.r()}")
 
 
@@ -383,7 +385,7 @@ def lorax_rules(layout: AdapterLayout, max_lora_rank: int | None) -> list[Findin
                 "target the same modules in every layer (a merge with --target lorax writes zeros where one is absent)"),
         Finding("one rank per type", not uneven, (f"{len(uneven)} layer types have ranks {next(iter(uneven.values()))} "
                                                   "across layers: torch.stack of the layers' factors fails")
-                if uneven else "one rank per layer type across layers", "re-merge without --rank-patterns"),
+                if uneven else "one rank per layer type across layers", _rewrite_fix(layout, "lorax")),
         _rank_at_most(layout, max_lora_rank, "max_lora_rank", "above the limit given", "re-merge with --rank"),
         _scaling_finding(layout, lambda m, f: _global_scale(layout, bool(cfg.get("use_rslora"))),
                          "LoRAX/TGI scale every module by get_scaling_factor(lora_alpha, r, use_rslora) with the one r",
