@@ -94,3 +94,13 @@ def test_model_card_snippet_loads_each_head(fused, task, monkeypatch):
         want = _reference(base, result, heads[task])(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got, base(input_ids=ids).logits, atol=1e-3)
+
+
+def test_evaluation_reads_each_tasks_head_not_the_stored_one(fused):
+    from lorafuse.evaluation import load_task_head
+
+    _, out, _, heads = fused
+    for name, head in heads.items():
+        got = load_task_head(name, out)
+        assert torch.equal(got["classifier.weight"], head["base_model.model.classifier.weight"])
+    assert load_task_head("another_task", out) is None  # not the first task's head stored for PEFT
