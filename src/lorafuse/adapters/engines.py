@@ -47,7 +47,7 @@ SERVING_ENGINES = ("vllm", "sglang", "lorax", "llamacpp")  # engines that serve 
 PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$|"
                      r"^(?P<emodule>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)$")
-_LAYER = re.compile(r"^(?P<stem>.*?\.(?:layers|layer|h|blocks))\.(?P<index>\d+)\.(?P<type>.+)$")
+LAYERED_NAME = re.compile(r"^(?P<stem>.*?\.(?:layers|layer|h|blocks))\.(?P<index>\d+)\.(?P<type>.+)$")
 _HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
@@ -247,7 +247,7 @@ def _no_extra(layout: AdapterLayout, what: str, fix: str) -> Finding:
     return Finding("modules_to_save", True, "no modules_to_save and no tensor other than LoRA factors")
 
 
-_HEADS_FIX = ("merge with --modules-to-save drop (heads in task_heads/ are for transformers/PEFT), or export a "
+HEADS_FIX = ("merge with --modules-to-save drop (heads in task_heads/ are for transformers/PEFT), or export a "
               "merged model (--output-model) and serve that")
 
 
@@ -276,7 +276,7 @@ def _layer_types(layout: AdapterLayout) -> tuple[dict[str, dict[int, str]], list
     by_type: dict[str, dict[int, str]] = defaultdict(dict)
     loose = []
     for module in layout.modules:
-        m = _LAYER.match(module)
+        m = LAYERED_NAME.match(module)
         if m is None:
             loose.append(module)
         else:
@@ -298,7 +298,7 @@ def vllm_rules(layout: AdapterLayout, max_lora_rank: int | None) -> list[Finding
                 f"--max-lora-rank {limit} " + ("is" if limit in VLLM_MAX_LORA_RANKS else "is not") +
                 f" one of vLLM's {', '.join(map(str, VLLM_MAX_LORA_RANKS))}",
                 "pick one of those values"),
-        _no_extra(layout, "vLLM refuses modules_to_save (PEFTHelper._validate_features)", _HEADS_FIX),
+        _no_extra(layout, "vLLM refuses modules_to_save (PEFTHelper._validate_features)", HEADS_FIX),
         Finding("features", not features, f"unsupported: {', '.join(features)}" if features else
                 "no DoRA, LoRA bias or trained bias", "fuse into the base model instead (--output-model)"),
         Finding("keys", not keys, (f"{len(keys)} keys are not base_model.model.*.lora_A/B.weight ({keys[0]}): "
@@ -324,7 +324,7 @@ def sglang_rules(layout: AdapterLayout, max_lora_rank: int | None) -> list[Findi
         _fields(layout, ("r", "lora_alpha", "target_modules", "peft_type"), "LoRAConfig / LoRAAdapter"),
         Finding("peft_type", peft_type == "lora", f"peft_type {cfg.get('peft_type')!r}"
                 + ("" if peft_type == "lora" else ": LoRAAdapter asserts 'lora'"), "only LoRA adapters load"),
-        _no_extra(layout, "SGLang loads LoRA factors only: the head is silently not applied", _HEADS_FIX),
+        _no_extra(layout, "SGLang loads LoRA factors only: the head is silently not applied", HEADS_FIX),
         Finding("features", not cfg.get("use_dora"), "DoRA is not supported" if cfg.get("use_dora") else "no DoRA",
                 "fuse into the base model instead (--output-model)"),
         _pairs(layout),
@@ -346,7 +346,7 @@ def _sglang_stacking(layout: AdapterLayout) -> Finding:
     normalize_gate_up_proj stacks up_proj under gate_proj, so up_proj needs gate_proj."""
     by_layer: dict[str, set[str]] = defaultdict(set)
     for module in layout.modules:
-        m = _LAYER.match(module)
+        m = LAYERED_NAME.match(module)
         if m is not None:
             by_layer[f"{m['stem']}.{m['index']}"].add(module.rpartition(".")[2])
     missing = []
@@ -374,7 +374,7 @@ def lorax_rules(layout: AdapterLayout, max_lora_rank: int | None) -> list[Findin
     out = [
         _fields(layout, ("r", "lora_alpha"), "LoraConfig.load"),
         _no_extra(layout, "LoRAX/TGI map only lora_A/lora_B weights: the rest is unused and the head not applied",
-                  _HEADS_FIX),
+                  HEADS_FIX),
         Finding("embeddings", not embeddings, f"{len(embeddings)} embedding LoRAs are not mapped ({embeddings[0]})"
                 if embeddings else "no embedding LoRA (not mapped by LoRAX/TGI)", "leave embeddings out of the merge"),
         _pairs(layout),
@@ -403,7 +403,7 @@ def llamacpp_rules(layout: AdapterLayout, max_lora_rank: int | None) -> list[Fin
     return [
         _fields(layout, ("lora_alpha",), "convert_lora_to_gguf.py"),
         _no_extra(layout, "convert_lora_to_gguf.py stops at a tensor that is not lora_A/lora_B ('Unexpected name')",
-                  _HEADS_FIX),
+                  HEADS_FIX),
         _pairs(layout),
         Finding("base model", bool(cfg.get("base_model_name_or_path")), "base_model_name_or_path "
                 + (f"'{cfg.get('base_model_name_or_path')}'" if cfg.get("base_model_name_or_path") else

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lorafuse.adapters.engines import (
-    _HEADS_FIX,
+    HEADS_FIX,
     SERVING_ENGINES,
     VLLM_DEFAULT_MAX_LORA_RANK,
     Verdict,
@@ -38,7 +38,7 @@ def check_merge_options(engine: str, max_lora_rank: int | None, kwargs: dict[str
                           "--max-lora-rank to what the server is started with)")
     if engine in SERVING_ENGINES and kwargs.get("modules_to_save") in ("per_task", "average"):
         raise ConfigError(f"--target {engine}: modules_to_save '{kwargs['modules_to_save']}' keeps classification "
-                          f"heads, which {engine} does not load; {_HEADS_FIX}")
+                          f"heads, which {engine} does not load; {HEADS_FIX}")
     if engine != "peft" and kwargs.get("rank_patterns"):
         raise ConfigError(f"--target {engine}: {engine} does not read rank_pattern/alpha_pattern; drop --rank-patterns")
 
@@ -80,13 +80,13 @@ def _truncate_all(result: Any, limit: int) -> None:
 def _fill_missing_layers(result: Any) -> None:
     """LoRAX/TGI drop a layer type absent from any layer: write an exact zero update there (shape from another
     layer), so every layer has every type and ΔW is unchanged."""
-    from lorafuse.adapters.engines import _LAYER
+    from lorafuse.adapters.engines import LAYERED_NAME
 
     shapes: dict[tuple[str, str], tuple[int, int]] = {}
     present: set[tuple[str, int, str]] = set()
     layers: dict[str, set[int]] = {}
     for module, update in result.modules.items():
-        m = _LAYER.match(module)
+        m = LAYERED_NAME.match(module)
         if m is not None:
             shapes[(m["stem"], m["type"])] = update.shape
             present.add((m["stem"], int(m["index"]), m["type"]))
