@@ -365,8 +365,10 @@ def _sglang_stacking(layout: AdapterLayout) -> Finding:
 def lorax_rules(layout: AdapterLayout, max_lora_rank: int | None) -> list[Finding]:
     cfg = layout.config
     by_type, loose = _layer_types(layout)
-    layers = sorted({i for per in by_type.values() for i in per})
-    gaps = {t: [i for i in layers if i not in per] for t, per in by_type.items()}
+    layers: dict[str, set[int]] = defaultdict(set)  # layer indices per stack (`model.layers`, a vision tower, ...)
+    for t, per in by_type.items():
+        layers[t.split(".*.")[0]].update(per)
+    gaps = {t: [i for i in sorted(layers[t.split(".*.")[0]]) if i not in per] for t, per in by_type.items()}
     gaps = {t: g for t, g in gaps.items() if g}
     uneven = {t: sorted({layout.modules[m].rank for m in per.values()}) for t, per in by_type.items()}
     uneven = {t: r for t, r in uneven.items() if len(r) > 1}
