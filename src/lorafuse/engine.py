@@ -236,7 +236,8 @@ def merge(
     rank_patterns: bool = False,
     **params: Any,
 ) -> MergeResult:
-    """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...)."""
+    """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...).
+    The saved adapter stores every module at one rank (zero-padded, no rank_pattern) unless `rank_patterns`."""
     spec = get_method(method)
     parsed = spec.parse_params(params)
     loaded = load_adapters(adapters, names, allow_bin)
