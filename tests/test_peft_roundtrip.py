@@ -69,17 +69,29 @@ def test_saved_adapter_loads_in_peft(tmp_path, builder, fan_in_fan_out, task_typ
     assert not torch.allclose(want, model(input_ids=ids).logits, atol=1e-4)  # the update is not negligible
 
 
-def test_rank_pattern_output_reloads(tmp_path):
-    """Modules of different output ranks are written with rank_pattern/alpha_pattern and reload exactly."""
+@pytest.mark.parametrize("rank_patterns", [False, True])
+def test_mixed_rank_output_reloads(tmp_path, rank_patterns):
+    """Modules of different output ranks (a cat of r=4 on every module and r=2 on attention only): by default one
+    rank, the smaller modules zero-padded, no patterns; with rank_patterns, rank_pattern/alpha_pattern. Both
+    reload in PEFT with logits equal to the base plus the fused updates."""
+    from safetensors import safe_open
+
     model, modules = tiny_llama()
     model.save_pretrained(tmp_path / "base")
     attn = {m: s for m, s in modules.items() if "self_attn" in m}
     a = write_adapter(tmp_path / "a", modules, r=4, alpha=4, seed=0, base_model=str(tmp_path / "base"))
     b = write_adapter(tmp_path / "b", attn, r=2, alpha=4, seed=1, base_model=str(tmp_path / "base"))
-    result = merge([a, b], "cat", progress=False)
+    result = merge([a, b], "cat", progress=False, rank_patterns=rank_patterns)
     out = result.save(tmp_path / "fused")
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["rank_pattern"] and cfg["rank_pattern"] == cfg["alpha_pattern"]
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        ranks = {k: f.get_slice(k).get_shape()[0 if "lora_A" in k else 1] for k in f.keys()}
+    if rank_patterns:
+        assert cfg["rank_pattern"] and cfg["rank_pattern"] == cfg["alpha_pattern"]
+        assert len(set(ranks.values())) == 2
+    else:
+        assert cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {}
+        assert cfg["r"] == cfg["lora_alpha"] == 6 and set(ranks.values()) == {6}
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out))
     ids = torch.randint(0, 100, (1, 7))
     with torch.no_grad():

@@ -14,6 +14,7 @@ from lorafuse.errors import LorafuseError
 COMMANDS: dict[str, str] = {
     "merge": "fuse LoRA adapters into one PEFT adapter (mergekit-style YAML or flags)",
     "inspect": "print an adapter's modules, shapes, ranks, scaling and norms",
+    "check": "whether vLLM, SGLang, LoRAX/TGI, llama.cpp or PEFT loads an adapter and computes its ΔW",
     "train": "train one LoRA adapter per task (PEFT + Hugging Face Trainer)",
     "eval": "evaluate an adapter (single, fused or routed) on tasks",
     "experiment": "train, fuse, tune, evaluate and report from one config",

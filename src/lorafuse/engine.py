@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from lorafuse.adapters.reader import LoraAdapter
-from lorafuse.adapters.writer import HEADS_DIR, adapter_state_dict, fused_config, write_adapter_dir
+from lorafuse.adapters.writer import (
+    HEADS_DIR,
+    adapter_state_dict,
+    fused_config,
+    stored_rank,
+    within_shape_rank,
+    write_adapter_dir,
+)
 from lorafuse.algebra.dense import ROW_SPACE_POWER_ITERATIONS, dense_truncated_svd
 from lorafuse.algebra.lowrank import LowRank, truncate
 from lorafuse.errors import ConfigError, IncompatibleAdaptersError
@@ -38,6 +45,7 @@ class MergeOptions:
     modules_to_save: str = "error"
     dtype: torch.dtype | None = None  # output dtype; default: the adapters' dtype
     progress: bool = True
+    rank_patterns: bool = False  # per-module ranks in rank_pattern instead of one zero-padded rank
 
 
 @dataclass
@@ -57,12 +65,13 @@ class MergeResult:
         return self.modules[module].dense()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = adapter_state_dict(self.modules, self.embeddings, self.dtype)
+        state = adapter_state_dict(self.modules, self.embeddings, self.dtype, stored_rank(self.config))
         state.update(self.extra_state)
         return state
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        lora = adapter_state_dict(self.modules, self.embeddings)  # cast one tensor at a time while writing
+        # padded to the config's one rank and cast one tensor at a time while writing
+        lora = adapter_state_dict(self.modules, self.embeddings, rank=stored_rank(self.config))
         dtypes = dict.fromkeys(lora, self.dtype)
         return write_adapter_dir(path, {**lora, **self.extra_state}, self.config, self.provenance, self.heads,
                                  overwrite, dtypes)
@@ -224,13 +233,16 @@ def merge(
     dtype: torch.dtype | str | None = None,
     allow_bin: bool = False,
     progress: bool = True,
+    rank_patterns: bool = False,
     **params: Any,
 ) -> MergeResult:
-    """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...)."""
+    """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...).
+    The saved adapter stores every module at one rank (zero-padded, no rank_pattern) unless `rank_patterns`."""
     spec = get_method(method)
     parsed = spec.parse_params(params)
     loaded = load_adapters(adapters, names, allow_bin)
-    options = MergeOptions(rank, space, exact_svd, modules_to_save, _as_dtype(dtype) or loaded[0].dtype(), progress)
+    options = MergeOptions(rank, space, exact_svd, modules_to_save, _as_dtype(dtype) or loaded[0].dtype(), progress,
+                           rank_patterns)
     weights = _per_adapter(weights, loaded, "weights", 1.0)
     densities = _per_adapter(densities, loaded, "densities", getattr(parsed, "density", 1.0))
     _check_options(spec, options, densities)
@@ -287,7 +299,7 @@ class _Engine:
             adapter.start_hashing()
 
     def run(self) -> MergeResult:
-        merged = self._merge_all()
+        merged = {m: within_shape_rank(u) for m, u in self._merge_all().items()}
         heads, extra = self._modules_to_save()
         return MergeResult(
             modules=merged,
@@ -376,7 +388,9 @@ class _Engine:
                 f"{HEADS_DIR}/), average, or drop")
         per_task = {a.name: {k: a.tensor(k) for k in a.extra_keys} for a in with_extra}
         if policy == "per_task":
-            return per_task, {}
+            # PEFT's SEQ_CLS/TOKEN_CLS loading requires the head in the adapter file: the first task's is stored
+            # there too (the model card says so), every task's in task_heads/.
+            return per_task, dict(next(iter(per_task.values())))
         return {}, _average_tensors(per_task, with_extra)
 
     def _config(self, merged: dict[str, LowRank], extra: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -386,7 +400,8 @@ class _Engine:
         if not same_modules or not isinstance(targets, (list, str)):
             targets = list(merged)
         saved = sorted({m for a in self.adapters for m in a.settings.modules_to_save}) if extra else None
-        return fused_config(first.settings.raw, {m: u.rank for m, u in merged.items()}, targets, saved)
+        return fused_config(first.settings.raw, {m: u.rank for m, u in merged.items()}, targets, saved,
+                            self.options.rank_patterns)
 
     def _truncation_rule(self) -> str | None:
         """How dense results (element-wise methods in the full space) were brought back to low rank."""
@@ -405,7 +420,8 @@ class _Engine:
             "parameters": self.params.model_dump(mode="json", by_alias=True),
             "options": {"rank": self.options.rank, "space": self.options.space, "exact_svd": self.options.exact_svd,
                         "dense_truncation": self._truncation_rule(),
-                        "modules_to_save": self.options.modules_to_save, "dtype": str(self.options.dtype)},
+                        "modules_to_save": self.options.modules_to_save, "dtype": str(self.options.dtype),
+                        "rank_patterns": self.options.rank_patterns},
             "inputs": [{"name": a.name, "source": a.source, "path": str(a.path), "weights_file": a.weights_path.name,
                         "sha256": a.sha256, "weight": w, "density": d, "r": a.settings.r,
                         "lora_alpha": a.settings.lora_alpha, "use_rslora": a.settings.use_rslora}

@@ -133,7 +133,9 @@ def load_task_head(task: str, adapter: str | Path | None = None,
     (2) `<adapter>/task_heads/<task>.safetensors` (a merge with modules_to_save: per_task);
     (3) `heads[task]`: the task's own adapter directory, or the head tensors themselves;
     (4) `<heads_dir>/<task>`: the task's own adapter directory;
-    (5) the adapter's own modules_to_save when it has no training record (a PEFT adapter trained elsewhere)."""
+    (5) the adapter's own modules_to_save when it has no training record (a PEFT adapter trained elsewhere) and
+    no heads in task_heads/ (a fused adapter's stored head is then only its first task's, kept for PEFT's SEQ_CLS
+    format)."""
     from safetensors.torch import load_file
 
     own = LoraAdapter(adapter) if adapter is not None else None
@@ -147,7 +149,7 @@ def load_task_head(task: str, adapter: str | Path | None = None,
         return dict(given) if isinstance(given, Mapping) else _required_head(given, task)
     if heads_dir is not None and (Path(heads_dir) / task).is_dir():
         return _required_head(Path(heads_dir) / task, task)
-    if own is not None and trained_on is None and own.extra_keys:
+    if own is not None and trained_on is None and own.extra_keys and not any((own.path / HEADS_DIR).glob("*")):
         return own_head(own.path)
     return None
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorafuse.errors import ConfigError, did_you_mean
 
-ENGINE_OPTIONS = ("rank", "space", "exact_svd", "modules_to_save")
+ENGINE_OPTIONS = ("rank", "space", "exact_svd", "modules_to_save", "rank_patterns")
 PER_MODEL_PARAMETERS = ("weight", "density")
 
 
@@ -53,6 +53,7 @@ class MergeConfig(BaseModel):
     space: str | None = None
     exact_svd: bool | None = None
     modules_to_save: str | None = None
+    rank_patterns: bool | None = None
 
     def merge_kwargs(self, base_dir: Path | None = None) -> dict[str, Any]:
         """Keyword arguments for `lorafuse.engine.merge`, adapter paths resolved against the config's folder."""

@@ -1,13 +1,17 @@
 """Writing a fused adapter in PEFT's own format: the keys and config PEFT itself would write.
 
-The stored factors carry the whole update (scaling 1): r = lora_alpha for every module, with rank_pattern and
-alpha_pattern for modules whose rank differs from the most common one, and rsLoRA off. Loading it back with
-PEFT, transformers or vLLM therefore gives exactly the computed ΔW.
+The stored factors carry the whole update (scaling 1): r = lora_alpha and rsLoRA off. By default every module is
+stored at the one rank r: modules of lower rank get zero columns in lora_B and zero rows in lora_A (B·A is
+unchanged), so rank_pattern and alpha_pattern are empty and r is every tensor's rank. vLLM, SGLang, LoRAX, TGI and
+llama.cpp's converter size or scale every module by the config's one r (see `lorafuse.adapters.engines`); PEFT
+alone honours patterns, which `rank_patterns=True` keeps for users who want the smaller files. A module's rank is
+first brought to at most min(m, n) exactly (its update has no more independent directions than that).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +21,7 @@ import torch
 
 from lorafuse.adapters.reader import CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from lorafuse.adapters.safetensors_io import save_safetensors
-from lorafuse.algebra.lowrank import LowRank
+from lorafuse.algebra.lowrank import LowRank, factor_svd
 from lorafuse.atomic import atomic_output_dir
 
 PROVENANCE_NAME = "lorafuse_merge.json"
@@ -32,14 +36,20 @@ def fused_config(
     ranks: Mapping[str, int],
     target_modules: list[str],
     modules_to_save: list[str] | None = None,
+    rank_patterns: bool = False,
 ) -> dict[str, Any]:
-    """A PEFT LoraConfig dict whose factors mean exactly what is stored: scaling 1 in every module."""
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {m: k for m, k in sorted(ranks.items()) if k != r}
+    """A PEFT LoraConfig dict whose factors mean exactly what is stored: scaling 1 in every module.
+    `ranks` are the modules' own ranks; without `rank_patterns` r is the largest (the writer pads the others to
+    it), with it r is the most common and the others are listed in rank_pattern/alpha_pattern."""
+    if rank_patterns:
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
+    else:
+        r, pattern = max(ranks.values()), {}
     cfg: dict[str, Any] = {k: template[k] for k in _CARRIED if k in template}
     if not modules_to_save and cfg.get("task_type") in _TASKS_WITH_HEADS:
         # PEFT wraps a SEQ_CLS/TOKEN_CLS model's head as modules_to_save and then requires its weights in the
-        # file; a fused adapter without one is a plain LoRA on the backbone (heads live in task_heads/).
+        # file (a KeyError otherwise): an adapter with no head at all is a plain LoRA on the backbone.
         cfg["task_type"] = None
     cfg.update(
         peft_type="LORA",
@@ -59,13 +69,42 @@ def fused_config(
     return cfg
 
 
+def stored_rank(config: Mapping[str, Any]) -> int | None:
+    """The one rank every module is stored at, or None when the config lists per-module ranks."""
+    return None if config.get("rank_pattern") else int(config["r"])
+
+
+def padded(update: LowRank, rank: int) -> LowRank:
+    """The same update B·A stored at `rank` ≥ its own: zero columns appended to B and zero rows to A."""
+    extra = rank - update.rank
+    if extra < 0:
+        raise ValueError(f"cannot pad a rank-{update.rank} update down to rank {rank}")
+    if extra == 0:
+        return update
+    B = torch.cat([update.B, update.B.new_zeros(update.B.shape[0], extra)], dim=1)
+    A = torch.cat([update.A, update.A.new_zeros(extra, update.A.shape[1])], dim=0)
+    return LowRank(B, A)
+
+
+def within_shape_rank(update: LowRank) -> LowRank:
+    """The update at rank ≤ min(m, n): an m×n matrix has no more directions, so a wider factorisation (a `cat` of
+    many adapters on a small module) is rewritten exactly, by the factors' SVD, at min(m, n)."""
+    limit = min(update.shape)
+    if update.rank <= limit:
+        return update
+    return factor_svd(update.B, update.A).lowrank(limit)
+
+
 def adapter_state_dict(
-    modules: Mapping[str, LowRank], embeddings: set[str], dtype: torch.dtype | None = None
+    modules: Mapping[str, LowRank], embeddings: set[str], dtype: torch.dtype | None = None, rank: int | None = None
 ) -> dict[str, torch.Tensor]:
     """PEFT-format tensors: `base_model.model.<module>.lora_A.weight` (r×in) and `.lora_B.weight` (out×r),
-    cast to `dtype` (None: as computed, for a writer that casts one tensor at a time)."""
+    cast to `dtype` (None: as computed, for a writer that casts one tensor at a time), each module zero-padded
+    to `rank` when given (see `stored_rank`)."""
     state: dict[str, torch.Tensor] = {}
     for module, update in modules.items():
+        if rank is not None:
+            update = padded(update, rank)
         a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if module in embeddings else ("lora_A", "lora_B")
         suffix = "" if module in embeddings else ".weight"
         state[f"{PREFIX}{module}.{a_name}{suffix}"] = update.A if dtype is None else update.A.to(dtype).contiguous()
@@ -88,19 +127,32 @@ def write_adapter_dir(
         save_safetensors(tmp / SAFETENSORS_NAME, state, metadata={"format": "pt"}, dtypes=dtypes)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-        (tmp / "README.md").write_text(model_card(config, provenance))
+        (tmp / "README.md").write_text(model_card(config, provenance, heads))
         for name, tensors in (heads or {}).items():
             (tmp / HEADS_DIR).mkdir(exist_ok=True)
-            save_safetensors(tmp / HEADS_DIR / f"{name}.safetensors", tensors)
+            save_safetensors(tmp / HEADS_DIR / f"{name}.safetensors", head_state_dict(tensors),
+                             metadata={"format": "pt"})
     return Path(out)
 
 
-def model_card(config: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
-    """A short Hub-style card: what was fused, how, and how to load it."""
+def head_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A task head under the plain transformers model's own keys (`classifier.weight`, not PEFT's
+    `base_model.model.classifier.weight`), so `model.load_state_dict(head, strict=False)` loads it."""
+    return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+
+
+def model_card(config: Mapping[str, Any], provenance: Mapping[str, Any],
+               heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> str:
+    """A short Hub-style card: what was fused, how, and how to load it (with each task's head, if any)."""
     method = provenance.get("method", {})
     inputs = provenance.get("inputs", [])
     rows = "\n".join(f"| {i['name']} | `{i['source']}` | {i.get('weight', '')} | `{i['sha256'][:12]}` |" for i in inputs)
     base = config.get("base_model_name_or_path") or "the adapters' base model"
+    ranks = ("`rank_pattern` lists modules of other ranks" if config.get("rank_pattern") else
+             "every module is stored at this rank, lower-rank ones zero-padded, so engines that read only `r` "
+             "(vLLM, SGLang, LoRAX, TGI, llama.cpp) load it; check one with `lorafuse check DIR --engine vllm`")
+    if int(config.get("r") or 0) > 16:  # vLLM's default max_lora_rank
+        ranks += f"; vLLM serves it with `--max-lora-rank {_next_vllm_rank(int(config['r']))}` or more"
     return f"""---
 library_name: peft
 base_model: {config.get("base_model_name_or_path") or ""}
@@ -115,6 +167,55 @@ Parameters: `{json.dumps(provenance.get("parameters", {}))}`; options: `{json.du
 |---|---|---|---|
 {rows}
 
-Load it with `PeftModel.from_pretrained(base_model, "<this directory>")`; rank r={config.get("r")}
-(`rank_pattern` lists modules of other ranks). Full provenance: `{PROVENANCE_NAME}`.
+Load it with `PeftModel.from_pretrained(base_model, "<this directory>")`; rank r={config.get("r")} ({ranks}).
+Full provenance: `{PROVENANCE_NAME}`.
+{heads_section(config, heads or {})}"""
+
+
+def heads_section(config: Mapping[str, Any], heads: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
+    """The card's part on per-task heads: which files, and a snippet that loads the fused adapter with one of
+    them into a plain transformers model (tests run it as written)."""
+    if not heads:
+        return ""
+    first = next(iter(heads))
+    labels = {name: _num_labels(tensors) for name, tensors in heads.items()}
+    listing = "\n".join(f"- `{HEADS_DIR}/{name}.safetensors` ({labels[name]} labels)" for name in heads)
+    stored = (f"\nThe adapter itself carries `{first}`'s head as its `modules_to_save` (PEFT's {config['task_type']} "
+              "format needs one): `PeftModel.from_pretrained` alone gives that task's head.\n"
+              if config.get("modules_to_save") else "")
+    base = config.get("base_model_name_or_path") or "<base model>"
+    return f"""
+## Task heads
+
+Each task keeps its own classification head (never merged), under the plain transformers model's keys:
+
+{listing}
+{stored}
+```python
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+adapter = "."  # a local copy of this directory
+task = "{first}"  # or any task listed above
+base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels={labels[first]})
+model = PeftModel.from_pretrained(base, adapter).merge_and_unload()  # a plain transformers model with the fused update
+head = load_file(f"{{adapter}}/{HEADS_DIR}/{{task}}.safetensors")
+missing, unexpected = model.load_state_dict(head, strict=False)
+assert not unexpected and not set(head) & set(missing)
+model.eval()
+```
 """
+
+
+def _next_vllm_rank(r: int) -> int:
+    """The smallest of vLLM's max_lora_rank choices that holds rank r."""
+    from lorafuse.adapters.engines import VLLM_MAX_LORA_RANKS
+
+    return next((k for k in VLLM_MAX_LORA_RANKS if k >= r), r)
+
+
+def _num_labels(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Rows of the head's last weight matrix (the output layer: `classifier.weight`, `score.weight`, ...)."""
+    weights = [t for k, t in sorted(tensors.items()) if k.endswith("weight") and t.ndim == 2]
+    return int(weights[-1].shape[0]) if weights else 0

@@ -31,6 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--exact-svd", action="store_true", default=None, help="exact SVD instead of randomized")
     o.add_argument("--modules-to-save", choices=["error", "per_task", "average", "drop"],
                    help="what to do with modules_to_save tensors (e.g. classification heads)")
+    o.add_argument("--rank-patterns", action="store_true", default=None,
+                   help="store each module at its own rank with rank_pattern/alpha_pattern (PEFT only; default: one "
+                        "rank, lower-rank modules zero-padded, which every engine loads)")
+    o.add_argument("--target", choices=["vllm", "sglang", "lorax", "llamacpp", "peft"],
+                   help="write an adapter this engine loads with the same ΔW (picks the rank, refuses what it cannot "
+                        "load; see `lorafuse check`)")
+    o.add_argument("--max-lora-rank", type=int,
+                   help="with --target: the server's max LoRA rank (vLLM's default 16); the output rank is capped to it")
     o.add_argument("--dtype", help="output dtype (default: the adapters')")
     o.add_argument("--base-model", help="base model id or path (checked against the adapters)")
     o.add_argument("--output-model", help="also write the base model with the fused update added (safetensors)")
@@ -56,7 +64,8 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
              "densities": args.densities, "lambda": args.lambda_, "density": args.density,
              "drop_rate": args.drop_rate, "trim_scope": args.trim_scope, "seed": args.seed, "rank": args.rank,
              "space": args.space, "exact_svd": args.exact_svd, "modules_to_save": args.modules_to_save,
-             "dtype": args.dtype, "base_model": args.base_model, "allow_bin": args.allow_bin or None}
+             "dtype": args.dtype, "base_model": args.base_model, "allow_bin": args.allow_bin or None,
+             "rank_patterns": args.rank_patterns}
     kwargs.update({k: v for k, v in flags.items() if v is not None})
     for item in args.param:
         key, sep, value = item.partition("=")
@@ -88,11 +97,23 @@ def run(args: argparse.Namespace) -> int:
     if not args.output:
         raise ConfigError("no output directory: pass -o/--output DIR")
     kwargs = build_kwargs(args)
+    if args.max_lora_rank is not None and not args.target:
+        raise ConfigError("--max-lora-rank needs --target ENGINE (or use --rank)")
+    if args.target:
+        from lorafuse.adapters.serving import check_merge_options
+
+        check_merge_options(args.target, args.max_lora_rank, kwargs)
     check_output(args.output, args.overwrite)
     if args.output_model:
         check_output(args.output_model, args.overwrite)
     result = merge(progress=not args.quiet, **kwargs)
     result.provenance["config_yaml"] = dump_merge_config(kwargs)
+    if args.target:
+        from lorafuse.adapters.serving import fit_for_engine
+
+        verdict = fit_for_engine(result, args.target, args.max_lora_rank)
+        print(f"{args.target}: passes its {len(verdict.findings)} loading rules (max_lora_rank "
+              f"{verdict.max_lora_rank or 'not limited'})")
     out = result.save(args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({len(result.modules)} modules, ranks {result.provenance['output']['ranks']})")
     energy = result.provenance["retained_energy"]
