@@ -297,6 +297,9 @@ def _check_per_adapter(spec: MergeMethod, params: MethodParams, weights: Sequenc
     if densities is not None and any(d is not None for d in densities) and "density" not in type(params).model_fields:
         hint = params.REFUSED.get("density", "it has no density parameter")
         raise ConfigError(f"method '{spec.name}' takes no per-adapter densities: {hint}")
+    if getattr(params, "rule", None) == "authors" and densities is not None and any(
+            d is not None and float(d) != params.density for d in densities):  # type: ignore[attr-defined]
+        raise ConfigError(f"method '{spec.name}': rule 'authors' takes one density for all adapters")
     if getattr(params, "rule", None) == "authors" and getattr(params, "trim_scope", None) == "global":
         raise ConfigError(f"method '{spec.name}': rule 'authors' thresholds each row, so trim_scope 'global' does "
                           "not apply (use rule 'mergekit' for a global band)")

@@ -160,28 +160,48 @@ def combine(x: torch.Tensor, weights: torch.Tensor, recipe: Recipe, params: Elem
     return params.lambda_ * P.disjoint_mean(y, elected, weights if by_weight else None)
 
 
-def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary: str, paper: str) -> None:
+def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary: str, paper: str,
+            doc: str) -> None:
     def merge_blocks(x: torch.Tensor, weights: torch.Tensor, thresholds: torch.Tensor,
                      params: ElementwiseParams, generators: list[torch.Generator]) -> torch.Tensor:
         return combine(sparsify(x, recipe, params, thresholds, generators), weights, recipe, params)
 
     merge_blocks.recipe = recipe  # type: ignore[attr-defined]  # the engine reads it to plan thresholds
     merge_blocks.__name__ = name
+    merge_blocks.__doc__ = doc
     register(name, kind="elementwise", params=params, summary=summary, paper=paper)(merge_blocks)
 
 
 _preset("ties", Recipe(Sparsify.MAGNITUDE, True), TiesParams,
         "trim to density by magnitude, elect signs on w·x (ties elect +), disjoint mean over Σ|w|, λ",
-        "Yadav et al., TIES-Merging, NeurIPS 2023; PEFT/mergekit ties (sign rules of mergekit)")
+        "Yadav et al., TIES-Merging, NeurIPS 2023; PEFT/mergekit ties (sign rules of mergekit)",
+        """TIES (Yadav et al. 2023): per task the int(density·N) largest |x| (per module as PEFT/mergekit, or over the
+        adapter as the paper), signs elected on the weighted values y = w·x ('total': Σy; 'frequency': Σsign(y);
+        a tie elects +, as PEFT and mergekit), the agreeing y summed and divided by their tasks' Σ|w| (mergekit
+        divides by Σw) or, with denominator=count, by their number (PEFT); λ. Deviation from PEFT: it elects on
+        the unweighted x, so a negatively weighted entry could take the sign opposite to the elected one.""")
 _preset("dare_linear", Recipe(Sparsify.RANDOM, False), DareParams,
         "drop entries with probability drop_rate, rescale 1/(1-p), weighted sum (no density: use drop_rate)",
-        "Yu et al., Language models are Super Mario (DARE), ICML 2024")
+        "Yu et al., Language models are Super Mario (DARE), ICML 2024",
+        """DARE (Yu et al. 2024; PEFT/mergekit dare_linear): each entry dropped with probability drop_rate, the
+        survivors divided by 1 − drop_rate, then λ·Σ w·x. `density` (PEFT's keep probability) is refused.""")
 _preset("dare_ties", Recipe(Sparsify.RANDOM, True, trim_after_drop=True), DareTiesParams,
         "DARE drop and rescale, optional magnitude trim (trim_density, after the drop), TIES election, disjoint mean",
-        "Yu et al., Language models are Super Mario (DARE), ICML 2024 (MergeLM DARE + ties_merging)")
+        "Yu et al., Language models are Super Mario (DARE), ICML 2024 (MergeLM DARE + ties_merging)",
+        """DARE-TIES as the DARE authors' code (MergeLM): DARE's drop and rescale, then TIES on the dropped values:
+        a magnitude trim keeping trim_density of them (MergeLM's 1 − param_value_mask_rate; Core Space's
+        dare-ties), the sign election and the disjoint mean of `ties`. trim_density = 1 (the default) is PEFT's and
+        mergekit's dare_ties, which do not trim. `density` is refused (PEFT's keep probability).""")
 _preset("magnitude_prune", Recipe(Sparsify.MAGNITUDE, False), MagnitudeParams,
         "keep the top density fraction by magnitude, then task arithmetic",
-        "Yadav et al., TIES-Merging, NeurIPS 2023 (trim-only ablation); PEFT magnitude_prune")
+        "Yadav et al., TIES-Merging, NeurIPS 2023 (trim-only ablation); PEFT magnitude_prune",
+        """PEFT magnitude_prune: per task the int(density·N) largest |x|, then λ·Σ w·x.""")
 _preset("breadcrumbs", Recipe(Sparsify.BAND, False), BreadcrumbsParams,
         "drop the top gamma fraction, keep the next int(density·N) entries (mergekit; rule=authors: per row), TA",
-        "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024; mergekit breadcrumbs (magnitude_outliers)")
+        "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024; mergekit breadcrumbs (magnitude_outliers)",
+        """Breadcrumbs. rule=mergekit (default; mergekit sparsify.magnitude_outliers): per module or adapter, the
+        int(gamma·N) largest |x| dropped and the next int(density·N) kept; where both exceed N fewer of the largest
+        are dropped, so density 1 keeps everything. Deviation: with int(gamma·N) = 0 mergekit's slice keeps
+        nothing; here the int(density·N) largest. rule=authors (Davari & Belilovsky's TaskVectorMiddleKeep): the
+        same per row of each block, int(gamma·n) dropped and the next int(density·n) kept (all that remain when
+        fewer do). Then λ·Σ w·x.""")
