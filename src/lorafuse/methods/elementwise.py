@@ -154,10 +154,9 @@ def combine(x: torch.Tensor, weights: torch.Tensor, recipe: Recipe, params: Elem
     """λ·Σ w_t x_t, or TIES's sign election and disjoint mean on the weighted values, then λ."""
     if not recipe.consensus:
         return params.lambda_ * P.weighted_sum(x, weights)
-    y = x * P.per_task(weights, x)
-    elected = P.elect_sign(y, params.majority)  # type: ignore[attr-defined]
-    by_weight = params.denominator == "weights"  # type: ignore[attr-defined]
-    return params.lambda_ * P.disjoint_mean(y, elected, weights if by_weight else None)
+    elected = P.elect_sign(x, params.majority, weights)  # type: ignore[attr-defined]
+    count = params.denominator == "count"  # type: ignore[attr-defined]
+    return params.lambda_ * P.disjoint_mean(x, elected, weights, count)
 
 
 def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary: str, paper: str,

@@ -35,29 +35,35 @@ def weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(weights.to(x.dtype), x, dims=1)
 
 
-def elect_sign(x: torch.Tensor, rule: str = "total") -> torch.Tensor:
-    """TIES sign election on the (already weighted) task values: +1 where the sum of the values ('total') or of
-    their signs ('frequency') is ≥ 0, else −1. A tie (a zero sum) elects +1, as PEFT and mergekit do; an entry
-    every task trimmed is 0 in all of them, so no task agrees with either sign there."""
+def elect_sign(x: torch.Tensor, rule: str = "total", weights: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES sign election on the weighted task values y_t = w_t·x_t (weights None: 1): +1 where the sum of the y_t
+    ('total') or of their signs ('frequency') is ≥ 0, else −1. A tie (a zero sum) elects +1, as PEFT and mergekit
+    do; an entry every task trimmed is 0 in all of them, so no task agrees with either sign there. Computed
+    without forming the y_t: Σ y_t = Σ w_t·x_t and Σ sign(y_t) = Σ sign(w_t)·sign(x_t) are GEMVs."""
+    ones = torch.ones(x.shape[0], dtype=x.dtype)
+    weights = ones if weights is None else weights.to(x.dtype)
     if rule == "total":
-        votes = x.sum(dim=0)
+        votes = weighted_sum(x, weights)
     elif rule == "frequency":
-        votes = torch.sign(x).sum(dim=0)
+        votes = weighted_sum(torch.sign(x), torch.sign(weights))
     else:
         raise ValueError(f"unknown sign election rule '{rule}'")
     return votes.ge_(0).to(x.dtype).mul_(2).sub_(1)
 
 
-def disjoint_mean(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """TIES's disjoint mean of the (already weighted) task values: the sum of the values whose sign is the elected
-    one, divided by the summed |weight| of the tasks they come from (None: their count); zero where none agrees.
+def disjoint_mean(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor | None = None,
+                  count: bool = False) -> torch.Tensor:
+    """TIES's disjoint mean of the weighted values y_t = w_t·x_t: the sum of the y_t whose sign is the elected one,
+    divided by the summed |w_t| of the tasks they come from (count=True: by their number); zero where none agrees.
+    With unit weights both are the TIES paper's disjoint mean.
 
-    x·elected > 0 exactly where a task agrees (elected is ±1), so its positive part is |x| on agreeing entries and
-    0 elsewhere: both sums are then GEMVs over the task axis."""
-    agreeing = (x * elected.unsqueeze(0)).clamp_(min=0)
-    total = agreeing.sum(dim=0).mul_(elected)
+    y_t agrees iff x_t·sign(w_t)·elected > 0, so the positive part of that product is |x_t| on agreeing entries
+    and 0 elsewhere, and an agreeing y_t is elected·|w_t|·|x_t|: every sum is a GEMV over the task axis."""
+    weights = torch.ones(x.shape[0], dtype=x.dtype) if weights is None else weights.to(x.dtype)
+    agreeing = (x * elected.unsqueeze(0)).mul_(per_task(torch.sign(weights), x)).clamp_(min=0)
+    total = weighted_sum(agreeing, weights.abs()).mul_(elected)
     kept = torch.sign(agreeing)
-    norm = kept.sum(dim=0) if weights is None else weighted_sum(kept, weights.abs())
+    norm = weighted_sum(kept, torch.ones_like(weights) if count else weights.abs())
     # where no task agrees both sums are 0: clamping the count to the smallest normal number keeps 0/… = 0
     return total.div_(norm.clamp_(min=torch.finfo(norm.dtype).tiny))
 
