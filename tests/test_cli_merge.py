@@ -124,6 +124,7 @@ def test_dare_density_is_refused_naming_drop_rate(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"merge_method": "dare_ties",
                                       "models": [{"model": p, "parameters": {"density": 0.3}} for p in paths]}))
     assert main(["merge", str(config), "-o", str(out)]) == 1
-    assert "drop_rate" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "dare.yml" in err and "models[0].parameters.density" in err and "drop_rate" in err and not out.exists()
     assert main(["merge", "--list-methods"]) == 0
     assert "trim_density" in capsys.readouterr().out
