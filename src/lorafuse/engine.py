@@ -167,7 +167,7 @@ class _Thresholds:
         self.recipe = method.fn.recipe  # type: ignore[attr-defined]
         self.params = params
         self.rules = [keep_rule(params, self.recipe, d) for d in densities]
-        self.width = len(self.rules[0](1)) if any(self.rules) else 0  # type: ignore[misc]
+        self.width = max((len(r(1)) for r in self.rules if r), default=0)  # thresholds per task
         self.global_scope = scope == "global" and any(self.rules)
         self.generators = generators
         self.fixed: torch.Tensor | None = None
