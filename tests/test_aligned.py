@@ -156,8 +156,8 @@ def ties_blocks(trimmed, weights=None, lam=1.0):
     """TIES's elect + disjoint mean (Yadav et al.) on already trimmed blocks, sign by the (weighted) sum."""
     w = torch.ones(trimmed.shape[0], dtype=trimmed.dtype) if weights is None else torch.tensor(weights).double()
     wx = trimmed * w.reshape(-1, 1, 1)
-    sign = torch.sign(wx.sum(0))
-    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    sign = torch.where(wx.sum(0) >= 0, 1.0, -1.0).double()  # ties elect +1 (PEFT, mergekit)
+    agree = (torch.sign(wx) == sign) & (wx != 0)  # agreement of the weighted values, as the election
     return lam * (wx * agree).sum(0) / (w.abs().reshape(-1, 1, 1) * agree).sum(0).clamp(min=1e-300)
 
 
@@ -170,8 +170,8 @@ def trim(x, density):
 
 def test_knots_ties_matches_dense_reference(mixed):
     """Per-module trim. Singular vectors are unique up to the sign of each pair, which TIES does not see."""
-    result = merge(mixed, "ties", density=0.3, weights=WEIGHTS, space="knots", rank=FULL, progress=False,
-                   **{"lambda": 0.8})
+    result = merge(mixed, "ties", density=0.3, weights=WEIGHTS, space="knots", trim_scope="module", rank=FULL,
+                   progress=False, **{"lambda": 0.8})
     for module in MODULES:
         U, blocks = knots_dense(dense_tvs(mixed, module))
         assert rel(result.delta(module), U @ ties_blocks(trim(blocks, 0.3), WEIGHTS, 0.8)) < 1e-4, module
@@ -223,11 +223,14 @@ def test_dare_in_knots_space_is_seeded_and_bounded_by_the_joint_rank(mixed):
 
 @pytest.mark.parametrize("space", ["knots", "core"])
 def test_aligned_merge_saves_through_the_writer(mixed, tmp_path, space):
-    """Default output rank (the largest input rank) and PEFT round trip of a mixed-rank aligned merge."""
+    """Default output rank (the natural one: nothing cut, ≤ Σr) and PEFT round trip of a mixed-rank aligned merge."""
     result = merge(mixed, "ties", density=0.5, space=space, progress=False)
     out = result.save(tmp_path / f"out-{space}")
     loaded = LoraAdapter(out)
     assert result.provenance["options"]["space"] == space
+    assert result.provenance["options"]["trim_scope"] == {"knots": "global", "core": "module"}[space]
+    assert result.provenance["retained_energy"]["min"] is None  # nothing was truncated
     for module in MODULES:
-        assert loaded.module_rank(module) == 6
+        inputs = [LoraAdapter(p) for p in mixed]
+        assert result.modules[module].rank == sum(a.module_rank(module) for a in inputs if module in a.modules)
         assert rel(loaded.update(module).dense(), result.delta(module)) < 1e-5

@@ -111,3 +111,20 @@ def test_example_configs_validate():
         engine = {"adapters", "method", "names", "weights", "densities", "base_model", "dtype", "rank", "space",
                   "exact_svd", "modules_to_save"}
         spec.parse_params({k: v for k, v in kwargs.items() if k not in engine})
+
+
+def test_dare_density_is_refused_naming_drop_rate(tmp_path, capsys):
+    """PEFT's and mergekit's DARE `density` is a keep probability; here it would be another merge: refused."""
+    paths = [str(write_adapter(tmp_path / f"ad{i}", MODULES, seed=i)) for i in range(2)]
+    out = tmp_path / "out"
+    assert main(["merge", "--method", "dare_linear", "--density", "0.3", "--adapters", *paths, "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "dare_linear" in err and "drop_rate" in err and not out.exists()
+    config = tmp_path / "dare.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "dare_ties",
+                                      "models": [{"model": p, "parameters": {"density": 0.3}} for p in paths]}))
+    assert main(["merge", str(config), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "dare.yml" in err and "models[0].parameters.density" in err and "drop_rate" in err and not out.exists()
+    assert main(["merge", "--list-methods"]) == 0
+    assert "trim_density" in capsys.readouterr().out

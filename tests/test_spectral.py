@@ -183,13 +183,14 @@ def test_spectral_methods_do_not_run_in_knots_space(mixed):
 
 
 def test_spectral_merge_saves_at_the_default_rank(mixed, tmp_path):
-    """The default output rank is the largest input rank (6), or less where the method keeps fewer directions:
-    down_proj has only a (r=4) and b (r=2), so K = 6 → 3 common + 1 per present task = 5, stored zero-padded
-    to the adapter's one rank 6."""
+    """Without a rank nothing is cut: Iso-CTS keeps its whole budget K, the sum's numerical rank (Σr): q_proj of
+    layer 0 has 6 + 2 + 3 = 11 directions; down_proj only a (r=4) and b (r=2), so K = 6 → 3 common + 1 per
+    present task (c has none) = 5."""
     result = merge(mixed, "iso_cts", progress=False)
     loaded = LoraAdapter(result.save(tmp_path / "out"))
-    assert result.modules["model.layers.0.self_attn.q_proj"].rank == 6
+    assert result.modules["model.layers.0.self_attn.q_proj"].rank == 11
     assert result.modules["model.layers.0.mlp.down_proj"].rank == 5
-    assert {loaded.module_rank(m) for m in MODULES} == {6}
+    assert result.provenance["retained_energy"]["min"] is None
+    assert len({loaded.module_rank(m) for m in MODULES}) == 1  # stored zero-padded to one rank
     for module in MODULES:
         assert rel(loaded.update(module).dense(), result.delta(module).double()) < 1e-5

@@ -27,8 +27,11 @@ V_A = (Q_A P_A)ᵀ and M_t = (P_Bᵀ R_B,t)(R_A,tᵀ P_A), all small. The code c
 (its comment notes the equivalence). Any method runs on the cores; ΔW = U_B·M·V_A, returned as factors. As
 everywhere in lorafuse the LoRA scale is folded into B (the Core Space code stacks the raw factors, with α = r).
 
-Element-wise methods are basis-dependent, so both spaces use singular bases (unique up to the sign of each pair,
-which TIES's trim/election and DARE's masks do not see: a sign flip flips one row in every task's block alike).
+Element-wise methods are basis-dependent, so both spaces use singular bases. These are unique up to the sign of
+each pair, which TIES's trim and 'total' election and DARE's masks do not see (a sign flip flips one row in every
+task's block alike), but a tie of the 'frequency' election (elected +) does. So the sign of each singular vector
+is fixed here: its entry of largest magnitude is positive (each left vector in KnOTS; each of U_B's columns and
+V_A's rows in Core Space), whatever SVD computed it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ from lorafuse.algebra.lowrank import CORE_DTYPE, WORK_DTYPE, LowRank, numerical_
 from lorafuse.spaces import Projection, register_space
 
 KNOTS_TOL = 1e-5  # relative cut of the joint spectrum (see the module docstring)
+
+
+def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """±1 per column of `vectors` making its entry of largest magnitude positive (a fixed sign for SVD bases)."""
+    if vectors.numel() == 0:
+        return torch.ones(vectors.shape[1], dtype=vectors.dtype)
+    picked = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True))[0]
+    return torch.where(picked < 0, -1.0, 1.0).to(vectors.dtype)
 
 
 def _offsets(terms: Sequence[LowRank]) -> list[int]:
@@ -94,9 +105,12 @@ def knots_basis(terms: Sequence[LowRank], tol: float = KNOTS_TOL, dtype: torch.d
     Uc, S, Vch = torch.linalg.svd(Rb @ Ra, full_matrices=False)
     k = numerical_rank(S, tol)  # 0 when every update of the module is zero
     Uc, S, Vch = Uc[:, :k], S[:k], Vch[:k]
+    X = Ra @ Vch.T / S
+    signs = canonical_signs(B @ X.to(dtype)).to(CORE_DTYPE)  # U = B_stack·X, formed once for its signs
+    Uc, X = Uc * signs, X * signs
     offsets = _offsets(terms)
     coefficients = [(Uc.T @ Rb[:, offsets[i]:offsets[i + 1]]).to(dtype) for i in range(len(terms))]
-    return KnotsBasis(B, Ra @ Vch.T / S, S, coefficients, A)
+    return KnotsBasis(B, X, S, coefficients, A)
 
 
 def knots_decomposition(terms: Sequence[LowRank], tol: float = KNOTS_TOL) -> tuple[torch.Tensor, torch.Tensor,
@@ -143,10 +157,11 @@ class CoreBasis:
 
 
 def _singular_basis(factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, R of the stacked tall factors and P, the left singular vectors of R (so Q·P are those of the stack)."""
+    """Q, R of the stacked tall factors and P, the left singular vectors of R (so Q·P are those of the stack, each
+    with its canonical sign)."""
     Q, R = _stacked_qr(factors)
-    P, _, _ = torch.linalg.svd(R.to(CORE_DTYPE))
-    return Q, P.to(WORK_DTYPE), R
+    P = torch.linalg.svd(R.to(CORE_DTYPE))[0].to(WORK_DTYPE)
+    return Q, P * canonical_signs(Q @ P), R
 
 
 def core_basis(terms: Sequence[LowRank]) -> CoreBasis:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from lorafuse.errors import ConfigError, IncompatibleAdaptersError
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.methods.thresholds import StreamingQuantile, top_thresholds
 from lorafuse.provenance import stamp
-from lorafuse.spaces import DenseRows, Projection, get_space
+from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
 
 MODULES_TO_SAVE_POLICIES = ("error", "per_task", "average", "drop")
 
@@ -39,7 +39,7 @@ MODULES_TO_SAVE_POLICIES = ("error", "per_task", "average", "drop")
 class MergeOptions:
     """Engine settings shared by every method."""
 
-    rank: int | None = None  # output rank; None: exact methods keep Σr, others the largest input rank
+    rank: int | None = None  # output rank; None: each result's natural rank (dense results: min(Σr, m, n))
     space: str = "full"
     exact_svd: bool = False  # dense truncation by full SVD instead of randomized
     modules_to_save: str = "error"
@@ -165,52 +165,81 @@ def _generators(seed: int, names: Sequence[str], module: str) -> list[torch.Gene
 
 
 class _Thresholds:
-    """Per-task trim thresholds for element-wise methods, per module or global over the adapter."""
+    """Per-task trim thresholds for element-wise methods, per module or global over the adapter. `generators`
+    gives a module's fresh DARE generators: DARE-TIES trims the dropped values, so its thresholds are taken on the
+    very draws the merge makes."""
 
-    def __init__(self, method: MergeMethod, params: MethodParams, densities: list[float]) -> None:
-        from lorafuse.methods.elementwise import quantile_fractions
+    def __init__(self, method: MergeMethod, params: MethodParams, densities: list[float], scope: str,
+                 generators: Callable[[str], list[torch.Generator]]) -> None:
+        from lorafuse.methods.elementwise import keep_rule
 
-        recipe = method.fn.recipe  # type: ignore[attr-defined]
-        self.fractions = [quantile_fractions(params, recipe, d) for d in densities]
-        self.global_scope = getattr(params, "trim_scope", "module") == "global" and any(self.fractions)
+        self.recipe = method.fn.recipe  # type: ignore[attr-defined]
+        self.params = params
+        self.rules = [keep_rule(params, self.recipe, d) for d in densities]
+        self.width = max((len(r(1)) for r in self.rules if r), default=0)  # thresholds per task
+        self.global_scope = scope == "global" and any(self.rules)
+        self.generators = generators
         self.fixed: torch.Tensor | None = None
 
+    def _input(self, module: str, blocks: torch.Tensor) -> torch.Tensor:
+        from lorafuse.methods.elementwise import threshold_input
+
+        return threshold_input(blocks, self.recipe, self.params, self.generators(module))
+
     def fit_global(self, projections: Any) -> None:
-        """Two streaming passes over all modules' blocks (`projections` is a callable yielding them)."""
-        quantiles = [StreamingQuantile(f) for f in self.fractions]
-        for proj in projections("global trim: histogram"):
-            for q, block in zip(quantiles, proj.blocks):
+        """Two streaming passes over all modules' blocks (`projections` yields (module, projection) pairs)."""
+        quantiles = [StreamingQuantile(r or (lambda _: [])) for r in self.rules]
+        for module, proj in projections("global trim: histogram"):
+            for q, block in zip(quantiles, self._input(module, proj.blocks)):
                 q.observe(block)
         for q in quantiles:
             q.plan()
-        for proj in projections("global trim: threshold"):
-            for q, block in zip(quantiles, proj.blocks):
+        for module, proj in projections("global trim: threshold"):
+            for q, block in zip(quantiles, self._input(module, proj.blocks)):
                 q.gather(block)
-        self.fixed = torch.tensor([q.thresholds() for q in quantiles], dtype=torch.float64)
+        self.fixed = self._table([q.thresholds() for q in quantiles])
 
-    def for_module(self, blocks: torch.Tensor) -> torch.Tensor:
-        from lorafuse.methods.primitives import kth_largest
+    def _table(self, per_task: list[list[float]]) -> torch.Tensor:
+        return torch.tensor([v + [0.0] * (self.width - len(v)) for v in per_task], dtype=torch.float64
+                            ).reshape(len(per_task), self.width)
 
-        if self.fixed is not None:
-            return self.fixed
-        width = max((len(f) for f in self.fractions), default=0)
-        return torch.tensor([[kth_largest(b, f) for f in fr] + [0.0] * (width - len(fr))
-                             for b, fr in zip(blocks, self.fractions)], dtype=torch.float64)
+    def for_module(self, module: str, blocks: torch.Tensor) -> torch.Tensor:
+        from lorafuse.methods.primitives import kth_largest_count
 
-    def for_rows(self, rows: DenseRows) -> torch.Tensor:
+        if self.fixed is not None or not any(self.rules):
+            return self.fixed if self.fixed is not None else self._table([[] for _ in self.rules])
+        values = self._input(module, blocks)
+        return self._table([[kth_largest_count(b, k) for k in rule(b.numel())] if rule else []
+                            for b, rule in zip(values, self.rules)])
+
+    def for_rows(self, module: str, rows: DenseRows) -> torch.Tensor:
         """Per-module thresholds of a full-space module produced in bands (exact, one pass per task)."""
         if self.fixed is not None:
             return self.fixed
-        width = max((len(f) for f in self.fractions), default=0)
         total = rows.shape[0] * rows.shape[1]
 
+        def values(t: int) -> Iterator[torch.Tensor]:
+            if not self.recipe.trim_after_drop:
+                return rows.task_values(t)
+            from lorafuse.methods.elementwise import drop
+
+            g = self.generators(module)[t]  # fresh per pass: the same draws as the merge's, band by band
+            return (drop(band.unsqueeze(0), self.params, [g])[0] for band in rows.task_values(t))
+
+        def sample(t: int) -> torch.Tensor:
+            if not self.recipe.trim_after_drop:
+                return rows.task_sample(t)
+            from lorafuse.methods.elementwise import drop
+
+            # only brackets the threshold (exactness does not depend on it): an independent drop of the sample
+            return drop(rows.task_sample(t).unsqueeze(0), self.params, [torch.Generator().manual_seed(t)])[0]
+
         def task_thresholds(t: int) -> list[float]:
-            fr = self.fractions[t]
-            return top_thresholds(lambda: rows.task_values(t), total, fr, rows.task_sample(t)) if fr else []
+            rule = self.rules[t]
+            return top_thresholds(lambda: values(t), total, rule, sample(t)) if rule else []
 
         # Tasks are independent, and the counting pass is numpy (one core, GIL released): one thread per core.
-        per_task = list(_pool().map(task_thresholds, range(len(self.fractions))))
-        return torch.tensor([v + [0.0] * (width - len(v)) for v in per_task], dtype=torch.float64)
+        return self._table(list(_pool().map(task_thresholds, range(len(self.rules)))))
 
 
 @functools.cache
@@ -243,6 +272,7 @@ def merge(
     loaded = load_adapters(adapters, names, allow_bin)
     options = MergeOptions(rank, space, exact_svd, modules_to_save, _as_dtype(dtype) or loaded[0].dtype(), progress,
                            rank_patterns)
+    _check_per_adapter(spec, parsed, weights, densities)
     weights = _per_adapter(weights, loaded, "weights", 1.0)
     densities = _per_adapter(densities, loaded, "densities", getattr(parsed, "density", 1.0))
     _check_options(spec, options, densities)
@@ -270,6 +300,23 @@ def _per_adapter(values: Sequence[Any] | None, adapters: list[LoraAdapter], fiel
     return [float(default if v is None else v) for v in values]
 
 
+def _check_per_adapter(spec: MergeMethod, params: MethodParams, weights: Sequence[float] | None,
+                       densities: Sequence[float | None] | None) -> None:
+    """Refuse per-adapter values a method would ignore."""
+    if not spec.uses_weights and weights is not None and any(w is not None and float(w) != 1.0 for w in weights):
+        raise ConfigError(f"method '{spec.name}' takes no weights (it is the plain mean); for a weighted mean use "
+                          "'linear' with normalize: true")
+    if densities is not None and any(d is not None for d in densities) and "density" not in type(params).model_fields:
+        hint = params.REFUSED.get("density", "it has no density parameter")
+        raise ConfigError(f"method '{spec.name}' takes no per-adapter densities: {hint}")
+    if getattr(params, "rule", None) == "authors" and densities is not None and any(
+            d is not None and float(d) != params.density for d in densities):  # type: ignore[attr-defined]
+        raise ConfigError(f"method '{spec.name}': rule 'authors' takes one density for all adapters")
+    if getattr(params, "rule", None) == "authors" and getattr(params, "trim_scope", None) == "global":
+        raise ConfigError(f"method '{spec.name}': rule 'authors' thresholds each row, so trim_scope 'global' does "
+                          "not apply (use rule 'mergekit' for a global band)")
+
+
 def _check_options(spec: MergeMethod, options: MergeOptions, densities: list[float]) -> None:
     for d in densities:
         if not 0.0 < d <= 1.0:
@@ -293,7 +340,7 @@ class _Engine:
         shapes = {m: next(a.module_shape(m) for a in adapters if m in a.modules) for m in modules}
         self.stream = _ModuleStream(adapters, shapes)
         self.names = [a.name for a in adapters]
-        self.max_rank = max(a.module_rank(m) for a in adapters for m in a.modules)
+        self.trim_scope = _trim_scope(params, options.space)
         self.energy: dict[str, float] = {}
         for adapter in adapters:  # the provenance's hashes, computed beside the merge
             adapter.start_hashing()
@@ -320,20 +367,25 @@ class _Engine:
         if self.spec.kind == "module":
             return {m: self._finish(m, self._module_update(m))
                     for m in self._progress(self.modules, f"merge ({self.spec.name})")}
-        thresholds = _Thresholds(self.spec, self.params, self.densities)
+        thresholds = _Thresholds(self.spec, self.params, self.densities, self.trim_scope, self._generators)
         if thresholds.global_scope:
-            thresholds.fit_global(lambda desc: (self._project(m) for m in self._progress(self.modules, desc)))
+            thresholds.fit_global(lambda desc: ((m, self._project(m)) for m in self._progress(self.modules, desc)))
         return {m: self._finish(m, self._elementwise_update(m, thresholds))
                 for m in self._progress(self.modules, f"merge ({self.spec.name}, {self.options.space} space)")}
 
+    def _generators(self, module: str) -> list[torch.Generator]:
+        return _generators(getattr(self.params, "seed", 0), self.names, module)
+
     def _module_update(self, module: str) -> LowRank | torch.Tensor:
         terms = self.stream.terms(module)
+        # methods whose result a later cut would make arbitrary (a flat spectrum) take the rank as their budget
+        extra = {"rank": self.options.rank} if self.spec.takes_rank else {}
         if self.options.space == "core":  # the method sees each update as its (Σr)×(Σr) core
             from lorafuse.aligned import from_core, to_core
 
             cores, UB, VA = to_core(terms)
-            return from_core(self.spec.fn(cores, self.weights, self.params), UB, VA)
-        return self.spec.fn(terms, self.weights, self.params)
+            return from_core(self.spec.fn(cores, self.weights, self.params, **extra), UB, VA)
+        return self.spec.fn(terms, self.weights, self.params, **extra)
 
     def _project(self, module: str) -> Projection:
         return get_space(self.options.space)(self.stream.terms(module))
@@ -343,8 +395,8 @@ class _Engine:
             return self._elementwise_full(module, thresholds)
         proj = self._project(module)
         blocks = proj.blocks.float()
-        merged = self.spec.fn(blocks, torch.tensor(self.weights, dtype=blocks.dtype), thresholds.for_module(blocks),
-                              self.params, _generators(getattr(self.params, "seed", 0), self.names, module))
+        merged = self.spec.fn(blocks, torch.tensor(self.weights, dtype=blocks.dtype),
+                              thresholds.for_module(module, blocks), self.params, self._generators(module))
         return proj.rebuild(merged)
 
     def _elementwise_full(self, module: str, thresholds: _Thresholds) -> _Dense:
@@ -352,29 +404,38 @@ class _Engine:
         methods are separable once thresholds are known; DARE's generators are drawn in row order, so its masks are
         those of one draw over the whole module), in memory of one m×n result plus a band."""
         rows = DenseRows(self.stream.terms(module))
-        limits = thresholds.for_rows(rows)
+        limits = thresholds.for_rows(module, rows)
         weights = torch.tensor(self.weights, dtype=torch.float32)
-        generators = _generators(getattr(self.params, "seed", 0), self.names, module)
+        generators = self._generators(module)
         merged = torch.empty(rows.shape)
         for start, stop in rows.bands():
             merged[start:stop] = self.spec.fn(rows.band(start, stop), weights, limits, self.params, generators)
         return _Dense(merged, torch.cat(rows.A))
 
     def _finish(self, module: str, update: LowRank | torch.Tensor | _Dense) -> LowRank:
-        """Bring a module's result to the output rank, recording the energy kept where it was truncated."""
+        """Bring a module's result to the output rank, recording the energy kept where it was truncated.
+
+        Without a rank nothing low-rank is cut: a result keeps its natural rank (≤ Σr, e.g. KnOTS's k, Core Space's
+        R, Iso-C's numerical rank). A dense result (element-wise methods in the full space) is full rank and
+        comes back at min(Σr, m, n), the rank of its inputs together."""
         rank = self.options.rank
         if isinstance(update, torch.Tensor):
             update = _Dense(update)
         if isinstance(update, _Dense):
-            out, kept = dense_truncated_svd(update.matrix, rank or self.max_rank, exact=self.options.exact_svd,
+            natural = min(self._input_rank(module), *update.matrix.shape)
+            out, kept = dense_truncated_svd(update.matrix, rank or max(1, natural), exact=self.options.exact_svd,
                                             seed=zlib.crc32(module.encode()), row_space=update.row_space)
             self.energy[module] = kept
             return out
-        if rank is None and self.spec.exact:
-            return update
-        out, kept = truncate(update, rank or self.max_rank)
+        if rank is None:  # only numerically zero directions go (e.g. rows of a KnOTS block that TIES zeroed)
+            return update if self.spec.exact else truncate(update, None)[0]
+        out, kept = truncate(update, rank)
         self.energy[module] = kept
         return out
+
+    def _input_rank(self, module: str) -> int:
+        """Σr of a module over the adapters that have it."""
+        return sum(a.module_rank(module) for a in self.adapters if module in a.modules)
 
     def _modules_to_save(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         with_extra = [a for a in self.adapters if a.extra_keys]
@@ -419,6 +480,7 @@ class _Engine:
             "method": {"name": self.spec.name, "paper": self.spec.paper, "exact": self.spec.exact},
             "parameters": self.params.model_dump(mode="json", by_alias=True),
             "options": {"rank": self.options.rank, "space": self.options.space, "exact_svd": self.options.exact_svd,
+                        "trim_scope": self.trim_scope if self.spec.kind == "elementwise" else None,
                         "dense_truncation": self._truncation_rule(),
                         "modules_to_save": self.options.modules_to_save, "dtype": str(self.options.dtype),
                         "rank_patterns": self.options.rank_patterns},
@@ -434,6 +496,14 @@ class _Engine:
             },
             **stamp(),
         }
+
+
+def _trim_scope(params: MethodParams, space: str) -> str:
+    """The trim scope asked for, else the space's reference (full and core: per module; knots: global)."""
+    scope = getattr(params, "trim_scope", None)
+    if scope is None:
+        return REFERENCE_TRIM_SCOPE.get(space, "module")
+    return scope.value if hasattr(scope, "value") else str(scope)
 
 
 def _average_tensors(per_task: dict[str, dict[str, torch.Tensor]], adapters: list[LoraAdapter]) -> dict[str, torch.Tensor]:

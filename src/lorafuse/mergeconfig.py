@@ -93,9 +93,32 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with merge_method and models")
     try:
-        return MergeConfig(**raw)
+        config = MergeConfig(**raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_describe(exc, raw)}") from None
+    _check_refused(config, path)
+    return config
+
+
+def _check_refused(config: MergeConfig, path: Path) -> None:
+    """Parameters the method would read with another meaning than other tools give them (DARE's `density`),
+    named with the file and the field."""
+    from lorafuse.methods.registry import get_method
+
+    try:
+        spec = get_method(config.merge_method)
+    except ConfigError:
+        return  # the engine names an unknown method with the closest valid one
+    refused = spec.params.REFUSED
+    for key, why in refused.items():
+        if key in config.parameters:
+            raise ConfigError(f"{path}: parameters.{key}: method '{spec.name}' takes no '{key}': {why}")
+    if "density" not in spec.params.model_fields:
+        for i, entry in enumerate(config.models):
+            if "density" in entry.parameters:
+                why = refused.get("density", "it has no density parameter")
+                raise ConfigError(f"{path}: models[{i}].parameters.density: method '{spec.name}' takes no "
+                                  f"density: {why}")
 
 
 def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:

@@ -23,6 +23,10 @@ class Projection:
 
 
 SpaceFn = Callable[[Sequence[LowRank]], Projection]
+
+# The trim scope of element-wise methods when none is asked for: each space's reference implementation. PEFT and
+# mergekit trim each tensor; the KnOTS code trims all modules' blocks together; the Core Space code each module.
+REFERENCE_TRIM_SCOPE = {"full": "module", "knots": "global", "core": "module"}
 SPACES: dict[str, SpaceFn] = {}
 _OPTIONAL_SPACE_MODULES = ("lorafuse.aligned",)
 

@@ -19,14 +19,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", nargs="+", type=float, help="one weight per adapter")
     g.add_argument("--densities", nargs="+", type=float, help="one density per adapter (element-wise methods)")
     g.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged update")
-    g.add_argument("--density", type=float, help="fraction of entries kept per task (ties, magnitude_prune, ...)")
-    g.add_argument("--drop-rate", type=float, help="DARE drop probability")
-    g.add_argument("--trim-scope", choices=["module", "global"], help="trim threshold per module or whole adapter")
+    g.add_argument("--density", type=float,
+                   help="fraction of entries kept per task (ties, magnitude_prune, breadcrumbs; not DARE)")
+    g.add_argument("--drop-rate", type=float, help="DARE drop probability (PEFT's density = 1 - drop rate)")
+    g.add_argument("--trim-scope", choices=["module", "global"],
+                   help="trim threshold per module or whole adapter (default: the space's reference: "
+                        "full and core per module, knots global)")
     g.add_argument("--seed", type=int, help="seed of random methods (DARE)")
     g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any other method parameter")
     g.add_argument("--list-methods", action="store_true", help="list the methods and exit")
     o = p.add_argument_group("output")
-    o.add_argument("--rank", type=int, help="output rank (default: exact methods keep Σr, others the largest input r)")
+    o.add_argument("--rank", type=int, help="output rank (default: nothing cut, each result's natural rank ≤ Σr; "
+                                            "dense element-wise results min(Σr, m, n))")
     o.add_argument("--space", help="space of element-wise methods: full, knots, core")
     o.add_argument("--exact-svd", action="store_true", default=None, help="exact SVD instead of randomized")
     o.add_argument("--modules-to-save", choices=["error", "per_task", "average", "drop"],
@@ -78,12 +82,28 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+LIST_NOTES = """
+Choices where the references differ (the methods' docstrings give the details):
+- output rank: nothing is cut unless --rank is given (results keep their natural rank, at most Σr; dense
+  element-wise results come back at min(Σr, m, n)); with --rank, iso_c/iso_cts take the rank as their budget
+  (top directions of the sum, then a flat spectrum), the others are cut to their best rank-k approximation
+- weights: element-wise methods act on w·x; TIES elects on the weighted values (a tie elects +) and divides by
+  the agreeing tasks' Σ|w| (denominator=count: their number, as PEFT)
+- average refuses weights; linear defaults to normalize=false (mergekit: true)
+- DARE takes drop_rate, never density (PEFT's density = 1 - drop_rate); dare_ties: optional trim_density after
+  the drop, as the DARE authors' DARE+TIES
+- breadcrumbs: mergekit's band (int(density·N) kept after the top gamma); rule=authors: per row, as their code
+- spaces: --trim-scope defaults to each space's reference (full, core: per module; knots: global); Core Space's
+  bases come from the scaled factors s·B (its code: the raw factors; equal when every α/r is equal)"""
+
+
 def _list_methods() -> int:
     from lorafuse.methods.registry import list_methods
 
     for m in list_methods():
         tag = "exact" if m.exact else m.kind
         print(f"{m.name:18s} [{tag}] {m.summary}\n{'':18s}  {m.paper}")
+    print(LIST_NOTES)
     return 0
 
 

@@ -1,11 +1,24 @@
 """The element-wise family: one parameterised merge = sparsifier × sign consensus × combination, as in
 generalized task arithmetic (mergekit). TIES, DARE, magnitude prune and Breadcrumbs are presets of it.
-Each runs on task blocks in a space (dense ΔW_t in `full`; aligned blocks in `knots`/`core`)."""
+Each runs on task blocks in a space (dense ΔW_t in `full`; aligned blocks in `knots`/`core`).
+
+Weights. Every method works on the weighted task values y_t = w_t·x_t (negative weights allowed): the sum methods
+return λ·Σ y_t, TIES elects signs on the y_t and averages the agreeing y_t over the summed |w_t| of the tasks
+that keep them (`denominator: weights`, mergekit's `normalize: true` with |w| so that a negative weight can not
+flip or zero the divisor) or over their count (`denominator: count`, PEFT's disjoint merge). With unit weights
+both are the TIES paper's disjoint mean. PEFT elects on the unweighted values and weights afterwards, which lets
+a negatively weighted entry take the sign opposite to the elected one; we do not follow it there.
+
+Trim scope. `trim_scope` unset follows the space's reference (lorafuse.spaces.REFERENCE_TRIM_SCOPE): per module in
+`full` (PEFT, mergekit) and `core` (the Core Space code), over the whole adapter in `knots` (the KnOTS code).
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -22,92 +35,172 @@ class Sparsify(str, enum.Enum):
 
 
 class TrimScope(str, enum.Enum):
-    MODULE = "module"  # threshold per module (PEFT, mergekit)
+    MODULE = "module"  # threshold per module (PEFT, mergekit, Core Space)
     GLOBAL = "global"  # threshold over the whole adapter (TIES paper, KnOTS)
 
 
 class ElementwiseParams(MethodParams):
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged update")
-    density: float = Field(1.0, gt=0.0, le=1.0, description="fraction of entries kept per task")
-    trim_scope: TrimScope = TrimScope.MODULE
-    majority: str = Field("total", pattern="^(total|frequency)$", description="TIES sign election rule")
+    trim_scope: TrimScope | None = Field(None, description="module or global; unset: the space's reference")
     seed: int = 0
 
 
-class TiesParams(ElementwiseParams):
-    density: float = Field(0.2, gt=0.0, le=1.0)
+class ConsensusParams(ElementwiseParams):
+    majority: str = Field("total", pattern="^(total|frequency)$", description="TIES sign election rule")
+    denominator: str = Field("weights", pattern="^(weights|count)$",
+                             description="disjoint mean over the agreeing tasks' summed |weight| or their count")
+
+
+class MagnitudeParams(ElementwiseParams):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of entries kept per task")
+
+
+class TiesParams(MagnitudeParams, ConsensusParams):
+    pass
+
+
+_DARE_DENSITY = ("DARE's random drop is set by `drop_rate` (the probability of dropping an entry; PEFT's and "
+                 "mergekit's `density` is 1 − drop_rate)")
 
 
 class DareParams(ElementwiseParams):
+    REFUSED: ClassVar[dict[str, str]] = {"density": _DARE_DENSITY}
     drop_rate: float = Field(0.9, ge=0.0, lt=1.0, description="probability of dropping each entry")
     rescale: bool = True
 
 
+class DareTiesParams(DareParams, ConsensusParams):
+    REFUSED: ClassVar[dict[str, str]] = {
+        "density": _DARE_DENSITY + "; the optional magnitude trim after the drop is `trim_density`"}
+    trim_density: float = Field(1.0, gt=0.0, le=1.0,
+                                description="fraction kept by a TIES trim after the drop (1: no trim)")
+
+
 class BreadcrumbsParams(ElementwiseParams):
-    density: float = Field(0.9, gt=0.0, le=1.0)
+    density: float = Field(0.9, gt=0.0, le=1.0, description="fraction of entries kept per task")
     gamma: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of largest entries dropped")
+    rule: str = Field("mergekit", pattern="^(mergekit|authors)$",
+                      description="mergekit: per module or adapter, int(density·N) kept; authors: per row")
 
 
 @dataclass(frozen=True)
 class Recipe:
     sparsify: Sparsify
     consensus: bool  # TIES sign election + disjoint mean, else a weighted sum
+    trim_after_drop: bool = False  # DARE-TIES: a magnitude trim of the dropped values (trim_density)
 
 
-def quantile_fractions(params: ElementwiseParams, recipe: Recipe, density: float) -> list[float]:
-    """Top fractions whose |x| thresholds the engine must find for one task (per module or globally)."""
+Counts = Callable[[int], list[int]]
+
+
+def breadcrumbs_counts(gamma: float, density: float) -> Counts:
+    """mergekit's band of N entries: int(gamma·N) largest dropped and int(density·N) kept; where the two exceed N,
+    fewer of the largest are dropped so that int(density·N) are still kept (density 1 keeps everything).
+    Returned as the two thresholds' 'keep the k largest' counts: [top dropped, top dropped + kept]."""
+
+    def counts(total: int) -> list[int]:
+        kept = int(density * total)
+        top = min(int(gamma * total), total - kept)
+        return [top, top + kept]
+
+    return counts
+
+
+def keep_rule(params: ElementwiseParams, recipe: Recipe, density: float) -> Counts | None:
+    """The counts of largest |x| whose thresholds the engine must find for one task (per module or globally),
+    or None when the method needs no threshold."""
     if recipe.sparsify is Sparsify.MAGNITUDE:
-        return [density]
-    if recipe.sparsify is Sparsify.BAND:
-        gamma = getattr(params, "gamma", 0.0)
-        return [gamma, min(1.0, gamma + density)]
-    return []
+        return lambda total: [int(density * total)]
+    if recipe.sparsify is Sparsify.BAND and getattr(params, "rule", "mergekit") == "mergekit":
+        return breadcrumbs_counts(getattr(params, "gamma", 0.0), density)
+    trim = getattr(params, "trim_density", 1.0)
+    if recipe.trim_after_drop and trim < 1.0:
+        return lambda total: [int(trim * total)]
+    return None
+
+
+def drop(x: torch.Tensor, params: ElementwiseParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """DARE's drop: each entry kept with probability 1 − p, survivors rescaled by 1/(1 − p) unless rescale=false."""
+    keep = 1.0 - params.drop_rate  # type: ignore[attr-defined]
+    scale = 1.0 / keep if params.rescale else 1.0  # type: ignore[attr-defined]
+    return x * P.bernoulli_keep_mask(x, keep, generators) * scale
+
+
+def threshold_input(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams,
+                    generators: list[torch.Generator]) -> torch.Tensor:
+    """The values a method's thresholds are taken on: the dropped values for DARE-TIES's trim, else x itself.
+    `generators` must be fresh ones (the same draws the merge will make)."""
+    return drop(x, params, generators) if recipe.trim_after_drop else x
 
 
 def sparsify(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams, thresholds: torch.Tensor,
              generators: list[torch.Generator]) -> torch.Tensor:
-    """Zero the entries each task drops; thresholds is [T, n_fractions]."""
+    """Zero the entries each task drops; thresholds is [T, n_thresholds]."""
     if recipe.sparsify is Sparsify.MAGNITUDE:
         return P.magnitude_mask(x, thresholds[:, 0]).mul_(x)
     if recipe.sparsify is Sparsify.BAND:
+        if params.rule == "authors":  # type: ignore[attr-defined]
+            return P.row_band_mask(x, params.gamma, params.density).mul_(x)  # type: ignore[attr-defined]
         return P.band_mask(x, thresholds[:, 0], thresholds[:, 1]).mul_(x)
     if recipe.sparsify is Sparsify.RANDOM:
-        keep = 1.0 - params.drop_rate
-        scale = 1.0 / keep if params.rescale else 1.0
-        return x * P.bernoulli_keep_mask(x, keep, generators) * scale
+        dropped = drop(x, params, generators)
+        if recipe.trim_after_drop and thresholds.shape[1]:
+            return P.magnitude_mask(dropped, thresholds[:, 0]).mul_(dropped)
+        return dropped
     return x
 
 
 def combine(x: torch.Tensor, weights: torch.Tensor, recipe: Recipe, params: ElementwiseParams) -> torch.Tensor:
-    """Weighted sum, or TIES's sign election and disjoint (weighted) mean, then λ."""
+    """λ·Σ w_t x_t, or TIES's sign election and disjoint mean on the weighted values, then λ."""
     if not recipe.consensus:
         return params.lambda_ * P.weighted_sum(x, weights)
-    votes = weights if params.majority == "total" else None
-    return params.lambda_ * P.disjoint_mean(x, P.elect_sign(x, params.majority, votes), weights)
+    elected = P.elect_sign(x, params.majority, weights)  # type: ignore[attr-defined]
+    count = params.denominator == "count"  # type: ignore[attr-defined]
+    return params.lambda_ * P.disjoint_mean(x, elected, weights, count)
 
 
-def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary: str, paper: str) -> None:
+def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary: str, paper: str,
+            doc: str) -> None:
     def merge_blocks(x: torch.Tensor, weights: torch.Tensor, thresholds: torch.Tensor,
                      params: ElementwiseParams, generators: list[torch.Generator]) -> torch.Tensor:
         return combine(sparsify(x, recipe, params, thresholds, generators), weights, recipe, params)
 
     merge_blocks.recipe = recipe  # type: ignore[attr-defined]  # the engine reads it to plan thresholds
     merge_blocks.__name__ = name
+    merge_blocks.__doc__ = doc
     register(name, kind="elementwise", params=params, summary=summary, paper=paper)(merge_blocks)
 
 
 _preset("ties", Recipe(Sparsify.MAGNITUDE, True), TiesParams,
-        "trim to density by magnitude, elect signs, disjoint mean, λ",
-        "Yadav et al., TIES-Merging, NeurIPS 2023")
+        "trim to density by magnitude, elect signs on w·x (ties elect +), disjoint mean over Σ|w|, λ",
+        "Yadav et al., TIES-Merging, NeurIPS 2023; PEFT/mergekit ties (sign rules of mergekit)",
+        """TIES (Yadav et al. 2023): per task the int(density·N) largest |x| (per module as PEFT/mergekit, or over the
+        adapter as the paper), signs elected on the weighted values y = w·x ('total': Σy; 'frequency': Σsign(y);
+        a tie elects +, as PEFT and mergekit), the agreeing y summed and divided by their tasks' Σ|w| (mergekit
+        divides by Σw) or, with denominator=count, by their number (PEFT); λ. Deviation from PEFT: it elects on
+        the unweighted x, so a negatively weighted entry could take the sign opposite to the elected one.""")
 _preset("dare_linear", Recipe(Sparsify.RANDOM, False), DareParams,
-        "drop entries with probability p, rescale 1/(1-p), weighted sum",
-        "Yu et al., Language models are Super Mario (DARE), ICML 2024")
-_preset("dare_ties", Recipe(Sparsify.RANDOM, True), DareParams,
-        "DARE drop and rescale, then TIES sign election and disjoint mean",
-        "Yu et al., Language models are Super Mario (DARE), ICML 2024")
-_preset("magnitude_prune", Recipe(Sparsify.MAGNITUDE, False), TiesParams,
+        "drop entries with probability drop_rate, rescale 1/(1-p), weighted sum (no density: use drop_rate)",
+        "Yu et al., Language models are Super Mario (DARE), ICML 2024",
+        """DARE (Yu et al. 2024; PEFT/mergekit dare_linear): each entry dropped with probability drop_rate, the
+        survivors divided by 1 − drop_rate, then λ·Σ w·x. `density` (PEFT's keep probability) is refused.""")
+_preset("dare_ties", Recipe(Sparsify.RANDOM, True, trim_after_drop=True), DareTiesParams,
+        "DARE drop and rescale, optional magnitude trim (trim_density, after the drop), TIES election, disjoint mean",
+        "Yu et al., Language models are Super Mario (DARE), ICML 2024 (MergeLM DARE + ties_merging)",
+        """DARE-TIES as the DARE authors' code (MergeLM): DARE's drop and rescale, then TIES on the dropped values:
+        a magnitude trim keeping trim_density of them (MergeLM's 1 − param_value_mask_rate; Core Space's
+        dare-ties), the sign election and the disjoint mean of `ties`. trim_density = 1 (the default) is PEFT's and
+        mergekit's dare_ties, which do not trim. `density` is refused (PEFT's keep probability).""")
+_preset("magnitude_prune", Recipe(Sparsify.MAGNITUDE, False), MagnitudeParams,
         "keep the top density fraction by magnitude, then task arithmetic",
-        "Yadav et al., TIES-Merging, NeurIPS 2023 (trim-only ablation); PEFT magnitude_prune")
+        "Yadav et al., TIES-Merging, NeurIPS 2023 (trim-only ablation); PEFT magnitude_prune",
+        """PEFT magnitude_prune: per task the int(density·N) largest |x|, then λ·Σ w·x.""")
 _preset("breadcrumbs", Recipe(Sparsify.BAND, False), BreadcrumbsParams,
-        "drop the largest gamma fraction and the smallest entries, keep a middle band, task arithmetic",
-        "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024")
+        "drop the top gamma fraction, keep the next int(density·N) entries (mergekit; rule=authors: per row), TA",
+        "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024; mergekit breadcrumbs (magnitude_outliers)",
+        """Breadcrumbs. rule=mergekit (default; mergekit sparsify.magnitude_outliers): per module or adapter, the
+        int(gamma·N) largest |x| dropped and the next int(density·N) kept; where both exceed N fewer of the largest
+        are dropped, so density 1 keeps everything. Deviation: with int(gamma·N) = 0 mergekit's slice keeps
+        nothing; here the int(density·N) largest. rule=authors (Davari & Belilovsky's TaskVectorMiddleKeep): the
+        same per row of each block, int(gamma·n) dropped and the next int(density·n) kept (all that remain when
+        fewer do). Then λ·Σ w·x.""")

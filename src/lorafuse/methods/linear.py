@@ -1,4 +1,8 @@
-"""Exact methods: linear combinations of the updates, computed on the factors and returned at rank Σr."""
+"""Exact methods: linear combinations of the updates, computed on the factors and returned at rank Σr.
+
+Deliberate choices against mergekit: `linear` is the plain Σ w_t ΔW_t (`normalize: false`; mergekit's `linear`
+defaults to `normalize: true`, dividing by Σw), and `average` is the unweighted mean, so it refuses weights
+(for a weighted mean: `linear` with `normalize: true`)."""
 
 from __future__ import annotations
 
@@ -27,10 +31,12 @@ class TaskArithmeticParams(MethodParams):
     kind="module",
     params=NoParams,
     exact=True,
-    summary="the mean of the updates (the seed's Simple Average)",
+    uses_weights=False,
+    summary="the unweighted mean of the updates (Simple Average; weights refused: use linear, normalize: true)",
     paper="Wortsman et al., Model soups, ICML 2022",
 )
 def average(terms: Sequence[LowRank], weights: Sequence[float], params: NoParams) -> LowRank:
+    """(1/T)·Σ ΔW_t. The engine refuses weights other than 1 for it: they would be ignored."""
     return stack_lowrank(terms, [1.0 / len(terms)] * len(terms))
 
 
@@ -39,10 +45,12 @@ def average(terms: Sequence[LowRank], weights: Sequence[float], params: NoParams
     kind="module",
     params=LinearParams,
     exact=True,
-    summary="Σ w_t ΔW_t with user weights (negative allowed)",
-    paper="Wortsman et al., Model soups, ICML 2022",
+    summary="Σ w_t ΔW_t with user weights (negative allowed); normalize: false by default (mergekit: true)",
+    paper="Wortsman et al., Model soups, ICML 2022; mergekit linear",
 )
 def linear(terms: Sequence[LowRank], weights: Sequence[float], params: LinearParams) -> LowRank:
+    """Σ w_t ΔW_t, or Σ w_t ΔW_t / Σ w_t with normalize=true (mergekit's default; ours is false, so that the
+    weights are the coefficients the user wrote)."""
     if params.normalize:
         total = sum(weights)
         if total == 0:

@@ -36,33 +36,60 @@ def weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def elect_sign(x: torch.Tensor, rule: str = "total", weights: torch.Tensor | None = None) -> torch.Tensor:
-    """TIES sign election: the sign of the (weighted) summed values ('total') or of the summed signs
-    ('frequency')."""
+    """TIES sign election on the weighted task values y_t = w_t·x_t (weights None: 1): +1 where the sum of the y_t
+    ('total') or of their signs ('frequency') is ≥ 0, else −1. A tie (a zero sum) elects +1, as PEFT and mergekit
+    do; an entry every task trimmed is 0 in all of them, so no task agrees with either sign there. Computed
+    without forming the y_t: Σ y_t = Σ w_t·x_t and Σ sign(y_t) = Σ sign(w_t)·sign(x_t) are GEMVs."""
+    ones = torch.ones(x.shape[0], dtype=x.dtype)
+    weights = ones if weights is None else weights.to(x.dtype)
     if rule == "total":
-        return torch.sign(x.sum(dim=0) if weights is None else weighted_sum(x, weights))
-    if rule == "frequency":
-        return torch.sign(torch.sign(x).sum(dim=0))
-    raise ValueError(f"unknown sign election rule '{rule}'")
+        votes = weighted_sum(x, weights)
+    elif rule == "frequency":
+        votes = weighted_sum(torch.sign(x), torch.sign(weights))
+    else:
+        raise ValueError(f"unknown sign election rule '{rule}'")
+    return votes.ge_(0).to(x.dtype).mul_(2).sub_(1)
 
 
-def disjoint_mean(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Weighted mean over the tasks whose non-zero entry agrees with the elected sign; zero where none does.
-    With unit weights this is TIES's disjoint mean; otherwise each task's weight counts in the denominator.
+def disjoint_mean(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor | None = None,
+                  count: bool = False) -> torch.Tensor:
+    """TIES's disjoint mean of the weighted values y_t = w_t·x_t: the sum of the y_t whose sign is the elected one,
+    divided by the summed |w_t| of the tasks they come from (count=True: by their number); zero where none agrees.
+    With unit weights both are the TIES paper's disjoint mean.
 
-    x·elected > 0 exactly where a task agrees (elected is ±1 or 0), so its positive part is |x| on agreeing
-    entries and 0 elsewhere: both sums are then GEMVs over the task axis."""
+    y_t agrees iff x_t·sign(w_t)·elected > 0, so the positive part of that product is |x_t| on agreeing entries
+    and 0 elsewhere, and an agreeing y_t is elected·|w_t|·|x_t|: every sum is a GEMV over the task axis."""
     weights = torch.ones(x.shape[0], dtype=x.dtype) if weights is None else weights.to(x.dtype)
-    agreeing = (x * elected.unsqueeze(0)).clamp_(min=0)
-    total = weighted_sum(agreeing, weights).mul_(elected)
-    norm = weighted_sum(torch.sign(agreeing), weights.abs())
+    agreeing = (x * elected.unsqueeze(0)).mul_(per_task(torch.sign(weights), x)).clamp_(min=0)
+    total = weighted_sum(agreeing, weights.abs()).mul_(elected)
+    kept = torch.sign(agreeing)
+    norm = weighted_sum(kept, torch.ones_like(weights) if count else weights.abs())
     # where no task agrees both sums are 0: clamping the count to the smallest normal number keeps 0/… = 0
     return total.div_(norm.clamp_(min=torch.finfo(norm.dtype).tiny))
 
 
+def row_band_mask(x: torch.Tensor, gamma: float, density: float) -> torch.Tensor:
+    """Breadcrumbs as its authors' code does it, per row of each task's block (the last axis): drop the
+    int(gamma·n) largest |x| of the row, keep the next int(density·n) (all that remain when fewer do)."""
+    n = x.shape[-1]
+    top, keep = int(gamma * n), int(density * n)
+    if keep == 0:
+        return torch.zeros_like(x)
+    mag = x.abs()
+    ranked = mag.sort(dim=-1, descending=True).values
+    upper = ranked[..., top - 1:top] if top else torch.full_like(ranked[..., :1], float("inf"))
+    lower = ranked[..., top + keep - 1:top + keep] if top + keep <= n else torch.zeros_like(ranked[..., :1])
+    return mag.lt(upper).to(x.dtype).mul_(mag.ge(lower))
+
+
 def kth_largest(values: torch.Tensor, fraction: float) -> float:
     """The threshold that keeps int(fraction·N) entries of |values| (inf keeps none, 0 keeps all)."""
+    return kth_largest_count(values, int(fraction * values.numel()))
+
+
+def kth_largest_count(values: torch.Tensor, k: int) -> float:
+    """The threshold that keeps the k largest |values| (inf keeps none, 0 keeps all)."""
     flat = values.reshape(-1).abs()
-    k = int(fraction * flat.numel())
     if k <= 0:
         return float("inf")
     if k >= flat.numel():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -21,9 +21,11 @@ from lorafuse.errors import ConfigError, did_you_mean
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameters: unknown names are errors, never silently ignored."""
+    """Base of every method's parameters: unknown names are errors, never silently ignored. REFUSED names
+    parameters that other tools take under the same name with another meaning, each with what to use instead."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    REFUSED: ClassVar[dict[str, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,15 @@ class MergeMethod:
     summary: str
     paper: str
     exact: bool = False
+    uses_weights: bool = True  # False: per-adapter weights other than 1 are refused (e.g. `average`)
+    takes_rank: bool = False  # the engine passes the requested output rank (`rank=`; None: the natural rank)
 
     def parse_params(self, values: dict[str, Any]) -> MethodParams:
         """Validate user parameters, naming an unknown one with the closest valid name."""
         known = set(self.params.model_fields) | {f.alias for f in self.params.model_fields.values() if f.alias}
         for key in values:
+            if key in self.params.REFUSED:
+                raise ConfigError(f"method '{self.name}' takes no '{key}': {self.params.REFUSED[key]}")
             if key not in known:
                 raise ConfigError(f"method '{self.name}': unknown parameter '{key}'{did_you_mean(key, known)}")
         try:
@@ -60,13 +66,15 @@ def register(
     summary: str,
     paper: str,
     exact: bool = False,
+    uses_weights: bool = True,
+    takes_rank: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator adding a method to the registry."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in REGISTRY:
             raise ValueError(f"merge method '{name}' registered twice")
-        REGISTRY[name] = MergeMethod(name, kind, fn, params, summary, paper, exact)
+        REGISTRY[name] = MergeMethod(name, kind, fn, params, summary, paper, exact, uses_weights, takes_rank)
         return fn
 
     return wrap

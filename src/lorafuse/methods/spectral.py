@@ -11,6 +11,12 @@ numerically non-zero directions (σ > 1e-6·σ_max) are used, so the results dep
 - Iso-C averages the non-zero spectrum of the sum (rank ≤ Σr). The dense mean over min(m, n) values, zeros
   included, would spread that mean over arbitrary null directions: a full-rank update unrelated to the tasks.
 - Iso-CTS sizes its subspaces from the sum's numerical rank K (the dense code: min(m, n)).
+
+Output rank. Without a rank every method keeps its natural rank (≤ Σr): nothing is cut. With a rank k, Iso-C and
+Iso-CTS take it as their budget (Iso-C: the top k directions of the sum, then flattened; Iso-CTS: k directions
+split by `iso_cts_sizes`), since cutting a flat spectrum afterwards would keep an arbitrary k of equal directions,
+decided by rounding and by the order of the adapters. TSV's result (orthonormal U, V) is cut by the engine to its
+k largest singular values.
 """
 
 from __future__ import annotations
@@ -107,12 +113,14 @@ def _task_sum(terms: Sequence[LowRank], weights: Sequence[float]) -> FactorSVD:
     return factor_svd(stacked.B, stacked.A)
 
 
-@register("iso_c", kind="module", params=IsoParams, paper=ISO_PAPER,
+@register("iso_c", kind="module", params=IsoParams, paper=ISO_PAPER, takes_rank=True,
           summary="Iso-C: the task-arithmetic sum with a flat spectrum (its singular values set to their mean)")
-def iso_c(terms: Sequence[LowRank], weights: Sequence[float], params: IsoParams) -> LowRank:
-    """α·σ̄·U·Vᵀ over the sum's non-zero spectrum (rank ≤ Σr). The paper uses the sum, its code the mean of the
-    task vectors: a factor T that α absorbs; we follow the paper."""
-    U, S, V = _top(_task_sum(terms, weights))
+def iso_c(terms: Sequence[LowRank], weights: Sequence[float], params: IsoParams, rank: int | None = None
+          ) -> LowRank:
+    """α·σ̄·U·Vᵀ over the sum's non-zero spectrum (rank ≤ Σr), or over its top `rank` directions (σ̄ their mean).
+    The sum Σ w_t ΔW_t, as in the paper and the authors' code (`iso.py` averages the task vectors and then
+    multiplies by T: the sum)."""
+    U, S, V = _top(_task_sum(terms, weights), rank)
     return _flat(U, S, V, params.alpha) if S.numel() else _zero(*terms[0].shape)
 
 
@@ -124,17 +132,20 @@ def iso_cts_sizes(rank: int, tasks: int, common: float) -> tuple[int, int]:
     return rank - per_task * tasks, per_task
 
 
-@register("iso_cts", kind="module", params=IsoCTSParams, paper=ISO_PAPER,
+@register("iso_cts", kind="module", params=IsoCTSParams, paper=ISO_PAPER, takes_rank=True,
           summary="Iso-CTS: the sum's top common subspace plus each task's own directions outside it, flat spectrum")
-def iso_cts(terms: Sequence[LowRank], weights: Sequence[float], params: IsoCTSParams) -> LowRank:
+def iso_cts(terms: Sequence[LowRank], weights: Sequence[float], params: IsoCTSParams, rank: int | None = None
+            ) -> LowRank:
     """The common subspace: the top k_c directions of the sum. Each task adds the top s directions of its update
     with the common left subspace projected out (w_t·(I − U_c U_cᵀ)ΔW_t). Both sides are orthogonalised
     (Procrustes) and every direction gets the mean of the collected singular values, scaled by α. Budget: the
-    sum's numerical rank K (≤ Σr), split by `iso_cts_sizes`."""
+    sum's numerical rank K (≤ Σr; the authors' dense code: min(m, n)), or min(rank, K) when a rank is asked
+    for, split by `iso_cts_sizes`."""
     U, S, V = _top(_task_sum(terms, weights))
     if S.numel() == 0:
         return _zero(*terms[0].shape)
-    kc, per_task = iso_cts_sizes(S.numel(), len(terms), params.common)
+    budget = S.numel() if rank is None else min(rank, S.numel())
+    kc, per_task = iso_cts_sizes(budget, len(terms), params.common)
     common = U[:, :kc]
     parts = [(common, S[:kc], V[:, :kc])]
     for term, w in zip(terms, weights):

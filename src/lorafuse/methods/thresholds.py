@@ -14,6 +14,17 @@ import torch
 
 _LOW, _HIGH, _BINS = -96.0, 32.0, 1 << 20
 
+# What to keep: fractions f (keep int(f·N) of the largest |x|), or a rule giving those counts from N (Breadcrumbs'
+# band, whose two counts are not int(f·N) of one fraction each).
+KeepSpec = Sequence[float] | Callable[[int], Sequence[int]]
+
+
+def keep_counts(spec: KeepSpec, total: int) -> list[int]:
+    """How many of the `total` largest |x| each threshold keeps."""
+    if callable(spec):
+        return [int(k) for k in spec(total)]
+    return [int(f * total) for f in spec]
+
 
 def _bin_index(x: torch.Tensor) -> torch.Tensor:
     """Histogram bin of each |x| in log2 space; zeros (and tiny values) fall in bin 0."""
@@ -23,9 +34,10 @@ def _bin_index(x: torch.Tensor) -> torch.Tensor:
 
 
 class StreamingQuantile:
-    """Exact thresholds keeping int(f·N) of the largest |x| for each fraction f, over a stream of tensors."""
+    """Exact thresholds keeping int(f·N) of the largest |x| for each fraction f (or the counts of a rule), over a
+    stream of tensors."""
 
-    def __init__(self, fractions: list[float]) -> None:
+    def __init__(self, fractions: KeepSpec) -> None:
         self.fractions = fractions
         self.counts = torch.zeros(_BINS, dtype=torch.int64)
         self.total = 0
@@ -41,15 +53,14 @@ class StreamingQuantile:
         """Between passes: locate the bin of each target rank."""
         above = torch.flip(torch.cumsum(torch.flip(self.counts, [0]), 0), [0])  # entries in bins ≥ b
         self._targets = []
-        for f in self.fractions:
-            k = int(f * self.total)
+        for k in keep_counts(self.fractions, self.total):
             if k <= 0 or k >= self.total:
                 self._targets.append((-1, k))
                 continue
             b = int((above >= k).nonzero().max())
             in_higher = int(above[b + 1]) if b + 1 < _BINS else 0
             self._targets.append((b, k - in_higher))
-        self._gathered = [[] for _ in self.fractions]
+        self._gathered = [[] for _ in self._targets]
 
     def gather(self, x: torch.Tensor) -> None:
         """Pass 2: keep the values that fall in a target bin."""
@@ -103,7 +114,7 @@ def _count_and_band(values: Iterable[torch.Tensor], brackets: list[tuple[float, 
     return [(a, np.concatenate(v) if v else np.zeros(0, np.float32)) for a, v in zip(above, inside)]
 
 
-def top_thresholds(values: Callable[[], Iterable[torch.Tensor]], total: int, fractions: Sequence[float],
+def top_thresholds(values: Callable[[], Iterable[torch.Tensor]], total: int, fractions: KeepSpec,
                    sample: torch.Tensor) -> list[float]:
     """Exact thresholds keeping int(f·total) of the largest |x| per fraction f (same rule as kth_largest:
     inf keeps none, 0 keeps all) over chunks that `values()` produces (e.g. bands of a dense update).
@@ -111,7 +122,7 @@ def top_thresholds(values: Callable[[], Iterable[torch.Tensor]], total: int, fra
     A sample of |x| brackets each threshold; one pass counts the entries above the bracket and keeps those
     inside it, so the k-th largest is read from a small sorted set. Where the sample misses (improbable, but
     possible on adversarial data), a second pass with the bracket widened to the side it missed stays exact."""
-    ks = [int(f * total) for f in fractions]
+    ks = keep_counts(fractions, total)
     out: list[float | None] = [float("inf") if k <= 0 else 0.0 if k >= total else None for k in ks]
     todo = [i for i, v in enumerate(out) if v is None]
     brackets = {i: _bracket(sample, ks[i], total) for i in todo}
