@@ -80,8 +80,10 @@ def _refuse_replacing(path: Path) -> None:
 
 def check_output(path: str | Path, overwrite: bool) -> Path:
     """Refuse an existing output early (before any expensive work) unless overwrite is set and it is lorafuse's
-    own; also refuse an output whose directory cannot be written."""
+    own; also refuse an output whose directory cannot be written. Leftovers of a killed run are removed first
+    (a previous output it had set aside is put back)."""
     path = Path(path)
+    clean_leftovers(path)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"{path}: output exists (pass --overwrite / overwrite=True to replace it)")
@@ -174,7 +176,6 @@ def atomic_outputs(paths: Sequence[str | Path], overwrite: bool = False,
     temps: list[Path] = []
     try:
         for target, kind in zip(targets, kinds):
-            clean_leftovers(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
             tmp.chmod(0o755)  # mkdtemp's 0700 would make the published output private

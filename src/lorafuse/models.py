@@ -83,7 +83,12 @@ def resolve_targets(info: ModelInfo, requested: list[str] | None) -> list[str] |
     else:
         targets = list(requested)
     is_regex = len(targets) == 1 and any(c in targets[0] for c in "\\*|()[]")
-    return targets[0] if is_regex else targets
+    if is_regex:
+        from lorafuse.errors import ConfigError
+        from lorafuse.validate import check_regex
+
+        return check_regex(targets[0], "target_modules", ConfigError)  # PEFT would fail with re.error mid-setup
+    return targets
 
 
 def smollm2_fp32_dir() -> Path:

@@ -139,3 +139,29 @@ def load_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts such as --batch-size: an integer ≥ 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1 (got {value})")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type of real-valued flags: `nan`, `inf` and `1e999` are refused, not carried into the work."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorafuse.validate import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm", help="minilm, smollm2, or a Hugging Face id / local path")
@@ -15,9 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formulation", choices=["classify", "chat"], help="default: the model's (minilm: classify)")
     p.add_argument("--data-dir", help="directory of <task>/<split>.jsonl (e.g. ../shared/data/nli)")
     p.add_argument("--task-file", action="append", default=[], help="YAML defining extra tasks (repeatable)")
-    p.add_argument("--max-examples", type=int, help="evaluate at most this many examples per task")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, help="token limit per example")
+    p.add_argument("--max-examples", type=positive_int, help="evaluate at most this many examples per task")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, help="token limit per example")
     heads = p.add_argument_group("classification heads (classify; a fused adapter has no single head)")
     heads.add_argument("--heads", nargs="+", default=[], metavar="TASK=DIR[,TASK=DIR]",
                        help="each task's own adapter, whose head is used where the adapter has none for it")

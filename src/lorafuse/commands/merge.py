@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import ConfigError
+from lorafuse.validate import finite_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,17 +17,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", help="merge method (see --list-methods)")
     g.add_argument("--adapters", nargs="+", metavar="ADAPTER", help="adapter directories or Hub ids")
     g.add_argument("--names", nargs="+", help="labels for the adapters (default: task or directory name)")
-    g.add_argument("--weights", nargs="+", type=float, help="one weight per adapter")
-    g.add_argument("--densities", nargs="+", type=float, help="one density per adapter (element-wise methods)")
-    g.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged update")
-    g.add_argument("--density", type=float, help="fraction of entries kept per task (ties, magnitude_prune, ...)")
-    g.add_argument("--drop-rate", type=float, help="DARE drop probability")
+    g.add_argument("--weights", nargs="+", type=finite_float, help="one weight per adapter")
+    g.add_argument("--densities", nargs="+", type=finite_float, help="one density per adapter (element-wise methods)")
+    g.add_argument("--lambda", dest="lambda_", type=finite_float, help="scale of the merged update")
+    g.add_argument("--density", type=finite_float, help="fraction of entries kept per task (ties, magnitude_prune, ...)")
+    g.add_argument("--drop-rate", type=finite_float, help="DARE drop probability")
     g.add_argument("--trim-scope", choices=["module", "global"], help="trim threshold per module or whole adapter")
     g.add_argument("--seed", type=int, help="seed of random methods (DARE)")
     g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any other method parameter")
     g.add_argument("--list-methods", action="store_true", help="list the methods and exit")
     o = p.add_argument_group("output")
-    o.add_argument("--rank", type=int, help="output rank (default: exact methods keep Σr, others the largest input r)")
+    o.add_argument("--rank", type=positive_int, help="output rank (default: exact methods keep Σr, others the largest input r)")
     o.add_argument("--space", help="space of element-wise methods: full, knots, core")
     o.add_argument("--exact-svd", action="store_true", default=None, help="exact SVD instead of randomized")
     o.add_argument("--modules-to-save", choices=["error", "per_task", "average", "drop"],
