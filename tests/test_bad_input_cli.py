@@ -377,3 +377,9 @@ def test_a_closed_pipe_is_not_a_traceback(tmp_path, pair):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("command", [["lorahub", "--task", "rte"], ["router", "--tasks", "rte,scitail"]])
+def test_data_driven_outputs_never_replace_an_input(tmp_path, pair, capsys, command):
+    refused([*command, "--adapters", *map(str, pair), "-o", str(pair[0]), "--overwrite"], capsys, tmp_path,
+            "is the input")

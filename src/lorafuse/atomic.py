@@ -25,7 +25,7 @@ from lorafuse.errors import LorafuseError, OutputExistsError
 
 MARKER_NAME = ".lorafuse-output.json"
 # provenance files of outputs written before the marker existed: still recognised as lorafuse's
-_LEGACY_RECORDS = ("lorafuse_merge.json", "lorafuse_train.json", "router.json")
+_LEGACY_RECORDS = ("lorafuse_merge.json", "lorafuse_train.json", "router_config.json")
 
 
 class OutputError(LorafuseError):
