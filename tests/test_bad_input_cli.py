@@ -383,3 +383,25 @@ def test_a_closed_pipe_is_not_a_traceback(tmp_path, pair):
 def test_data_driven_outputs_never_replace_an_input(tmp_path, pair, capsys, command):
     refused([*command, "--adapters", *map(str, pair), "-o", str(pair[0]), "--overwrite"], capsys, tmp_path,
             "is the input")
+
+
+def test_output_model_space_is_checked_before_the_merge(tmp_path, pair, capsys, monkeypatch):
+    import lorafuse.atomic
+    import lorafuse.engine
+
+    base = _base_model(tmp_path / "tiny-llama")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(lorafuse.atomic.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    monkeypatch.setattr(lorafuse.engine._Engine, "run", lambda self: pytest.fail("merged before the check"))
+    refused(merge_args(pair, tmp_path / "out", "--base-model", str(base), "--output-model", str(tmp_path / "model")),
+            capsys, tmp_path, "model", "needs", "100 B free")
+
+
+@pytest.mark.parametrize("body,words", [
+    ("name: ../../x\nlabels: [yes, no]\nfiles: {test: t.jsonl}\n", ("task name", "not a plain name")),
+    ("name: t\nlabels: [yes, no]\nlabels: [a, b]\nfiles: {test: t.jsonl}\n", ("duplicate key 'labels'",)),
+])
+def test_task_files_names_and_duplicate_keys(tmp_path, capsys, body, words):
+    task_file = tmp_path / "tasks.yml"
+    task_file.write_text(body)
+    refused(["eval", "--tasks", "t", "--task-file", str(task_file)], capsys, tmp_path, "tasks.yml", *words)

@@ -140,11 +140,14 @@ def _check_base(args: argparse.Namespace, kwargs: dict[str, Any]) -> Path | None
         return None
     from lorafuse.adapters.export import check_base_model
     from lorafuse.adapters.reader import LoraAdapter
+    from lorafuse.atomic import check_writable
 
     base = kwargs.get("base_model") or LoraAdapter(kwargs["adapters"][0]).settings.base_model
     if not base:
         raise ConfigError("--output-model needs --base-model (the adapters name none)")
-    return check_base_model(base)
+    model_dir = check_base_model(base)
+    check_writable(args.output_model, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")))  # its size
+    return model_dir
 
 
 def _write_with_model(result: Any, kwargs: dict[str, Any], base_dir: Path, outputs: list[str],
