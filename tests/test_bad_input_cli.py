@@ -405,3 +405,16 @@ def test_task_files_names_and_duplicate_keys(tmp_path, capsys, body, words):
     task_file = tmp_path / "tasks.yml"
     task_file.write_text(body)
     refused(["eval", "--tasks", "t", "--task-file", str(task_file)], capsys, tmp_path, "tasks.yml", *words)
+
+
+def test_every_lorafuse_output_can_be_replaced_by_its_own_command(tmp_path, pair):
+    """Files a command writes belong to its output (the LoraHub trace too): --overwrite replaces it again."""
+    from lorafuse.fusion.lorahub import LoraHubResult, save_lorahub
+
+    result = LoraHubResult(weights=[0.5, 0.5], loss=1.0)
+    out = tmp_path / "hub"
+    for _ in range(2):
+        save_lorahub(result, pair, out, "rte", overwrite=True)
+    assert (out / "lorahub.json").is_file()
+    assert json.loads((out / MARKER_NAME).read_text())["entries"] == sorted(p.name for p in out.iterdir()
+                                                                           if p.name != MARKER_NAME)
