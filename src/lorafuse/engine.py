@@ -309,7 +309,7 @@ def _per_adapter(values: Sequence[Any] | None, adapters: list[LoraAdapter], fiel
                  default: float) -> list[float]:
     if values is None:
         return [float(default)] * len(adapters)
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):  # lists, tuples, arrays
         raise ConfigError(f"{field_name}: expected a list of numbers, got {values!r}")
     if len(values) != len(adapters):
         raise ConfigError(f"{field_name}: {len(values)} values for {len(adapters)} adapters")

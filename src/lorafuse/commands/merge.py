@@ -114,10 +114,17 @@ def _inputs(args: argparse.Namespace, kwargs: dict[str, Any]) -> list[str]:
     items = [str(a) for a in kwargs["adapters"] if Path(str(a)).expanduser().exists()]
     if args.config:
         items.append(args.config)
-    base = kwargs.get("base_model")
+    base = _base_name(args, kwargs) if args.output_model else kwargs.get("base_model")
     if base and Path(base).expanduser().exists():
         items.append(base)
     return items
+
+
+def _base_name(args: argparse.Namespace, kwargs: dict[str, Any]) -> str | None:
+    """The base model of --output-model: --base-model, else the one the first adapter names."""
+    from lorafuse.adapters.reader import LoraAdapter
+
+    return kwargs.get("base_model") or LoraAdapter(kwargs["adapters"][0]).settings.base_model
 
 
 def _check_outputs(args: argparse.Namespace, kwargs: dict[str, Any]) -> list[str]:
@@ -139,10 +146,9 @@ def _check_base(args: argparse.Namespace, kwargs: dict[str, Any]) -> Path | None
     if not args.output_model:
         return None
     from lorafuse.adapters.export import check_base_model
-    from lorafuse.adapters.reader import LoraAdapter
     from lorafuse.atomic import check_writable
 
-    base = kwargs.get("base_model") or LoraAdapter(kwargs["adapters"][0]).settings.base_model
+    base = _base_name(args, kwargs)
     if not base:
         raise ConfigError("--output-model needs --base-model (the adapters name none)")
     model_dir = check_base_model(base)
