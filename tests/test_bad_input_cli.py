@@ -418,3 +418,36 @@ def test_every_lorafuse_output_can_be_replaced_by_its_own_command(tmp_path, pair
     assert (out / "lorahub.json").is_file()
     assert json.loads((out / MARKER_NAME).read_text())["entries"] == sorted(p.name for p in out.iterdir()
                                                                            if p.name != MARKER_NAME)
+
+
+def test_read_only_output_folder_is_found_before_the_merge(tmp_path, pair, capsys, monkeypatch):
+    """As root, permissions cannot make a folder read-only here: the probe meets the error a read-only disk
+    raises."""
+    import lorafuse.atomic
+    import lorafuse.engine
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(lorafuse.atomic.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(lorafuse.engine._Engine, "run", lambda self: pytest.fail("merged before the check"))
+    refused(merge_args(pair, tmp_path / "out"), capsys, tmp_path, "out", "Read-only file system")
+
+
+def test_eval_refuses_a_nan_adapter_before_the_model_loads(tmp_path, pair, capsys, monkeypatch):
+    import lorafuse.evaluation
+
+    path = pair[0] / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "lora_alpha": float("nan")}))
+    monkeypatch.setattr(lorafuse.evaluation, "Evaluator", lambda *a, **k: pytest.fail("the model was loaded"))
+    refused(["eval", "--tasks", "rte", "--adapter", str(pair[0])], capsys, tmp_path, "lora_alpha",
+            "not a finite number")
+
+
+@pytest.mark.parametrize("where,how", [("data", "is the input"), ("", "contains the input")])
+def test_train_output_never_over_its_data(tmp_path, capsys, where, how):
+    data = tmp_path / "data"
+    (data / "rte").mkdir(parents=True)
+    (data / "rte" / "train.jsonl").write_text("{}\n")
+    refused(["train", "--task", "rte", "--data-dir", str(data), "-o", str(tmp_path / where), "--overwrite"], capsys,
+            tmp_path, how)

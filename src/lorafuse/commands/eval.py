@@ -55,6 +55,15 @@ def _references(args: argparse.Namespace, ev, heads: dict) -> dict[str, float]:
     return own
 
 
+def _check_adapter(path: str) -> None:
+    """A bad adapter (config types, NaN alpha, integer tensors) is refused before the model loads."""
+    from lorafuse.adapters.reader import LoraAdapter
+    from lorafuse.fusion.router import is_router
+
+    if not is_router(path):
+        LoraAdapter(path).check_dtypes()
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -71,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--tasks: give at least one task name")
     for name in tasks:
         get_task(name)  # unknown names fail here, before the model loads
+    if args.adapter:
+        _check_adapter(args.adapter)
     given = {**pairs(args.reference, "--reference"), **pairs(args.heads, "--heads")}
     heads = {t: h for t in tasks if (h := load_task_head(t, None, given, args.heads_dir)) is not None}
     ev = Evaluator(args.model, tasks, split=args.split, formulation=args.formulation, data_dir=args.data_dir,
