@@ -451,3 +451,10 @@ def test_train_output_never_over_its_data(tmp_path, capsys, where, how):
     (data / "rte" / "train.jsonl").write_text("{}\n")
     refused(["train", "--task", "rte", "--data-dir", str(data), "-o", str(tmp_path / where), "--overwrite"], capsys,
             tmp_path, how)
+
+
+@pytest.mark.parametrize("model", ["./nomodel", "../nomodel", "/no/such/model"])
+def test_a_missing_model_path_is_not_a_hub_id(tmp_path, capsys, monkeypatch, model):
+    monkeypatch.chdir(tmp_path)
+    refused(["train", "--task", "rte", "--model", model, "-o", str(tmp_path / "x")], capsys, tmp_path,
+            model, "no such model directory")

@@ -39,6 +39,14 @@ def safe_name(text: str, fallback: str = "adapter") -> str:
     return cleaned or fallback
 
 
+def looks_like_hub_id(text: str, bare: bool = False) -> bool:
+    """`org/name` as the Hub spells repository ids (with `bare`, also the legacy one-part ids of models such as
+    `gpt2`); a path such as `./x`, `../x`, `/x` or `x/` never is one, so a missing local directory is reported as
+    missing instead of being looked up on the Hub."""
+    pattern = r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*" if bare else r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*"
+    return re.fullmatch(pattern, text) is not None and ".." not in text
+
+
 def child_path(parent: Path, name: str, what: str) -> Path:
     """`parent / name`, checked to stay directly inside `parent` (defence in depth behind `check_name`)."""
     path = parent / check_name(name, what)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorafuse.adapters.reader import looks_like_hub_id
 from lorafuse.adapters.safetensors_io import PendingTensor, SafetensorsFile, save_safetensors
 from lorafuse.atomic import atomic_output_dir, check_writable
 from lorafuse.errors import AdapterError
+from lorafuse.validate import looks_like_hub_id
 
 if TYPE_CHECKING:
     from lorafuse.engine import MergeResult
@@ -28,7 +28,7 @@ def resolve_model_dir(base: str | Path) -> Path:
     path = Path(base).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or not looks_like_hub_id(str(base)):
+    if path.exists() or not looks_like_hub_id(str(base), bare=True):
         raise AdapterError(f"{base}: no such base model directory")
     from huggingface_hub import snapshot_download
 

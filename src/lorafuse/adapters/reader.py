@@ -18,7 +18,7 @@ from lorafuse.adapters.config import LoraSettings, parse_settings
 from lorafuse.adapters.safetensors_io import SafetensorsFile
 from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import AdapterError
-from lorafuse.validate import check_name, is_safe_name, read_text, safe_name
+from lorafuse.validate import check_name, is_safe_name, looks_like_hub_id, read_text, safe_name
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -54,12 +54,6 @@ def resolve_adapter_dir(source: str | Path, allow_bin: bool = False) -> Path:
         return Path(snapshot_download(str(source), allow_patterns=patterns))
     except Exception as exc:  # network, auth, missing repo: all reported the same way
         raise AdapterError(f"{source}: not a local directory and could not be fetched from the Hub: {exc}") from exc
-
-
-def looks_like_hub_id(text: str) -> bool:
-    """`org/name` as the Hub spells repository ids; a path such as `./x`, `../x` or `x/` never is one, so a
-    missing local directory is reported as missing instead of being looked up on the Hub."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", text) is not None and ".." not in text
 
 
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafuse-sha256")
