@@ -175,7 +175,9 @@ def test_fan_in_fan_out_compared_as_a_value(tmp_path, capsys, order):
 
 @pytest.mark.parametrize("flags,words", [
     (["--method", "linear", "--weights", "nan", "1"], ("--weights", "not a finite number")),
+    (["--lambda", "nan"], ("--lambda", "not a finite number")),
     (["--lambda", "inf"], ("--lambda", "not a finite number")),
+    (["--method", "ties", "--densities", "0.5", "nan"], ("--densities", "not a finite number")),
     (["--method", "ties", "--density", "nan"], ("--density", "not a finite number")),
     (["--rank", "0"], ("--rank", "must be ≥ 1")),
 ])
@@ -271,6 +273,15 @@ def test_output_model_failures_write_nothing(tmp_path, pair, capsys, monkeypatch
     base = "./nobase" if kind == "missing" else str(_base_model(tmp_path / "tiny-llama", (16, 32), kind == "shapes"))
     refused(merge_args(pair, tmp_path / "out", "--base-model", base, "--output-model", str(tmp_path / "model")),
             capsys, tmp_path, *words)
+
+
+def test_after_a_refused_output_model_the_rerun_works(tmp_path, pair, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = merge_args(pair, tmp_path / "out", "--base-model", "./tiny-llama", "--output-model", "model")
+    refused(args, capsys, tmp_path, "no such base model directory")
+    _base_model(tmp_path / "tiny-llama")
+    assert main(args) == 0  # nothing of the failed run is in the way
+    assert (tmp_path / "out" / "adapter_config.json").is_file() and (tmp_path / "model" / "config.json").is_file()
 
 
 def test_output_model_and_adapter_written_together(tmp_path, pair, capsys):
@@ -458,3 +469,32 @@ def test_a_missing_model_path_is_not_a_hub_id(tmp_path, capsys, monkeypatch, mod
     monkeypatch.chdir(tmp_path)
     refused(["train", "--task", "rte", "--model", model, "-o", str(tmp_path / "x")], capsys, tmp_path,
             model, "no such model directory")
+
+
+def test_a_failed_second_rename_puts_the_first_output_back(tmp_path, monkeypatch):
+    first, second = tmp_path / "one", tmp_path / "two"
+    with atomic_outputs([first]) as (t1,):
+        (t1 / "a").write_text("previous")
+    rename = Path.rename
+
+    def fail_for_two(self, target):
+        if self.name.startswith(".two.tmp-"):
+            raise OSError(errno.EIO, "Input/output error")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", fail_for_two)
+    with pytest.raises(OSError, match="Input/output error"):
+        with atomic_outputs([first, second], overwrite=True) as (t1, t2):
+            (t1 / "a").write_text("new")
+            (t2 / "b").write_text("new")
+    assert (first / "a").read_text() == "previous" and not second.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]
+
+
+def test_an_empty_unmarked_temporary_directory_is_removed_once_old(tmp_path, pair):
+    stale, fresh = tmp_path / ".out.tmp-abcd1234", tmp_path / ".out.tmp-efgh5678"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (0, 0))  # killed between creating it and writing its marker, long ago
+    assert main(merge_args(pair, tmp_path / "out")) == 0
+    assert not stale.exists() and fresh.exists()  # a fresh one may belong to a run starting right now

@@ -10,12 +10,14 @@ replacement (`.<name>.old-*`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,7 +63,7 @@ def is_lorafuse_output(directory: str | Path) -> bool:
     return read_marker(directory) is not None or any((directory / name).is_file() for name in _LEGACY_RECORDS)
 
 
-def _refuse_replacing(path: Path) -> None:
+def check_replaceable(path: Path) -> None:
     """Raise unless `path` may be deleted by an overwrite: lorafuse's own output, unchanged since, or empty."""
     if path.is_symlink() or not path.is_dir():
         raise OutputError(f"{path}: exists and is not a directory lorafuse wrote; not replacing it")
@@ -87,7 +89,7 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"{path}: output exists (pass --overwrite / overwrite=True to replace it)")
-        _refuse_replacing(path)
+        check_replaceable(path)
     check_writable(path)
     return path
 
@@ -160,9 +162,24 @@ def clean_leftovers(path: str | Path) -> None:
         else:
             shutil.rmtree(sibling, ignore_errors=True)
     for sibling in path.parent.glob(f".{path.name}.tmp-*"):
+        if not sibling.is_dir() or sibling.is_symlink():
+            continue
         marker = read_marker(sibling)
-        if sibling.is_dir() and not sibling.is_symlink() and marker is not None and not _alive(marker):
+        if marker is not None and not _alive(marker):
             shutil.rmtree(sibling, ignore_errors=True)
+        elif marker is None and _empty_for(sibling, _UNMARKED_GRACE_S):  # killed before its marker was written
+            with contextlib.suppress(OSError):
+                sibling.rmdir()
+
+
+_UNMARKED_GRACE_S = 120.0
+
+
+def _empty_for(directory: Path, seconds: float) -> bool:
+    try:
+        return not any(directory.iterdir()) and time.time() - directory.stat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 # -- atomic outputs --------------------------------------------------------------------------------------
