@@ -498,3 +498,10 @@ def test_an_empty_unmarked_temporary_directory_is_removed_once_old(tmp_path, pai
     os.utime(stale, (0, 0))  # killed between creating it and writing its marker, long ago
     assert main(merge_args(pair, tmp_path / "out")) == 0
     assert not stale.exists() and fresh.exists()  # a fresh one may belong to a run starting right now
+
+
+@pytest.mark.parametrize("flags", [["--method", "linear", "--weights", "1e39", "1"],
+                                   ["--lambda", "1e6", "--dtype", "float16"]])
+def test_an_overflowing_merge_writes_nothing(tmp_path, pair, capsys, flags):
+    refused(merge_args(pair, tmp_path / "out", *flags), capsys, tmp_path, "model.layers.0.self_attn.q_proj",
+            "NaN or Inf")

@@ -347,6 +347,7 @@ class _Engine:
 
     def run(self) -> MergeResult:
         merged = self._merge_all()
+        _check_finite(merged, self.options.dtype)
         heads, extra = self._modules_to_save()
         return MergeResult(
             modules=merged,
@@ -477,6 +478,16 @@ class _Engine:
             },
             **stamp(),
         }
+
+
+def _check_finite(merged: dict[str, LowRank], dtype: torch.dtype) -> None:
+    """The last guard before anything is written: finite inputs and coefficients can still overflow (weights of
+    1e39, or values past float16's 65504 once cast to the output dtype)."""
+    for module, update in merged.items():
+        for name, factor in (("lora_A", update.A), ("lora_B", update.B)):
+            if not bool(torch.isfinite(factor.to(dtype)).all()):
+                raise ConfigError(f"module '{module}': the fused {name} has NaN or Inf entries in {dtype} "
+                                  "(weights or lambda too large for the output dtype?); nothing was written")
 
 
 def _average_tensors(per_task: dict[str, dict[str, torch.Tensor]], adapters: list[LoraAdapter]) -> dict[str, torch.Tensor]:
