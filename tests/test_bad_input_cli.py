@@ -505,3 +505,12 @@ def test_an_empty_unmarked_temporary_directory_is_removed_once_old(tmp_path, pai
 def test_an_overflowing_merge_writes_nothing(tmp_path, pair, capsys, flags):
     refused(merge_args(pair, tmp_path / "out", *flags), capsys, tmp_path, "model.layers.0.self_attn.q_proj",
             "NaN or Inf")
+
+
+@pytest.mark.parametrize("head", [{"base_model.model.classifier.weight": torch.full((3, 32), float("nan"))},
+                                  {"base_model.model.classifier.weight": torch.ones(3, 32, dtype=torch.int64)}])
+def test_heads_must_be_finite_floats(tmp_path, capsys, head):
+    paths = [write_adapter(tmp_path / "in" / f"h{i}", MODULES, seed=i, extra=head if i else HEAD,
+                           modules_to_save=["classifier"], task_type="SEQ_CLS") for i in range(2)]
+    refused(merge_args(paths, tmp_path / "out", "--modules-to-save", "average"), capsys, tmp_path,
+            "h1/adapter_model.safetensors", "classifier.weight")

@@ -27,7 +27,7 @@ from lorafuse.adapters.writer import (
 from lorafuse.algebra.dense import ROW_SPACE_POWER_ITERATIONS, dense_truncated_svd
 from lorafuse.algebra.lowrank import LowRank, truncate
 from lorafuse.atomic import check_writable
-from lorafuse.errors import ConfigError, IncompatibleAdaptersError
+from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.methods.thresholds import StreamingQuantile, top_thresholds
 from lorafuse.provenance import stamp
@@ -346,9 +346,9 @@ class _Engine:
             adapter.start_hashing()
 
     def run(self) -> MergeResult:
+        heads, extra = self._modules_to_save()  # first: small, and its errors need no merge to be found
         merged = self._merge_all()
         _check_finite(merged, self.options.dtype)
-        heads, extra = self._modules_to_save()
         return MergeResult(
             modules=merged,
             config=self._config(merged, extra),
@@ -434,7 +434,7 @@ class _Engine:
                 f"{with_extra[0].path}: adapter has modules_to_save ({', '.join(with_extra[0].settings.modules_to_save)}"
                 "); choose what to do with them: modules_to_save = per_task (keep each adapter's, in "
                 f"{HEADS_DIR}/), average, or drop")
-        per_task = {a.name: {k: a.tensor(k) for k in a.extra_keys} for a in with_extra}
+        per_task = {a.name: {k: _checked_head(a, k) for k in a.extra_keys} for a in with_extra}
         if policy == "per_task":
             return per_task, {}
         return {}, _average_tensors(per_task, with_extra)
@@ -478,6 +478,15 @@ class _Engine:
             },
             **stamp(),
         }
+
+
+def _checked_head(adapter: LoraAdapter, key: str) -> torch.Tensor:
+    """A modules_to_save tensor (a classification head), floating point and finite like the factors."""
+    tensor = adapter.tensor(key)
+    if not tensor.dtype.is_floating_point or not bool(torch.isfinite(tensor).all()):
+        raise AdapterError(f"{adapter.weights_path}: modules_to_save tensor '{key}' is {tensor.dtype} or has "
+                           "NaN/Inf entries; heads must be finite floating point")
+    return tensor
 
 
 def _check_finite(merged: dict[str, LowRank], dtype: torch.dtype) -> None:
