@@ -1,4 +1,4 @@
-"""`lorafuse merge` killed with SIGKILL mid-write and mid-replacement: the next run removes what the killed
+"""`lorafuse merge` killed with SIGKILL mid-write, mid-replacement and mid-export (--output-model): the next run removes what the killed
 one left, puts back an output it had set aside, and writes a complete output.
 
 The merge runs in a subprocess that sends itself SIGKILL at a chosen point (after the weights file is written;
@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from adapter_factory import dense_update, llama_modules, write_adapter
+from safetensors.torch import load_file, save_file
 
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.cli import main
@@ -35,6 +37,13 @@ if sys.argv[1] == "after-weights":  # the output's weights file is complete, its
         write(*args, **kwargs)
         kill()
     writer.save_safetensors = save_then_die
+elif sys.argv[1] == "mid-model":  # --output-model: the adapter is in its temporary directory, a shard half done
+    import lorafuse.adapters.export as export
+    def die_in_shard(path, tensors, *args, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"half a shard")
+        kill()
+    export.save_safetensors = die_in_shard
 else:  # "mid-swap": the previous output was set aside, the new one not yet moved into place
     rename = pathlib.Path.rename
     def rename_or_die(self, target):
@@ -97,3 +106,20 @@ def test_kill_mid_overwrite_keeps_the_previous_output(tmp_path, inputs):
     assert main(second) == 0
     assert _leftovers(tmp_path) == []
     _check_output(out, inputs, (0.25, 0.75))
+
+
+def test_kill_while_writing_the_merged_model_then_rerun(tmp_path, inputs):
+    base = tmp_path / "tiny-llama"
+    base.mkdir()
+    save_file({f"{m}.weight": torch.zeros(*shape) for m, shape in MODULES.items()}, str(base / "model.safetensors"))
+    out, model = tmp_path / "fused", tmp_path / "model"
+    args = ["merge", "--method", "linear", "--adapters", *inputs, "-o", str(out), "--base-model", str(base),
+            "--output-model", str(model), "--quiet"]
+    _killed_merge("mid-model", args)
+    assert not out.exists() and not model.exists() and len(_leftovers(tmp_path)) == 2  # neither output committed
+    assert main(args) == 0
+    assert _leftovers(tmp_path) == []
+    _check_output(out, inputs, (1.0, 1.0))
+    module = "model.layers.0.mlp.down_proj"
+    ref = dense_update(Path(inputs[0]), module) + dense_update(Path(inputs[1]), module)
+    assert torch.allclose(load_file(str(model / "model.safetensors"))[f"{module}.weight"].double(), ref, atol=1e-5)
