@@ -1,8 +1,9 @@
-"""`lorafuse merge` killed with SIGKILL mid-write, mid-replacement and mid-export (--output-model): the next run removes what the killed
-one left, puts back an output it had set aside, and writes a complete output.
+"""`lorafuse merge` killed with SIGKILL mid-write, mid-replacement and mid-export (--output-model): the next run
+removes what the killed one left, puts back an output it had set aside, and writes complete outputs.
 
 The merge runs in a subprocess that sends itself SIGKILL at a chosen point (after the weights file is written;
-between the two renames of --overwrite): a real kill -9 at a moment a timer could not hit reliably."""
+between the two renames of --overwrite; inside a shard of the merged model): a real kill -9 at a moment a timer
+could not hit reliably."""
 
 from __future__ import annotations
 
