@@ -1,7 +1,7 @@
 """Checks on untrusted input, shared by every command: names that must never act as paths, paths that must stay
 inside (or outside) others, numbers that must be finite and of the right type, and YAML without duplicate keys.
 
-Each check raises a one-line error naming the field (and the file, when the caller passes it as `where`)."""
+Each check raises a one-line error naming the field, and the file when the caller puts it in `what`."""
 
 from __future__ import annotations
 
