@@ -408,16 +408,6 @@ def test_output_model_space_is_checked_before_the_merge(tmp_path, pair, capsys, 
             capsys, tmp_path, "model", "needs", "100 B free")
 
 
-@pytest.mark.parametrize("body,words", [
-    ("name: ../../x\nlabels: [yes, no]\nfiles: {test: t.jsonl}\n", ("task name", "not a plain name")),
-    ("name: t\nlabels: [yes, no]\nlabels: [a, b]\nfiles: {test: t.jsonl}\n", ("duplicate key 'labels'",)),
-])
-def test_task_files_names_and_duplicate_keys(tmp_path, capsys, body, words):
-    task_file = tmp_path / "tasks.yml"
-    task_file.write_text(body)
-    refused(["eval", "--tasks", "t", "--task-file", str(task_file)], capsys, tmp_path, "tasks.yml", *words)
-
-
 def test_every_lorafuse_output_can_be_replaced_by_its_own_command(tmp_path, pair):
     """Files a command writes belong to its output (the LoraHub trace too): --overwrite replaces it again."""
     from lorafuse.fusion.lorahub import LoraHubResult, save_lorahub
@@ -514,3 +504,14 @@ def test_heads_must_be_finite_floats(tmp_path, capsys, head):
                            modules_to_save=["classifier"], task_type="SEQ_CLS") for i in range(2)]
     refused(merge_args(paths, tmp_path / "out", "--modules-to-save", "average"), capsys, tmp_path,
             "h1/adapter_model.safetensors", "classifier.weight")
+
+
+def test_exponent_numbers_are_numbers(tmp_path, pair):
+    """Strict types must not refuse `1e-3`, which YAML 1.1 (PyYAML) would read as a string."""
+    config = tmp_path / "m.yml"
+    config.write_text("merge_method: ties\nparameters: {density: 5e-1, lambda: 1E0}\n"
+                      "models:\n  - {model: ./in/a0, parameters: {weight: 1e0}}\n  - {model: ./in/a1}\n")
+    assert main(["merge", str(config), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    prov = json.loads((tmp_path / "out" / "lorafuse_merge.json").read_text())
+    assert prov["parameters"]["density"] == 0.5 and prov["inputs"][0]["weight"] == 1.0
+    assert main(merge_args(pair, tmp_path / "out2", "--method", "ties", "--param", "lambda=2e-1")) == 0

@@ -143,6 +143,9 @@ def load_yaml(text: str, source: str) -> Any:
         return loader.construct_mapping(node)
 
     _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    # `1e-3` is a number, as in YAML 1.2 (PyYAML's YAML 1.1 reads it as a string, which strict types refuse)
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
