@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lorafuse.validate import positive_int
-
 STAGES = ("train", "reference", "fuse", "data-driven", "report")  # as lorafuse.experiment.runner.STAGES
 
 
@@ -28,7 +26,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     resume.add_argument("--fresh", dest="fresh", action="store_true",
                         help="delete the run directory first (a separate --cache-dir is kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's; 1 on a machine busy with other "
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a machine busy with other "
                                                "jobs, where oversubscribed threads run several times slower)")
 
 
