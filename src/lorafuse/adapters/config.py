@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorafuse.errors import AdapterError
+from lorafuse.validate import check_regex, finite_number, strict_bool, strict_int
 
 
 def match_pattern_key(patterns: list[str], module: str) -> str | None:
@@ -35,11 +36,11 @@ class LoraSettings:
 
     def rank_of(self, module: str) -> int:
         key = match_pattern_key(list(self.rank_pattern), module)
-        return int(self.rank_pattern[key]) if key is not None else self.r
+        return self.rank_pattern[key] if key is not None else self.r
 
     def alpha_of(self, module: str) -> float:
         key = match_pattern_key(list(self.alpha_pattern), module)
-        return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def scaling(self, module: str, stored_rank: int | None = None) -> float:
         """PEFT's scaling for `module`: alpha/r, or alpha/√r with rsLoRA (rank/alpha patterns override)."""
@@ -67,25 +68,57 @@ def _unsupported(cfg: dict[str, Any], source: str) -> str | None:
 
 
 def parse_settings(cfg: dict[str, Any], source: str) -> LoraSettings:
-    """Validate a PEFT config dict; `source` names the file in errors."""
+    """Validate a PEFT config dict; `source` names the file in errors. Types are strict (no coercion:
+    `"use_rslora": "false"` is not false, `"r": 4.5` is not 4) and every number must be finite."""
     problem = _unsupported(cfg, source)
     if problem:
         raise AdapterError(f"{source}: unsupported adapter feature: {problem}")
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise AdapterError(f"{source}: missing field '{key}'")
-    try:
-        return LoraSettings(
-            r=int(cfg["r"]),
-            lora_alpha=float(cfg["lora_alpha"]),
-            use_rslora=bool(cfg.get("use_rslora", False)),
-            fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-            rank_pattern={str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
-            alpha_pattern={str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()},
-            base_model=cfg.get("base_model_name_or_path"),
-            task_type=cfg.get("task_type"),
-            modules_to_save=tuple(cfg.get("modules_to_save") or ()),
-            raw=dict(cfg),
-        )
-    except (TypeError, ValueError) as exc:
-        raise AdapterError(f"{source}: invalid field value: {exc}") from exc
+    return LoraSettings(
+        r=strict_int(cfg["r"], f"{source}: r", minimum=1, error=AdapterError),
+        lora_alpha=finite_number(cfg["lora_alpha"], f"{source}: lora_alpha", AdapterError),
+        use_rslora=_flag(cfg, "use_rslora", source),
+        fan_in_fan_out=_flag(cfg, "fan_in_fan_out", source),
+        rank_pattern={_pattern_key(k, "rank_pattern", source): strict_int(v, f"{source}: rank_pattern[{k!r}]", 1,
+                                                                          AdapterError)
+                      for k, v in _mapping(cfg, "rank_pattern", source).items()},
+        alpha_pattern={_pattern_key(k, "alpha_pattern", source): finite_number(v, f"{source}: alpha_pattern[{k!r}]",
+                                                                               AdapterError)
+                       for k, v in _mapping(cfg, "alpha_pattern", source).items()},
+        base_model=_optional_str(cfg, "base_model_name_or_path", source),
+        task_type=_optional_str(cfg, "task_type", source),
+        modules_to_save=_modules_to_save(cfg, source),
+        raw=dict(cfg),
+    )
+
+
+def _flag(cfg: dict[str, Any], key: str, source: str) -> bool:
+    value = cfg.get(key)
+    return False if value is None else strict_bool(value, f"{source}: {key}", AdapterError)
+
+
+def _mapping(cfg: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise AdapterError(f"{source}: {key}: expected an object, got {value!r}")
+    return value
+
+
+def _pattern_key(key: str, field_name: str, source: str) -> str:
+    return check_regex(key, f"{source}: {field_name} key", AdapterError)  # matched as PEFT's regex
+
+
+def _optional_str(cfg: dict[str, Any], key: str, source: str) -> str | None:
+    value = cfg.get(key)
+    if value is not None and not isinstance(value, str):
+        raise AdapterError(f"{source}: {key}: expected a string, got {value!r}")
+    return value
+
+
+def _modules_to_save(cfg: dict[str, Any], source: str) -> tuple[str, ...]:
+    value = cfg.get("modules_to_save") or ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise AdapterError(f"{source}: modules_to_save: expected a list of module names, got {value!r}")
+    return tuple(value)

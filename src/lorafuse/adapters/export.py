@@ -6,14 +6,16 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from lorafuse.adapters.safetensors_io import PendingTensor, SafetensorsFile, save_safetensors
-from lorafuse.atomic import atomic_output_dir
+from lorafuse.atomic import atomic_output_dir, check_writable
 from lorafuse.errors import AdapterError
+from lorafuse.validate import looks_like_hub_id
 
 if TYPE_CHECKING:
     from lorafuse.engine import MergeResult
@@ -26,6 +28,8 @@ def resolve_model_dir(base: str | Path) -> Path:
     path = Path(base).expanduser()
     if path.is_dir():
         return path
+    if path.exists() or not looks_like_hub_id(str(base), bare=True):
+        raise AdapterError(f"{base}: no such base model directory")
     from huggingface_hub import snapshot_download
 
     try:
@@ -79,24 +83,56 @@ def _updated(result: MergeResult, source: SafetensorsFile, key: str, module: str
     return (weight.float() + delta).to(weight.dtype)
 
 
+@dataclass(frozen=True)
+class ExportPlan:
+    """What `--output-model` will write, checked before anything is: each base shard with {weight key: fused
+    module}, and the bytes it takes."""
+
+    model_dir: Path
+    shards: list[tuple[SafetensorsFile, dict[str, str]]]
+    nbytes: int
+
+
+def check_base_model(base: str | Path) -> Path:
+    """The base model's directory, refused early (before the merge) when missing or without safetensors."""
+    model_dir = resolve_model_dir(base)
+    _shards(model_dir)
+    return model_dir
+
+
+def plan_merged_model(result: MergeResult, base: str | Path) -> ExportPlan:
+    """Every fused module matched to a base weight of its shape, from the shards' headers only."""
+    model_dir = resolve_model_dir(base)
+    pending = set(result.modules)
+    shards = []
+    for shard in _shards(model_dir):
+        source = SafetensorsFile(shard)
+        fused = _fused_weights(result, source, pending)
+        pending -= set(fused.values())
+        shards.append((source, fused))
+    if pending:
+        raise AdapterError(f"{model_dir}: no base weight for modules {sorted(pending)[:3]}")
+    return ExportPlan(model_dir, shards, sum(source.path.stat().st_size for source, _ in shards))
+
+
+def write_merged_model_files(result: MergeResult, plan: ExportPlan, directory: Path) -> None:
+    """The files of `write_merged_model`, into an existing (temporary) directory."""
+    for source, fused in plan.shards:
+        entries = {key: PendingTensor(source.shape(key), source.dtype(key),
+                                      functools.partial(_updated, result, source, key, fused.get(key)))
+                   for key in source.keys()}
+        save_safetensors(directory / source.path.name, entries, metadata=source.metadata or {"format": "pt"})
+    for name in _COPIED + ("model.safetensors.index.json",):
+        if (plan.model_dir / name).is_file():
+            shutil.copy2(plan.model_dir / name, directory / name)
+    (directory / "lorafuse_merge.json").write_text(json.dumps(result.provenance, indent=2, default=str) + "\n")
+
+
 def write_merged_model(result: MergeResult, base: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write W + ΔW for every fused module, every other tensor unchanged, same shard layout and file names.
     Each shard is written holding one of its tensors at a time (read, updated where fused, written)."""
-    model_dir = resolve_model_dir(base)
-    pending = set(result.modules)
-    with atomic_output_dir(out, overwrite) as tmp:
-        for shard in _shards(model_dir):
-            source = SafetensorsFile(shard)
-            fused = _fused_weights(result, source, pending)
-            pending -= set(fused.values())
-            entries = {key: PendingTensor(source.shape(key), source.dtype(key),
-                                          functools.partial(_updated, result, source, key, fused.get(key)))
-                       for key in source.keys()}
-            save_safetensors(tmp / shard.name, entries, metadata=source.metadata or {"format": "pt"})
-        if pending:
-            raise AdapterError(f"{model_dir}: no base weight for modules {sorted(pending)[:3]}")
-        for name in _COPIED + ("model.safetensors.index.json",):
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
-        (tmp / "lorafuse_merge.json").write_text(json.dumps(result.provenance, indent=2, default=str) + "\n")
+    plan = plan_merged_model(result, base)
+    check_writable(out, plan.nbytes)
+    with atomic_output_dir(out, overwrite, kind="merged-model") as tmp:
+        write_merged_model_files(result, plan, tmp)
     return Path(out)

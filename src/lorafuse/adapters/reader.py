@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,6 +18,7 @@ from lorafuse.adapters.config import LoraSettings, parse_settings
 from lorafuse.adapters.safetensors_io import SafetensorsFile
 from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import AdapterError
+from lorafuse.validate import check_name, is_safe_name, looks_like_hub_id, read_text, safe_name
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -43,7 +45,7 @@ def resolve_adapter_dir(source: str | Path, allow_bin: bool = False) -> Path:
         if not path.is_dir():
             raise AdapterError(f"{path}: not a directory (an adapter is a directory with {CONFIG_NAME})")
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is None:
+    if not looks_like_hub_id(str(source)):
         raise AdapterError(f"{source}: no such adapter directory")
     from huggingface_hub import snapshot_download
 
@@ -76,7 +78,7 @@ class LoraAdapter:
         self._handle: SafetensorsFile | None = None
         self._hashing: Future[str] | None = None
         self._bin: dict[str, torch.Tensor] | None = None
-        self.name = name or self.train_record.get("task") or self.path.name
+        self.name = self._name(name)
 
     # -- files -------------------------------------------------------------------------------------
     def _read_config(self) -> dict[str, Any]:
@@ -84,7 +86,7 @@ class LoraAdapter:
         if not path.is_file():
             raise AdapterError(f"{self.path}: missing {CONFIG_NAME} (not a PEFT adapter directory)")
         try:
-            cfg = json.loads(path.read_text())
+            cfg = json.loads(read_text(path, AdapterError))
         except json.JSONDecodeError as exc:
             raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(cfg, dict):
@@ -104,13 +106,28 @@ class LoraAdapter:
             return binf
         raise AdapterError(f"{self.path}: missing {SAFETENSORS_NAME}")
 
+    def _name(self, given: str | None) -> str:
+        """The label of this adapter, which names its head file in task_heads/: a name given by the user must be
+        a plain name; the training record's task is untrusted (it comes with downloaded adapters) and is used
+        only when it is one, else the directory's name."""
+        if given is not None:
+            return check_name(given, f"{self.source}: name")
+        task = self.train_record.get("task")
+        if task is not None and is_safe_name(task):
+            return task
+        if task is not None:
+            print(f"warning: {self.path / TRAIN_RECORD}: task {task!r} is not a plain name; the adapter is "
+                  f"named after its directory instead", file=sys.stderr)
+        return safe_name(self.path.name)
+
     @cached_property
     def train_record(self) -> dict[str, Any]:
         path = self.path / TRAIN_RECORD
         try:
-            return json.loads(path.read_text()) if path.is_file() else {}
-        except json.JSONDecodeError:
+            record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return {}
+        return record if isinstance(record, dict) else {}
 
     @cached_property
     def sha256(self) -> str:
@@ -203,6 +220,16 @@ class LoraAdapter:
         if self.weights_path.suffix == ".bin":
             return self.tensor(entry.a_key).shape[0]
         return self._open().shape(entry.a_key)[0]
+
+    def check_dtypes(self) -> None:
+        """Refuse LoRA factors that are not floating point (read from the header, before any work): integer
+        factors would make the fused output integer, and all zero."""
+        for module, entry in self.modules.items():
+            for key in (entry.a_key, entry.b_key):
+                dtype = self.tensor(key).dtype if self.weights_path.suffix == ".bin" else self._open().dtype(key)
+                if not dtype.is_floating_point:
+                    raise AdapterError(f"{self.weights_path}: module '{module}': tensor '{key}' is {dtype}; LoRA "
+                                       "factors must be floating point")
 
     def update(self, module: str) -> LowRank:
         """The module's update with its scale folded into B: ΔW = (s·B)·A, as (out×r)·(r×in)."""

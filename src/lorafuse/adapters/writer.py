@@ -23,6 +23,7 @@ from lorafuse.adapters.reader import CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from lorafuse.adapters.safetensors_io import save_safetensors
 from lorafuse.algebra.lowrank import LowRank, factor_svd
 from lorafuse.atomic import atomic_output_dir
+from lorafuse.validate import child_path
 
 PROVENANCE_NAME = "lorafuse_merge.json"
 HEADS_DIR = "task_heads"
@@ -123,16 +124,28 @@ def write_adapter_dir(
 ) -> Path:
     """Write adapter_config.json, adapter_model.safetensors, the provenance and per-task heads, atomically.
     `dtypes` casts tensors of `state` as they are written (one at a time, never the whole state at once)."""
-    with atomic_output_dir(out, overwrite) as tmp:
-        save_safetensors(tmp / SAFETENSORS_NAME, state, metadata={"format": "pt"}, dtypes=dtypes)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-        (tmp / "README.md").write_text(model_card(config, provenance, heads))
-        for name, tensors in (heads or {}).items():
-            (tmp / HEADS_DIR).mkdir(exist_ok=True)
-            save_safetensors(tmp / HEADS_DIR / f"{name}.safetensors", head_state_dict(tensors),
-                             metadata={"format": "pt"})
+    with atomic_output_dir(out, overwrite, kind="adapter") as tmp:
+        write_adapter_files(tmp, state, config, provenance, heads, dtypes)
     return Path(out)
+
+
+def write_adapter_files(
+    directory: Path,
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+) -> None:
+    """The files of `write_adapter_dir`, into an existing (temporary) directory."""
+    save_safetensors(directory / SAFETENSORS_NAME, state, metadata={"format": "pt"}, dtypes=dtypes)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (directory / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    (directory / "README.md").write_text(model_card(config, provenance, heads))
+    for name, tensors in (heads or {}).items():
+        (directory / HEADS_DIR).mkdir(exist_ok=True)  # names never act as paths (lorafuse.validate)
+        save_safetensors(child_path(directory / HEADS_DIR, f"{name}.safetensors", "task head name"),
+                         head_state_dict(tensors), metadata={"format": "pt"})
 
 
 def head_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorafuse.validate import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm", help="minilm, smollm2, or a Hugging Face id / local path")
@@ -15,9 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formulation", choices=["classify", "chat"], help="default: the model's (minilm: classify)")
     p.add_argument("--data-dir", help="directory of <task>/<split>.jsonl (e.g. ../shared/data/nli)")
     p.add_argument("--task-file", action="append", default=[], help="YAML defining extra tasks (repeatable)")
-    p.add_argument("--max-examples", type=int, help="evaluate at most this many examples per task")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, help="token limit per example")
+    p.add_argument("--max-examples", type=positive_int, help="evaluate at most this many examples per task")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, help="token limit per example")
     heads = p.add_argument_group("classification heads (classify; a fused adapter has no single head)")
     heads.add_argument("--heads", nargs="+", default=[], metavar="TASK=DIR[,TASK=DIR]",
                        help="each task's own adapter, whose head is used where the adapter has none for it")
@@ -53,6 +55,15 @@ def _references(args: argparse.Namespace, ev, heads: dict) -> dict[str, float]:
     return own
 
 
+def _check_adapter(path: str) -> None:
+    """A bad adapter (config types, NaN alpha, integer tensors) is refused before the model loads."""
+    from lorafuse.adapters.reader import LoraAdapter
+    from lorafuse.fusion.router import is_router
+
+    if not is_router(path):
+        LoraAdapter(path).check_dtypes()
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -69,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--tasks: give at least one task name")
     for name in tasks:
         get_task(name)  # unknown names fail here, before the model loads
+    if args.adapter:
+        _check_adapter(args.adapter)
     given = {**pairs(args.reference, "--reference"), **pairs(args.heads, "--heads")}
     heads = {t: h for t in tasks if (h := load_task_head(t, None, given, args.heads_dir)) is not None}
     ev = Evaluator(args.model, tasks, split=args.split, formulation=args.formulation, data_dir=args.data_dir,

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import argparse
 
+from lorafuse.validate import finite_float, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm", help="minilm, smollm2, or a Hugging Face id / local path")
     p.add_argument("--formulation", choices=["classify", "chat"])
     p.add_argument("--adapters", nargs="+", required=True, help="the adapters to compose")
     p.add_argument("--task", required=True, help="target task (its few-shot examples come from --split)")
-    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--shots", type=positive_int, default=5)
     p.add_argument("--split", default="validation", choices=["train", "validation"])
     p.add_argument("--data-dir")
     p.add_argument("--task-file")
     p.add_argument("--head", help="classify: an adapter trained on the target task; its modules_to_save head "
                    "scores the task (LoraHub composes LoRA updates only)")
-    p.add_argument("--budget", type=int, default=40)
+    p.add_argument("--budget", type=positive_int, default=40)
     p.add_argument("--optimizer", default="NGOpt", help="any nevergrad optimizer, e.g. CMA, NGOpt, OnePlusOne")
     p.add_argument("--composition", choices=["factors", "updates"], default="factors",
                    help="factors: Σw·A, Σw·B as in the paper; updates: the exact Σw·ΔW")
-    p.add_argument("--l1", type=float, default=0.05)
-    p.add_argument("--bound", type=float, default=1.5)
+    p.add_argument("--l1", type=finite_float, default=0.05)
+    p.add_argument("--bound", type=finite_float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--max-length", type=positive_int)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true")
 
@@ -35,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from lorafuse.evaluation import Evaluator, own_head
     from lorafuse.fusion.lorahub import LoraHubSettings, lorahub, save_lorahub
     from lorafuse.tasks import get_task, load_task_file
+    from lorafuse.validate import check_output_apart
 
+    check_output_apart(args.output, [*args.adapters, *([args.head] if args.head else [])])  # an overwrite must never delete an input
     check_output(args.output, args.overwrite)
     if args.task_file:
         load_task_file(args.task_file)

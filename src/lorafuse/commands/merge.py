@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import ConfigError
+from lorafuse.validate import finite_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,12 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", help="merge method (see --list-methods)")
     g.add_argument("--adapters", nargs="+", metavar="ADAPTER", help="adapter directories or Hub ids")
     g.add_argument("--names", nargs="+", help="labels for the adapters (default: task or directory name)")
-    g.add_argument("--weights", nargs="+", type=float, help="one weight per adapter")
-    g.add_argument("--densities", nargs="+", type=float, help="one density per adapter (element-wise methods)")
-    g.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged update")
-    g.add_argument("--density", type=float,
+    g.add_argument("--weights", nargs="+", type=finite_float, help="one weight per adapter")
+    g.add_argument("--densities", nargs="+", type=finite_float, help="one density per adapter (element-wise methods)")
+    g.add_argument("--lambda", dest="lambda_", type=finite_float, help="scale of the merged update")
+    g.add_argument("--density", type=finite_float,
                    help="fraction of entries kept per task (ties, magnitude_prune, breadcrumbs; not DARE)")
-    g.add_argument("--drop-rate", type=float, help="DARE drop probability (PEFT's density = 1 - drop rate)")
+    g.add_argument("--drop-rate", type=finite_float, help="DARE drop probability (PEFT's density = 1 - drop rate)")
     g.add_argument("--trim-scope", choices=["module", "global"],
                    help="trim threshold per module or whole adapter (default: the space's reference: "
                         "full and core per module, knots global)")
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any other method parameter")
     g.add_argument("--list-methods", action="store_true", help="list the methods and exit")
     o = p.add_argument_group("output")
-    o.add_argument("--rank", type=int, help="output rank (default: nothing cut, each result's natural rank ≤ Σr; "
+    o.add_argument("--rank", type=positive_int, help="output rank (default: nothing cut, each result's natural rank ≤ Σr; "
                                             "dense element-wise results min(Σr, m, n))")
     o.add_argument("--space", help="space of element-wise methods: full, knots, core")
     o.add_argument("--exact-svd", action="store_true", default=None, help="exact SVD instead of randomized")
@@ -51,15 +52,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _parse_value(text: str) -> Any:
-    import yaml
+def _parse_value(text: str, item: str) -> Any:
+    """A flag value as YAML reads it (`0.5`, `true`, `global`), refusing duplicate keys."""
+    from lorafuse.validate import load_yaml
 
-    return yaml.safe_load(text)
+    return load_yaml(text, f"--param {item!r}")
 
 
 def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Merge the YAML config (if any) with the flags; flags take precedence."""
-    from lorafuse.mergeconfig import load_merge_config
+    from lorafuse.mergeconfig import RESERVED, load_merge_config
 
     kwargs: dict[str, Any] = {}
     if args.config:
@@ -73,9 +75,12 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs.update({k: v for k, v in flags.items() if v is not None})
     for item in args.param:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
-        kwargs[key.replace("-", "_")] = _parse_value(value)
+        key = key.replace("-", "_")
+        if key in RESERVED:  # e.g. adapters=... would be read character by character
+            raise ConfigError(f"--param {item!r}: '{key}' is not a method parameter; use its own flag")
+        kwargs[key] = _parse_value(value, item)
     if not kwargs.get("adapters"):
         raise ConfigError("no adapters: give a config file or --adapters")
     kwargs.setdefault("method", "task_arithmetic")
@@ -110,7 +115,6 @@ def _list_methods() -> int:
 def run(args: argparse.Namespace) -> int:
     if args.list_methods:
         return _list_methods()
-    from lorafuse.atomic import check_output
     from lorafuse.engine import merge
     from lorafuse.mergeconfig import dump_merge_config
 
@@ -123,9 +127,8 @@ def run(args: argparse.Namespace) -> int:
         from lorafuse.adapters.serving import check_merge_options
 
         check_merge_options(args.target, args.max_lora_rank, kwargs)
-    check_output(args.output, args.overwrite)
-    if args.output_model:
-        check_output(args.output_model, args.overwrite)
+    outputs = _check_outputs(args, kwargs)
+    base_dir = _check_base(args, kwargs)
     result = merge(progress=not args.quiet, **kwargs)
     result.provenance["config_yaml"] = dump_merge_config(kwargs)
     if args.target:
@@ -134,16 +137,76 @@ def run(args: argparse.Namespace) -> int:
         verdict = fit_for_engine(result, args.target, args.max_lora_rank)
         print(f"{args.target}: passes its {len(verdict.findings)} loading rules (max_lora_rank "
               f"{verdict.max_lora_rank or 'not limited'})")
-    out = result.save(args.output, overwrite=args.overwrite)
-    print(f"wrote {out} ({len(result.modules)} modules, ranks {result.provenance['output']['ranks']})")
+    if args.output_model:
+        _write_with_model(result, kwargs, base_dir, outputs, args.overwrite)
+    else:
+        result.save(args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output} ({len(result.modules)} modules, ranks {result.provenance['output']['ranks']})")
+    if args.output_model:
+        print(f"wrote {args.output_model}")
     energy = result.provenance["retained_energy"]
     if energy["min"] is not None:
         print(f"retained energy after truncation: mean {energy['mean']:.4f}, min {energy['min']:.4f}")
-    if args.output_model:
-        from lorafuse.adapters.export import write_merged_model
-
-        base = kwargs.get("base_model") or result.config.get("base_model_name_or_path")
-        if not base:
-            raise ConfigError("--output-model needs --base-model (the adapters name none)")
-        print(f"wrote {write_merged_model(result, base, args.output_model, overwrite=args.overwrite)}")
     return 0
+
+
+def _inputs(args: argparse.Namespace, kwargs: dict[str, Any]) -> list[str]:
+    """Local inputs an output must neither be, contain, nor lie inside (Hub ids resolve into the cache)."""
+    items = [str(a) for a in kwargs["adapters"] if Path(str(a)).expanduser().exists()]
+    if args.config:
+        items.append(args.config)
+    base = _base_name(args, kwargs) if args.output_model else kwargs.get("base_model")
+    if base and Path(base).expanduser().exists():
+        items.append(base)
+    return items
+
+
+def _base_name(args: argparse.Namespace, kwargs: dict[str, Any]) -> str | None:
+    """The base model of --output-model: --base-model, else the one the first adapter names."""
+    from lorafuse.adapters.reader import LoraAdapter
+
+    return kwargs.get("base_model") or LoraAdapter(kwargs["adapters"][0]).settings.base_model
+
+
+def _check_outputs(args: argparse.Namespace, kwargs: dict[str, Any]) -> list[str]:
+    from lorafuse.atomic import check_output
+    from lorafuse.validate import check_output_apart
+
+    outputs = [args.output] + ([args.output_model] if args.output_model else [])
+    if args.output_model:
+        check_output_apart(args.output_model, [args.output], "--output-model")
+    for flag, out in zip(("-o", "--output-model"), outputs):
+        check_output_apart(out, _inputs(args, kwargs), flag)
+        check_output(out, args.overwrite)
+    return outputs
+
+
+def _check_base(args: argparse.Namespace, kwargs: dict[str, Any]) -> Path | None:
+    """With --output-model, the base model is found and checked before the merge (its shapes after it, before
+    anything is written)."""
+    if not args.output_model:
+        return None
+    from lorafuse.adapters.export import check_base_model
+    from lorafuse.atomic import check_writable
+
+    base = _base_name(args, kwargs)
+    if not base:
+        raise ConfigError("--output-model needs --base-model (the adapters name none)")
+    model_dir = check_base_model(base)
+    check_writable(args.output_model, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")))  # its size
+    return model_dir
+
+
+def _write_with_model(result: Any, kwargs: dict[str, Any], base_dir: Path, outputs: list[str],
+                      overwrite: bool) -> None:
+    """-o and --output-model committed together: both are written to temporary directories, then moved into
+    place one after the other, or neither is."""
+    from lorafuse.adapters.export import plan_merged_model, write_merged_model_files
+    from lorafuse.atomic import atomic_outputs, check_writable
+
+    plan = plan_merged_model(result, base_dir)
+    check_writable(outputs[0], result.nbytes())
+    check_writable(outputs[1], plan.nbytes)
+    with atomic_outputs(outputs, overwrite, ["adapter", "merged-model"]) as (adapter_tmp, model_tmp):
+        result.write_files(adapter_tmp)
+        write_merged_model_files(result, plan, model_tmp)

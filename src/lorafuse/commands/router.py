@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorafuse.validate import finite_float, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm")
@@ -12,16 +14,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", required=True, help="comma-separated: the task of each adapter")
     p.add_argument("--data-dir")
     p.add_argument("--task-file")
-    p.add_argument("--examples-per-task", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=200, help="full-batch gate optimisation steps")
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--examples-per-task", type=positive_int, default=200)
+    p.add_argument("--epochs", type=positive_int, default=200, help="full-batch gate optimisation steps")
+    p.add_argument("--lr", type=finite_float, default=1e-2)
     p.add_argument("--granularity", choices=["sentence", "token"], default="sentence",
                    help="gate per input (mean-pooled features) or per token")
     p.add_argument("--e2e-epochs", type=int, default=0,
                    help="then fine-tune the gate end to end on the tasks' losses for this many epochs")
-    p.add_argument("--e2e-lr", type=float, default=1e-3)
+    p.add_argument("--e2e-lr", type=finite_float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--max-length", type=positive_int)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true")
 
@@ -33,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from lorafuse.fusion import loss_batches
     from lorafuse.fusion.router import Router, train_end_to_end, train_gate
     from lorafuse.tasks import load_task_file
+    from lorafuse.validate import check_output_apart
 
+    check_output_apart(args.output, args.adapters)  # an overwrite must never delete an input
     check_output(args.output, args.overwrite)
     if args.task_file:
         load_task_file(args.task_file)

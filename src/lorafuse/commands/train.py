@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorafuse.validate import finite_float, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="task name, e.g. mnli, rte, scitail (see --list-tasks)")
@@ -14,22 +16,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="directory of <task>/<split>.jsonl (e.g. ../shared/data/nli)")
     p.add_argument("--task-file", action="append", default=[], help="YAML defining extra tasks (repeatable)")
     lora = p.add_argument_group("LoRA")
-    lora.add_argument("--rank", type=int, default=8)
-    lora.add_argument("--alpha", type=float, default=16.0)
-    lora.add_argument("--dropout", type=float, default=0.05)
+    lora.add_argument("--rank", type=positive_int, default=8)
+    lora.add_argument("--alpha", type=finite_float, default=16.0)
+    lora.add_argument("--dropout", type=finite_float, default=0.05)
     lora.add_argument("--target-modules", nargs="+",
                       help="module names, one regex, or `all` (Llama: all 7 projections); default: the model's")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=float, default=5e-4)
-    opt.add_argument("--epochs", type=float, default=2.0)
-    opt.add_argument("--batch-size", type=int, default=16)
-    opt.add_argument("--grad-accum", type=int, default=1)
-    opt.add_argument("--max-examples", type=int, help="use at most this many training examples")
-    opt.add_argument("--max-length", type=int, help="token limit per example")
+    opt.add_argument("--lr", type=finite_float, default=5e-4)
+    opt.add_argument("--epochs", type=finite_float, default=2.0)
+    opt.add_argument("--batch-size", type=positive_int, default=16)
+    opt.add_argument("--grad-accum", type=positive_int, default=1)
+    opt.add_argument("--max-examples", type=positive_int, help="use at most this many training examples")
+    opt.add_argument("--max-length", type=positive_int, help="token limit per example")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--gradient-checkpointing", action="store_true")
     run_group = p.add_argument_group("run")
-    run_group.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: every epoch)")
+    run_group.add_argument("--save-steps", type=positive_int, help="checkpoint every N steps (default: every epoch)")
     run_group.add_argument("--resume", action="store_true", help="resume an interrupted run from its checkpoint")
     run_group.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     run_group.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -49,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.task or not args.output:
         raise ConfigError("give --task and --output (or --list-tasks)")
+    from lorafuse.validate import check_output_apart
+
+    check_output_apart(args.output, [p for p in (args.data_dir, *args.task_file) if p])  # never over the data
+    if args.target_modules and len(args.target_modules) == 1:
+        from lorafuse.validate import check_regex
+
+        check_regex(args.target_modules[0], "--target-modules")  # before the model loads
     from lorafuse.training import TRAIN_RECORD, TrainConfig, train_adapter
 
     cfg = TrainConfig(task=args.task, model=args.model, output=args.output, formulation=args.formulation,

@@ -35,6 +35,7 @@ import torch
 
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.algebra.lowrank import LowRank, stack_lowrank
+from lorafuse.atomic import atomic_output_dir
 from lorafuse.errors import AdapterError, ConfigError, did_you_mean
 from lorafuse.fusion import loss_batches
 from lorafuse.methods.registry import MethodParams, register
@@ -309,9 +310,10 @@ def save_lorahub(result: LoraHubResult, adapters: Sequence[str | Path], out: str
     fused.provenance["lorahub"] = {"task": task, **{k: v for k, v in result.to_dict().items() if k != "trace"}}
     if head:
         fused.heads = {task: dict(head)}
-    path = fused.save(out, overwrite=overwrite)
-    (path / TRACE_FILE).write_text(json.dumps({"task": task, **result.to_dict()}, indent=2) + "\n")
-    return path
+    with atomic_output_dir(out, overwrite, kind="adapter") as tmp:  # the trace is part of the output
+        fused.write_files(tmp)
+        (tmp / TRACE_FILE).write_text(json.dumps({"task": task, **result.to_dict()}, indent=2) + "\n")
+    return Path(out)
 
 
 def experiment_job(runner: Any, shots: int) -> dict[str, Any]:
