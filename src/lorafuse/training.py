@@ -130,6 +130,7 @@ def train_adapter(cfg: TrainConfig) -> Path:
     rows = formulation.encode(task, task.load("train", cfg.data_dir, cfg.max_examples))
     peft_model = _wrap(model, cfg, formulation_name, resolve_targets(info, cfg.target_modules))
     ckpt = out.parent / f".{out.name}.checkpoints"
+    _remove_stale_temporaries(out)
     trainer = _trainer(peft_model, formulation, task, rows, cfg, ckpt)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt) if cfg.resume else None)
@@ -220,6 +221,15 @@ def _inputs(cfg: TrainConfig, task: Task) -> list[tuple[str, Path]]:
     if cfg.data_dir:
         found.append(("data directory", Path(cfg.data_dir)))
     return found + [(f"task '{task.name}' {split} file", Path(p)) for split, p in sorted(task.files.items())]
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """A kill during the final write leaves `.<out>.tmp-*` (atomic_output_dir's) beside the output; the
+    checkpoints directory is kept for --resume."""
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by an interrupted run", file=sys.stderr)
 
 
 def _check_validation_split(task: Task, data_dir: str | None) -> None:

@@ -191,10 +191,9 @@ class ExperimentRunner:
 
     @staticmethod
     def _train_summary(path: Path) -> dict[str, Any]:
-        import json
+        from lorafuse.experiment.cache import read_json_or_none
 
-        file = path / TRAIN_RECORD
-        data = json.loads(file.read_text()) if file.is_file() else {}
+        data = read_json_or_none(path / TRAIN_RECORD) or {}  # an unreadable record loses its numbers, not the run
         keys = ("train_examples", "train_steps", "train_loss", "train_seconds", "validation_accuracy")
         return {k: data[k] for k in keys if k in data}
 
