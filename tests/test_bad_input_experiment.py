@@ -456,10 +456,13 @@ def test_training_killed_mid_run_resumes_past_a_broken_checkpoint(world, tmp_pat
     broken = ckpts / f"checkpoint-{step + 2}"  # as if killed while saving the next one
     broken.mkdir()
     (broken / "adapter_model.safetensors").write_bytes(b"partial")
+    stale = tmp_path / ".adapter.tmp-k9"  # as if killed while writing the finished adapter
+    stale.mkdir()
     code, _, err = cli(capsys, *args)  # the rerun, in this process (a fresh interpreter costs seconds)
     assert code == 0 and f"skipping the broken checkpoint {broken}" in err, err
     record = json.loads((out / "lorafuse_train.json").read_text())
     assert record["train_steps"] == 12 and not ckpts.exists()  # 32 examples / 8 × 3 epochs
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "ready"]
 
 
 EXPERIMENT_UNTIL_KILLED = """
