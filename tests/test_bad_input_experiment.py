@@ -260,6 +260,16 @@ def test_prepare_marks_reuses_and_refreshes_runs(tmp_path):
     (old / "jobs").mkdir(parents=True)
     rundir.prepare(old, fresh=False)  # a run of an older lorafuse (jobs/ and nothing else) is adopted
     assert rundir.is_run_dir(old)
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        rundir.prepare(link, fresh=True)
+    assert rundir.is_run_dir(out)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # (root may write anywhere)
+        with pytest.raises(ConfigError, match="cannot be written"):
+            rundir.prepare(locked / "run", fresh=False)
     legacy = tmp_path / "legacy"
     (legacy / "jobs").mkdir(parents=True)
     with pytest.raises(ConfigError, match="no .lorafuse-run marker"):

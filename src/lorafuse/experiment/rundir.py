@@ -60,6 +60,8 @@ def prepare(out: Path, fresh: bool, cache_dir: Path | None = None) -> None:
         if cache == out.resolve() or out.resolve() in cache.parents:
             raise ConfigError(f"--fresh would delete the adapter cache {cache_dir}, which lies inside the run "
                               f"directory {out}: give a --cache-dir outside it, or drop --fresh")
+    if out.is_symlink():
+        raise ConfigError(f"run directory {out}: is a symbolic link (give the directory it points to)")
     if out.exists():
         if not out.is_dir():
             raise ConfigError(f"run directory {out}: exists and is not a directory")
@@ -72,9 +74,12 @@ def prepare(out: Path, fresh: bool, cache_dir: Path | None = None) -> None:
                 raise ConfigError(f"--fresh: {out} has no {MARKER} marker (a run from an older lorafuse?); "
                                   "delete it yourself if it should go")
             shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not is_run_dir(out):
-        write_marker(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not is_run_dir(out):
+            write_marker(out)
+    except OSError as exc:
+        raise ConfigError(f"run directory {out}: cannot be written ({exc.strerror or exc})") from None
 
 
 def write_marker(out: Path) -> None:
