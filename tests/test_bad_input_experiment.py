@@ -141,6 +141,7 @@ def test_method_labels_are_names_and_fused_directories_stay_distinct(world):
     ({"methods": [{"method": "ties", "rank": 0}]}, "methods.0.rank: Input should be greater than or equal to 1"),
     ({"methods": [{"method": "ties", "space": "knotz"}]}, "unknown space 'knotz' (did you mean 'knots'?)"),
     ({"methods": [{"method": "tsv", "space": "knots"}]}, "method 'tsv' works on whole updates"),
+    ({"lorahub": {"shots": [5, 0]}}, "lorahub.shots.1: Input should be greater than or equal to 1"),
 ])
 def test_strict_types_and_spaces_before_any_training(world, tmp_path, capsys, change, expected):
     refused(capsys, world, tmp_path, yaml.safe_dump(base_config(world, **change)), expected)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -105,7 +105,7 @@ class MethodSpec(_Strict):
 
 
 class LoraHubSettings(_Strict):
-    shots: list[int] = Field(default_factory=lambda: [5, 20])
+    shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [5, 20], min_length=1)
     budget: int = Field(40, ge=1)
     seed: int = 0
 
