@@ -257,6 +257,9 @@ def test_prepare_marks_reuses_and_refreshes_runs(tmp_path):
     assert rundir.is_run_dir(empty)
     with pytest.raises(ConfigError, match="--fresh would delete the adapter cache"):
         rundir.prepare(out, fresh=True, cache_dir=out / "cache")
+    with pytest.raises(ConfigError, match="lies inside the adapter cache"):
+        rundir.prepare(tmp_path / "cache" / "adapters" / "xa-0123" / "run", fresh=False, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
     old = tmp_path / "old"
     (old / "jobs").mkdir(parents=True)
     rundir.prepare(old, fresh=False)  # a run of an older lorafuse (jobs/ and nothing else) is adopted

@@ -55,6 +55,9 @@ def experiment_inputs(config: Any) -> list[tuple[str, Path]]:
 def prepare(out: Path, fresh: bool, cache_dir: Path | None = None) -> None:
     """Create (or with `fresh`, recreate) the run directory with its marker; refuse a directory that is not a
     run. Called after the whole config and its data have been validated, so a refused config creates nothing."""
+    if cache_dir is not None and (cache_dir / "adapters").resolve() in out.resolve().parents:
+        raise ConfigError(f"run directory {out} lies inside the adapter cache {cache_dir / 'adapters'}: "
+                          "choose another --output")
     if fresh and cache_dir is not None:
         cache = cache_dir.resolve()
         if cache == out.resolve() or out.resolve() in cache.parents:
