@@ -54,35 +54,49 @@ def experiment_inputs(config: Any) -> list[tuple[str, Path]]:
 
 def prepare(out: Path, fresh: bool, cache_dir: Path | None = None) -> None:
     """Create (or with `fresh`, recreate) the run directory with its marker; refuse a directory that is not a
-    run. Called after the whole config and its data have been validated, so a refused config creates nothing."""
-    if cache_dir is not None and (cache_dir / "adapters").resolve() in out.resolve().parents:
-        raise ConfigError(f"run directory {out} lies inside the adapter cache {cache_dir / 'adapters'}: "
-                          "choose another --output")
-    if fresh and cache_dir is not None:
-        cache = cache_dir.resolve()
-        if cache == out.resolve() or out.resolve() in cache.parents:
-            raise ConfigError(f"--fresh would delete the adapter cache {cache_dir}, which lies inside the run "
-                              f"directory {out}: give a --cache-dir outside it, or drop --fresh")
+    run. Called after the whole config and its data have been validated, so a refused config creates nothing.
+    `cache_dir` is a separate adapter cache (--cache-dir), which `fresh` must never delete."""
+    if cache_dir is not None:
+        _check_cache_apart(out, cache_dir, fresh)
     if out.is_symlink():
         raise ConfigError(f"run directory {out}: is a symbolic link (give the directory it points to)")
     if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"run directory {out}: exists and is not a directory")
-        marked = is_run_dir(out)
-        if not marked and any(out.iterdir()) and not _looks_like_old_run(out):
-            raise ConfigError(f"run directory {out}: exists and is not a lorafuse run (no {MARKER}); "
-                              "nothing was changed: choose another --output")
-        if fresh and any(out.iterdir()):
-            if not marked:
-                raise ConfigError(f"--fresh: {out} has no {MARKER} marker (a run from an older lorafuse?); "
-                                  "delete it yourself if it should go")
-            shutil.rmtree(out)
+        _reuse_or_empty(out, fresh)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not is_run_dir(out):
             write_marker(out)
     except OSError as exc:
         raise ConfigError(f"run directory {out}: cannot be written ({exc.strerror or exc})") from None
+
+
+def _check_cache_apart(out: Path, cache_dir: Path, fresh: bool) -> None:
+    run, cache = out.resolve(), cache_dir.resolve()
+    if (cache / "adapters") in run.parents:
+        raise ConfigError(f"run directory {out} lies inside the adapter cache {cache_dir / 'adapters'}: "
+                          "choose another --output")
+    if fresh and (cache == run or run in cache.parents):
+        raise ConfigError(f"--fresh would delete the adapter cache {cache_dir}, which lies inside the run "
+                          f"directory {out}: give a --cache-dir outside it, or drop --fresh")
+
+
+def _reuse_or_empty(out: Path, fresh: bool) -> None:
+    """An existing directory: a run (resumed, or with `fresh` deleted), an empty directory, or a run of an older
+    lorafuse without the marker (resumed, never deleted); anything else is refused untouched."""
+    if not out.is_dir():
+        raise ConfigError(f"run directory {out}: exists and is not a directory")
+    marked, empty = is_run_dir(out), not any(out.iterdir())
+    if not (marked or empty or _looks_like_old_run(out)):
+        raise ConfigError(f"run directory {out}: exists and is not a lorafuse run (no {MARKER}); "
+                          "nothing was changed: choose another --output")
+    if fresh and not empty:
+        if not marked:
+            raise ConfigError(f"--fresh: {out} has no {MARKER} marker (a run from an older lorafuse?); "
+                              "delete it yourself if it should go")
+        try:
+            shutil.rmtree(out)
+        except OSError as exc:
+            raise ConfigError(f"--fresh: cannot delete the run directory {out} ({exc})") from None
 
 
 def write_marker(out: Path) -> None:
