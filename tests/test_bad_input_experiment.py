@@ -208,6 +208,15 @@ def test_train_refuses_bad_numbers_in_one_line(world, tmp_path, capsys, flag, va
     assert code == 1 and f"error: {field}: must be" in err and not (tmp_path / "ad").exists()
 
 
+@pytest.mark.parametrize("model", ["./no_such_model", "../no/such", "/no/such/model"])
+def test_a_missing_local_model_is_not_tried_on_the_hub(world, tmp_path, capsys, model):
+    code, _, err = cli(capsys, "train", "--task-file", str(world / "tasks.yaml"), "--task", "bx3", "--model", model,
+                       "-o", str(tmp_path / "ad"))
+    assert code == 1 and f"model '{model}': no such directory" in err and not (tmp_path / "ad").exists()
+    refused(capsys, world, tmp_path, yaml.safe_dump(base_config(world, model=model)),
+            f"model '{model}': no such directory")
+
+
 def test_train_output_may_not_hold_or_sit_inside_its_inputs(world, tmp_path, capsys):
     before = tree(world)
     for out in (world / "data", world / "bert" / "adapter", world):

@@ -58,9 +58,16 @@ def resolve_model(name: str) -> ModelInfo:
     """An embedded model by its short name, else a Hub id or local path (its config decides the defaults)."""
     if name in EMBEDDED:
         return EMBEDDED[name]()
+    if looks_like_a_path(name) and not Path(name).expanduser().exists():
+        raise ConfigError(f"model '{name}': no such directory (a path, so the Hugging Face Hub is not tried)")
     if _model_type(name) in ENCODER_TYPES:
         return ModelInfo(name, name, "classify", (ENCODER_PATTERN,))
     return ModelInfo(name, name, "chat", LLAMA_TARGETS)
+
+
+def looks_like_a_path(name: str) -> bool:
+    """`./x`, `../x`, `/x`, `~/x` or a Windows path are local paths, never Hub ids (`org/name`)."""
+    return name.startswith((".", "/", "~", "\\")) or (len(name) > 1 and name[1] == ":") or "\\" in name
 
 
 def _model_type(path: str) -> str | None:

@@ -100,11 +100,13 @@ def file_slug(name: str) -> str:
 
 def check_experiment(config: Any, stages: Sequence[str], formulation: Any) -> None:
     """Everything an experiment can check before it trains: tasks known (after its task file), the data
-    directory present, the formulation able to express every task (`formulation()` gives its name), and every
+    directory and a local model present, the formulation able to express every task (`formulation()` gives its name), and every
     split the stages read present, parseable, non-empty and labelled with the task's labels."""
     from lorafuse.formulations import check_formulation
+    from lorafuse.models import resolve_model
     from lorafuse.tasks import get_task
 
     config.check_tasks()
+    resolve_model(config.model)  # a missing local model is an error now (it was tried on the Hub at training)
     check_formulation(formulation(), [get_task(t) for t in config.tasks])
     check_data(config.tasks, config.data_dir, splits_for(stages))
