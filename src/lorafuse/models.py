@@ -60,10 +60,15 @@ def resolve_model(name: str) -> ModelInfo:
     if name in EMBEDDED:
         return EMBEDDED[name]()
     if not Path(name).expanduser().exists() and not looks_like_hub_id(name, bare=True):
-        raise ConfigError(f"--model {name}: no such model directory (and not a Hub id such as org/name)")
+        raise ConfigError(f"model '{name}': no such model directory (and not a Hub id such as org/name)")
     if _model_type(name) in ENCODER_TYPES:
         return ModelInfo(name, name, "classify", (ENCODER_PATTERN,))
     return ModelInfo(name, name, "chat", LLAMA_TARGETS)
+
+
+def looks_like_a_path(name: str) -> bool:
+    """`./x`, `../x`, `/x`, `~/x` or a Windows path are local paths, never Hub ids (`org/name`)."""
+    return name.startswith((".", "/", "~", "\\")) or (len(name) > 1 and name[1] == ":") or "\\" in name
 
 
 def _model_type(path: str) -> str | None:

@@ -4,7 +4,9 @@ work unchanged), fp32 on CPU and bf16 on GPU. Writes the PEFT adapter and a trai
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 
 from lorafuse.atomic import atomic_output_dir, check_output
 from lorafuse.formulations import check_formulation, load_model, make_formulation
+from lorafuse.inputs import check_apart
 from lorafuse.provenance import stamp
 from lorafuse.tasks.registry import Task, get_task
 
@@ -113,17 +116,21 @@ def train_adapter(cfg: TrainConfig) -> Path:
     is written to a temporary directory, validated there, and moved into place whole."""
     from lorafuse.models import resolve_model, resolve_targets
 
+    check_train_config(cfg)
     out = check_output(cfg.output, cfg.overwrite)
     info = resolve_model(cfg.model)
     formulation_name = cfg.formulation or info.formulation
     task = get_task(cfg.task)
+    check_apart(out, _inputs(cfg, task), what="output")
     check_formulation(formulation_name, [task])
+    _check_validation_split(task, cfg.data_dir)  # a malformed split is an error now, not "n/a" after training
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(info.path, formulation_name)
     formulation = make_formulation(formulation_name, tokenizer, cfg.max_length)
     rows = formulation.encode(task, task.load("train", cfg.data_dir, cfg.max_examples))
     peft_model = _wrap(model, cfg, formulation_name, resolve_targets(info, cfg.target_modules))
     ckpt = out.parent / f".{out.name}.checkpoints"
+    _remove_stale_temporaries(out)
     trainer = _trainer(peft_model, formulation, task, rows, cfg, ckpt)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt) if cfg.resume else None)
@@ -155,9 +162,87 @@ def _wrap(model: Any, cfg: TrainConfig, formulation: str, targets: list[str] | s
 
 
 def _last_checkpoint(ckpt: Path) -> str | None:
-    """The newest `checkpoint-N` of an interrupted run, or None to start afresh."""
-    found = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-    return str(found[-1]) if found else None
+    """The newest complete `checkpoint-N` of an interrupted run, or None to start afresh. A checkpoint is
+    complete when its trainer_state.json (the Trainer writes it last) parses and names its step, and its adapter
+    weights are there; a broken one (a kill or a full disk during the save) is removed, saying so, and the
+    previous complete one is used."""
+    steps = [(int(p.name.rsplit("-", 1)[1]), p) for p in ckpt.glob("checkpoint-*")
+             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
+    for _, path in sorted(steps, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        print(f"warning: skipping the broken checkpoint {path} ({problem}); it is removed", file=sys.stderr)
+        shutil.rmtree(path, ignore_errors=True)
+    if steps:
+        print(f"warning: no complete checkpoint in {ckpt}: training starts afresh", file=sys.stderr)
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from, or None when it can."""
+    state_file = path / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"trainer_state.json unreadable: {type(exc).__name__}"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return "trainer_state.json has no global_step"
+    if not any((path / name).is_file() and (path / name).stat().st_size > 0
+               for name in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")):
+        return "no adapter weights"
+    return None
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """One-line errors for values the Trainer would reject with a traceback (or accept silently)."""
+    from lorafuse.errors import ConfigError
+
+    positive_ints = {"rank": cfg.rank, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                     "max_examples": cfg.max_examples, "max_eval_examples": cfg.max_eval_examples,
+                     "save_steps": cfg.save_steps, "logging_steps": cfg.logging_steps}
+    for name, value in positive_ints.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name}: must be an integer ≥ 1 (got {value!r})")
+    for name, value in {"lr": cfg.lr, "epochs": cfg.epochs, "alpha": cfg.alpha}.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name}: must be a finite number > 0 (got {value!r})")
+    if not (isinstance(cfg.dropout, (int, float)) and 0.0 <= cfg.dropout < 1.0):
+        raise ConfigError(f"dropout: must be in [0, 1) (got {cfg.dropout!r})")
+    if cfg.max_length is not None and (not isinstance(cfg.max_length, int) or cfg.max_length < 8):
+        raise ConfigError(f"max_length: must be an integer ≥ 8 (got {cfg.max_length!r})")
+
+
+def _inputs(cfg: TrainConfig, task: Task) -> list[tuple[str, Path]]:
+    """What training reads from the local disk: the output may neither hold it nor lie inside it."""
+    found = [("model", Path(cfg.model))] if Path(cfg.model).exists() else []
+    if cfg.data_dir:
+        found.append(("data directory", Path(cfg.data_dir)))
+    return found + [(f"task '{task.name}' {split} file", Path(p)) for split, p in sorted(task.files.items())]
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """A kill during the final write leaves `.<out>.tmp-*` (atomic_output_dir's) beside the output; the
+    checkpoints directory is kept for --resume."""
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by an interrupted run", file=sys.stderr)
+
+
+def _check_validation_split(task: Task, data_dir: str | None) -> None:
+    """Read a local validation split before training: absent is fine (no validation accuracy), but an empty or
+    malformed file is an error naming the file and line (it used to end as "no validation split" after
+    training). Hub splits are left to the evaluation, as before."""
+    from lorafuse.tasks.registry import MissingSplitError
+
+    if task.loader is None and ("validation" in task.files or data_dir is not None):
+        try:
+            task.load("validation", data_dir)
+        except MissingSplitError:
+            pass
 
 
 def _validate(cfg: TrainConfig, task: Task, formulation: str, adapter_dir: Path) -> dict[str, Any]:
@@ -166,7 +251,7 @@ def _validate(cfg: TrainConfig, task: Task, formulation: str, adapter_dir: Path)
     from lorafuse.evaluation import Evaluator
     from lorafuse.tasks.registry import DataError
 
-    try:  # model, formulation and task were checked by training: what can fail here is the split's data
+    try:  # a local split was read before training (_check_validation_split): what fails here is its absence
         ev = Evaluator(cfg.model, [task], split="validation", formulation=formulation, data_dir=cfg.data_dir,
                        max_examples=cfg.max_eval_examples, max_length=cfg.max_length, progress=False)
     except (DataError, ConfigError):

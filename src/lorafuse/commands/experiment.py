@@ -24,7 +24,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     resume.add_argument("--resume", dest="fresh", action="store_false", default=False,
                         help="reuse finished jobs and adapters (the default)")
     resume.add_argument("--fresh", dest="fresh", action="store_true",
-                        help="delete the run directory first (a separate --cache-dir is kept)")
+                        help="delete the run directory first (only a directory lorafuse created as a run; a "
+                             "separate --cache-dir is kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a machine busy with other "
                                                "jobs, where oversubscribed threads run several times slower)")
@@ -47,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = None) -> int:
-    """Run `config` with the shared run options; print the results table, any failures and the report path."""
-    import shutil
+    """Run `config` with the shared run options; print the results table, any failures and the report path.
+    Exits 1 when any job failed (after running all the others)."""
+    import sys
     import time
     from pathlib import Path
 
@@ -61,20 +63,23 @@ def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = No
 
         torch.set_num_threads(args.threads)
     _warn_without_gpu(config)
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
     start = time.perf_counter()
     runner = ExperimentRunner(config, out, progress=not args.quiet, cache_dir=args.cache_dir, stages=stages)
+    runner.prepare(fresh=args.fresh)  # validates everything first: a refused config deletes and creates nothing
     results = runner.run()
+    failed = [j for j in runner.state.training + runner.state.jobs if j.get("status") != "ok"]
     if not results:
         print(f"stages {', '.join(stages or [])} done in {time.perf_counter() - start:.0f} s; run directory {out}")
-        return 0
-    print(results_table(results["jobs"], config.tasks))
-    for job in results["jobs"]:
-        if job.get("status") != "ok":
-            print(f"failed: {job.get('job_id')}: {job.get('error')}")
-    print(f"\n{time.perf_counter() - start:.0f} s. Report: {out / 'report' / 'report.html'} "
-          "(also report.md, results.json, results.csv and the plots)")
+    else:
+        print(results_table(results["jobs"], config.tasks))
+        print(f"\n{time.perf_counter() - start:.0f} s. Report: {out / 'report' / 'report.html'} "
+              "(also report.md, results.json, results.csv and the plots)")
+    for job in failed:
+        print(f"failed: {job.get('job_id')}: {job.get('error')}", file=sys.stderr)
+    if failed:
+        print(f"lorafuse experiment: error: {len(failed)} job(s) failed (records in {out / 'jobs'}; "
+              "a rerun retries them)", file=sys.stderr)
+        return 1
     return 0
 
 

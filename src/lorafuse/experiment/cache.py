@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from lorafuse import __version__
+from lorafuse.experiment.rundir import fsync_dir
+from lorafuse.inputs import check_inside
 
 
 def stable_hash(obj: Any) -> str:
@@ -29,21 +32,25 @@ def adapter_key(config: Any, task: str, data_fingerprint: str) -> str:
 
 class JobStore:
     """One JSON file per finished job under `root`; failed jobs are stored too (for the report) but count as
-    unfinished, so the next run retries them."""
+    unfinished, so the next run retries them. `root` is created by the first result written (a config refused
+    before any work leaves no empty jobs/ behind)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, job_id: str) -> Path:
-        return self.root / f"{job_id}.json"
+        return check_inside(self.root / f"{job_id}.json", self.root, "job file")
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        """A finished job's result, or None when it has not run or failed."""
+        """A finished job's result, or None when it has not run or failed. A file that does not parse (truncated
+        by a full disk, emptied by hand) counts as missing, with a warning naming it: the job runs again."""
         path = self.path(job_id)
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
+        data = read_json_or_none(path)
+        if data is None:
+            print(f"warning: {path}: unreadable job file, counted as not done (the job runs again)", file=sys.stderr)
+            return None
         return data if data.get("status") == "ok" else None
 
     def put(self, job_id: str, result: dict[str, Any]) -> None:
@@ -51,14 +58,27 @@ class JobStore:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see the old file or the new, never a part."""
+    """Write to a temporary file beside `path`, fsync it, rename, fsync the directory: readers see the old file
+    or the new, never a part, and a finished job survives a power cut as well as a kill."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, default=str)
             fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def read_json_or_none(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when the file is unreadable, not JSON or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,20 +1,23 @@
 """The experiment config: one YAML says which model, tasks, training budget, fusion methods and coefficient grids.
-Validated with pydantic; unknown fields, methods and tasks are named with the closest valid name."""
+Validated with pydantic in strict mode: unknown fields, methods, spaces and tasks are named with the closest valid
+name; values are never coerced (`rank: 4.5`, `rank: true`, `gradient_checkpointing: "false"` are refused, not read
+as 4, 1 and True); numbers are finite; duplicate YAML keys are refused; names that become paths (the experiment's
+`name`, its tasks, method labels) contain no separator and no `..`."""
 
 from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafuse.errors import ConfigError, did_you_mean
+from lorafuse.experiment.validate import check_param_types, check_space, file_slug, load_yaml, name_problem
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class TrainSettings(_Strict):
@@ -49,7 +52,14 @@ class MethodSpec(_Strict):
     search: dict[str, list[Any]] = Field(default_factory=dict)
     samples: int | None = Field(None, ge=1, description="random search: this many grid points (default: all)")
     sample_seed: int = 0
-    rank: int | None = None
+    rank: int | None = Field(None, ge=1)
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_name(cls, label: str | None) -> str | None:
+        if label is not None and (problem := name_problem(label)):
+            raise ValueError(problem)
+        return label
 
     @field_validator("method")
     @classmethod
@@ -72,6 +82,12 @@ class MethodSpec(_Strict):
         from lorafuse.methods.registry import get_method
 
         spec = get_method(self.method)
+        check_space(spec, self.space)
+        where = f"method '{self.name}'"
+        check_param_types(spec, self.params, f"{where}: params")
+        for key, values in self.search.items():
+            for value in values:
+                check_param_types(spec, {key: value}, f"{where}: search")
         for point in self.grid():
             spec.parse_params({**self.params, **point})
         return self
@@ -89,7 +105,7 @@ class MethodSpec(_Strict):
 
 
 class LoraHubSettings(_Strict):
-    shots: list[int] = Field(default_factory=lambda: [5, 20])
+    shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [5, 20], min_length=1)
     budget: int = Field(40, ge=1)
     seed: int = 0
 
@@ -115,20 +131,33 @@ class ExperimentConfig(_Strict):
     hardware: Literal["cpu", "gpu"] = "cpu"
     notes: str = ""
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_name(cls, name: str) -> str:
+        if problem := name_problem(name):
+            raise ValueError(problem)
+        return name
+
     @field_validator("tasks")
     @classmethod
     def _distinct(cls, tasks: list[str]) -> list[str]:
+        for task in tasks:
+            if problem := name_problem(task):
+                raise ValueError(f"task {problem}")
         if len(set(tasks)) != len(tasks):
             raise ValueError("tasks must be distinct")
         return tasks
 
     @model_validator(mode="after")
     def _distinct_methods(self) -> ExperimentConfig:
-        seen: set[str] = set()
+        seen: dict[str, str] = {}
         for spec in self.methods:
-            if spec.name in seen:
-                raise ValueError(f"two methods are named '{spec.name}': give one a distinct `label`")
-            seen.add(spec.name)
+            slug = file_slug(spec.name)  # fused/<slug> and the job id: distinct names must stay distinct there
+            if slug in seen:
+                raise ValueError(f"two methods are named '{spec.name}'"
+                                 + (f" and '{seen[slug]}' (both fused/{slug})" if seen[slug] != spec.name else "")
+                                 + ": give one a distinct `label`")
+            seen[slug] = spec.name
         return self
 
     def check_tasks(self) -> None:
@@ -159,8 +188,11 @@ def _describe(exc: ValidationError) -> str:
         loc = ".".join(map(str, err["loc"]))
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown field '{loc}'")
+        elif err["type"].endswith("_type") or err["type"] in ("finite_number", "literal_error"):
+            hint = " (quote words YAML reads as booleans or numbers)" if err["type"] == "string_type" else ""
+            parts.append(f"{loc}: {err['msg']} (got {err['input']!r}){hint}")
         else:
-            parts.append(f"{loc}: {err['msg']}")
+            parts.append(f"{loc}: {err['msg']}".replace("Value error, ", ""))
     return "; ".join(parts)
 
 
@@ -168,9 +200,10 @@ def load_config(path: str | Path) -> ExperimentConfig:
     """A config file, or the name of a shipped one (e.g. `nli5-minilm`)."""
     path = resolve_config_path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc})") from None
+    raw = load_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping")
     return parse_config(raw, str(path))

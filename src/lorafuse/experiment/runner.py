@@ -19,6 +19,7 @@ from typing import Any
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.experiment.cache import JobStore, adapter_key, stable_hash
 from lorafuse.experiment.config import ExperimentConfig, MethodSpec
+from lorafuse.inputs import check_inside
 
 STAGES = ("train", "reference", "fuse", "data-driven", "report")
 TRAIN_RECORD = "lorafuse_train.json"  # written last by lorafuse.training, inside the atomic output directory
@@ -59,6 +60,7 @@ class ExperimentRunner:
         self._heads: dict[str, dict[str, Any]] | None = None
         self._fingerprints: dict[str, dict[str, str]] = {}
         self._bar: Any = None
+        self._prepared = False
 
     # -- stages ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -66,7 +68,7 @@ class ExperimentRunner:
         stage ran, else {}."""
         from tqdm.auto import tqdm
 
-        self.config.check_tasks()
+        self.prepare()
         steps = {"train": self.train_all, "reference": self.references, "fuse": self.fuse_all,
                  "data-driven": self.data_driven, "report": self.report}
         last = max(STAGES.index(s) for s in self.stages)
@@ -84,6 +86,22 @@ class ExperimentRunner:
             finalize_timings(self.out / "report", self.state.stage_seconds)
         return results
 
+    def prepare(self, fresh: bool = False) -> None:
+        """Validate the whole config and every data split the stages will read, then open the run directory
+        (lorafuse.experiment.rundir: refused unless it is a run or new; `fresh` empties it first) and remove a
+        killed run's leftovers. Nothing is trained, created or deleted before the checks pass."""
+        if self._prepared:
+            return
+        from lorafuse.experiment import rundir
+        from lorafuse.experiment.validate import check_experiment
+
+        check_experiment(self.config, STAGES[:max(STAGES.index(s) for s in self.stages) + 1], self._formulation)
+        rundir.check_apart(self.out, rundir.experiment_inputs(self.config))
+        cache = self.adapter_root.parent
+        rundir.prepare(self.out, fresh, None if cache.resolve() == self.out.resolve() else cache)
+        rundir.remove_leftovers(self.out, [self._adapter_path(t) for t in self.config.tasks])
+        self._prepared = True
+
     def train_all(self) -> None:
         """One adapter per task; a failed task is recorded and the others still train, then the run stops."""
         self.state.training = [self._train(task) for task in self.config.tasks]
@@ -97,6 +115,8 @@ class ExperimentRunner:
         """Each task's own adapter on its own task (the denominators of normalized accuracy), and the base."""
         own = self._job("individual", "reference", {"adapters": self.adapter_ids()}, self._individual,
                         required=True)
+        if own["status"] != "ok":  # every fused job is normalized by it: nothing later can be measured
+            raise ExperimentError(f"the reference job '{own['job_id']}' failed: {own['error']}")
         self.state.reference = {split: own[split]["accuracy"] for split in ("validation", "test")}
         base = self._job("base", "reference", {"adapters": self.adapter_ids()}, self._base, required=True)
         self.state.jobs += [own, base]
@@ -124,7 +144,7 @@ class ExperimentRunner:
     # -- units of work -----------------------------------------------------------------------------------
     def _train(self, task: str) -> dict[str, Any]:
         key = adapter_key(self.config, task, self.fingerprint(task, "train"))
-        path = self.adapter_root / f"{task}-{key[:10]}"
+        path = self._adapter_path(task)
         job_id = f"train-{task}-{key[:8]}"
         if (path / TRAIN_RECORD).is_file():
             record = self.store.get(job_id) or self._reused(job_id, task, path)
@@ -149,6 +169,10 @@ class ExperimentRunner:
         self._advance()
         return record
 
+    def _adapter_path(self, task: str) -> Path:
+        key = adapter_key(self.config, task, self.fingerprint(task, "train"))
+        return check_inside(self.adapter_root / f"{task}-{key[:10]}", self.adapter_root, "adapter directory")
+
     def _train_config(self, task: str, path: Path) -> Any:
         from lorafuse.training import TrainConfig
 
@@ -167,10 +191,9 @@ class ExperimentRunner:
 
     @staticmethod
     def _train_summary(path: Path) -> dict[str, Any]:
-        import json
+        from lorafuse.experiment.cache import read_json_or_none
 
-        file = path / TRAIN_RECORD
-        data = json.loads(file.read_text()) if file.is_file() else {}
+        data = read_json_or_none(path / TRAIN_RECORD) or {}  # an unreadable record loses its numbers, not the run
         keys = ("train_examples", "train_steps", "train_loss", "train_seconds", "validation_accuracy")
         return {k: data[k] for k in keys if k in data}
 

@@ -6,6 +6,7 @@ from lorafuse.tasks.registry import (
     Example,
     Fields,
     HubSource,
+    MissingSplitError,
     Task,
     get_task,
     list_tasks,
@@ -14,5 +15,5 @@ from lorafuse.tasks.registry import (
     register_task,
 )
 
-__all__ = ["SPLITS", "DataError", "Example", "Fields", "HubSource", "Task", "get_task", "list_tasks",
+__all__ = ["SPLITS", "DataError", "Example", "Fields", "HubSource", "MissingSplitError", "Task", "get_task", "list_tasks",
            "load_task_file", "read_jsonl", "register_task"]

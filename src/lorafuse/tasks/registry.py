@@ -19,12 +19,17 @@ from typing import Any
 import yaml
 
 from lorafuse.errors import ConfigError, LorafuseError, did_you_mean
+from lorafuse.inputs import check_name, load_yaml
 
 SPLITS = ("train", "validation", "test")
 
 
 class DataError(LorafuseError):
     """A data file is missing, empty or malformed."""
+
+
+class MissingSplitError(DataError):
+    """A split has no data file or source at all (as opposed to one that is empty or malformed)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ class Task:
             return read_jsonl(Path(data_dir) / self.name / f"{split}.jsonl", self.labels, self.fields)
         if self.hub is not None:
             return load_from_hub(self.hub, split, self.labels)
-        raise ConfigError(f"task '{self.name}': no data source (give --data-dir, or a task file with files/hub)")
+        raise MissingSplitError(f"task '{self.name}': no data source (give --data-dir, or a task file with "
+                                "files/hub)")
 
     def data_fingerprint(self, split: str, data_dir: str | Path | None = None) -> str:
         """sha256 of the split's file (or of its examples, for generated and Hub data), for caches and records."""
@@ -107,7 +113,7 @@ class Task:
 def read_jsonl(path: Path, labels: tuple[str, ...], fields: Fields = Fields()) -> list[Example]:
     """The shared schema (or a task's own field names); errors name the file and line."""
     if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+        raise MissingSplitError(f"{path}: no such data file")
     examples = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -170,6 +176,7 @@ def register_task(task: Task, replace: bool = False, examples: Loader | None = N
     """Add a task to the registry; `examples(split) -> list[Example]` supplies its data from Python."""
     if examples is not None:
         task = dataclasses.replace(task, loader=examples)
+    check_name(task.name, "task name")  # names become file names (adapters/<task>-…, task_heads/<task>…)
     if task.name in _REGISTRY and not replace:
         raise ConfigError(f"task '{task.name}' is already registered (pass replace=True to redefine it)")
     if len(set(task.labels)) != len(task.labels) or len(task.labels) < 2:
@@ -227,9 +234,10 @@ def load_task_file(path: str | Path) -> list[Task]:
     optional `fields:`) or a mapping of several (`x: {labels: [...], files: {...}}`)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read task file ({exc})") from None
+    raw = load_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a task (name, labels, files or hub) or a mapping name -> task")
     specs = {raw.pop("name"): raw} if "name" in raw else raw
