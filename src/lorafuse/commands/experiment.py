@@ -52,7 +52,7 @@ def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = No
     import time
     from pathlib import Path
 
-    from lorafuse.experiment.report import results_table
+    from lorafuse.experiment.report import results_table, summary_table
     from lorafuse.experiment.runner import ExperimentRunner
 
     out = Path(args.output or Path("runs") / config.name)
@@ -69,7 +69,11 @@ def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = No
     if not results:
         print(f"stages {', '.join(stages or [])} done in {time.perf_counter() - start:.0f} s; run directory {out}")
         return 0
-    print(results_table(results["jobs"], config.tasks))
+    print(summary_table(results["jobs"], results["statistics"]))
+    print()
+    print(results_table(results["jobs"], config.tasks, results["statistics"]))
+    for warning in results["warnings"]:
+        print(f"warning: {warning['message']}")
     for job in results["jobs"]:
         if job.get("status") != "ok":
             print(f"failed: {job.get('job_id')}: {job.get('error')}")
