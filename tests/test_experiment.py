@@ -80,9 +80,10 @@ def run(raw, out, **kw):
     return runner, runner.run()
 
 
-def md_row(md: str, name: str) -> list[str]:
-    line = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
-    return [c.strip() for c in line.strip("|").split("|")]
+def md_row(md: str, name: str, table: int = 1) -> list[str]:
+    """A method's row in the report's summary table (0) or per-task table (1)."""
+    lines = [line for line in md.splitlines() if line.startswith(f"| {name} |")]
+    return [c.strip() for c in lines[table].strip("|").split("|")]
 
 
 def test_end_to_end_then_cached_rerun(setup, counts):
@@ -95,7 +96,8 @@ def test_end_to_end_then_cached_rerun(setup, counts):
     assert counts == {"train": 2, "merge": 1 + 2 + 2}  # one merge per grid point; the best is kept
     ta = next(j for j in results["jobs"] if j["name"] == "task_arithmetic")
     assert [s["params"]["lambda"] for s in ta["sweep"]] == [0.5, 1.0]
-    best = max(ta["sweep"], key=lambda s: s["validation"]["normalized_average"])
+    selection = results["statistics"]["selection_tasks"]  # the tasks whose adapters beat their majority class
+    best = max(ta["sweep"], key=lambda s: sum(s["validation"]["normalized"][t] for t in selection))
     assert ta["params"]["lambda"] == best["params"]["lambda"] and ta["validation"] == best["validation"]
     assert (out / "fused" / "task_arithmetic" / "adapter_config.json").is_file()
     assert (out / "fused" / "task_arithmetic" / "task_heads" / "xa.safetensors").is_file()
@@ -124,9 +126,13 @@ def assert_report_agrees(report) -> dict:
             acc, norm = re.match(r"([\d.]+) \(([\d.]+)\)", cells[1 + i]).groups()
             assert float(acc) == pytest.approx(100 * job["test"]["accuracy"][task], abs=0.051)
             assert float(norm) == pytest.approx(job["test"]["normalized"][task], abs=0.051)
+            low, high = (float(x) for x in re.search(r"\[([\d.]+)–([\d.]+)\]", cells[1 + i]).groups())
+            assert low <= float(acc) <= high  # the accuracy's 95% interval
         n = len(saved["tasks"])
+        navg = saved["statistics"]["methods"][job["name"]]["normalized_average"]
         assert float(cells[1 + n]) == pytest.approx(100 * job["test"]["average"], abs=0.051)
-        assert float(cells[2 + n]) == pytest.approx(job["test"]["normalized_average"], abs=0.051)
+        shown = "–" if navg is None else f"{navg:.1f}"  # no normalized average when no adapter learned
+        assert cells[2 + n] == shown and md_row(md, job["name"], 0)[2] == shown
         assert f"<td>{job['name']}</td>" in html
     for job in (j for j in saved["jobs"] if j["status"] != "ok"):
         assert job["error"] in md and all(r["error"] == job["error"] for r in rows if r["method"] == job["name"])

@@ -4,7 +4,8 @@ Works on the jobs of results.json (pure: numpy via lorafuse.stats, no torch). `a
 
 - `statistics`: which tasks enter the normalized average (an individual adapter that is not significantly above its
   majority class is left out, and named), each method's average normalized accuracy over those tasks with a 95%
-  paired-bootstrap interval, its paired tests against the best fused method and against task arithmetic, the
+  paired-bootstrap interval, its differences from the best fused method and from task arithmetic (a paired-
+  bootstrap interval of the difference and a paired randomization test's p-value), the
   spread over seeds of a stochastic method, and each task's accuracy with a 95% Wilson interval;
 - `warnings`: a fused model collapsed on a task, a chosen coefficient on the edge of its grid, an adapter at chance,
   two methods with the same fused update.
@@ -169,6 +170,8 @@ def _bootstrap(ok: Sequence[dict[str, Any]], kept: Sequence[str], individual: di
     statistics["best"] = best
     ta = REFERENCE_METHOD if REFERENCE_METHOD in vectors else None
     statistics["task_arithmetic"] = ta
+    # each example's weight in the average normalized accuracy: 100 / (tasks · examples · own accuracy)
+    weights = {t: 100 / (len(kept) * len(reference[t]) * max(float(reference[t].mean()), 1e-12)) for t in kept}
     for name in vectors:
         entry = methods[name]
         entry["normalized_average"] = float(boot.observed[boot.methods.index(name)])
@@ -176,8 +179,9 @@ def _bootstrap(ok: Sequence[dict[str, Any]], kept: Sequence[str], individual: di
         for key, other in (("vs_best", best), ("vs_task_arithmetic", ta)):
             if other is not None and other != name:
                 c = boot.compare(name, other)
+                p = stats.randomization_test(vectors[name], vectors[other], weights, seed=seed)
                 entry[key] = {"against": other, "difference": c.difference, "interval": [c.low, c.high],
-                              "p_value": c.p_value, "significant": c.significant}
+                              "p_value": p, "significant": p < ALPHA}
 
 
 # -- warnings ---------------------------------------------------------------------------------------------------

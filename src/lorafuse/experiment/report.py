@@ -40,6 +40,7 @@ def write_report(out: Path, config: Any, state: Any) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     jobs = list(state.jobs)
     statistics, warnings = analyse(jobs, config.tasks)
+    statistics["selection_tasks"] = list(getattr(state, "trusted", {}).get("validation") or config.tasks)
     results = {"experiment": config.name, "config": config.model_dump(), "tasks": config.tasks,
                "adapters": {t: str(p) for t, p in state.adapters.items()}, "training": list(state.training),
                "warnings": warnings, "statistics": statistics,
@@ -174,9 +175,10 @@ def _average_note(statistics: dict[str, Any]) -> str:
                  "class, exact one-sided binomial test at 5%)")
     return (note + f". Intervals: 95% paired bootstrap over test examples ({statistics['resamples']} resamples; "
             "each task's examples resampled, the same resample for every method and for the own-adapter "
-            "denominator). Tests: the paired bootstrap difference against the best fused method and against task "
-            "arithmetic, two-sided; ▼/▲ mark differences significant at 5% (not corrected for multiple "
-            "comparisons). Per-task intervals: Wilson 95%.")
+            "denominator). Differences against the best fused method and against task arithmetic: the observed "
+            "difference, its 95% paired-bootstrap interval and the p-value of a two-sided paired randomization "
+            "test (4,000 sign flips of the per-example differences); ▼/▲ mark differences significant at 5% (not "
+            "corrected for multiple comparisons). Per-task intervals: Wilson 95%.")
 
 
 def _machine_line(m: dict[str, Any]) -> str:
@@ -309,8 +311,8 @@ def _normalized_bars(out: Path, ok: list[dict[str, Any]], statistics: dict[str, 
     kinds = [j.get("kind", "static") for j in rows]
     bars = ax.barh([j["name"] for j in rows], values, color=[KIND_COLOURS.get(k, "#2f8f6f") for k in kinds],
                    hatch=["//" if b else "" for b in below], edgecolor="white",
-                   xerr=[[v - lo for v, (lo, _) in zip(values, intervals)],
-                         [hi - v for v, (_, hi) in zip(values, intervals)]],
+                   xerr=[[max(0.0, v - lo) for v, (lo, _) in zip(values, intervals)],
+                         [max(0.0, hi - v) for v, (_, hi) in zip(values, intervals)]],
                    error_kw={"ecolor": "#222222", "capsize": 2, "lw": 0.8})
     labels = [f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, (lo, hi) in zip(values, intervals)]
     for bar, (_, hi), text in zip(bars, intervals, labels):
