@@ -162,8 +162,8 @@ def test_report_of_a_known_state(tmp_path):
 
     def split(rte, mnli, ref=(0.8, 0.6)):
         norm = {"rte": 100 * rte / ref[0], "mnli": 100 * mnli / ref[1]}
-        return {"accuracy": {"rte": rte, "mnli": mnli}, "normalized": norm, "average": (rte + mnli) / 2,
-                "normalized_average": sum(norm.values()) / 2}
+        return {"accuracy": {"rte": rte, "mnli": mnli}, "examples": {"rte": 250, "mnli": 500}, "normalized": norm,
+                "average": (rte + mnli) / 2, "normalized_average": sum(norm.values()) / 2}
 
     sweep = [{"params": {"lambda": lam, "density": 0.2}, "validation": split(0.5 * lam + 0.2, 0.4)}
              for lam in (0.5, 1.0)]
@@ -178,7 +178,10 @@ def test_report_of_a_known_state(tmp_path):
     saved = assert_report_agrees(tmp_path)
     assert saved == json.loads(json.dumps(results, default=str))
     md = (tmp_path / "report.md").read_text()
-    assert "| ties | 72.0 (90.0) | 36.0 (60.0) | 54.0 | 75.0 | lambda=1.0, density=0.2 |" in md
+    # no per-example correctness or label counts recorded (an older run): every task counts, no bootstrap
+    assert ("| ties | 72.0 (90.0) [66.1–77.2] | 36.0 (60.0) [31.9–40.3] | 54.0 | 75.0 | lambda=1.0, density=0.2 |"
+            in md)
+    assert "| ties | static | 75.0 |  | best |" in md
     assert saved["stage_compute_seconds"] == {"reference": 1.0, "fuse": 4.1}
 
 
@@ -268,3 +271,27 @@ def test_random_search_samples_the_grid():
     points = ExperimentRunner.settings(spec)
     assert len(points) == 4 and len({json.dumps(p, sort_keys=True) for p in points}) == 4
     assert all(p in spec.grid() for p in points) and points == ExperimentRunner.settings(spec)
+
+
+def test_a_stochastic_method_runs_over_seeds(setup, counts, tmp_path):
+    """DARE over two seeds: each grid point merged per seed, the point best on the mean over seeds chosen, its
+    test results the mean of the seeds' (each kept, with per-example correctness for the statistics)."""
+    root, raw = setup
+    dare = {**raw, "seeds": 2, "methods": [{"method": "dare_ties", "params": {"seed": 5},
+                                            "search": {"drop_rate": [0.3, 0.6]}}]}
+    runner, results = run(dare, tmp_path / "dare", cache_dir=root / "cache")
+    job = next(j for j in results["jobs"] if j["name"] == "dare_ties")
+    assert counts["merge"] == 2 * 2 and job["seeds"] == [5, 6] and len(job["seed_runs"]) == 2
+    for point in job["sweep"]:
+        assert len(point["seed_scores"]) == 2 and point["score"] == pytest.approx(sum(point["seed_scores"]) / 2)
+    assert job["params"]["drop_rate"] == max(job["sweep"], key=lambda p: p["score"])["params"]["drop_rate"]
+    for task in raw["tasks"]:
+        seeds = [r["test"]["accuracy"][task] for r in job["seed_runs"]]
+        assert job["test"]["accuracy"][task] == pytest.approx(sum(seeds) / 2)
+        assert all(len(r["test"]["correct"][task]) > 0 for r in job["seed_runs"])
+    assert results["statistics"]["methods"]["dare_ties"]["seeds"] == 2
+
+    counts.update(merge=0)
+    runner, results = run({**dare, "seeds": 1}, tmp_path / "dare", cache_dir=root / "cache")
+    job = next(j for j in results["jobs"] if j["name"] == "dare_ties")
+    assert counts["merge"] == 2 and "seed_runs" not in job  # the number of seeds is part of the job's key

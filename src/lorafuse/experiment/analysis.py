@@ -122,8 +122,11 @@ def analyse(jobs: Sequence[dict[str, Any]], tasks: Sequence[str], resamples: int
     methods: dict[str, dict[str, Any]] = {}
     for job in ok:
         methods[job["name"]] = _method_summary(job, tasks, kept)
-    statistics: dict[str, Any] = {"trusted_tasks": kept, "left_out_tasks": left_out, "alpha": ALPHA,
-                                  "resamples": resamples, "methods": methods, "best": None}
+    fused = [n for n, m in methods.items() if m["kind"] in FUSED_KINDS and m["normalized_average"] is not None]
+    statistics: dict[str, Any] = {
+        "trusted_tasks": kept, "left_out_tasks": left_out, "alpha": ALPHA, "resamples": resamples,
+        "methods": methods, "best": max(fused, key=lambda n: methods[n]["normalized_average"]) if fused else None,
+        "task_arithmetic": REFERENCE_METHOD if REFERENCE_METHOD in methods else None}
     _bootstrap(ok, kept, individual, statistics, resamples, seed)
     warnings = (_left_out_warnings(left_out) + _collapse_warnings(ok, tasks, individual)
                 + _edge_warnings(ok) + _same_update_warnings(ok))
@@ -165,11 +168,7 @@ def _bootstrap(ok: Sequence[dict[str, Any]], kept: Sequence[str], individual: di
         return
     boot = stats.paired_bootstrap(vectors, reference, kept, resamples, seed)
     methods = statistics["methods"]
-    fused = [name for name in vectors if methods[name]["kind"] in FUSED_KINDS]
-    best = max(fused, key=lambda n: boot.observed[boot.methods.index(n)]) if fused else None
-    statistics["best"] = best
-    ta = REFERENCE_METHOD if REFERENCE_METHOD in vectors else None
-    statistics["task_arithmetic"] = ta
+    best, ta = (name if name in vectors else None for name in (statistics["best"], statistics["task_arithmetic"]))
     # each example's weight in the average normalized accuracy: 100 / (tasks · examples · own accuracy)
     weights = {t: 100 / (len(kept) * len(reference[t]) * max(float(reference[t].mean()), 1e-12)) for t in kept}
     for name in vectors:
@@ -216,8 +215,10 @@ def _collapse_warnings(ok: Sequence[dict[str, Any]], tasks: Sequence[str],
             top = top_prediction(job["test"], t) if job.get("kind", "static") in FUSED_KINDS else None
             if top is not None and top[1] >= COLLAPSE_SHARE * top[2]:
                 own_note = f"; its own adapter: {100 * own[1] / own[2]:.0f}% {own[0]}" if own else ""
+                seeds = f" (over {len(job['seed_runs'])} seeds)" if job.get("seed_runs") else ""
                 out.append(_warning("collapsed", f"{job['name']} collapsed on {t}: it predicts {top[0]} for "
-                                    f"{top[1]} of {top[2]} test predictions{own_note}", method=job["name"], task=t))
+                                    f"{top[1]} of {top[2]} test predictions{seeds}{own_note}", method=job["name"],
+                                    task=t))
     return out
 
 

@@ -278,7 +278,7 @@ def _per_task_heatmap(out: Path, ok: list[dict[str, Any]], tasks: list[str], sta
     import numpy as np
 
     trusted = statistics["trusted_tasks"]
-    cols = [t if t in trusted else f"{t}\n(left out)" for t in tasks] + ["average"]
+    cols = [t if t in trusted else f"{t}\n(left out)" for t in tasks] + ["avg acc"]
     values = np.array([[100 * j["test"]["accuracy"][t] for t in tasks] + [100 * j["test"]["average"]] for j in ok])
     fig, ax = plt.subplots(figsize=(min(10.5, 0.95 * len(cols) + 3.5), 0.32 * len(ok) + 1.6))
     image = ax.imshow(values, cmap="viridis", aspect="auto")
@@ -307,7 +307,7 @@ def _normalized_bars(out: Path, ok: list[dict[str, Any]], statistics: dict[str, 
         return _save(fig, out / "normalized_accuracy.png")
     values = [methods[j["name"]]["normalized_average"] for j in rows]
     intervals = [methods[j["name"]].get("interval") or [v, v] for j, v in zip(rows, values)]
-    below = [bool((methods[j["name"]].get("vs_best") or {}).get("significant")) for j in rows]
+    below = [_significantly_below(methods[j["name"]]) for j in rows]
     kinds = [j.get("kind", "static") for j in rows]
     bars = ax.barh([j["name"] for j in rows], values, color=[KIND_COLOURS.get(k, "#2f8f6f") for k in kinds],
                    hatch=["//" if b else "" for b in below], edgecolor="white",
@@ -325,12 +325,19 @@ def _normalized_bars(out: Path, ok: list[dict[str, Any]], statistics: dict[str, 
     handles = [Patch(color=KIND_COLOURS[k], label=KIND_NAMES[k]) for k in KIND_COLOURS if k in kinds]
     if any(below):
         handles.append(Patch(facecolor="#cccccc", hatch="//", edgecolor="white",
-                             label="significantly below the best (paired bootstrap, 5%)"))
-    ax.legend(handles=handles, fontsize=FONT - 2, loc="lower right", framealpha=0.9)
+                             label=f"significantly below the best, {statistics.get('best')} (paired "
+                                   "randomization test, 5%)"))
+    ax.legend(handles=handles, fontsize=FONT - 2, loc="upper center", bbox_to_anchor=(0.45, -0.13 - 0.9 / (len(rows) + 5)),
+              ncol=min(3, len(handles)), frameon=False)
     trusted = ", ".join(statistics["trusted_tasks"])
     ax.set_title(f"Average normalized accuracy over {trusted}\n(bars: 95% paired-bootstrap intervals)",
                  fontsize=FONT)
     return _save(fig, out / "normalized_accuracy.png")
+
+
+def _significantly_below(method: dict[str, Any]) -> bool:
+    c = method.get("vs_best") or {}
+    return method["kind"] != "reference" and bool(c.get("significant")) and c["difference"] < 0
 
 
 def _sweep_panels(out: Path, sweeps: list[dict[str, Any]]) -> str:
@@ -351,15 +358,14 @@ def _sweep_panels(out: Path, sweeps: list[dict[str, Any]]) -> str:
             rest = ", ".join(f"{k}={v}" for k, v in point["params"].items() if k != key)
             scores = point.get("seed_scores") or []
             sd = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
-            score = point["validation"]["normalized_average"] if not scores else sum(scores) / len(scores)
+            score = point.get("score", point["validation"]["normalized_average"])
             lines.setdefault(rest, []).append((point["params"][key], score, sd))
         for rest, pts in lines.items():
             pts.sort()
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
                         capsize=2, lw=1, label=rest or None)
         chosen = next(p for p in job["sweep"] if p["params"] == {k: job["params"][k] for k in p["params"]})
-        chosen_score = (sum(chosen["seed_scores"]) / len(chosen["seed_scores"]) if chosen.get("seed_scores")
-                        else chosen["validation"]["normalized_average"])
+        chosen_score = chosen.get("score", chosen["validation"]["normalized_average"])
         ax.plot([job["params"][key]], [chosen_score], marker="*", ms=12, color="#d62728", ls="none")
         ax.set_title(job["name"], fontsize=FONT)
         ax.set_xlabel(key, fontsize=FONT)
@@ -375,7 +381,7 @@ def _sweep_panels(out: Path, sweeps: list[dict[str, Any]]) -> str:
 
 def _save(fig: Any, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.1)  # keeps a legend placed below the axes
     import matplotlib.pyplot as plt
 
     plt.close(fig)

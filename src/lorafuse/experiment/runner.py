@@ -246,10 +246,11 @@ class ExperimentRunner:
                 val = self.evaluator("validation").evaluate(merged[-1], heads=self.own_heads())
                 vals.append(_without_examples(val.normalize(self.state.reference["validation"]).to_dict()))
             point_result = {"params": point, "validation": mean_split(vals) if len(vals) > 1 else vals[0]}
+            point_result["score"] = self._score(point_result["validation"])  # what the choice compares
             if len(vals) > 1:
                 point_result["seed_scores"] = [self._score(v) for v in vals]
             sweep.append(point_result)
-            if best is None or self._score(point_result["validation"]) > self._score(best["validation"]):
+            if best is None or point_result["score"] > best["score"]:
                 best, results = point_result, merged  # first of equals wins; only the best is kept
         search_seconds = time.perf_counter() - start
         tests = [self.evaluator("test").evaluate(r, heads=self.own_heads()).normalize(self.state.reference["test"])
