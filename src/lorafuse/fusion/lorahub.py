@@ -327,7 +327,8 @@ def experiment_job(runner: Any, shots: int) -> dict[str, Any]:
         seconds += spent
     settings = LoraHubSettings(budget=runner.config.lorahub.budget)
     return {"name": f"lorahub ({shots}-shot)", "kind": "data-driven", "method": "lorahub", "params": {"shots": shots},
-            "weights": weights, **over_seeds(runs), "search_seconds": round(seconds, 2),
+            "weights": weights[runs[0][0]], "weights_by_seed": weights, **over_seeds(runs),
+            "search_seconds": round(seconds, 2),
             "cost": {"search_seconds": round(seconds, 2), "candidates_per_task": settings.budget,
                      "seeds": len(runs), "inference": "one merged adapter per task"}}
 
