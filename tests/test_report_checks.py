@@ -197,11 +197,12 @@ def test_every_warning_is_raised_once_and_only_where_due(known):
     for w in results["warnings"]:
         by_kind.setdefault(w["kind"], []).append(w)
     assert [w["task"] for w in by_kind["adapter_at_chance"]] == ["chance"]
-    assert [(w["method"], w["task"]) for w in by_kind["collapsed"]] == [("dare_ties", "easy")]
-    edges = {(w["method"], w["parameter"]) for w in by_kind["edge_of_grid"]}
+    assert [(w["methods"], w["task"]) for w in by_kind["collapsed"]] == [(["dare_ties"], "easy")]
+    assert "easy is lost: 1 fused model collapsed" in by_kind["collapsed"][0]["message"]
+    edges = {w["method"]: w["parameters"] for w in by_kind["edge_of_grid"]}
     # task_arithmetic's λ=0.5 is the grid's lowest, ties' λ=1.0 is inside and its density=1.0 the domain's bound,
     # dare_ties' drop_rate=0.9 is the grid's highest
-    assert edges == {("task_arithmetic", "lambda"), ("dare_ties", "drop_rate")}
+    assert edges == {"task_arithmetic": {"lambda": 0.5}, "dare_ties": {"drop_rate": 0.9}}
     assert [w["methods"] for w in by_kind["same_update"]] == [["average", "task_arithmetic"]]
     assert set(by_kind) == {"adapter_at_chance", "collapsed", "edge_of_grid", "same_update"}
 

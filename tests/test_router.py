@@ -208,10 +208,10 @@ def test_experiment_jobs_with_a_runner_stand_in(bert, tmp_path):
         state=SimpleNamespace(adapters=adapters, reference={"test": {"routetask": 0.5, "routetask2": 0.5}}),
         own_heads=lambda: {"routetask": own_head(good), "routetask2": own_head(good)},
         evaluator=lambda split: test_ev, out=tmp_path, seeds=lambda base: [base, base + 1])
-    job = hub.experiment_job(runner, 4)
-    assert set(job["weights"]) == {"routetask", "routetask2"} and job["cost"]["candidates_per_task"] == 4
-    assert job["seeds"] == [0, 1] and set(job["weights_by_seed"]) == {0, 1}
-    for name, job in (("lorahub", job), ("router", routed.experiment_job(runner))):
+    hub_job = hub.experiment_job(runner, 4)
+    assert set(hub_job["weights"]) == {"routetask", "routetask2"} and hub_job["cost"]["candidates_per_task"] == 4
+    assert hub_job["seeds"] == [0, 1] and set(hub_job["weights_by_seed"]) == {0, 1}
+    for name, job in (("lorahub", hub_job), ("router", routed.experiment_job(runner))):
         assert set(job["test"]["accuracy"]) == {"routetask", "routetask2"}, name
         assert [r["seed"] for r in job["seed_runs"]] == [0, 1] and job["seeds"] == [0, 1], name
         for task in ("routetask", "routetask2"):  # the mean over seeds, each seed's per-example record kept

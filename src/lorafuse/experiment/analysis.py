@@ -206,25 +206,35 @@ def top_prediction(split: dict[str, Any], task: str) -> tuple[str, int, int] | N
 
 def _collapse_warnings(ok: Sequence[dict[str, Any]], tasks: Sequence[str],
                        individual: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One warning per task, naming every fused model that collapsed on it."""
     out = []
     for t in tasks:
         own = top_prediction(individual["test"], t) if individual else None
         if own is not None and own[1] >= COLLAPSE_SHARE * own[2]:
             continue  # the task's own adapter predicts one label as often: nothing fusion-specific
+        collapsed = []
         for job in ok:
             top = top_prediction(job["test"], t) if job.get("kind", "static") in FUSED_KINDS else None
             if top is not None and top[1] >= COLLAPSE_SHARE * top[2]:
-                own_note = f"; its own adapter: {100 * own[1] / own[2]:.0f}% {own[0]}" if own else ""
-                seeds = f" (over {len(job['seed_runs'])} seeds)" if job.get("seed_runs") else ""
-                out.append(_warning("collapsed", f"{job['name']} collapsed on {t}: it predicts {top[0]} for "
-                                    f"{top[1]} of {top[2]} test predictions{seeds}{own_note}", method=job["name"],
-                                    task=t))
+                seeds = f", over {len(job['seed_runs'])} seeds" if job.get("seed_runs") else ""
+                collapsed.append((job["name"], f"{job['name']} ({top[0]} for {top[1]} of {top[2]}{seeds})"))
+        if collapsed:
+            own_note = f"; the task's own adapter predicts {own[0]} for {100 * own[1] / own[2]:.0f}%" if own else ""
+            fused = sum(j.get("kind", "static") in FUSED_KINDS for j in ok)
+            who = "every fused model" if len(collapsed) == fused > 1 else \
+                f"{len(collapsed)} fused model{'s' if len(collapsed) > 1 else ''}"
+            out.append(_warning("collapsed", f"{t} is lost: {who} collapsed onto one label (≥ "
+                                f"{100 * COLLAPSE_SHARE:.0f}% of its test predictions): "
+                                + "; ".join(text for _, text in collapsed) + own_note,
+                                task=t, methods=[name for name, _ in collapsed]))
     return out
 
 
 def _edge_warnings(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One warning per method, naming each chosen coefficient at an end of its grid (not of its domain)."""
     out = []
     for job in ok:
+        edges = []
         sweep = job.get("sweep") or []
         grid: dict[str, set[Any]] = {}
         for point in sweep:
@@ -239,9 +249,11 @@ def _edge_warnings(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             side = "lowest" if chosen == numbers[0] else "highest" if chosen == numbers[-1] else None
             if side is None or (side == "lowest" and chosen == low) or (side == "highest" and chosen == high):
                 continue
-            out.append(_warning("edge_of_grid", f"{job['name']}: the chosen {key} = {chosen} is the {side} value of "
-                                f"its grid {numbers}; the optimum is not bracketed (widen the grid)",
-                                method=job["name"], parameter=key, value=chosen))
+            edges.append((key, chosen, f"{key} = {chosen} is the {side} of {numbers}"))
+        if edges:
+            out.append(_warning("edge_of_grid", f"{job['name']}: the chosen " + "; ".join(e[2] for e in edges)
+                                + ": the optimum is not bracketed (widen the grid)", method=job["name"],
+                                parameters={k: v for k, v, _ in edges}))
     return out
 
 

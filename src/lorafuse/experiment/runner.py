@@ -258,8 +258,9 @@ class ExperimentRunner:
         fused_dir = results[0].save(self.out / "fused" / _slug(spec.name), overwrite=True)
         outcome = over_seeds([(s, t.to_dict()) for s, t in zip(seeds, tests)]) if spec.stochastic \
             else {"test": tests[0].to_dict()}
+        params = {k: v for k, v in {**spec.params, **best["params"]}.items() if not (spec.stochastic and k == "seed")}
         return {"name": spec.name, "kind": "static", "method": spec.method, "space": spec.space,
-                "params": {**spec.params, **best["params"]}, "sweep": sweep, "validation": best["validation"],
+                "params": params, "sweep": sweep, "validation": best["validation"],
                 **outcome, "fused_dir": str(fused_dir), "update_sketch": update_sketch(results[0].modules),
                 "search_seconds": round(search_seconds, 2), "settings_tried": len(sweep)}
 
