@@ -159,7 +159,10 @@ def results_table(jobs: list[dict[str, Any]], tasks: list[str], statistics: dict
 
 
 def _params(job: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in job.get("params", {}).items())
+    """The chosen parameters; a job run over seeds names them all instead of its first seed."""
+    seeded = len(job.get("seeds") or []) > 1
+    shown = [f"{k}={v}" for k, v in job.get("params", {}).items() if not (seeded and k == "seed")]
+    return ", ".join(shown + ([f"seeds={','.join(map(str, job['seeds']))}"] if seeded else []))
 
 
 def warning_lines(warnings: list[dict[str, Any]]) -> list[str]:
