@@ -16,8 +16,6 @@ from lorafuse.experiment.config import parse_config
 from lorafuse.experiment.report import write_report
 from lorafuse.experiment.runner import RunState, update_sketch
 
-RNG = np.random.default_rng(12)
-
 
 # -- the statistics alone ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (130, 240), (7000, 9815)])
@@ -33,18 +31,20 @@ def test_binomial_intervals_and_test_match_an_independent_reference(k, n):
 
 def test_wilson_interval_covers_the_true_accuracy():
     """Over 400 simulated test sets (n = 240, p = 0.83), the 95% interval contains p about 95% of the time."""
-    hits = [lo <= 0.83 <= hi for lo, hi in (stats.wilson_interval(k, 240) for k in RNG.binomial(240, 0.83, 400))]
-    assert 0.92 <= np.mean(hits) <= 0.98
+    rng = np.random.default_rng(13)
+    hits = [lo <= 0.83 <= hi for lo, hi in (stats.wilson_interval(k, 240) for k in rng.binomial(240, 0.83, 400))]
+    assert 0.91 <= np.mean(hits) <= 0.985
 
 
 def test_paired_bootstrap_covers_the_true_normalized_average():
     """Two tasks, a method at p = (0.6, 0.7) against own adapters at (0.8, 0.875): the true average normalized
     accuracy is (75 + 80) / 2 = 77.5; its 95% paired-bootstrap interval (denominator resampled too) contains it ~95% of the time."""
+    rng = np.random.default_rng(14)
     p_method, p_ref, n = (0.6, 0.7), (0.8, 0.875), 400
     hits = []
     for trial in range(150):
-        method = {f"t{i}": RNG.random(n) < p for i, p in enumerate(p_method)}
-        ref = {f"t{i}": RNG.random(n) < p for i, p in enumerate(p_ref)}
+        method = {f"t{i}": rng.random(n) < p for i, p in enumerate(p_method)}
+        ref = {f"t{i}": rng.random(n) < p for i, p in enumerate(p_ref)}
         boot = stats.paired_bootstrap({"m": method}, ref, ["t0", "t1"], resamples=400, seed=trial)
         lo, hi = boot.interval("m")
         hits.append(lo <= 77.5 <= hi)
@@ -54,9 +54,10 @@ def test_paired_bootstrap_covers_the_true_normalized_average():
 def test_the_denominator_uncertainty_widens_the_interval():
     """A method at 50% over an own adapter at 60%, independent: the delta method predicts a ~1.29× wider interval
     when the denominator is resampled too than when it is taken as exact."""
+    rng = np.random.default_rng(15)
     n = 2000
-    method = {"t": RNG.random(n) < 0.5}
-    ref_bits = RNG.random(n) < 0.6
+    method = {"t": rng.random(n) < 0.5}
+    ref_bits = rng.random(n) < 0.6
     with_ref = stats.paired_bootstrap({"m": method}, {"t": ref_bits}, ["t"], resamples=1000)
     fixed_ref = stats.paired_bootstrap({"m": method}, {"t": np.full(n, ref_bits.mean())}, ["t"], resamples=1000)
     assert with_ref.observed == pytest.approx(fixed_ref.observed)
@@ -65,10 +66,11 @@ def test_the_denominator_uncertainty_widens_the_interval():
 
 
 def test_paired_tests_flag_ten_points_on_2000_examples_and_not_noise():
+    rng = np.random.default_rng(16)
     n = 2000
-    ref = {"t": RNG.random(n) < 0.9}
-    base = RNG.random(n) < 0.7
-    better = base | (RNG.random(n) < 0.34)  # ~10 points more, correlated with base as a better method would be
+    ref = {"t": rng.random(n) < 0.9}
+    base = rng.random(n) < 0.7
+    better = flips(base, n // 10, 0)  # exactly 10 points more, and right wherever base is
     noise = base.copy()  # 30 examples gained and 26 lost: 0.2 points of noise
     noise[np.flatnonzero(~base)[:30]], noise[np.flatnonzero(base)[:26]] = True, False
     tiny = base.copy()
@@ -77,7 +79,7 @@ def test_paired_tests_flag_ten_points_on_2000_examples_and_not_noise():
                "tiny": {"t": tiny}}
     boot = stats.paired_bootstrap(vectors, ref, ["t"], resamples=2000)
     weights = {"t": 100 / (n * ref["t"].mean())}
-    assert 100 * (better.mean() - base.mean()) == pytest.approx(10, abs=1.5)
+    assert 100 * (better.mean() - base.mean()) == pytest.approx(10)
     flagged = boot.compare("base", "better")
     assert flagged.significant and flagged.high < 0 < -flagged.low
     assert stats.randomization_test(vectors["base"], vectors["better"], weights) < 0.001
@@ -92,7 +94,8 @@ def test_paired_tests_flag_ten_points_on_2000_examples_and_not_noise():
 
 
 def test_correctness_round_trips_compactly():
-    flags = RNG.random(9815) < 0.7
+    rng = np.random.default_rng(17)
+    flags = rng.random(9815) < 0.7
     packed = stats.pack_bits(flags)
     assert len(packed) < 1700 and (stats.unpack_bits(packed, 9815) == flags).all()
 
