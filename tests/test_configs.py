@@ -13,7 +13,7 @@ from lorafuse.experiment.config import load_config, parse_config, shipped_config
 from lorafuse.tasks import get_task
 from lorafuse.tasks.synthetic import GENERATORS, SIZES, generate
 
-SHIPPED = {"demo", "nli5-minilm", "nli4-smollm2", "nli4-llama3-8b", "knots6-llama3-8b"}
+SHIPPED = {"demo", "nli5-minilm", "nli4-smollm2", "nli4-llama3-8b", "knots6-llama3-8b", "knots6-minilm"}
 
 
 def test_every_shipped_config_validates():
@@ -41,11 +41,43 @@ def test_the_seed_and_knots_configs():
 
 
 def test_cpu_configs_stay_within_their_budget():
-    for name in ("demo", "nli5-minilm", "nli4-smollm2"):
+    for name in ("demo", "nli5-minilm", "nli4-smollm2", "knots6-minilm"):
         config = load_config(name)
-        assert config.hardware == "cpu" and config.train.max_examples <= 1000, name
-        assert config.eval.max_validation <= 500 and config.eval.max_test <= 1000, name
-    assert load_config("demo").tasks == list(GENERATORS)
+        assert config.hardware == "cpu" and config.train.max_examples <= 5000, name
+        assert config.eval.max_validation <= 500, name
+    demo = load_config("demo")
+    assert demo.tasks == list(GENERATORS) and demo.eval.max_test <= 1000 and demo.train.max_examples <= 1000
+
+
+def test_the_real_data_reports_configs():
+    """knots6-minilm and nli4-smollm2: the chosen settings on the complete test splits, every stochastic method
+    over >= 3 seeds, LoraHub and the router; knots6-minilm runs every data-free method in every space it has."""
+    from lorafuse.methods.registry import list_methods
+
+    knots, smol = load_config("knots6-minilm"), load_config("nli4-smollm2")
+    assert knots.tasks == ["snli", "mnli", "sick", "qnli", "rte", "scitail"] and knots.formulation == "classify"
+    assert smol.tasks == ["mnli", "fever", "rte", "scitail"] and smol.formulation == "chat"
+    for config in (knots, smol):
+        assert config.data_dir == "../shared/data/nli" and config.eval.max_test is None and config.seeds >= 3
+        assert config.lorahub is not None and config.router is not None
+        assert any(m.stochastic for m in config.methods)
+    ran = {(m.method, m.space) for m in knots.methods}
+    for method in list_methods():
+        if method.name in ("linear", "cat", "lorahub_factors"):  # fixed-weight task arithmetic; LoraHub's own
+            continue
+        spaces = ("full", "knots", "core") if method.kind == "elementwise" else \
+            ("full",) if method.exact else ("full", "core")
+        for space in spaces:
+            assert (method.name, space) in ran, (method.name, space)
+
+
+def test_default_seeds_and_stochastic_methods():
+    config = parse_config({"name": "x", "model": "minilm", "tasks": ["rte"], "methods": [
+        {"method": "dare_ties"}, {"method": "dare_linear", "space": "knots"}, {"method": "ties"}, {"method": "tsv"}]},
+        "cfg")
+    assert config.seeds == 3 and [m.stochastic for m in config.methods] == [True, True, False, False]
+    with pytest.raises(ConfigError, match="seeds"):
+        parse_config({"name": "x", "model": "minilm", "tasks": ["rte"], "seeds": 0}, "cfg")
 
 
 def test_config_errors_are_named():

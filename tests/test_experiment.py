@@ -80,9 +80,10 @@ def run(raw, out, **kw):
     return runner, runner.run()
 
 
-def md_row(md: str, name: str) -> list[str]:
-    line = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
-    return [c.strip() for c in line.strip("|").split("|")]
+def md_row(md: str, name: str, table: int = 1) -> list[str]:
+    """A method's row in the report's summary table (0) or per-task table (1)."""
+    lines = [line for line in md.splitlines() if line.startswith(f"| {name} |")]
+    return [c.strip() for c in lines[table].strip("|").split("|")]
 
 
 def test_end_to_end_then_cached_rerun(setup, counts):
@@ -95,7 +96,8 @@ def test_end_to_end_then_cached_rerun(setup, counts):
     assert counts == {"train": 2, "merge": 1 + 2 + 2}  # one merge per grid point; the best is kept
     ta = next(j for j in results["jobs"] if j["name"] == "task_arithmetic")
     assert [s["params"]["lambda"] for s in ta["sweep"]] == [0.5, 1.0]
-    best = max(ta["sweep"], key=lambda s: s["validation"]["normalized_average"])
+    selection = results["statistics"]["selection_tasks"]  # the tasks whose adapters beat their majority class
+    best = max(ta["sweep"], key=lambda s: sum(s["validation"]["normalized"][t] for t in selection))
     assert ta["params"]["lambda"] == best["params"]["lambda"] and ta["validation"] == best["validation"]
     assert (out / "fused" / "task_arithmetic" / "adapter_config.json").is_file()
     assert (out / "fused" / "task_arithmetic" / "task_heads" / "xa.safetensors").is_file()
@@ -124,9 +126,13 @@ def assert_report_agrees(report) -> dict:
             acc, norm = re.match(r"([\d.]+) \(([\d.]+)\)", cells[1 + i]).groups()
             assert float(acc) == pytest.approx(100 * job["test"]["accuracy"][task], abs=0.051)
             assert float(norm) == pytest.approx(job["test"]["normalized"][task], abs=0.051)
+            low, high = (float(x) for x in re.search(r"\[([\d.]+)–([\d.]+)\]", cells[1 + i]).groups())
+            assert low <= float(acc) <= high  # the accuracy's 95% interval
         n = len(saved["tasks"])
+        navg = saved["statistics"]["methods"][job["name"]]["normalized_average"]
         assert float(cells[1 + n]) == pytest.approx(100 * job["test"]["average"], abs=0.051)
-        assert float(cells[2 + n]) == pytest.approx(job["test"]["normalized_average"], abs=0.051)
+        shown = "–" if navg is None else f"{navg:.1f}"  # no normalized average when no adapter learned
+        assert cells[2 + n] == shown and md_row(md, job["name"], 0)[2] == shown
         assert f"<td>{job['name']}</td>" in html
     for job in (j for j in saved["jobs"] if j["status"] != "ok"):
         assert job["error"] in md and all(r["error"] == job["error"] for r in rows if r["method"] == job["name"])
@@ -156,8 +162,8 @@ def test_report_of_a_known_state(tmp_path):
 
     def split(rte, mnli, ref=(0.8, 0.6)):
         norm = {"rte": 100 * rte / ref[0], "mnli": 100 * mnli / ref[1]}
-        return {"accuracy": {"rte": rte, "mnli": mnli}, "normalized": norm, "average": (rte + mnli) / 2,
-                "normalized_average": sum(norm.values()) / 2}
+        return {"accuracy": {"rte": rte, "mnli": mnli}, "examples": {"rte": 250, "mnli": 500}, "normalized": norm,
+                "average": (rte + mnli) / 2, "normalized_average": sum(norm.values()) / 2}
 
     sweep = [{"params": {"lambda": lam, "density": 0.2}, "validation": split(0.5 * lam + 0.2, 0.4)}
              for lam in (0.5, 1.0)]
@@ -172,7 +178,10 @@ def test_report_of_a_known_state(tmp_path):
     saved = assert_report_agrees(tmp_path)
     assert saved == json.loads(json.dumps(results, default=str))
     md = (tmp_path / "report.md").read_text()
-    assert "| ties | 72.0 (90.0) | 36.0 (60.0) | 54.0 | 75.0 | lambda=1.0, density=0.2 |" in md
+    # no per-example correctness or label counts recorded (an older run): every task counts, no bootstrap
+    assert ("| ties | 72.0 (90.0) [66.1–77.2] | 36.0 (60.0) [31.9–40.3] | 54.0 | 75.0 | lambda=1.0, density=0.2 |"
+            in md)
+    assert "| ties | static | 75.0 |  | best |" in md
     assert saved["stage_compute_seconds"] == {"reference": 1.0, "fuse": 4.1}
 
 
@@ -262,3 +271,27 @@ def test_random_search_samples_the_grid():
     points = ExperimentRunner.settings(spec)
     assert len(points) == 4 and len({json.dumps(p, sort_keys=True) for p in points}) == 4
     assert all(p in spec.grid() for p in points) and points == ExperimentRunner.settings(spec)
+
+
+def test_a_stochastic_method_runs_over_seeds(setup, counts, tmp_path):
+    """DARE over two seeds: each grid point merged per seed, the point best on the mean over seeds chosen, its
+    test results the mean of the seeds' (each kept, with per-example correctness for the statistics)."""
+    root, raw = setup
+    dare = {**raw, "seeds": 2, "methods": [{"method": "dare_ties", "params": {"seed": 5},
+                                            "search": {"drop_rate": [0.3, 0.6]}}]}
+    runner, results = run(dare, tmp_path / "dare", cache_dir=root / "cache")
+    job = next(j for j in results["jobs"] if j["name"] == "dare_ties")
+    assert counts["merge"] == 2 * 2 and job["seeds"] == [5, 6] and len(job["seed_runs"]) == 2
+    for point in job["sweep"]:
+        assert len(point["seed_scores"]) == 2 and point["score"] == pytest.approx(sum(point["seed_scores"]) / 2)
+    assert job["params"]["drop_rate"] == max(job["sweep"], key=lambda p: p["score"])["params"]["drop_rate"]
+    for task in raw["tasks"]:
+        seeds = [r["test"]["accuracy"][task] for r in job["seed_runs"]]
+        assert job["test"]["accuracy"][task] == pytest.approx(sum(seeds) / 2)
+        assert all(len(r["test"]["correct"][task]) > 0 for r in job["seed_runs"])
+    assert results["statistics"]["methods"]["dare_ties"]["seeds"] == 2
+
+    counts.update(merge=0)
+    runner, results = run({**dare, "seeds": 1}, tmp_path / "dare", cache_dir=root / "cache")
+    job = next(j for j in results["jobs"] if j["name"] == "dare_ties")
+    assert counts["merge"] == 2 and "seed_runs" not in job  # the number of seeds is part of the job's key

@@ -207,9 +207,17 @@ def test_experiment_jobs_with_a_runner_stand_in(bert, tmp_path):
                                router=SimpleNamespace(examples_per_task=16, epochs=2, seed=0)),
         state=SimpleNamespace(adapters=adapters, reference={"test": {"routetask": 0.5, "routetask2": 0.5}}),
         own_heads=lambda: {"routetask": own_head(good), "routetask2": own_head(good)},
-        evaluator=lambda split: test_ev, out=tmp_path)
-    job = hub.experiment_job(runner, 4)
-    assert set(job["weights"]) == {"routetask", "routetask2"} and job["cost"]["candidates_per_task"] == 4
-    job = routed.experiment_job(runner)
-    assert set(job["test"]["accuracy"]) == {"routetask", "routetask2"} and job["cost"]["latency_ratio"] > 0
+        evaluator=lambda split: test_ev, out=tmp_path, seeds=lambda base: [base, base + 1])
+    hub_job = hub.experiment_job(runner, 4)
+    assert set(hub_job["weights"]) == {"routetask", "routetask2"} and hub_job["cost"]["candidates_per_task"] == 4
+    assert hub_job["seeds"] == [0, 1] and set(hub_job["weights_by_seed"]) == {0, 1}
+    for name, job in (("lorahub", hub_job), ("router", routed.experiment_job(runner))):
+        assert set(job["test"]["accuracy"]) == {"routetask", "routetask2"}, name
+        assert [r["seed"] for r in job["seed_runs"]] == [0, 1] and job["seeds"] == [0, 1], name
+        for task in ("routetask", "routetask2"):  # the mean over seeds, each seed's per-example record kept
+            seeds = [r["test"]["accuracy"][task] for r in job["seed_runs"]]
+            assert job["test"]["accuracy"][task] == pytest.approx(sum(seeds) / 2), name
+            assert all(r["test"]["correct"][task] for r in job["seed_runs"]), name
+    assert job["cost"]["latency_ratio"] > 0 and job["cost"]["seeds"] == 2
     assert (tmp_path / "router" / "router_config.json").is_file()
+    assert (tmp_path / "router-seed1" / "router_config.json").is_file()

@@ -39,6 +39,14 @@ class EvalResult:
     normalized: dict[str, float] = field(default_factory=dict)
     reference: dict[str, float] = field(default_factory=dict)
     predicted: dict[str, dict[str, int]] = field(default_factory=dict)  # task → label → times predicted
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)  # task → gold label → examples
+    correct: dict[str, str] = field(default_factory=dict)  # task → per-example correctness (stats.pack_bits)
+
+    def correct_flags(self, task: str) -> Any:
+        """Per-example correctness of `task` (a numpy bool array, in the split's file order)."""
+        from lorafuse.stats import unpack_bits
+
+        return unpack_bits(self.correct[task], self.examples[task])
 
     def collapsed(self, task: str, share: float = 0.95) -> str | None:
         """The label predicted for at least `share` of the task's examples, if any: an adapter (or a fusion)
@@ -65,7 +73,8 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "examples": self.examples, "average": self.average,
                 "normalized": self.normalized, "normalized_average": self.normalized_average,
-                "reference": self.reference, "predicted": self.predicted}
+                "reference": self.reference, "predicted": self.predicted, "labels": self.labels,
+                "correct": self.correct}
 
 
 # -- applying adapters -------------------------------------------------------------------------------------
@@ -236,6 +245,7 @@ class Evaluator:
         self.formulation = make_formulation(self.formulation_name, tokenizer, max_length)
         self.split, self.batch_size, self.progress = split, batch_size, progress
         self.data_dir, self.max_examples = data_dir, max_examples
+        self._orders: dict[tuple[str, str], list[int]] = {}  # (task, split) → file index of each sorted row
         self.batches = {t.name: self._batches(t, split) for t in self.tasks}
         self._other_splits: dict[str, dict[str, list[Batch]]] = {}
 
@@ -243,6 +253,7 @@ class Evaluator:
         rows = self.formulation.encode(task, task.load(split, self.data_dir, self.max_examples))
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].get("input_ids", rows[i].get("prompt"))))
         rows = [rows[i] for i in order]  # length-sorted batches waste little on padding
+        self._orders[(task.name, split)] = order
         return [self.formulation.collate(rows[i:i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
 
     def batches_for(self, task: Task, split: str | None = None) -> list[Batch]:
@@ -268,25 +279,32 @@ class Evaluator:
 
     def accuracy(self, task: Task, split: str | None = None, bar: Any = None) -> tuple[float, int]:
         """Accuracy of the model as it stands (adapter and head already applied) on one task."""
-        correct, total, _ = self._score(task, split, bar)
-        return correct / total, total
+        flags, _, _ = self._score(task, split, bar)
+        return sum(flags) / len(flags), len(flags)
 
-    def _score(self, task: Task, split: str | None, bar: Any) -> tuple[int, int, dict[str, int]]:
-        """Correct predictions, examples, and how often each label was predicted."""
+    def _score(self, task: Task, split: str | None, bar: Any) -> tuple[list[bool], dict[str, int], dict[str, int]]:
+        """Per-example correctness in the split's file order, how often each label was predicted, and how often
+        each is the gold label."""
         from collections import Counter
 
-        correct = total = 0
+        hits: list[bool] = []
         counts: Counter[int] = Counter()
+        gold: Counter[int] = Counter()
         with torch.inference_mode():
             for batch in self.batches_for(task, split):
                 predicted = self.formulation.predict(self.model, batch, task).cpu()
-                correct += int((predicted == batch.targets.cpu()).sum())
-                total += len(batch.targets)
+                hits += (predicted == batch.targets.cpu()).tolist()
                 counts.update(predicted.tolist())
+                gold.update(batch.targets.cpu().tolist())
                 if bar is not None:
                     bar.update(len(batch.targets))
+        order = self._orders[(task.name, split or self.split)]
+        flags = [False] * len(hits)
+        for sorted_index, file_index in enumerate(order):  # back to file order: pairable across evaluators
+            flags[file_index] = hits[sorted_index]
         names = self._label_names(task)
-        return correct, total, {names.get(i, str(i)): n for i, n in sorted(counts.items())}
+        return (flags, {names.get(i, str(i)): n for i, n in sorted(counts.items())},
+                {names.get(i, str(i)): n for i, n in sorted(gold.items())})
 
     def _label_names(self, task: Task) -> dict[int, str]:
         """Prediction index → label word: classify predicts shared slots, chat indexes the task's labels."""
@@ -319,7 +337,9 @@ class Evaluator:
         """Each task's accuracy with the adapter already applied, its head swapped in."""
         from tqdm.auto import tqdm
 
-        accuracy, examples, predicted = {}, {}, {}
+        from lorafuse.stats import pack_bits
+
+        accuracy, examples, predicted, labels, correct = {}, {}, {}, {}, {}
         total = sum(len(b.targets) for t in self.tasks for b in self.batches_for(t, split))
         with tqdm(total=total, desc="evaluate", unit="ex", disable=not self.progress, leave=False) as bar:
             for task in self.tasks:
@@ -329,9 +349,10 @@ class Evaluator:
                                       "with --heads / --heads-dir, or merge with modules_to_save: per_task)")
                 bar.set_postfix_str(task.name)
                 with head_loaded(self.model, head):
-                    correct, examples[task.name], predicted[task.name] = self._score(task, split, bar)
-                accuracy[task.name] = correct / examples[task.name]
-        return EvalResult(accuracy, examples, predicted=predicted)
+                    flags, predicted[task.name], labels[task.name] = self._score(task, split, bar)
+                examples[task.name], accuracy[task.name] = len(flags), sum(flags) / len(flags)
+                correct[task.name] = pack_bits(flags)
+        return EvalResult(accuracy, examples, predicted=predicted, labels=labels, correct=correct)
 
     @contextmanager
     def _naming_base(self, adapter: AdapterLike) -> Iterator[None]:

@@ -54,7 +54,7 @@ def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = No
     import time
     from pathlib import Path
 
-    from lorafuse.experiment.report import results_table
+    from lorafuse.experiment.report import results_table, summary_table
     from lorafuse.experiment.runner import ExperimentRunner
 
     out = Path(args.output or Path("runs") / config.name)
@@ -70,10 +70,14 @@ def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = No
     failed = [j for j in runner.state.training + runner.state.jobs if j.get("status") != "ok"]
     if not results:
         print(f"stages {', '.join(stages or [])} done in {time.perf_counter() - start:.0f} s; run directory {out}")
-    else:
-        print(results_table(results["jobs"], config.tasks))
-        print(f"\n{time.perf_counter() - start:.0f} s. Report: {out / 'report' / 'report.html'} "
-              "(also report.md, results.json, results.csv and the plots)")
+        return 1 if failed else 0
+    print(summary_table(results["jobs"], results["statistics"]))
+    print()
+    print(results_table(results["jobs"], config.tasks, results["statistics"]))
+    for warning in results["warnings"]:
+        print(f"warning: {warning['message']}")
+    print(f"\n{time.perf_counter() - start:.0f} s. Report: {out / 'report' / 'report.html'} "
+          "(also report.md, results.json, results.csv and the plots)")
     for job in failed:
         print(f"failed: {job.get('job_id')}: {job.get('error')}", file=sys.stderr)
     if failed:

@@ -93,6 +93,13 @@ class MethodSpec(_Strict):
         return self
 
     @property
+    def stochastic(self) -> bool:
+        """Whether the merge draws random numbers (DARE's random drop): then it runs over several seeds."""
+        from lorafuse.methods.registry import get_method
+
+        return "drop_rate" in get_method(self.method).params.model_fields
+
+    @property
     def name(self) -> str:
         if self.label:
             return self.label
@@ -129,6 +136,8 @@ class ExperimentConfig(_Strict):
     lorahub: LoraHubSettings | None = None
     router: RouterSettings | None = None
     hardware: Literal["cpu", "gpu"] = "cpu"
+    seeds: int = Field(3, ge=1, description="seeds of each stochastic method (DARE variants, LoraHub, the "
+                                            "router's training), reported as mean ± sd")
     notes: str = ""
 
     @field_validator("name")

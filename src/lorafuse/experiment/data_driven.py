@@ -14,10 +14,11 @@ def jobs(runner: Any) -> Iterator[Job]:
     ids = {t: p.name for t, p in runner.state.adapters.items()}
     if cfg.lorahub is not None:
         for shots in cfg.lorahub.shots:
-            key = {"lorahub": cfg.lorahub.model_dump(), "shots": shots, "adapters": ids}
+            key = {"lorahub": cfg.lorahub.model_dump(), "shots": shots, "adapters": ids, "seeds": cfg.seeds}
             yield f"lorahub-{shots}shot", key, lambda s=shots: lorahub_job(runner, s)
     if cfg.router is not None:
-        yield "router", {"router": cfg.router.model_dump(), "adapters": ids}, lambda: router_job(runner)
+        key = {"router": cfg.router.model_dump(), "adapters": ids, "seeds": cfg.seeds}
+        yield "router", key, lambda: router_job(runner)
 
 
 def lorahub_job(runner: Any, shots: int) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""The report directory: results.json, results.csv, report.md, PNG plots and report.html with the same."""
+"""The report directory: results.json, results.csv, report.md, PNG plots and report.html with the same.
+
+Every number carries its uncertainty (lorafuse.experiment.analysis): each task's accuracy a 95% Wilson interval,
+each method's average normalized accuracy a 95% paired-bootstrap interval and paired tests against the best fused
+method and task arithmetic; stochastic methods show mean ± sd over seeds; warnings (a collapsed task, a coefficient
+on the edge of its grid, an adapter at chance, two methods with the same update) open the report."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from lorafuse.experiment.analysis import analyse
 from lorafuse.experiment.cache import write_json_atomic
 from lorafuse.provenance import stamp
 
@@ -33,13 +39,16 @@ def write_report(out: Path, config: Any, state: Any) -> dict[str, Any]:
     """Every output of the report directory from the run's state; returns what results.json holds."""
     out.mkdir(parents=True, exist_ok=True)
     jobs = list(state.jobs)
+    statistics, warnings = analyse(jobs, config.tasks)
+    statistics["selection_tasks"] = list(getattr(state, "trusted", {}).get("validation") or config.tasks)
     results = {"experiment": config.name, "config": config.model_dump(), "tasks": config.tasks,
                "adapters": {t: str(p) for t, p in state.adapters.items()}, "training": list(state.training),
+               "warnings": warnings, "statistics": statistics,
                "jobs": jobs, "stage_seconds": dict(state.stage_seconds),
                "stage_compute_seconds": compute_seconds(state.training, jobs), **stamp(), "machine": machine()}
     write_json_atomic(out / "results.json", results)
-    _write_csv(out / "results.csv", jobs, config.tasks)
-    plots = _plots(out, jobs, config.tasks)
+    _write_csv(out / "results.csv", jobs, config.tasks, statistics)
+    plots = _plots(out, jobs, config.tasks, statistics)
     md = markdown(results, plots)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(html(md, out, plots))
@@ -72,12 +81,14 @@ def _ok(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [j for j in jobs if _evaluated(j)]
 
 
-CSV_FIELDS = ["method", "kind", "status", "task", "validation_accuracy", "test_accuracy", "test_normalized",
-              "params", "error"]
+CSV_FIELDS = ["method", "kind", "status", "task", "validation_accuracy", "test_accuracy", "test_accuracy_low",
+              "test_accuracy_high", "test_examples", "test_normalized", "in_normalized_average", "seeds", "params",
+              "error"]
 
 
-def _write_csv(path: Path, jobs: list[dict[str, Any]], tasks: list[str]) -> None:
+def _write_csv(path: Path, jobs: list[dict[str, Any]], tasks: list[str], statistics: dict[str, Any]) -> None:
     """One row per (method, task); a failed job has one row per task with its error and no numbers."""
+    trusted = set(statistics["trusted_tasks"])
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, CSV_FIELDS)
         w.writeheader()
@@ -86,27 +97,91 @@ def _write_csv(path: Path, jobs: list[dict[str, Any]], tasks: list[str]) -> None
                 row = {"method": j.get("name"), "kind": j.get("kind", ""), "status": j.get("status"), "task": t,
                        "params": json.dumps(j.get("params", {})), "error": j.get("error", "")}
                 if _evaluated(j):
+                    summary = statistics["methods"][j["name"]]
+                    interval = summary["per_task"][t]["interval"] or [None, None]
                     row.update(validation_accuracy=j.get("validation", {}).get("accuracy", {}).get(t),
-                               test_accuracy=j["test"]["accuracy"].get(t),
-                               test_normalized=j["test"].get("normalized", {}).get(t))
+                               test_accuracy=j["test"]["accuracy"].get(t), test_accuracy_low=interval[0],
+                               test_accuracy_high=interval[1], test_examples=summary["per_task"][t]["examples"],
+                               test_normalized=j["test"].get("normalized", {}).get(t),
+                               in_normalized_average=t in trusted, seeds=summary["seeds"])
                 w.writerow(row)
 
 
-def results_table(jobs: list[dict[str, Any]], tasks: list[str]) -> str:
-    """Test accuracy per task (normalized in brackets), averages, chosen parameters."""
-    head = "| method | " + " | ".join(tasks) + " | avg acc | avg normalized | chosen parameters |"
-    lines = [head, "|" + "---|" * (len(tasks) + 4)]
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _comparison(c: dict[str, Any] | None) -> str:
+    """`−3.2 [−5.0, −1.4] p=0.001 ▼`: a paired difference, its interval, its p-value, ▲/▼ when significant."""
+    if not c:
+        return ""
+    mark = (" ▲" if c["difference"] > 0 else " ▼") if c["significant"] else ""
+    lo, hi = c["interval"]
+    return f"{c['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] p={c['p_value']:.2g}{mark}"
+
+
+def summary_table(jobs: list[dict[str, Any]], statistics: dict[str, Any]) -> str:
+    """Per method: average normalized accuracy with its 95% paired-bootstrap interval, the paired tests against
+    the best fused method and task arithmetic, the spread over seeds, the chosen parameters."""
+    best, ta = statistics.get("best"), statistics.get("task_arithmetic")
+    lines = [f"| method | kind | avg normalized | 95% interval | vs best ({best or '–'}) | vs {ta or 'task_arithmetic'} "
+             "| seeds: mean ± sd | avg acc | chosen parameters |", "|---|---|---|---|---|---|---|---|---|"]
     for j in _ok(jobs):
-        test = j["test"]
+        m = statistics["methods"][j["name"]]
+        interval = m.get("interval")
+        spread = f"{m['seed_mean']:.1f} ± {m['seed_sd']:.1f} ({m['seeds']})" if "seed_sd" in m else ""
+        vs_best = "best" if j["name"] == best else _comparison(m.get("vs_best"))
+        lines.append(f"| {j['name']} | {m['kind']} | {_pct(m['normalized_average'])} | "
+                     + (f"{interval[0]:.1f}–{interval[1]:.1f}" if interval else "") + f" | {vs_best} | "
+                     f"{_comparison(m.get('vs_task_arithmetic'))} | {spread} | {100 * j['test']['average']:.1f} | "
+                     f"{_params(j)} |")
+    return "\n".join(lines)
+
+
+def results_table(jobs: list[dict[str, Any]], tasks: list[str], statistics: dict[str, Any] | None = None) -> str:
+    """Test accuracy per task with its 95% Wilson interval (normalized in brackets), the averages (normalized:
+    over the tasks whose adapters learned), chosen parameters."""
+    statistics = statistics or analyse(jobs, tasks)[0]
+    trusted = statistics["trusted_tasks"]
+    head = "| method | " + " | ".join(t if t in trusted else f"{t} (left out)" for t in tasks)
+    lines = [head + " | avg acc | avg normalized | chosen parameters |", "|" + "---|" * (len(tasks) + 4)]
+    for j in _ok(jobs):
+        test, m = j["test"], statistics["methods"][j["name"]]
         cells = []
         for t in tasks:
             norm = test.get("normalized", {}).get(t)
-            cells.append(f"{100 * test['accuracy'][t]:.1f}" + (f" ({norm:.1f})" if norm is not None else ""))
-        navg = test.get("normalized_average")
-        params = ", ".join(f"{k}={v}" for k, v in j.get("params", {}).items())
+            interval = m["per_task"][t]["interval"]
+            cells.append(f"{100 * test['accuracy'][t]:.1f}" + (f" ({norm:.1f})" if norm is not None else "")
+                         + (f" [{100 * interval[0]:.1f}–{100 * interval[1]:.1f}]" if interval else ""))
         lines.append(f"| {j['name']} | " + " | ".join(cells) + f" | {100 * test['average']:.1f} | "
-                     + (f"{navg:.1f}" if navg is not None else "–") + f" | {params} |")
+                     f"{_pct(m['normalized_average'])} | {_params(j)} |")
     return "\n".join(lines)
+
+
+def _params(job: dict[str, Any]) -> str:
+    """The chosen parameters; a job run over seeds names them all instead of its first seed."""
+    seeded = len(job.get("seeds") or []) > 1
+    shown = [f"{k}={v}" for k, v in job.get("params", {}).items() if not (seeded and k == "seed")]
+    return ", ".join(shown + ([f"seeds={','.join(map(str, job['seeds']))}"] if seeded else []))
+
+
+def warning_lines(warnings: list[dict[str, Any]]) -> list[str]:
+    return [f"- **{w['kind'].replace('_', ' ')}**: {w['message']}" for w in warnings]
+
+
+def _average_note(statistics: dict[str, Any]) -> str:
+    trusted, left = statistics["trusted_tasks"], statistics["left_out_tasks"]
+    note = (f"Average normalized accuracy is over {', '.join(trusted)}" if trusted else
+            "No individual adapter is significantly above its majority class: there is no normalized average")
+    if left:
+        note += (f"; left out: {', '.join(left)} (its own adapter is not significantly above its majority "
+                 "class, exact one-sided binomial test at 5%)")
+    return (note + f". Intervals: 95% paired bootstrap over test examples ({statistics['resamples']} resamples; "
+            "each task's examples resampled, the same resample for every method and for the own-adapter "
+            "denominator). Differences against the best fused method and against task arithmetic: the observed "
+            "difference, its 95% paired-bootstrap interval and the p-value of a two-sided paired randomization "
+            "test (4,000 sign flips of the per-example differences); ▼/▲ mark differences significant at 5% (not "
+            "corrected for multiple comparisons). Per-task intervals: Wilson 95%.")
 
 
 def _machine_line(m: dict[str, Any]) -> str:
@@ -134,10 +209,19 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     parts = [f"# Experiment `{results['experiment']}`", "",
              f"Model `{cfg['model']}`, tasks {', '.join(tasks)}. Measured on {_machine_line(results['machine'])}; "
              f"lorafuse {results['versions'].get('lorafuse')}; {results['created']}.", "",
-             "## Test accuracy (%, normalized to each task's own adapter in brackets)", "",
-             results_table(jobs, tasks), "",
-             "Coefficients were chosen on the validation split by average normalized accuracy (one setting for all "
-             "tasks); the table reports the test split.", ""]
+             ]
+    statistics, warnings = results["statistics"], results["warnings"]
+    if warnings:
+        parts += ["## Warnings", ""] + warning_lines(warnings) + [""]
+    parts += ["## Average normalized accuracy on test (%, 100 = each task's own adapter)", "",
+              summary_table(jobs, statistics), "", _average_note(statistics), "",
+              "## Test accuracy per task (%, normalized in brackets, 95% interval in square brackets)", "",
+              results_table(jobs, tasks, statistics), "",
+              "Coefficients were chosen on the validation split by average normalized accuracy over the tasks whose "
+              "adapters beat their majority class on validation (one setting for all tasks); stochastic methods "
+              f"(DARE's random drop, LoraHub, the router) ran with {cfg.get('seeds', 1)} seeds each, the setting "
+              "chosen by its mean over seeds, and report the mean over seeds. The tables report the test split.",
+              ""]
     if cfg.get("notes"):
         parts += [cfg["notes"], ""]
     t, e = cfg["train"], cfg["eval"]
@@ -146,7 +230,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
               f"lr {t['lr']}, {t['epochs']} epochs, batch {t['batch_size']}×{t['grad_accum']}, "
               f"≤{t['max_examples'] or 'all'} training examples per task, max length {t['max_length']}, seed "
               f"{t['seed']}; validation ≤{e['max_validation'] or 'all'} and test ≤{e['max_test'] or 'all'} "
-              "examples per task.", ""]
+              f"examples per task; {cfg.get('seeds', 1)} seeds per stochastic method.", ""]
     if results.get("training"):
         parts += ["## Adapters", ""] + _training_table(results["training"]) + [""]
     parts += ["## Search and timing", "", "| job | status | settings tried | search s | job s |", "|---|---|---|---|---|"]
@@ -170,9 +254,12 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
 
 
 KIND_COLOURS = {"reference": "#999999", "static": "#2f8f6f", "data-driven": "#3b6fb6"}
+KIND_NAMES = {"reference": "reference", "static": "data-free merge", "data-driven": "data-driven"}
+DPI = 150  # saved at 1.5× the page's 100 px per inch: sharp on high-density screens, shown at its size in inches
+FONT = 9
 
 
-def _plots(out: Path, jobs: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+def _plots(out: Path, jobs: list[dict[str, Any]], tasks: list[str], statistics: dict[str, Any]) -> list[str]:
     """PNG plots (matplotlib's Agg backend: no display needed); returns their file names."""
     import matplotlib
 
@@ -180,121 +267,193 @@ def _plots(out: Path, jobs: list[dict[str, Any]], tasks: list[str]) -> list[str]
     ok = _ok(jobs)
     if not ok:
         return []
-    files = [_per_task_heatmap(out, ok, tasks), _normalized_bars(out, ok)]
+    files = [_per_task_heatmap(out, ok, tasks, statistics), _normalized_bars(out, ok, statistics)]
     sweeps = [j for j in ok if len(j.get("sweep", [])) > 1]
     if sweeps:
         files.append(_sweep_panels(out, sweeps))
     return files
 
 
-def _per_task_heatmap(out: Path, ok: list[dict[str, Any]], tasks: list[str]) -> str:
-    """Methods × tasks, test accuracy annotated: readable with twenty methods, unlike grouped bars."""
+def _per_task_heatmap(out: Path, ok: list[dict[str, Any]], tasks: list[str], statistics: dict[str, Any]) -> str:
+    """Methods × tasks, test accuracy annotated, with a colour bar: readable with twenty methods, unlike grouped
+    bars. Tasks left out of the normalized average are named so in their column."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    cols = [*tasks, "average"]
+    trusted = statistics["trusted_tasks"]
+    cols = [t if t in trusted else f"{t}\n(left out)" for t in tasks] + ["avg acc"]
     values = np.array([[100 * j["test"]["accuracy"][t] for t in tasks] + [100 * j["test"]["average"]] for j in ok])
-    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 3, 0.38 * len(ok) + 1.4))
-    ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(ok)), [j["name"] for j in ok], fontsize=8)
+    fig, ax = plt.subplots(figsize=(min(10.5, 0.95 * len(cols) + 3.5), 0.32 * len(ok) + 1.6))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="test accuracy (%)", fraction=0.05, pad=0.02)
+    ax.set_xticks(range(len(cols)), cols, fontsize=FONT - 1)
+    ax.set_yticks(range(len(ok)), [j["name"] for j in ok], fontsize=FONT - 1)
     mid = (values.max() + values.min()) / 2
     for (r, c), v in np.ndenumerate(values):
-        ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white" if v < mid else "black")
-    ax.set_title("Test accuracy (%) per task, by method")
+        ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=FONT - 2, color="white" if v < mid else "black")
+    ax.set_title("Test accuracy (%) per task, by method", fontsize=FONT + 1)
     return _save(fig, out / "per_task_accuracy.png")
 
 
-def _normalized_bars(out: Path, ok: list[dict[str, Any]]) -> str:
+def _normalized_bars(out: Path, ok: list[dict[str, Any]], statistics: dict[str, Any]) -> str:
+    """Average normalized accuracy with 95% paired-bootstrap intervals; hatched: significantly below the best."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    rows = sorted(ok, key=lambda j: j["test"].get("normalized_average") or 0.0)
-    values = [j["test"].get("normalized_average") or 0.0 for j in rows]
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.2))
-    bars = ax.barh([j["name"] for j in rows], values,
-                   color=[KIND_COLOURS.get(j.get("kind", "static"), "#2f8f6f") for j in rows])
-    ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    methods = statistics["methods"]
+    rows = sorted((j for j in ok if methods[j["name"]]["normalized_average"] is not None),
+                  key=lambda j: methods[j["name"]]["normalized_average"])
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.9))
+    if not rows:
+        ax.text(0.5, 0.5, "no task's adapter beat its majority class: no normalized average", ha="center")
+        ax.axis("off")
+        return _save(fig, out / "normalized_accuracy.png")
+    values = [methods[j["name"]]["normalized_average"] for j in rows]
+    intervals = [methods[j["name"]].get("interval") or [v, v] for j, v in zip(rows, values)]
+    below = [_significantly_below(methods[j["name"]]) for j in rows]
+    kinds = [j.get("kind", "static") for j in rows]
+    bars = ax.barh([j["name"] for j in rows], values, color=[KIND_COLOURS.get(k, "#2f8f6f") for k in kinds],
+                   hatch=["//" if b else "" for b in below], edgecolor="white",
+                   xerr=[[max(0.0, v - lo) for v, (lo, _) in zip(values, intervals)],
+                         [max(0.0, hi - v) for v, (_, hi) in zip(values, intervals)]],
+                   error_kw={"ecolor": "#222222", "capsize": 2, "lw": 0.8})
+    labels = [f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, (lo, hi) in zip(values, intervals)]
+    for bar, (_, hi), text in zip(bars, intervals, labels):
+        ax.text(hi + 0.8, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=FONT - 2)
     ax.axvline(100, color="#555555", lw=0.8, ls=":")
-    ax.set_xlabel("average normalized accuracy on test (%; 100 = each task's own adapter)")
-    ax.tick_params(axis="y", labelsize=8)
-    ax.set_xlim(0, max(105, max(values) * 1.08))
-    ax.set_title("Average normalized accuracy by method (grey: references, blue: data-driven)", fontsize=9)
+    ax.set_xlabel("average normalized accuracy on test (%; 100 = each task's own adapter)", fontsize=FONT)
+    ax.tick_params(axis="y", labelsize=FONT - 1)
+    top = max(hi for _, hi in intervals)
+    ax.set_xlim(0, max(105, top * 1.22))
+    handles = [Patch(color=KIND_COLOURS[k], label=KIND_NAMES[k]) for k in KIND_COLOURS if k in kinds]
+    if any(below):
+        handles.append(Patch(facecolor="#cccccc", hatch="//", edgecolor="white",
+                             label=f"significantly below the best, {statistics.get('best')} (paired "
+                                   "randomization test, 5%)"))
+    ax.legend(handles=handles, fontsize=FONT - 2, loc="upper center", bbox_to_anchor=(0.45, -0.13 - 0.9 / (len(rows) + 5)),
+              ncol=min(3, len(handles)), frameon=False)
+    trusted = ", ".join(statistics["trusted_tasks"])
+    ax.set_title(f"Average normalized accuracy over {trusted}\n(bars: 95% paired-bootstrap intervals)",
+                 fontsize=FONT)
     return _save(fig, out / "normalized_accuracy.png")
+
+
+def _significantly_below(method: dict[str, Any]) -> bool:
+    c = method.get("vs_best") or {}
+    return method["kind"] != "reference" and bool(c.get("significant")) and c["difference"] < 0
 
 
 def _sweep_panels(out: Path, sweeps: list[dict[str, Any]]) -> str:
     """One panel per searched method: validation score against its first coefficient, one line per value of the
-    others; the chosen setting is starred."""
+    others (± sd over seeds for a stochastic method); the chosen setting is starred. At most three panels a row,
+    each with its own y-axis label, so that the figure stays readable at its size in the page."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     n = len(sweeps)
-    ncols = min(4, n)
+    ncols = min(3, n)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.5 * ncols, 2.9 * nrows + 0.4), squeeze=False)
     for ax, job in zip(axes.flat, sweeps):
         key = next(iter(job["sweep"][0]["params"]))
-        lines: dict[str, list[tuple[float, float]]] = {}
+        lines: dict[str, list[tuple[float, float, float]]] = {}
         for point in job["sweep"]:
             rest = ", ".join(f"{k}={v}" for k, v in point["params"].items() if k != key)
-            lines.setdefault(rest, []).append((point["params"][key], point["validation"]["normalized_average"]))
+            scores = point.get("seed_scores") or []
+            sd = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+            score = point.get("score", point["validation"]["normalized_average"])
+            lines.setdefault(rest, []).append((point["params"][key], score, sd))
         for rest, pts in lines.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=rest or None)
-        ax.plot([job["params"][key]], [job["validation"]["normalized_average"]], marker="*", ms=11, color="#d62728",
-                ls="none")
-        ax.set_title(job["name"], fontsize=9)
-        ax.set_xlabel(key, fontsize=8)
-        ax.tick_params(labelsize=7)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
+                        capsize=2, lw=1, label=rest or None)
+        chosen = next(p for p in job["sweep"] if p["params"] == {k: job["params"][k] for k in p["params"]})
+        chosen_score = chosen.get("score", chosen["validation"]["normalized_average"])
+        ax.plot([job["params"][key]], [chosen_score], marker="*", ms=12, color="#d62728", ls="none")
+        ax.set_title(job["name"], fontsize=FONT)
+        ax.set_xlabel(key, fontsize=FONT)
+        ax.set_ylabel("val. avg normalized (%)", fontsize=FONT - 1)
+        ax.tick_params(labelsize=FONT - 1)
         if len(lines) > 1:
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=FONT - 2)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.supylabel("validation avg normalized accuracy (%)", fontsize=8)
-    fig.suptitle("Coefficient sweeps (★ = chosen)", fontsize=10)
+    fig.suptitle("Coefficient sweeps on validation (★ = chosen)", fontsize=FONT + 1)
     return _save(fig, out / "coefficient_sweeps.png")
 
 
 def _save(fig: Any, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.1)  # keeps a legend placed below the axes
     import matplotlib.pyplot as plt
 
     plt.close(fig)
     return path.name
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height in pixels, from the PNG header."""
+    header = path.read_bytes()[16:24]
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+
+
 def html(md: str, out: Path, plots: list[str]) -> str:
-    """A self-contained page: the Markdown's tables as HTML tables, the plots embedded."""
+    """A self-contained page: the Markdown's tables as HTML tables, lists, the plots embedded at their size in
+    inches (100 px per inch, never wider than the page), the warnings in a box."""
     body = []
-    in_table = False
+    in_table = in_list = False
+    section = ""
     for line in md.splitlines():
         if line.startswith("|"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             if set("".join(cells)) <= set("-"):
                 continue
             tag = "th" if not in_table else "td"
-            body.append(("<table>" if not in_table else "") + "<tr>" + "".join(f"<{tag}>{_esc(c)}</{tag}>" for c in cells) + "</tr>")
+            body.append(("<table>" if not in_table else "") + "<tr>" + "".join(f"<{tag}{_mark(c)}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
             in_table = True
             continue
         if in_table:
             body.append("</table>")
             in_table = False
+        if line.startswith("- "):
+            cls = " class='warnings'" if section == "Warnings" else ""
+            body.append(("" if in_list else f"<ul{cls}>") + f"<li>{_inline(line[2:])}</li>")
+            in_list = True
+            continue
+        if in_list:
+            body.append("</ul>")
+            in_list = False
         if line.startswith("!["):
             name = line[line.index("(") + 1:-1]
+            width, _ = png_size(out / name)
             data = base64.b64encode((out / name).read_bytes()).decode()
-            body.append(f'<img alt="{_esc(name)}" src="data:image/png;base64,{data}">')
+            body.append(f'<img alt="{_esc(name)}" width="{round(width * 100 / DPI)}" '
+                        f'src="data:image/png;base64,{data}">')
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{_esc(line.lstrip('# '))}</h{level}>")
+            section = line.lstrip("# ")
+            body.append(f"<h{level}>{_esc(section)}</h{level}>")
         elif line.strip():
-            body.append(f"<p>{_esc(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            body.append(f"<p>{_inline(line)}</p>")
+    body.append("</table>" if in_table else "</ul>" if in_list else "")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:1em 0}")
+             "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%;height:auto;"
+             "margin:1em 0;display:block}ul.warnings{background:#fff4e5;border-left:4px solid #e08a00;"
+             "padding:0.6em 0.6em 0.6em 2em}td.below{color:#b00020}td.above{color:#1a7f37}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>lorafuse report</title><style>{style}</style>" \
            f"</head><body>{''.join(body)}</body></html>\n"
+
+
+def _inline(text: str) -> str:
+    """Escaped text with Markdown's **bold**."""
+    parts = _esc(text).split("**")
+    return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _mark(cell: str) -> str:
+    """Significant differences coloured: ▼ red, ▲ green."""
+    return " class='below'" if cell.endswith("▼") else " class='above'" if cell.endswith("▲") else ""
 
 
 def _esc(text: str) -> str:

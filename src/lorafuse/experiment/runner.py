@@ -33,6 +33,7 @@ class ExperimentError(LorafuseError):
 class RunState:
     adapters: dict[str, Path] = field(default_factory=dict)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> task -> own accuracy
+    trusted: dict[str, list[str]] = field(default_factory=dict)  # split -> tasks whose adapter beat its majority
     training: list[dict[str, Any]] = field(default_factory=list)  # one record per task's adapter
     jobs: list[dict[str, Any]] = field(default_factory=list)  # reference, fused and data-driven results
     stage_seconds: dict[str, float] = field(default_factory=dict)  # this invocation's wall time per stage
@@ -118,12 +119,18 @@ class ExperimentRunner:
         if own["status"] != "ok":  # every fused job is normalized by it: nothing later can be measured
             raise ExperimentError(f"the reference job '{own['job_id']}' failed: {own['error']}")
         self.state.reference = {split: own[split]["accuracy"] for split in ("validation", "test")}
+        from lorafuse.experiment.analysis import trusted_tasks
+
+        self.state.trusted = {split: trusted_tasks(own[split], self.config.tasks)[0] for split in own
+                              if split in ("validation", "test")}
         base = self._job("base", "reference", {"adapters": self.adapter_ids()}, self._base, required=True)
         self.state.jobs += [own, base]
 
     def fuse_all(self) -> None:
         for spec in self.config.methods:
             key = {"spec": spec.model_dump(), "adapters": self.adapter_ids()}
+            if spec.stochastic:
+                key["seeds"] = self.seeds(spec.params.get("seed", 0))
             self._add(self._job(f"fuse-{_slug(spec.name)}", "fuse", key, lambda s=spec: self._fuse(s), label=spec.name))
 
     def data_driven(self) -> None:
@@ -218,12 +225,15 @@ class ExperimentRunner:
         return self._heads
 
     def _individual(self) -> dict[str, Any]:
+        from lorafuse.evaluation import EvalResult
+
         out: dict[str, Any] = {"name": "individual", "kind": "reference"}
         for split in ("validation", "test"):
             ev = self.evaluator(split)
-            acc = {t: ev.subset([t]).evaluate(p).accuracy[t] for t, p in self.state.adapters.items()}
-            out[split] = {"accuracy": acc, "normalized": {t: 100.0 for t in acc},
-                          "average": sum(acc.values()) / len(acc), "normalized_average": 100.0}
+            own = [ev.subset([t]).evaluate(p) for t, p in self.state.adapters.items()]
+            merged = EvalResult(**{f: {k: v for r in own for k, v in getattr(r, f).items()}
+                                   for f in ("accuracy", "examples", "predicted", "labels", "correct")})
+            out[split] = merged.normalize(merged.accuracy).to_dict()
         return out
 
     def _base(self) -> dict[str, Any]:
@@ -235,28 +245,55 @@ class ExperimentRunner:
             out[split] = result.normalize(self.state.reference.get(split, {})).to_dict()
         return out
 
+    def seeds(self, base: int) -> list[int]:
+        """The seeds of a stochastic method or data-driven job: `config.seeds` consecutive ones from `base`."""
+        return [base + i for i in range(self.config.seeds)]
+
     def _fuse(self, spec: MethodSpec) -> dict[str, Any]:
-        """Search on validation (average normalized accuracy; one setting for all tasks), the best on test, saved
-        as a PEFT adapter."""
+        """Search on validation (average normalized accuracy over the tasks whose adapters learned; one setting
+        for all tasks), the best on test, saved as a PEFT adapter. A stochastic method (DARE's random drop) is
+        merged with each seed at every setting; the setting best on average over seeds is chosen, and its test
+        results are the mean over seeds, each seed's kept in `seed_runs`."""
         from tqdm.auto import tqdm
 
-        sweep, best, result = [], None, None
+        from lorafuse.experiment.analysis import mean_split, over_seeds
+
+        seeds = self.seeds(spec.params.get("seed", 0)) if spec.stochastic else [None]
+        sweep, best, results = [], None, []
         start = time.perf_counter()
         for point in tqdm(self.settings(spec), desc=spec.name, unit="setting", disable=not self.progress,
                           leave=False, position=1):
-            merged = self._merge(spec, point)
-            val = self.evaluator("validation").evaluate(merged, heads=self.own_heads())
-            point_result = {"params": point, "validation": val.normalize(self.state.reference["validation"]).to_dict()}
+            merged, vals = [], []
+            for seed in seeds:
+                merged.append(self._merge(spec, point if seed is None else {**point, "seed": seed}))
+                val = self.evaluator("validation").evaluate(merged[-1], heads=self.own_heads())
+                vals.append(_without_examples(val.normalize(self.state.reference["validation"]).to_dict()))
+            point_result = {"params": point, "validation": mean_split(vals) if len(vals) > 1 else vals[0]}
+            point_result["score"] = self._score(point_result["validation"])  # what the choice compares
+            if len(vals) > 1:
+                point_result["seed_scores"] = [self._score(v) for v in vals]
             sweep.append(point_result)
-            if best is None or _score(point_result) > _score(best):  # first of equals wins; only the best is kept
-                best, result = point_result, merged
+            if best is None or point_result["score"] > best["score"]:
+                best, results = point_result, merged  # first of equals wins; only the best is kept
         search_seconds = time.perf_counter() - start
-        test = self.evaluator("test").evaluate(result, heads=self.own_heads())
-        fused_dir = result.save(self.out / "fused" / _slug(spec.name), overwrite=True)
+        tests = [self.evaluator("test").evaluate(r, heads=self.own_heads()).normalize(self.state.reference["test"])
+                 for r in results]
+        fused_dir = results[0].save(self.out / "fused" / _slug(spec.name), overwrite=True)
+        outcome = over_seeds([(s, t.to_dict()) for s, t in zip(seeds, tests)]) if spec.stochastic \
+            else {"test": tests[0].to_dict()}
+        params = {k: v for k, v in {**spec.params, **best["params"]}.items() if not (spec.stochastic and k == "seed")}
         return {"name": spec.name, "kind": "static", "method": spec.method, "space": spec.space,
-                "params": {**spec.params, **best["params"]}, "sweep": sweep, "validation": best["validation"],
-                "test": test.normalize(self.state.reference["test"]).to_dict(), "fused_dir": str(fused_dir),
+                "params": params, "sweep": sweep, "validation": best["validation"],
+                **outcome, "fused_dir": str(fused_dir), "update_sketch": update_sketch(results[0].modules),
                 "search_seconds": round(search_seconds, 2), "settings_tried": len(sweep)}
+
+    def _score(self, split: dict[str, Any]) -> float:
+        """Validation score: average normalized accuracy over the tasks whose own adapters beat their majority
+        class on validation (all tasks when none did)."""
+        from lorafuse.experiment.analysis import normalized_over
+
+        tasks = self.state.trusted.get("validation") or list(split["normalized"])
+        return normalized_over(split, tasks) or 0.0
 
     @staticmethod
     def settings(spec: MethodSpec) -> list[dict[str, Any]]:
@@ -344,8 +381,25 @@ def _train_adapter(cfg: Any) -> Path:
     return train_adapter(cfg)
 
 
-def _score(point: dict[str, Any]) -> float:
-    return point["validation"]["normalized_average"]
+def _without_examples(split: dict[str, Any]) -> dict[str, Any]:
+    """A sweep point keeps its numbers, not per-example correctness (results.json stays compact)."""
+    return {k: v for k, v in split.items() if k != "correct"}
+
+
+def update_sketch(modules: dict[str, Any], probes: int = 2) -> list[float]:
+    """uᵀ·ΔW·v for a few fixed random unit-scale vectors per module (from the factors, never ΔW itself): two
+    fused updates are the same iff their sketches agree (up to rounding), with probability 1 otherwise."""
+    import torch
+
+    out: list[float] = []
+    for name in sorted(modules):
+        update = modules[name]
+        m, n = update.shape
+        gen = torch.Generator().manual_seed(m * 1_000_003 + n)  # the same probes for the same shape
+        u = torch.randn(probes, m, generator=gen, dtype=torch.float64)
+        v = torch.randn(n, probes, generator=gen, dtype=torch.float64)
+        out += ((u @ update.B.double()) * (update.A.double() @ v).T).sum(1).tolist()
+    return out
 
 
 def _slug(name: str) -> str:

@@ -318,30 +318,44 @@ def save_lorahub(result: LoraHubResult, adapters: Sequence[str | Path], out: str
 
 def experiment_job(runner: Any, shots: int) -> dict[str, Any]:
     """LoraHub per task on a `shots`-example sample of its validation split; each task's test accuracy with its
-    own learned weights (and its own head, in the classify formulation)."""
+    own learned weights (and its own head, in the classify formulation). Runs once per seed of the experiment
+    (the sample and the search both depend on it): `test` is the mean over seeds, `seed_runs` each seed's."""
+    from lorafuse.experiment.analysis import over_seeds
+
+    runs, weights, seconds = [], {}, 0.0
+    for seed in runner.seeds(runner.config.lorahub.seed):
+        test, weights[seed], spent = _experiment_run(runner, shots, seed)
+        runs.append((seed, test))
+        seconds += spent
+    settings = LoraHubSettings(budget=runner.config.lorahub.budget)
+    return {"name": f"lorahub ({shots}-shot)", "kind": "data-driven", "method": "lorahub", "params": {"shots": shots},
+            "weights": weights[runs[0][0]], "weights_by_seed": weights, **over_seeds(runs),
+            "search_seconds": round(seconds, 2),
+            "cost": {"search_seconds": round(seconds, 2), "candidates_per_task": settings.budget,
+                     "seeds": len(runs), "inference": "one merged adapter per task"}}
+
+
+def _experiment_run(runner: Any, shots: int, seed: int) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """One seed of the experiment job: the test results, each task's weights, the search seconds."""
     import random
 
+    from lorafuse.evaluation import EvalResult
     from lorafuse.tasks import get_task
 
     cfg = runner.config.lorahub
-    settings = LoraHubSettings(budget=cfg.budget, seed=cfg.seed)
+    settings = LoraHubSettings(budget=cfg.budget, seed=seed)
     tasks = list(runner.state.adapters)
     paths = [runner.state.adapters[t] for t in tasks]
     heads = runner.own_heads()
     test_ev = runner.evaluator("test")
-    accuracy, weights, seconds = {}, {}, 0.0
+    results, weights, seconds = [], {}, 0.0
     for task in tasks:
         pool = get_task(task).load("validation", runner.config.data_dir)
-        sample = random.Random(f"{cfg.seed}-{task}").sample(pool, min(shots, len(pool)))
+        sample = random.Random(f"{seed}-{task}").sample(pool, min(shots, len(pool)))
         result, updates = lorahub(test_ev, paths, task, sample, settings, heads.get(task))
         seconds += result.seconds
-        accuracy[task] = test_ev.subset([task]).evaluate(updates, heads=heads).accuracy[task]
+        results.append(test_ev.subset([task]).evaluate(updates, heads=heads))
         weights[task] = dict(zip(tasks, result.weights))
-    ref = runner.state.reference["test"]
-    normalized = {t: 100.0 * a / ref[t] for t, a in accuracy.items() if ref.get(t)}
-    test = {"accuracy": accuracy, "normalized": normalized, "average": sum(accuracy.values()) / len(accuracy),
-            "normalized_average": sum(normalized.values()) / len(normalized)}
-    return {"name": f"lorahub ({shots}-shot)", "kind": "data-driven", "method": "lorahub", "params": {"shots": shots},
-            "weights": weights, "test": test, "search_seconds": round(seconds, 2),
-            "cost": {"search_seconds": round(seconds, 2), "candidates_per_task": settings.budget,
-                     "inference": "one merged adapter per task"}}
+    merged = EvalResult(**{f: {k: v for r in results for k, v in getattr(r, f).items()}
+                           for f in ("accuracy", "examples", "predicted", "labels", "correct")})
+    return merged.normalize(runner.state.reference["test"]).to_dict(), weights, seconds

@@ -309,7 +309,23 @@ def latency(evaluator: Any, adapter: Any, heads: Mapping[str, Any] | None = None
 
 def experiment_job(runner: Any) -> dict[str, Any]:
     """Train the gate on each task's train split, evaluate the routed mixture on test, and time it against one
-    merged adapter."""
+    merged adapter; once per seed of the experiment (`test`: the mean over seeds, `seed_runs`: each seed's)."""
+    from lorafuse.experiment.analysis import over_seeds
+
+    runs, costs, dirs = [], [], []
+    for i, seed in enumerate(runner.seeds(runner.config.router.seed)):
+        test, cost, out = _experiment_run(runner, seed, "router" if i == 0 else f"router-seed{seed}")
+        runs.append((seed, test))
+        costs.append(cost)
+        dirs.append(str(out))
+    train_seconds = sum(c["gate_train_seconds"] for c in costs)
+    return {"name": "router", "kind": "data-driven", "method": "router", "params": {}, **over_seeds(runs),
+            "router_dir": dirs[0], "router_dirs": dirs, "search_seconds": round(train_seconds, 2),
+            "cost": {**costs[0], "gate_train_seconds": round(train_seconds, 2), "seeds": len(runs)}}
+
+
+def _experiment_run(runner: Any, seed: int, name: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """One seed: the routed mixture's test results, its cost, and where it was saved."""
     from lorafuse.tasks import get_task
 
     cfg = runner.config.router
@@ -322,9 +338,9 @@ def experiment_job(runner: Any) -> dict[str, Any]:
         rows = ev.formulation.encode(task, task.load("train", runner.config.data_dir, cfg.examples_per_task))
         batches.append([ev.formulation.collate(rows[i:i + 32]) for i in range(0, len(rows), 32)])
     start = time.perf_counter()
-    stats = train_gate(router, ev.model, batches, epochs=cfg.epochs * 10, seed=cfg.seed)
+    stats = train_gate(router, ev.model, batches, epochs=cfg.epochs * 10, seed=seed)
     train_seconds = time.perf_counter() - start
-    out = router.save(runner.out / "router", overwrite=True, extra={"tasks": tasks, "training": stats})
+    out = router.save(runner.out / name, overwrite=True, extra={"tasks": tasks, "training": stats, "seed": seed})
     heads = runner.own_heads()
     start = time.perf_counter()
     result = ev.evaluate(router, heads=heads)
@@ -335,5 +351,4 @@ def experiment_job(runner: Any) -> dict[str, Any]:
     cost = {"gate_train_seconds": round(train_seconds, 2), "routed_ms_per_example": round(1000 * routed_seconds / n, 3),
             "merged_ms_per_example": round(1000 * merged, 3),
             "latency_ratio": round(routed_seconds / n / merged, 2), **stats}
-    return {"name": "router", "kind": "data-driven", "method": "router", "params": {}, "test": result.to_dict(),
-            "router_dir": str(out), "search_seconds": round(train_seconds, 2), "cost": cost}
+    return result.to_dict(), cost, out
