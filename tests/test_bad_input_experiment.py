@@ -24,7 +24,7 @@ from lorafuse.errors import ConfigError
 from lorafuse.experiment import rundir
 from lorafuse.experiment.cache import JobStore, write_json_atomic
 from lorafuse.experiment.config import parse_config
-from lorafuse.inputs import name_problem
+from lorafuse.validate import name_problem
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LABELS3 = ["contradiction", "entailment", "neutral"]
@@ -161,7 +161,7 @@ def test_duplicate_yaml_keys_are_refused(world, tmp_path, capsys):
 
 
 def test_yaml_12_floats_are_numbers():
-    from lorafuse.inputs import load_yaml
+    from lorafuse.validate import load_yaml
 
     assert load_yaml("lr: 1e-3\nx: 2E+2\nname: 1e3x\n", "t") == {"lr": 0.001, "x": 200.0, "name": "1e3x"}
 
