@@ -2,7 +2,7 @@
 Validated with pydantic in strict mode: unknown fields, methods, spaces and tasks are named with the closest valid
 name; values are never coerced (`rank: 4.5`, `rank: true`, `gradient_checkpointing: "false"` are refused, not read
 as 4, 1 and True); numbers are finite; duplicate YAML keys are refused; names that become paths (the experiment's
-`name`, its tasks, method labels) contain no separator and no `..`."""
+`name`, its tasks, method labels) are plain names (lorafuse.validate.name_problem: the rule of adapter names)."""
 
 from __future__ import annotations
 
