@@ -63,6 +63,18 @@ def test_safe_name_keeps_plain_names_and_falls_back():
     assert safe_name("mnli-lora") == "mnli-lora" and safe_name("a..b") == "a_b" and safe_name("..") == "adapter"
 
 
+def test_names_made_unique_stay_plain_names():
+    from types import SimpleNamespace
+
+    from lorafuse.engine import _make_names_unique
+
+    adapters = [SimpleNamespace(name="x" * MAX_NAME_LENGTH) for _ in range(3)] + [SimpleNamespace(name="a")]
+    _make_names_unique(adapters)
+    names = [a.name for a in adapters]
+    assert len(set(names)) == 4 and names[1].endswith("-2") and names[2].endswith("-3") and names[3] == "a"
+    assert all(is_safe_name(n) for n in names)
+
+
 # -- paths ----------------------------------------------------------------------------------------------------
 def test_check_inside_follows_symlinks(tmp_path):
     root = tmp_path / "out"
