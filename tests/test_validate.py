@@ -7,6 +7,7 @@ import argparse
 import enum
 import os
 import re
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -29,6 +30,7 @@ from lorafuse.validate import (
     looks_like_hub_id,
     name_problem,
     positive_int,
+    real,
     safe_name,
     strict_bool,
     strict_int,
@@ -86,6 +88,11 @@ def test_check_inside_follows_symlinks(tmp_path):
     os.symlink(tmp_path, root / "link")
     with pytest.raises(ConfigError, match="would lie outside"):
         check_inside(root / "link" / "x", root, "job file")
+
+
+def test_real_expands_home_and_leaves_unknown_users(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert real("~/x") == real(tmp_path / "x") and real("~no_such_user_xyz/x") == real(Path("~no_such_user_xyz/x"))
 
 
 def test_child_path_checks_the_name_not_the_suffix(tmp_path):

@@ -87,8 +87,9 @@ def looks_like_hub_id(text: str, bare: bool = False) -> bool:
 
 # -- paths ----------------------------------------------------------------------------------------------------
 def real(path: str | Path) -> Path:
-    """An absolute path with symlinks resolved (also for a path that does not exist yet)."""
-    return Path(os.path.realpath(Path(path).expanduser()))
+    """An absolute path with symlinks resolved (also for a path that does not exist yet); `~` expanded as the
+    shell does (os.path's: an unknown `~user` stays as written, where pathlib raises RuntimeError)."""
+    return Path(os.path.realpath(os.path.expanduser(path)))
 
 
 def check_inside(path: Path, root: Path, what: str) -> Path:
