@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import functools
-import typing
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.methods.thresholds import StreamingQuantile, top_thresholds
 from lorafuse.provenance import stamp
 from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
-from lorafuse.validate import finite_number, strict_bool, strict_int
+from lorafuse.validate import MAX_NAME_LENGTH, check_param_types, finite_number, strict_bool, strict_int
 
 MODULES_TO_SAVE_POLICIES = ("error", "per_task", "average", "drop")
 
@@ -119,12 +118,14 @@ def load_adapters(
 
 
 def _make_names_unique(adapters: list[LoraAdapter]) -> None:
+    """`x`, `x-2`, `x-3`, ...; cut to leave room for the suffix, so each stays a plain name (it names a file)."""
     seen: dict[str, int] = {}
     for adapter in adapters:
         count = seen.get(adapter.name, 0)
         seen[adapter.name] = count + 1
         if count:
-            adapter.name = f"{adapter.name}-{count + 1}"
+            suffix = f"-{count + 1}"
+            adapter.name = adapter.name[:MAX_NAME_LENGTH - len(suffix)] + suffix
 
 
 def check_compatible(adapters: Sequence[LoraAdapter], base_model: str | None = None) -> list[str]:
@@ -296,7 +297,7 @@ def merge(
     """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...).
     The saved adapter stores every module at one rank (zero-padded, no rank_pattern) unless `rank_patterns`."""
     spec = get_method(method)
-    check_param_types(spec, params)
+    check_param_types(spec, params, f"method '{spec.name}'")
     parsed = spec.parse_params(params)
     rank = None if rank is None else strict_int(rank, "rank", minimum=1)
     exact_svd = strict_bool(exact_svd, "exact_svd")
@@ -313,25 +314,6 @@ def merge(
     modules = check_compatible(loaded, base_model)
     engine = _Engine(spec, parsed, loaded, modules, weights, densities, options)
     return engine.run()
-
-
-def check_param_types(spec: MergeMethod, values: dict[str, Any]) -> None:
-    """Each method parameter of the type its model declares, without pydantic's lax coercion (`true` is not
-    the seed 1, "0.5" is not a number) and, for numbers, finite (pydantic lets NaN and Inf through)."""
-    fields = {**spec.params.model_fields, **{f.alias: f for f in spec.params.model_fields.values() if f.alias}}
-    for key, value in values.items():
-        if key not in fields or value is None:
-            continue  # unknown names are refused by parse_params with a suggestion; None is checked there
-        what = f"method '{spec.name}': parameter '{key}'"
-        kinds = {a for a in typing.get_args(fields[key].annotation) if a is not type(None)} or {fields[key].annotation}
-        if bool in kinds:
-            strict_bool(value, what)
-        elif int in kinds:
-            strict_int(value, what)
-        elif float in kinds:
-            finite_number(value, what)
-        elif not isinstance(value, str):
-            raise ConfigError(f"{what}: expected a string, got {value!r}")
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -17,7 +17,6 @@ engine parameters only (`parameters: {method: ...}` does not override `merge_met
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafuse.errors import ConfigError, did_you_mean
-from lorafuse.validate import is_safe_name, load_yaml, read_text
+from lorafuse.validate import finite_number, load_yaml_file, name_problem
 
 ENGINE_OPTIONS = ("rank", "space", "exact_svd", "modules_to_save", "rank_patterns")
 PER_MODEL_PARAMETERS = ("weight", "density")
 # merge() arguments that have their own place in the config (or on the command line), never in `parameters`
 RESERVED = ("method", "merge_method", "adapters", "models", "model", "names", "name", "weights", "densities",
             "base_model", "dtype", "allow_bin", "progress")
-
-
-def check_not_reserved(key: str, where: str) -> None:
-    if key in RESERVED:
-        raise ConfigError(f"{where}: '{key}' is not a method parameter (it has its own field or flag)")
 
 
 class ModelEntry(BaseModel):
@@ -48,8 +42,8 @@ class ModelEntry(BaseModel):
     @field_validator("name")
     @classmethod
     def _plain(cls, value: str | None) -> str | None:
-        if value is not None and not is_safe_name(value):
-            raise ValueError(f"{value!r} is not a plain name (no '/', '\\', ':', leading '.', or empty names)")
+        if value is not None and (problem := name_problem(value)):
+            raise ValueError(problem)
         return value
 
     @field_validator("parameters")
@@ -58,8 +52,7 @@ class ModelEntry(BaseModel):
         for key, item in value.items():
             if key not in PER_MODEL_PARAMETERS:
                 raise ValueError(f"unknown per-model parameter '{key}'{did_you_mean(key, PER_MODEL_PARAMETERS)}")
-            if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
-                raise ValueError(f"{key}: expected a finite number, got {item!r}")
+            finite_number(item, key, ValueError)  # pydantic reports a ValueError with the field's location
         return value
 
 
@@ -116,7 +109,7 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    raw = load_yaml(read_text(path), str(path))
+    raw = load_yaml_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with merge_method and models")
     try:

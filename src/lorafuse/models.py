@@ -66,11 +66,6 @@ def resolve_model(name: str) -> ModelInfo:
     return ModelInfo(name, name, "chat", LLAMA_TARGETS)
 
 
-def looks_like_a_path(name: str) -> bool:
-    """`./x`, `../x`, `/x`, `~/x` or a Windows path are local paths, never Hub ids (`org/name`)."""
-    return name.startswith((".", "/", "~", "\\")) or (len(name) > 1 and name[1] == ":") or "\\" in name
-
-
 def _model_type(path: str) -> str | None:
     """`model_type` from a local directory's config.json (None for Hub ids: no network needed to default)."""
     import json

@@ -16,9 +16,9 @@ import torch
 
 from lorafuse.atomic import atomic_output_dir, check_output
 from lorafuse.formulations import check_formulation, load_model, make_formulation
-from lorafuse.inputs import check_apart
 from lorafuse.provenance import stamp
 from lorafuse.tasks.registry import Task, get_task
+from lorafuse.validate import check_apart
 
 TRAIN_RECORD = "lorafuse_train.json"
 

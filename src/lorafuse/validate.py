@@ -1,42 +1,80 @@
-"""Checks on untrusted input, shared by every command: names that must never act as paths, paths that must stay
-inside (or outside) others, numbers that must be finite and of the right type, and YAML without duplicate keys.
+"""Checks on untrusted input, the one place for them (merge, adapters, training, experiments, the CLI): names
+that must never act as paths, paths that must stay inside (or apart from) others, values that must be finite and
+of the right type, and YAML read strictly (duplicate keys refused).
 
-Each check raises a one-line error naming the field, and the file when the caller puts it in `what`."""
+Each check raises a one-line error naming the field, and the file when the caller puts it in `what`. Light to
+import (no torch, no pydantic; PyYAML on first use): the CLI's argparse types live here."""
 
 from __future__ import annotations
 
+import enum
+import functools
 import math
 import numbers
 import os
 import re
-from collections.abc import Iterable, Sequence
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lorafuse.errors import ConfigError, LorafuseError
+from lorafuse.errors import ConfigError
 
-_FORBIDDEN_IN_NAMES = re.compile(r"[/\\:\x00-\x1f]")
+# -- names ----------------------------------------------------------------------------------------------------
+MAX_NAME_LENGTH = 120
+_SEPARATOR = re.compile(r"[/\\]")
+_CONTROL = re.compile(r"[\x00-\x1f]")
+_UNSAFE_CHARS = re.compile(r"[/\\:\x00-\x1f]")
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot name an adapter, a task, an experiment or a file lorafuse writes, or None when it can.
+
+    Names become file names (`task_heads/<name>.safetensors`, `adapters/<task>-<hash>`, `runs/<name>`), so a name
+    must be one path component of its own: no separator, no `:` (a drive or a stream), no control character, no
+    leading `.` (`..`, hidden files, lorafuse's own temporaries), no `..`, not empty, at most 120 characters. Such
+    names are refused rather than sanitised where the user gave them: two names must never map to one file."""
+    if not isinstance(name, str):
+        return f"expected a string, got {name!r}"
+    shown = repr(name) if len(name) <= 40 else repr(name[:40] + "…")
+    if not name.strip():
+        reason = "is empty"
+    elif _SEPARATOR.search(name):
+        reason = "contains a path separator ('/' or '\\')"
+    elif ":" in name:
+        reason = "contains ':'"
+    elif _CONTROL.search(name):
+        reason = "contains a control character"
+    elif name.startswith("."):
+        reason = "starts with '.'"
+    elif ".." in name:
+        reason = "contains '..'"
+    elif len(name) > MAX_NAME_LENGTH:
+        reason = f"is longer than {MAX_NAME_LENGTH} characters"
+    else:
+        return None
+    return f"{shown} {reason}: not a plain name (names become file names)"
 
 
 def is_safe_name(name: object) -> bool:
-    """A name that is one path component of its own: no separator, no drive, no control character, not empty,
-    not `.`/`..` and not hidden (a leading dot), so `dir / name` always stays directly inside `dir`."""
-    return (isinstance(name, str) and bool(name.strip()) and not name.startswith(".")
-            and _FORBIDDEN_IN_NAMES.search(name) is None and len(name) <= 200)
+    """True for a name `name_problem` accepts: `dir / name` then always stays directly inside `dir`."""
+    return name_problem(name) is None
 
 
-def check_name(name: object, what: str, error: type[LorafuseError] = ConfigError) -> str:
+def check_name(name: object, what: str, error: type[Exception] = ConfigError) -> str:
     """`name` unchanged when safe, else an error naming `what` (e.g. "--names", "a/lorafuse_train.json: task")."""
-    if not is_safe_name(name):
-        raise error(f"{what}: {name!r} is not a plain name (no '/', '\\', ':', leading '.', '..' or empty names: "
-                    "names become file names)")
+    problem = name_problem(name)
+    if problem is not None:
+        raise error(f"{what}: {problem}")
     return str(name)
 
 
 def safe_name(text: str, fallback: str = "adapter") -> str:
-    """A safe name derived from `text` (e.g. a directory name): forbidden characters become '_'."""
-    cleaned = _FORBIDDEN_IN_NAMES.sub("_", text).lstrip(".").strip()[:200]
-    return cleaned or fallback
+    """A safe name derived from `text` (e.g. a directory's name, never refused): leading dots are dropped, every
+    character or `..` that `name_problem` refuses becomes '_', and the result is cut to the length limit."""
+    cleaned = re.sub(r"\.{2,}", "_", _UNSAFE_CHARS.sub("_", text).lstrip("."))[:MAX_NAME_LENGTH].strip()
+    return cleaned if is_safe_name(cleaned) else fallback
 
 
 def looks_like_hub_id(text: str, bare: bool = False) -> bool:
@@ -47,17 +85,26 @@ def looks_like_hub_id(text: str, bare: bool = False) -> bool:
     return re.fullmatch(pattern, text) is not None and ".." not in text
 
 
-def child_path(parent: Path, name: str, what: str) -> Path:
-    """`parent / name`, checked to stay directly inside `parent` (defence in depth behind `check_name`)."""
-    path = parent / check_name(name, what)
-    if path.resolve().parent != parent.resolve():
-        raise ConfigError(f"{what}: {name!r} would leave {parent}")
+# -- paths ----------------------------------------------------------------------------------------------------
+def real(path: str | Path) -> Path:
+    """An absolute path with symlinks resolved (also for a path that does not exist yet); `~` expanded as the
+    shell does (os.path's: an unknown `~user` stays as written, where pathlib raises RuntimeError)."""
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
+def check_inside(path: Path, root: Path, what: str) -> Path:
+    """`path` unchanged when it resolves (symlinks followed) to `root` or inside it, else an error naming `what`:
+    the defence in depth behind the name checks for every path built from user data."""
+    resolved, base = real(path), real(root)
+    if resolved != base and base not in resolved.parents:
+        raise ConfigError(f"{what} {path} would lie outside {root}")
     return path
 
 
-def real(path: str | Path) -> Path:
-    """An absolute path with symlinks resolved (also for a path that does not exist yet)."""
-    return Path(os.path.realpath(Path(path).expanduser()))
+def child_path(parent: Path, name: str, what: str, suffix: str = "") -> Path:
+    """`parent / (name + suffix)` for an untrusted `name`: a plain name (`check_name`), and the path checked to
+    stay inside `parent` (`check_inside`)."""
+    return check_inside(parent / f"{check_name(name, what)}{suffix}", parent, what)
 
 
 def overlaps(a: str | Path, b: str | Path) -> bool:
@@ -66,17 +113,21 @@ def overlaps(a: str | Path, b: str | Path) -> bool:
     return ra == rb or ra in rb.parents or rb in ra.parents
 
 
-def check_output_apart(output: str | Path, inputs: Iterable[str | Path], flag: str = "-o") -> None:
-    """Refuse an output that is an input, contains one or lies inside one: replacing it would delete (or
-    write into) the user's inputs."""
+def check_apart(output: str | Path, inputs: Iterable[str | Path | tuple[str, str | Path]], what: str) -> None:
+    """Refuse an output that is an input, contains one (replacing it would delete the input) or lies inside one
+    (the output would be written into the user's data). `inputs` are paths, or (description, path) pairs for a
+    message that says what the input is (a bare path is "the input"); `what` names the output ("-o", "run
+    directory")."""
     for item in inputs:
-        if overlaps(output, item):
-            ro, ri = real(output), real(item)
+        description, path = item if isinstance(item, tuple) else ("input", item)
+        if overlaps(output, path):
+            ro, ri = real(output), real(path)
             how = "is" if ro == ri else "contains" if ro in ri.parents else "lies inside"
-            raise ConfigError(f"{flag} {output}: the output {how} the input {item}; choose another output directory")
+            raise ConfigError(f"{what} {output} {how} the {description} {path}: choose another output")
 
 
-def finite_number(value: object, what: str, error: type[LorafuseError] = ConfigError) -> float:
+# -- numbers and types ----------------------------------------------------------------------------------------
+def finite_number(value: object, what: str, error: type[Exception] = ConfigError) -> float:
     """A real number (int or float, never bool or str) that is finite."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise error(f"{what}: expected a number, got {value!r}")
@@ -85,12 +136,8 @@ def finite_number(value: object, what: str, error: type[LorafuseError] = ConfigE
     return float(value)
 
 
-def finite_numbers(values: Sequence[object], what: str) -> list[float]:
-    return [finite_number(v, f"{what}[{i}]") for i, v in enumerate(values)]
-
-
 def strict_int(value: object, what: str, minimum: int | None = None,
-               error: type[LorafuseError] = ConfigError) -> int:
+               error: type[Exception] = ConfigError) -> int:
     """An int (never bool, never a float such as 4.5 or 4.0), at least `minimum`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise error(f"{what}: expected an integer, got {value!r}")
@@ -99,14 +146,74 @@ def strict_int(value: object, what: str, minimum: int | None = None,
     return int(value)
 
 
-def strict_bool(value: object, what: str, error: type[LorafuseError] = ConfigError) -> bool:
+def strict_bool(value: object, what: str, error: type[Exception] = ConfigError) -> bool:
     """true or false only: the string "false" is not a boolean (bool("false") is True)."""
     if not isinstance(value, bool):
         raise error(f"{what}: expected true or false, got {value!r}")
     return value
 
 
-def check_regex(pattern: object, what: str, error: type[LorafuseError] = ConfigError) -> str:
+def check_param_types(method: Any, values: Mapping[str, Any], where: str, field: str = "parameter '{}'") -> None:
+    """Each value of a method's parameters has the type its pydantic model declares, without pydantic's lax
+    coercion (`"false"` → False, `4.5` → 4, `true` → 1, `"0.5"` → 0.5) and, for numbers, finite (pydantic lets
+    NaN and Inf through). `method` is a registry MergeMethod; errors read `<where>: <field>: ...`, `field` formatted
+    with the key. Unknown keys and None are left to the model (`parse_params`), which names them."""
+    fields = {**method.params.model_fields, **{f.alias: f for f in method.params.model_fields.values() if f.alias}}
+    for key, value in values.items():
+        if key in fields and value is not None:
+            check_type(value, fields[key].annotation, f"{where}: {field.format(key)}")
+
+
+def check_type(value: object, annotation: Any, what: str, error: type[Exception] = ConfigError) -> None:
+    """`value` is of the type `annotation` (bool, int, float, str, a Literal, a str Enum, or a union of these),
+    strictly: a bool is no number, an int a float, a float never an int, and floats are finite. Richer
+    annotations are left to the caller's model."""
+    if _matches(value, annotation):
+        return
+    kinds = _alternatives(annotation)
+    if float in kinds and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        finite_number(value, what, error)  # the one way a real number fails a float field: not finite
+    raise error(f"{what}: expected {' or '.join(_describe(k) for k in kinds)}, got {value!r}")
+
+
+def _alternatives(annotation: Any) -> list[Any]:
+    """The members of a union other than None (the annotation itself when it is not a union)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for arg in typing.get_args(annotation) if arg is not type(None) for a in _alternatives(arg)]
+    return [annotation]
+
+
+def _matches(value: object, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, annotation) or value in {m.value for m in annotation}
+    if annotation is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in annotation)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        annotation, str(annotation))
+
+
+def check_regex(pattern: object, what: str, error: type[Exception] = ConfigError) -> str:
     if not isinstance(pattern, str):
         raise error(f"{what}: expected a string, got {pattern!r}")
     try:
@@ -116,7 +223,7 @@ def check_regex(pattern: object, what: str, error: type[LorafuseError] = ConfigE
     return pattern
 
 
-def read_text(path: Path, error: type[LorafuseError] = ConfigError) -> str:
+def read_text(path: Path, error: type[Exception] = ConfigError) -> str:
     """A text file as UTF-8, with unreadable or undecodable files reported in one line naming the file."""
     try:
         return path.read_text(encoding="utf-8")
@@ -127,29 +234,45 @@ def read_text(path: Path, error: type[LorafuseError] = ConfigError) -> str:
 
 
 def load_yaml(text: str, source: str) -> Any:
-    """YAML (safe subset) that refuses duplicate mapping keys: PyYAML keeps the last one silently."""
+    """YAML (safe subset) read strictly: duplicate mapping keys are refused (PyYAML keeps the last one silently)
+    and `1e-3` is a number, as in YAML 1.2. Errors name `source` and the line."""
     import yaml
 
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node)
-            if key in seen:
-                raise ConfigError(f"{source}: duplicate key '{key}' (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-        return loader.construct_mapping(node)
-
-    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    # `1e-3` is a number, as in YAML 1.2 (PyYAML's YAML 1.1 reads it as a string, which strict types refuse)
-    _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+
+
+def load_yaml_file(path: Path, error: type[Exception] = ConfigError) -> Any:
+    """A YAML file read with `load_yaml`; an unreadable or non-UTF-8 file is an error naming it."""
+    return load_yaml(read_text(path, error), str(path))
+
+
+@functools.cache
+def _strict_loader() -> type:
+    """The SafeLoader subclass of `load_yaml`, built on first use (PyYAML stays out of `lorafuse --help`)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key, line = loader.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key '{key}' (line {line}; first on line {first_line[key]})")
+            first_line[key] = line
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    # PyYAML's YAML 1.1 reads `1e-3` (no dot) as a string, which strict types would then refuse
+    StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789"))
+    return StrictLoader
 
 
 def positive_int(text: str) -> int:

@@ -144,7 +144,7 @@ def write_adapter_files(
     (directory / "README.md").write_text(model_card(config, provenance, heads))
     for name, tensors in (heads or {}).items():
         (directory / HEADS_DIR).mkdir(exist_ok=True)  # names never act as paths (lorafuse.validate)
-        save_safetensors(child_path(directory / HEADS_DIR, f"{name}.safetensors", "task head name"),
+        save_safetensors(child_path(directory / HEADS_DIR, name, "task head name", ".safetensors"),
                          head_state_dict(tensors), metadata={"format": "pt"})
 
 

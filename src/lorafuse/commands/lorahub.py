@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from lorafuse.evaluation import Evaluator, own_head
     from lorafuse.fusion.lorahub import LoraHubSettings, lorahub, save_lorahub
     from lorafuse.tasks import get_task, load_task_file
-    from lorafuse.validate import check_output_apart
+    from lorafuse.validate import check_apart
 
-    check_output_apart(args.output, [*args.adapters, *([args.head] if args.head else [])])  # an overwrite must never delete an input
+    check_apart(args.output, [*args.adapters, *([args.head] if args.head else [])], "-o")  # never delete an input
     check_output(args.output, args.overwrite)
     if args.task_file:
         load_task_file(args.task_file)

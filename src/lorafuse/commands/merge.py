@@ -170,13 +170,13 @@ def _base_name(args: argparse.Namespace, kwargs: dict[str, Any]) -> str | None:
 
 def _check_outputs(args: argparse.Namespace, kwargs: dict[str, Any]) -> list[str]:
     from lorafuse.atomic import check_output
-    from lorafuse.validate import check_output_apart
+    from lorafuse.validate import check_apart
 
     outputs = [args.output] + ([args.output_model] if args.output_model else [])
     if args.output_model:
-        check_output_apart(args.output_model, [args.output], "--output-model")
+        check_apart(args.output_model, [args.output], "--output-model")
     for flag, out in zip(("-o", "--output-model"), outputs):
-        check_output_apart(out, _inputs(args, kwargs), flag)
+        check_apart(out, _inputs(args, kwargs), flag)
         check_output(out, args.overwrite)
     return outputs
 

@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from lorafuse.fusion import loss_batches
     from lorafuse.fusion.router import Router, train_end_to_end, train_gate
     from lorafuse.tasks import load_task_file
-    from lorafuse.validate import check_output_apart
+    from lorafuse.validate import check_apart
 
-    check_output_apart(args.output, args.adapters)  # an overwrite must never delete an input
+    check_apart(args.output, args.adapters, "-o")  # an overwrite must never delete an input
     check_output(args.output, args.overwrite)
     if args.task_file:
         load_task_file(args.task_file)

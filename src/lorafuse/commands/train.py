@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.task or not args.output:
         raise ConfigError("give --task and --output (or --list-tasks)")
-    from lorafuse.validate import check_output_apart
+    from lorafuse.validate import check_apart
 
-    check_output_apart(args.output, [p for p in (args.data_dir, *args.task_file) if p])  # never over the data
+    check_apart(args.output, [p for p in (args.data_dir, *args.task_file) if p], "-o")  # never over the data
     if args.target_modules and len(args.target_modules) == 1:
         from lorafuse.validate import check_regex
 

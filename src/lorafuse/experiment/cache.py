@@ -16,7 +16,7 @@ from typing import Any
 
 from lorafuse import __version__
 from lorafuse.experiment.rundir import fsync_dir
-from lorafuse.inputs import check_inside
+from lorafuse.validate import check_inside
 
 
 def stable_hash(obj: Any) -> str:

@@ -2,7 +2,7 @@
 Validated with pydantic in strict mode: unknown fields, methods, spaces and tasks are named with the closest valid
 name; values are never coerced (`rank: 4.5`, `rank: true`, `gradient_checkpointing: "false"` are refused, not read
 as 4, 1 and True); numbers are finite; duplicate YAML keys are refused; names that become paths (the experiment's
-`name`, its tasks, method labels) contain no separator and no `..`."""
+`name`, its tasks, method labels) are plain names (lorafuse.validate.name_problem: the rule of adapter names)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafuse.errors import ConfigError, did_you_mean
-from lorafuse.experiment.validate import check_param_types, check_space, file_slug, load_yaml, name_problem
+from lorafuse.experiment.validate import check_space, file_slug
+from lorafuse.validate import check_param_types, load_yaml_file, name_problem
 
 
 class _Strict(BaseModel):
@@ -84,10 +85,10 @@ class MethodSpec(_Strict):
         spec = get_method(self.method)
         check_space(spec, self.space)
         where = f"method '{self.name}'"
-        check_param_types(spec, self.params, f"{where}: params")
+        check_param_types(spec, self.params, where, "params.{}")
         for key, values in self.search.items():
             for value in values:
-                check_param_types(spec, {key: value}, f"{where}: search")
+                check_param_types(spec, {key: value}, where, "search.{}")
         for point in self.grid():
             spec.parse_params({**self.params, **point})
         return self
@@ -208,11 +209,7 @@ def _describe(exc: ValidationError) -> str:
 def load_config(path: str | Path) -> ExperimentConfig:
     """A config file, or the name of a shipped one (e.g. `nli5-minilm`)."""
     path = resolve_config_path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config ({exc})") from None
-    raw = load_yaml(text, str(path))
+    raw = load_yaml_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping")
     return parse_config(raw, str(path))

@@ -9,6 +9,7 @@ removed by the next run."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -16,13 +17,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lorafuse import validate
 from lorafuse.errors import ConfigError
-from lorafuse.inputs import check_apart
 
 __all__ = ["MARKER", "check_apart", "experiment_inputs", "is_run_dir", "prepare", "remove_leftovers"]
 
 MARKER = ".lorafuse-run"
 RUN_ENTRIES = {"jobs", "adapters", "fused", "report", "router", MARKER}  # what a run directory holds
+# the run directory may neither hold an input nor lie inside one (lorafuse.validate.check_apart)
+check_apart = functools.partial(validate.check_apart, what="run directory")
 
 
 def is_run_dir(path: Path) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.experiment.cache import JobStore, adapter_key, stable_hash
 from lorafuse.experiment.config import ExperimentConfig, MethodSpec
-from lorafuse.inputs import check_inside
+from lorafuse.validate import check_inside
 
 STAGES = ("train", "reference", "fuse", "data-driven", "report")
 TRAIN_RECORD = "lorafuse_train.json"  # written last by lorafuse.training, inside the atomic output directory

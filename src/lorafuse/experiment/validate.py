@@ -1,64 +1,17 @@
-"""Checks an experiment makes before it trains anything: names that become paths, strict YAML, value types of
-method parameters, spaces, and every data split the selected stages will read.
+"""Checks an experiment makes before it trains anything: spaces, file names of methods, and every data split the
+selected stages will read (names, strict YAML and the types of method parameters are checked with lorafuse.validate).
 
 Why up front: a bad label in `test.jsonl`, an empty validation split or an unknown space used to surface only after
 every adapter had trained (minutes to hours), and a task called `../x` put files outside the run directory."""
 
 from __future__ import annotations
 
-import enum
-import math
-import types
-import typing
 from collections.abc import Sequence
 from typing import Any
 
 from lorafuse.errors import ConfigError
-from lorafuse.inputs import check_inside, check_name, load_yaml, name_problem
 
-__all__ = ["check_data", "check_experiment", "check_inside", "check_name", "check_param_types", "check_space",
-           "file_slug", "load_yaml", "name_problem", "splits_for"]
-
-# -- method parameters --------------------------------------------------------------------------------------------
-def check_param_types(method: Any, values: dict[str, Any], where: str) -> None:
-    """Each value has its parameter's type, without pydantic's lax coercion (`"false"` → False, `4.5` → 4,
-    `true` → 1); floats must be finite. `method` is a registry MergeMethod."""
-    fields = {**method.params.model_fields,
-              **{f.alias: f for f in method.params.model_fields.values() if f.alias}}
-    for key, value in values.items():
-        field = fields.get(key)
-        if field is not None and not _matches(value, field.annotation):
-            raise ConfigError(f"{where}.{key}: {value!r} is not {_describe_type(field.annotation)}")
-
-
-def _matches(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return isinstance(value, annotation) or value in {m.value for m in annotation}
-    if annotation is str:
-        return isinstance(value, str)
-    return True  # anything richer is left to the method's own model
-
-
-def _describe_type(annotation: Any) -> str:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_describe_type(a) for a in typing.get_args(annotation))
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in annotation)
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a finite number", str: "a string",
-            type(None): "null"}.get(annotation, str(annotation))
+__all__ = ["check_data", "check_experiment", "check_space", "file_slug", "splits_for"]
 
 
 def check_space(method: Any, space: str) -> None:

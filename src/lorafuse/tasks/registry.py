@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from lorafuse.errors import ConfigError, LorafuseError, did_you_mean
-from lorafuse.inputs import check_name, load_yaml
+from lorafuse.validate import check_name, load_yaml_file
 
 SPLITS = ("train", "validation", "test")
 
@@ -233,11 +233,7 @@ def load_task_file(path: str | Path) -> list[Task]:
     """Register the tasks of a user YAML, either one task (`name: x`, `labels: [...]`, `files:`/`hub:`,
     optional `fields:`) or a mapping of several (`x: {labels: [...], files: {...}}`)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read task file ({exc})") from None
-    raw = load_yaml(text, str(path))
+    raw = load_yaml_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a task (name, labels, files or hub) or a mapping name -> task")
     specs = {raw.pop("name"): raw} if "name" in raw else raw
