@@ -1,0 +1,286 @@
+"""Where the jobs of an experiment stage run: `LocalExecutor` (one after another in this process, the default)
+or `RayExecutor` (in parallel on a Ray cluster).
+
+The runner plans a stage on the driver (which jobs are already in the job store) and hands the missing ones to an
+executor. Every job runs through `ExperimentRunner.run_job`, which times it, isolates its failure and writes its
+result atomically to the job store, so a Ray run and a local run leave the same files and resume each other.
+
+The Ray executor follows mergekit-evolve's shape (an actor per GPU that merges and then evaluates): one
+`EvalWorker` actor per GPU, or per CPU slot on a CPU cluster, holds a copy of the runner whose evaluators keep the
+base model and the tokenized tasks loaded, so a search setting costs one merge and one evaluation on a worker. A
+job with `parts` (the settings of a coefficient search) is spread over the workers setting by setting, then
+finished on one (the best setting merged again, evaluated on test, saved). Jobs are handed out one per idle worker,
+so results come back in the order the stage listed them whatever order they finish in. A worker that dies (a
+killed process, a lost node) is restarted by Ray and its job run again (`max_retries`); a job whose retries are
+spent is recorded as failed, like any other failed job. All workers must see the run directory at the same path
+(a shared file system on a real cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from lorafuse.errors import ConfigError
+
+Call = tuple[str, tuple[Any, ...]]  # a runner method (or "module:function" taking the runner) and its arguments
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work of a stage. `call` names what computes its result; `record` holds fields every result
+    of it carries, failed or not; `parts`, when given, are independent pieces an executor may spread over its
+    workers (each `part` call returns a value), after which `finish` receives `args + (values, part_seconds)`.
+    An executor that does not split runs `call` alone, which does the whole job."""
+
+    job_id: str
+    stage: str
+    label: str
+    call: str
+    args: tuple[Any, ...] = ()
+    record: dict[str, Any] = field(default_factory=dict)
+    executed_as: str = ""
+    parts: tuple[Call, ...] = ()
+    finish: str | None = None
+
+    @property
+    def trace_name(self) -> str:
+        return self.executed_as or self.job_id
+
+
+class Executor(Protocol):
+    def run_jobs(self, runner: Any, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """Run `jobs` (none of them finished) and return their results in the same order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """The jobs one after another in the runner's own process (today's behaviour, and the default)."""
+
+    def run_jobs(self, runner: Any, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        results = []
+        for job in jobs:
+            runner.job_started(job)
+            results.append(runner.run_job(job))
+            runner.job_finished(job)
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(settings: Any) -> Executor:
+    """The executor an `executor:` config section (lorafuse.experiment.config.ExecutorSettings) asks for."""
+    if settings.kind == "local":
+        return LocalExecutor()
+    if settings.kind == "ray":
+        return RayExecutor(address=settings.address, workers=settings.workers,
+                           cpus_per_worker=settings.cpus_per_worker, gpus_per_worker=settings.gpus_per_worker,
+                           max_retries=settings.max_retries)
+    raise ConfigError(f"executor.kind: unknown executor '{settings.kind}' (local, ray)")
+
+
+def resolve_call(runner: Any, name: str) -> Callable[..., Any]:
+    """A runner method by name, or `module:function` called with the runner first."""
+    if ":" not in name:
+        return getattr(runner, name)
+    import functools
+    import importlib
+
+    module, function = name.split(":", 1)
+    return functools.partial(getattr(importlib.import_module(module), function), runner)
+
+
+def run_part(runner: Any, part: Call) -> dict[str, Any]:
+    """One piece of a split job; its failure is returned (the job that owns it is then recorded as failed)."""
+    start = time.perf_counter()
+    try:
+        out = {"ok": True, "value": resolve_call(runner, part[0])(*part[1])}
+    except Exception as exc:
+        out = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
+    return {**out, "seconds": time.perf_counter() - start}
+
+
+# -- Ray ----------------------------------------------------------------------------------------------------
+def portable_config(config: Any) -> Any:
+    """The config with its local paths (data_dir, task_file, a model directory) made absolute, so that workers
+    started in another directory read the same files. Job keys do not depend on these paths."""
+    update = {}
+    for name in ("data_dir", "task_file", "model"):
+        value = getattr(config, name)
+        if value and Path(value).exists():
+            update[name] = str(Path(value).resolve())
+    return config.model_copy(update=update)
+
+
+class EvalWorker:
+    """The body of a Ray actor: a copy of the experiment runner on one worker slot. Its evaluators load the
+    model and tokenize each split once, on the first job that needs them, and keep them for every later job."""
+
+    def __init__(self, config: Any, out: str, cache_dir: str | None, stages: Sequence[str],
+                 trainer: Callable[..., Path] | None, threads: int) -> None:
+        import torch
+
+        from lorafuse.experiment.runner import ExperimentRunner
+
+        torch.set_num_threads(max(1, threads))
+        config.check_tasks()  # registers the tasks of a task file in this process
+        self.runner = ExperimentRunner(config, out, progress=False, cache_dir=cache_dir, stages=stages,
+                                       trainer=trainer)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _sync(self, state: dict[str, Any]) -> None:
+        adapters = {t: Path(p) for t, p in state["adapters"].items()}
+        if adapters != self.runner.state.adapters:
+            self.runner.state.adapters, self.runner._heads = adapters, None
+        self.runner.state.reference = state["reference"]
+
+    def run_job(self, job: Job, state: dict[str, Any], parts: list[dict[str, Any]] | None = None) -> dict:
+        self._sync(state)
+        return self.runner.run_job(job, parts=parts)
+
+    def run_part(self, part: Call, state: dict[str, Any]) -> dict[str, Any]:
+        self._sync(state)
+        return run_part(self.runner, part)
+
+
+@dataclass
+class _Pending:
+    """A job in flight: either a whole job, or one of a split job's parts (index `part`)."""
+
+    index: int
+    part: int | None = None
+
+
+class RayExecutor:
+    """The jobs of a stage in parallel on a Ray cluster: `address` is `auto` or HOST:PORT of a running cluster
+    (`ray start --head`); without one a local Ray instance is started on this machine. Ray is imported, and the
+    workers started, only when a stage has work to do."""
+
+    def __init__(self, address: str | None = None, workers: int | None = None, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float | None = None, max_retries: int = 2,
+                 init_kwargs: dict[str, Any] | None = None) -> None:
+        self.address, self.workers, self.cpus, self.gpus = address, workers, cpus_per_worker, gpus_per_worker
+        self.max_retries, self.init_kwargs = max_retries, dict(init_kwargs or {})
+        self._actors: list[Any] = []
+        self._started_ray = False
+
+    # -- workers ---------------------------------------------------------------------------------------------
+    def _ray(self) -> Any:
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("executor ray: Ray is not installed (pip install 'lorafuse[distributed]')") from None
+        return ray
+
+    def start(self, runner: Any) -> list[Any]:
+        """Connect to (or start) the cluster and create the workers, once."""
+        if self._actors:
+            return self._actors
+        ray = self._ray()
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "log_to_driver": False, **self.init_kwargs}
+            ray.init(address=self.address, **kwargs)
+            self._started_ray = True
+        resources = ray.cluster_resources()
+        gpus = self.gpus if self.gpus is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+        count = self.workers or max(1, int(resources.get("GPU", 0) // gpus if gpus else
+                                           resources.get("CPU", 1) // self.cpus))
+        actor = ray.remote(num_cpus=self.cpus, num_gpus=gpus, max_restarts=self.max_retries,
+                           max_task_retries=self.max_retries)(EvalWorker)
+        config = portable_config(runner.config)
+        cache_dir = str(runner.adapter_root.parent.resolve())
+        self._actors = [actor.remote(config, str(runner.out.resolve()), cache_dir, runner.stages, runner._trainer,
+                                     int(max(1, self.cpus))) for _ in range(count)]
+        return self._actors
+
+    def pids(self) -> list[int]:
+        """The process id of each worker (for tests and monitoring)."""
+        ray = self._ray()
+        return ray.get([a.pid.remote() for a in self._actors])
+
+    def close(self) -> None:
+        if not self._actors:
+            return
+        ray = self._ray()
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    # -- scheduling --------------------------------------------------------------------------------------------
+    def run_jobs(self, runner: Any, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        if not jobs:
+            return []
+        ray = self._ray()
+        actors = list(self.start(runner))
+        state = {"adapters": {t: str(p) for t, p in runner.state.adapters.items()},
+                 "reference": runner.state.reference}
+        results: list[dict[str, Any] | None] = [None] * len(jobs)
+        parts: dict[int, list[dict[str, Any] | None]] = {i: [None] * len(j.parts) for i, j in enumerate(jobs)
+                                                         if j.parts and j.finish}
+        queue: list[_Pending] = []
+        for i, job in enumerate(jobs):
+            queue += [_Pending(i, k) for k in range(len(job.parts))] if i in parts else [_Pending(i)]
+        in_flight: dict[Any, tuple[_Pending, Any]] = {}
+        idle = list(actors)
+        while queue or in_flight:
+            while queue and idle:
+                item, actor = queue.pop(0), idle.pop(0)
+                job = jobs[item.index]
+                if item.part is not None:
+                    ref = actor.run_part.remote(job.parts[item.part], state)
+                elif item.index in parts:  # every part is back: finish the job on this worker
+                    ref = actor.run_job.remote(_finishing(job), state, parts[item.index])
+                else:
+                    runner.job_started(job)
+                    ref = actor.run_job.remote(job, state)
+                in_flight[ref] = (item, actor)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            item, actor = in_flight.pop(done[0])
+            job = jobs[item.index]
+            try:
+                value = ray.get(done[0])
+                idle.append(actor)
+            except ray.exceptions.RayActorError as exc:  # its retries are spent: the worker is gone for good
+                value = _lost(runner, job, item, exc)
+                if not idle and not in_flight:
+                    if queue:
+                        raise _all_workers_lost(exc) from None
+            if item.part is not None:
+                parts[item.index][item.part] = value
+                if all(p is not None for p in parts[item.index]):
+                    queue.insert(0, _Pending(item.index))
+                continue
+            results[item.index] = value
+            runner.job_finished(job)
+        return [r for r in results if r is not None]
+
+
+def _finishing(job: Job) -> Job:
+    """The job whose call is its `finish` step (receives the parts' values)."""
+    return replace(job, call=job.finish or job.call, parts=(), finish=None)
+
+
+def _lost(runner: Any, job: Job, item: _Pending, exc: Exception) -> dict[str, Any]:
+    error = f"WorkerDied: the worker running this job died {1 + 0} time(s) more than its retries allow ({exc})"
+    if item.part is not None:
+        return {"ok": False, "error": error, "traceback": "", "seconds": 0.0}
+    return runner.record_failure(job, error, "", 0.0)
+
+
+def _all_workers_lost(exc: Exception) -> Exception:
+    from lorafuse.experiment.runner import ExperimentError
+
+    return ExperimentError(f"every Ray worker died and none could be restarted ({exc})")
