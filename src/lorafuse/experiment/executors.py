@@ -221,51 +221,58 @@ class RayExecutor:
 
     # -- scheduling --------------------------------------------------------------------------------------------
     def run_jobs(self, runner: Any, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """One job (or one setting of a split job) per idle worker; a split job is finished once its last
+        setting is back, ahead of the jobs still waiting."""
         if not jobs:
             return []
         ray = self._ray()
-        actors = list(self.start(runner))
+        idle = list(self.start(runner))
         state = {"adapters": {t: str(p) for t, p in runner.state.adapters.items()},
                  "reference": runner.state.reference}
         results: list[dict[str, Any] | None] = [None] * len(jobs)
-        parts: dict[int, list[dict[str, Any] | None]] = {i: [None] * len(j.parts) for i, j in enumerate(jobs)
-                                                         if j.parts and j.finish}
-        queue: list[_Pending] = []
-        for i, job in enumerate(jobs):
-            queue += [_Pending(i, k) for k in range(len(job.parts))] if i in parts else [_Pending(i)]
+        split = {i: [None] * len(job.parts) for i, job in enumerate(jobs) if job.parts and job.finish}
+        queue = [_Pending(i, k) for i, job in enumerate(jobs) for k in (range(len(job.parts)) if i in split
+                                                                        else [None])]
+        started: set[int] = set()
         in_flight: dict[Any, tuple[_Pending, Any]] = {}
-        idle = list(actors)
         while queue or in_flight:
+            if not idle and not in_flight:
+                raise _all_workers_lost()
             while queue and idle:
                 item, actor = queue.pop(0), idle.pop(0)
                 job = jobs[item.index]
+                if item.index not in started:
+                    started.add(item.index)
+                    runner.job_started(job)
                 if item.part is not None:
                     ref = actor.run_part.remote(job.parts[item.part], state)
-                elif item.index in parts:  # every part is back: finish the job on this worker
-                    ref = actor.run_job.remote(_finishing(job), state, parts[item.index])
-                else:
-                    runner.job_started(job)
-                    ref = actor.run_job.remote(job, state)
+                else:  # a whole job, or a split one whose settings are all back
+                    ref = actor.run_job.remote(_finishing(job) if item.index in split else job, state,
+                                               split.get(item.index))
                 in_flight[ref] = (item, actor)
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            item, actor = in_flight.pop(done[0])
-            job = jobs[item.index]
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            item, actor = in_flight.pop(ref)
             try:
-                value = ray.get(done[0])
+                value = ray.get(ref)
                 idle.append(actor)
-            except ray.exceptions.RayActorError as exc:  # its retries are spent: the worker is gone for good
-                value = _lost(runner, job, item, exc)
-                if not idle and not in_flight:
-                    if queue:
-                        raise _all_workers_lost(exc) from None
-            if item.part is not None:
-                parts[item.index][item.part] = value
-                if all(p is not None for p in parts[item.index]):
-                    queue.insert(0, _Pending(item.index))
+            except ray.exceptions.RayActorError as exc:  # restarts spent: this worker is gone for good
+                value = self._lost(runner, jobs[item.index], item, exc)
+            if item.part is None:
+                results[item.index] = value
+                runner.job_finished(jobs[item.index])
                 continue
-            results[item.index] = value
-            runner.job_finished(job)
+            parts = split[item.index]
+            parts[item.part] = value
+            if all(p is not None for p in parts):
+                queue.insert(0, _Pending(item.index))
         return [r for r in results if r is not None]
+
+    def _lost(self, runner: Any, job: Job, item: _Pending, exc: Exception) -> dict[str, Any]:
+        error = (f"WorkerDied: the worker running this job died and was restarted {self.max_retries} time(s) "
+                 f"({type(exc).__name__})")
+        if item.part is not None:
+            return {"ok": False, "error": error, "traceback": "", "seconds": 0.0}
+        return runner.record_failure(job, error, "", 0.0)
 
 
 def _finishing(job: Job) -> Job:
@@ -273,14 +280,7 @@ def _finishing(job: Job) -> Job:
     return replace(job, call=job.finish or job.call, parts=(), finish=None)
 
 
-def _lost(runner: Any, job: Job, item: _Pending, exc: Exception) -> dict[str, Any]:
-    error = f"WorkerDied: the worker running this job died {1 + 0} time(s) more than its retries allow ({exc})"
-    if item.part is not None:
-        return {"ok": False, "error": error, "traceback": "", "seconds": 0.0}
-    return runner.record_failure(job, error, "", 0.0)
-
-
-def _all_workers_lost(exc: Exception) -> Exception:
+def _all_workers_lost() -> Exception:
     from lorafuse.experiment.runner import ExperimentError
 
-    return ExperimentError(f"every Ray worker died and none could be restarted ({exc})")
+    return ExperimentError("every Ray worker died and none could be restarted (see the Ray logs)")
