@@ -1,0 +1,92 @@
+"""The demo's wall time with the local executor against the Ray executor with 2 workers, on this machine.
+
+    .venv/bin/python benchmarks/executor_bench.py [--workers 2] [--config demo]
+
+Each executor runs `lorafuse demo --fresh` in a child process (one torch thread per process, its own run
+directory and adapter cache under benchmarks/work/executors/, so both train all four adapters), timed from the
+command's start to its end: Ray's start-up and the workers' model loading are included. The script records the
+1-minute load average before and after each run (the machine is shared) and checks that the two results.json
+agree once times, paths and the machine are left out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / "work" / "executors"
+VOLATILE = {"seconds", "search_seconds", "train_seconds", "stage_seconds", "stage_compute_seconds", "machine",
+            "fused_dir", "adapter", "created", "timestamp", "date"}
+
+
+def comparable(obj):
+    if isinstance(obj, dict):
+        return {k: {t: Path(d).name for t, d in v.items()} if k == "adapters" else comparable(v)
+                for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [comparable(v) for v in obj]
+    return obj
+
+
+def run_demo(config: str, executor: str, workers: int) -> dict:
+    out = WORK / executor
+    cmd = [sys.executable, "-m", "lorafuse", "demo", "--config", config, "--fresh", "--quiet", "--threads", "1",
+           "--output", str(out), "--executor", executor]
+    if executor == "ray":
+        cmd += ["--workers", str(workers)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{executor}: exit {done.returncode}\n{done.stderr[-3000:]}")
+    results = json.loads((out / "report" / "results.json").read_text())
+    return {"executor": executor, "workers": workers if executor == "ray" else 1, "wall_seconds": round(wall, 1),
+            "stage_seconds": results["stage_seconds"], "compute_seconds": results["stage_compute_seconds"],
+            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2), "results": results}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--config", default="demo")
+    args = p.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    ray = run_demo(args.config, "ray", args.workers)  # first: a failure shows before the long local run
+    local = run_demo(args.config, "local", 1)
+    runs = [local, ray]
+    same = comparable(local["results"]) == comparable(ray["results"])
+    machine = local["results"]["machine"]
+    for r in runs:
+        del r["results"]
+    summary = {"config": args.config, "machine": machine, "runs": runs, "speedup": round(
+        local["wall_seconds"] / ray["wall_seconds"], 2), "results_equal": same,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results_dir = ROOT / "benchmarks" / "results"
+    (results_dir / "executor_bench.json").write_text(json.dumps(summary, indent=2) + "\n")
+    rows = [f"| {r['executor']} | {r['workers']} | {r['wall_seconds']} | "
+            + " | ".join(str(r["stage_seconds"].get(s, "")) for s in ("train", "reference", "fuse", "report"))
+            + f" | {r['load_before']} → {r['load_after']} |" for r in runs]
+    (results_dir / "executor_bench.md").write_text("\n".join([
+        f"# `lorafuse demo`: local executor against Ray with {args.workers} workers", "",
+        f"{summary['date']}; {machine.get('cpu', '')}, {machine.get('cores', '')} cores; one torch thread per "
+        "process; each run from scratch (trains its 4 adapters). Wall time of the whole command (Ray's start-up "
+        "and the workers' model loading included); one run each, on a machine shared with other jobs (load "
+        "average: 1-minute, before → after).", "",
+        "| executor | workers | wall s | train s | reference s | fuse s | report s | load |",
+        "|---|---|---|---|---|---|---|---|", *rows, "",
+        f"Speed-up of Ray over local: {summary['speedup']}×. results.json equal (times, paths and machine left "
+        f"out): {'yes' if same else 'NO'}.", ""]))
+    print((results_dir / "executor_bench.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
