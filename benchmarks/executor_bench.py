@@ -20,8 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "executors"
+# what legitimately differs: times, paths, the machine, and the config's executor section itself
 VOLATILE = {"seconds", "search_seconds", "train_seconds", "stage_seconds", "stage_compute_seconds", "machine",
-            "fused_dir", "adapter", "created", "timestamp", "date"}
+            "fused_dir", "adapter", "created", "timestamp", "date", "executor"}
 
 
 def comparable(obj):
@@ -73,7 +74,8 @@ def main() -> None:
     results_dir = ROOT / "benchmarks" / "results"
     (results_dir / "executor_bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     rows = [f"| {r['executor']} | {r['workers']} | {r['wall_seconds']} | "
-            + " | ".join(str(r["stage_seconds"].get(s, "")) for s in ("train", "reference", "fuse", "report"))
+            + " | ".join(f"{r['stage_seconds'].get(s, 0):.0f} ({r['compute_seconds'].get(s, 0):.0f})"
+                         for s in ("train", "reference", "fuse"))
             + f" | {r['load_before']} → {r['load_after']} |" for r in runs]
     (results_dir / "executor_bench.md").write_text("\n".join([
         f"# `lorafuse demo`: local executor against Ray with {args.workers} workers", "",
@@ -81,8 +83,9 @@ def main() -> None:
         "process; each run from scratch (trains its 4 adapters). Wall time of the whole command (Ray's start-up "
         "and the workers' model loading included); one run each, on a machine shared with other jobs (load "
         "average: 1-minute, before → after).", "",
-        "| executor | workers | wall s | train s | reference s | fuse s | report s | load |",
-        "|---|---|---|---|---|---|---|---|", *rows, "",
+        "Per stage: wall seconds (and the sum of its jobs' seconds, the compute spread over the workers).", "",
+        "| executor | workers | wall s | train s | reference s | fuse s | load |",
+        "|---|---|---|---|---|---|---|", *rows, "",
         f"Speed-up of Ray over local: {summary['speedup']}×. results.json equal (times, paths and machine left "
         f"out): {'yes' if same else 'NO'}.", ""]))
     print((results_dir / "executor_bench.md").read_text())

@@ -142,6 +142,31 @@ def test_a_killed_worker_has_its_job_rerun(setup, cluster, tmp_path):
     assert record["status"] == "ok" and record["train_steps"] > 0
 
 
+def test_a_job_whose_worker_always_dies_is_recorded_as_failed(setup, cluster, tmp_path):
+    """Retries spent: the job is a failed job like any other (the other task still trains), and the run stops
+    at the end of the train stage, as it does when a training fails."""
+    from lorafuse.experiment.runner import ExperimentError
+
+    root, raw = setup
+
+    def always_dies(cfg):
+        import lorafuse.training
+
+        if cfg.task == "xb":
+            os.kill(os.getpid(), 9)
+        return lorafuse.training.train_adapter(cfg)
+
+    fresh = {**raw, "train": {**raw["train"], "seed": 4}}
+    executor = RayExecutor(workers=2, max_retries=0)
+    try:
+        with pytest.raises(ExperimentError, match="xb: WorkerDied"):
+            run(fresh, tmp_path / "run", executor, trainer=always_dies, stages=["train"])
+    finally:
+        executor.close()
+    records = {p.name.split("-")[1]: json.loads(p.read_text()) for p in (tmp_path / "run" / "jobs").glob("*.json")}
+    assert records["xa"]["status"] == "ok" and records["xb"]["status"] == "failed"
+
+
 def tpe_config(raw: dict) -> dict:
     return {**raw, "methods": [{"method": "ties", "search": {"lambda": [0.5, 1.0], "density": [0.2, 0.5, 1.0]},
                                 "samples": 4, "sampler": "tpe"}]}
