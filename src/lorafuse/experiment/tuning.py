@@ -12,6 +12,7 @@ sequentially is reproducible; one run by several workers depends on the order in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -19,9 +20,14 @@ STUDY_FILE = "optuna.db"
 
 
 def _storage(runner: Any) -> Any:
+    return _open_storage(f"sqlite:///{(runner.out / STUDY_FILE).resolve()}")
+
+
+@functools.lru_cache(maxsize=8)
+def _open_storage(url: str) -> Any:
+    """One storage (engine, schema check) per process and file, reused by every trial a worker runs."""
     import optuna
 
-    url = f"sqlite:///{(runner.out / STUDY_FILE).resolve()}"
     # a busy SQLite file waits instead of failing while another worker writes
     return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
 
