@@ -36,6 +36,14 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
+def executor(cluster):
+    """Two workers kept for the module: each run reuses them (and their loaded models, for the same config)."""
+    ray_executor = RayExecutor(workers=2)
+    yield ray_executor
+    ray_executor.close()
+
+
+@pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("executors")
     model = tiny_bert(root / "bert")
@@ -76,15 +84,11 @@ def local_run(setup):
     return run(raw, root / "local", LocalExecutor(), cache_dir=root / "cache-local")
 
 
-def test_ray_run_equals_local_run(setup, local_run, cluster):
+def test_ray_run_equals_local_run(setup, local_run, executor):
     root, raw = setup
     _, local = local_run
-    executor = RayExecutor(workers=2)
-    try:
-        runner, distributed = run(raw, root / "ray", executor, cache_dir=root / "cache-ray")
-        assert len(set(executor.pids())) == 2 and os.getpid() not in executor.pids()
-    finally:
-        executor.close()
+    runner, distributed = run(raw, root / "ray", executor, cache_dir=root / "cache-ray")
+    assert len(set(executor.pids())) == 2 and os.getpid() not in executor.pids()
     assert all(j["status"] == "ok" for j in distributed["jobs"]), [j.get("error") for j in distributed["jobs"]]
     assert runner._evaluators == {}  # the driver loaded no model: the workers trained, merged and evaluated
     assert comparable(distributed) == comparable(local)
@@ -95,16 +99,12 @@ def test_ray_run_equals_local_run(setup, local_run, cluster):
     assert comparable(saved) == comparable(json.loads((root / "local" / "report" / "results.json").read_text()))
 
 
-def test_local_and_ray_runs_resume_each_other(setup, local_run, cluster):
+def test_local_and_ray_runs_resume_each_other(setup, local_run, executor):
     root, raw = setup
     out = root / "resumed"
     first, _ = run(raw, out, LocalExecutor(), cache_dir=root / "cache-local", stages=["train", "reference"])
     assert [j.split("-")[0] for j in first.state.executed] == ["individual", "base"]  # adapters were cached
-    executor = RayExecutor(workers=2)
-    try:
-        second, results = run(raw, out, executor, cache_dir=root / "cache-local")
-    finally:
-        executor.close()
+    second, results = run(raw, out, executor, cache_dir=root / "cache-local")
     assert [j.rsplit("-", 1)[0] for j in second.state.executed] == ["fuse-average", "fuse-task_arithmetic",
                                                                       "fuse-ties-knots"]
     third, again = run(raw, out, LocalExecutor(), cache_dir=root / "cache-local")
@@ -112,67 +112,12 @@ def test_local_and_ray_runs_resume_each_other(setup, local_run, cluster):
     assert comparable(results["jobs"]) == comparable(local_run[1]["jobs"])  # training here reused the adapters
 
 
-def test_a_killed_worker_has_its_job_rerun(setup, cluster, tmp_path):
-    """The worker training task xa dies (SIGKILL, as the OOM killer does) on the first attempt; Ray restarts
-    it and runs the job again, and the run goes on as if nothing had happened."""
-    root, raw = setup
-    attempts = tmp_path / "attempts"
-
-    def dies_once(cfg):
-        import lorafuse.training
-
-        if cfg.task == "xa":
-            with open(attempts, "a") as fh:
-                fh.write(f"{os.getpid()}\n")
-            if len(Path(attempts).read_text().split()) == 1:
-                os.kill(os.getpid(), 9)
-        return lorafuse.training.train_adapter(cfg)
-
-    fresh = {**raw, "train": {**raw["train"], "seed": 3}}
-    executor = RayExecutor(workers=2, max_retries=1)
-    try:
-        runner, _ = run(fresh, tmp_path / "run", executor, trainer=dies_once, stages=["train"])
-    finally:
-        executor.close()
-    pids = attempts.read_text().split()
-    assert len(pids) == 2 and pids[0] != pids[1]  # the second attempt ran in the restarted worker
-    assert [r["status"] for r in runner.state.training] == ["ok", "ok"]
-    assert runner.state.executed == ["train:xa", "train:xb"]
-    record = json.loads(next((tmp_path / "run" / "jobs").glob("train-xa-*.json")).read_text())
-    assert record["status"] == "ok" and record["train_steps"] > 0
-
-
-def test_a_job_whose_worker_always_dies_is_recorded_as_failed(setup, cluster, tmp_path):
-    """Retries spent: the job is a failed job like any other (the other task still trains), and the run stops
-    at the end of the train stage, as it does when a training fails."""
-    from lorafuse.experiment.runner import ExperimentError
-
-    root, raw = setup
-
-    def always_dies(cfg):
-        import lorafuse.training
-
-        if cfg.task == "xb":
-            os.kill(os.getpid(), 9)
-        return lorafuse.training.train_adapter(cfg)
-
-    fresh = {**raw, "train": {**raw["train"], "seed": 4}}
-    executor = RayExecutor(workers=2, max_retries=0)
-    try:
-        with pytest.raises(ExperimentError, match="xb: WorkerDied"):
-            run(fresh, tmp_path / "run", executor, trainer=always_dies, stages=["train"])
-    finally:
-        executor.close()
-    records = {p.name.split("-")[1]: json.loads(p.read_text()) for p in (tmp_path / "run" / "jobs").glob("*.json")}
-    assert records["xa"]["status"] == "ok" and records["xb"]["status"] == "failed"
-
-
 def tpe_config(raw: dict) -> dict:
     return {**raw, "methods": [{"method": "ties", "search": {"lambda": [0.5, 1.0], "density": [0.2, 0.5, 1.0]},
                                 "samples": 4, "sampler": "tpe"}]}
 
 
-def test_tpe_search_keeps_its_study_in_the_run_directory(setup, local_run, cluster):
+def test_tpe_search_keeps_its_study_in_the_run_directory(setup, local_run, executor):
     """4 TPE trials spread over 2 workers, all in one SQLite study; a local rerun of the interrupted job resumes
     from that study and runs no trial again."""
     import optuna
@@ -181,11 +126,7 @@ def test_tpe_search_keeps_its_study_in_the_run_directory(setup, local_run, clust
     cfg = tpe_config(raw)
     spec = parse_config(cfg, "t").methods[0]
     out = root / "tpe"
-    executor = RayExecutor(workers=2)
-    try:
-        runner, results = run(cfg, out, executor, cache_dir=root / "cache-local")
-    finally:
-        executor.close()
+    runner, results = run(cfg, out, executor, cache_dir=root / "cache-local")
     job = results["jobs"][-1]
     assert job["status"] == "ok", job.get("error")
     assert job["settings_tried"] == 4 and all(s["params"] in spec.grid() for s in job["sweep"])
@@ -199,3 +140,40 @@ def test_tpe_search_keeps_its_study_in_the_run_directory(setup, local_run, clust
     runner, again = run(cfg, out, LocalExecutor(), cache_dir=root / "cache-local")
     assert len(study.trials) == 4 and runner.state.executed == [job["job_id"]]
     assert comparable(again["jobs"][-1]) == comparable(job)
+
+
+def test_a_killed_worker_has_its_job_rerun(setup, executor, tmp_path):
+    """The worker training task xa dies (SIGKILL, as the OOM killer does) on its first attempt: Ray restarts it
+    and runs the job again. The worker training xb dies on every attempt: once its retries are spent the job is
+    recorded as failed like any other, xa still trains, and the run stops after the train stage, as it does when
+    a training fails."""
+    from lorafuse.experiment.runner import ExperimentError
+
+    root, raw = setup
+
+    def dies(cfg):
+        import lorafuse.training
+
+        log = tmp_path / f"attempts-{cfg.task}"
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        if cfg.task == "xb" or len(log.read_text().split()) == 1:
+            os.kill(os.getpid(), 9)
+        return lorafuse.training.train_adapter(cfg)
+
+    fresh = {**raw, "train": {**raw["train"], "seed": 3}}
+    executor.close()  # frees the cluster's 2 CPU slots (the module's executor starts its workers again if asked)
+    dying = RayExecutor(workers=2, max_retries=1)
+    try:
+        with pytest.raises(ExperimentError, match="xb: WorkerDied"):
+            run(fresh, tmp_path / "run", dying, trainer=dies, stages=["train"])
+        assert len(dying._actors) == 1  # the worker that died for good is not handed later jobs
+    finally:
+        dying.close()
+    for task in ("xa", "xb"):
+        pids = (tmp_path / f"attempts-{task}").read_text().split()
+        assert len(pids) == 2 and pids[0] != pids[1]  # the second attempt ran in the restarted worker
+    records = {p.name.split("-")[1]: json.loads(p.read_text()) for p in (tmp_path / "run" / "jobs").glob("*.json")}
+    assert records["xa"]["status"] == "ok" and records["xa"]["train_steps"] > 0
+    assert records["xb"]["status"] == "failed" and "WorkerDied" in records["xb"]["error"]
+    assert (Path(records["xa"]["adapter"]) / "adapter_model.safetensors").is_file()

@@ -120,37 +120,54 @@ def portable_config(config: Any) -> Any:
     return config.model_copy(update=update)
 
 
+@dataclass(frozen=True)
+class Target:
+    """The run a worker works for: enough to rebuild the runner there. Every call carries it (through Ray's
+    object store, once per stage), so a restarted worker, or one kept from an earlier run, knows its run."""
+
+    run_id: str
+    config: Any
+    out: str
+    cache_dir: str
+    stages: tuple[str, ...]
+    trainer: Callable[..., Path] | None
+    state: dict[str, Any]  # the adapters and reference accuracies of the stages before
+
+
 class EvalWorker:
     """The body of a Ray actor: a copy of the experiment runner on one worker slot. Its evaluators load the
-    model and tokenize each split once, on the first job that needs them, and keep them for every later job."""
+    model and tokenize each split once, on the first job that needs them, and keep them for every later job
+    of the same run."""
 
-    def __init__(self, config: Any, out: str, cache_dir: str | None, stages: Sequence[str],
-                 trainer: Callable[..., Path] | None, threads: int) -> None:
+    def __init__(self, threads: int) -> None:
         import torch
 
-        from lorafuse.experiment.runner import ExperimentRunner
-
         torch.set_num_threads(max(1, threads))
-        config.check_tasks()  # registers the tasks of a task file in this process
-        self.runner = ExperimentRunner(config, out, progress=False, cache_dir=cache_dir, stages=stages,
-                                       trainer=trainer)
+        self.run_id: str | None = None
+        self.runner: Any = None
 
     def pid(self) -> int:
         return os.getpid()
 
-    def _sync(self, state: dict[str, Any]) -> None:
-        adapters = {t: Path(p) for t, p in state["adapters"].items()}
+    def _runner(self, target: Target) -> Any:
+        if target.run_id != self.run_id:
+            from lorafuse.experiment.runner import ExperimentRunner
+
+            target.config.check_tasks()  # registers the tasks of a task file in this process
+            self.runner = ExperimentRunner(target.config, target.out, progress=False, cache_dir=target.cache_dir,
+                                           stages=target.stages, trainer=target.trainer)
+            self.run_id = target.run_id
+        adapters = {t: Path(p) for t, p in target.state["adapters"].items()}
         if adapters != self.runner.state.adapters:
             self.runner.state.adapters, self.runner._heads = adapters, None
-        self.runner.state.reference = state["reference"]
+        self.runner.state.reference = target.state["reference"]
+        return self.runner
 
-    def run_job(self, job: Job, state: dict[str, Any], parts: list[dict[str, Any]] | None = None) -> dict:
-        self._sync(state)
-        return self.runner.run_job(job, parts=parts)
+    def run_job(self, target: Target, job: Job, parts: list[dict[str, Any]] | None = None) -> dict:
+        return self._runner(target).run_job(job, parts=parts)
 
-    def run_part(self, part: Call, state: dict[str, Any]) -> dict[str, Any]:
-        self._sync(state)
-        return run_part(self.runner, part)
+    def run_part(self, target: Target, part: Call) -> dict[str, Any]:
+        return run_part(self._runner(target), part)
 
 
 @dataclass
@@ -164,7 +181,8 @@ class _Pending:
 class RayExecutor:
     """The jobs of a stage in parallel on a Ray cluster: `address` is `auto` or HOST:PORT of a running cluster
     (`ray start --head`); without one a local Ray instance is started on this machine. Ray is imported, and the
-    workers started, only when a stage has work to do."""
+    workers started, only when a stage has work to do. The workers are kept until `close()`, so an executor
+    passed to several runners serves them all without starting its workers again."""
 
     def __init__(self, address: str | None = None, workers: int | None = None, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float | None = None, max_retries: int = 2,
@@ -182,7 +200,7 @@ class RayExecutor:
             raise ConfigError("executor ray: Ray is not installed (pip install 'lorafuse[distributed]')") from None
         return ray
 
-    def start(self, runner: Any) -> list[Any]:
+    def start(self) -> list[Any]:
         """Connect to (or start) the cluster and create the workers, once."""
         if self._actors:
             return self._actors
@@ -197,11 +215,20 @@ class RayExecutor:
                                            resources.get("CPU", 1) // self.cpus))
         actor = ray.remote(num_cpus=self.cpus, num_gpus=gpus, max_restarts=self.max_retries,
                            max_task_retries=self.max_retries)(EvalWorker)
-        config = portable_config(runner.config)
-        cache_dir = str(runner.adapter_root.parent.resolve())
-        self._actors = [actor.remote(config, str(runner.out.resolve()), cache_dir, runner.stages, runner._trainer,
-                                     int(max(1, self.cpus))) for _ in range(count)]
+        self._actors = [actor.remote(int(max(1, self.cpus))) for _ in range(count)]
         return self._actors
+
+    @staticmethod
+    def target(runner: Any) -> Target:
+        """What a worker needs to act for `runner`, at the current stage."""
+        state = {"adapters": {t: str(p) for t, p in runner.state.adapters.items()},
+                 "reference": runner.state.reference}
+        from lorafuse.experiment.cache import stable_hash
+
+        config, out, cache = portable_config(runner.config), runner.out.resolve(), runner.adapter_root.parent.resolve()
+        # a worker's loaded evaluators stay valid while these are the same (the trainer: the same object here)
+        run_id = stable_hash([config.model_dump(), str(out), str(cache), runner.stages, id(runner._trainer)])
+        return Target(run_id, config, str(out), str(cache), tuple(runner.stages), runner._trainer, state)
 
     def pids(self) -> list[int]:
         """The process id of each worker (for tests and monitoring)."""
@@ -226,9 +253,8 @@ class RayExecutor:
         if not jobs:
             return []
         ray = self._ray()
-        idle = list(self.start(runner))
-        state = {"adapters": {t: str(p) for t, p in runner.state.adapters.items()},
-                 "reference": runner.state.reference}
+        idle = list(self.start())
+        target = ray.put(self.target(runner))
         results: list[dict[str, Any] | None] = [None] * len(jobs)
         split = {i: [None] * len(job.parts) for i, job in enumerate(jobs) if job.parts and job.finish}
         queue = [_Pending(i, k) for i, job in enumerate(jobs) for k in (range(len(job.parts)) if i in split
@@ -245,9 +271,9 @@ class RayExecutor:
                     started.add(item.index)
                     runner.job_started(job)
                 if item.part is not None:
-                    ref = actor.run_part.remote(job.parts[item.part], state)
+                    ref = actor.run_part.remote(target, job.parts[item.part])
                 else:  # a whole job, or a split one whose settings are all back
-                    ref = actor.run_job.remote(_finishing(job) if item.index in split else job, state,
+                    ref = actor.run_job.remote(target, _finishing(job) if item.index in split else job,
                                                split.get(item.index))
                 in_flight[ref] = (item, actor)
             [ref], _ = ray.wait(list(in_flight), num_returns=1)
@@ -256,6 +282,7 @@ class RayExecutor:
                 value = ray.get(ref)
                 idle.append(actor)
             except ray.exceptions.RayActorError as exc:  # restarts spent: this worker is gone for good
+                self._actors = [a for a in self._actors if a is not actor]
                 value = self._lost(runner, jobs[item.index], item, exc)
             if item.part is None:
                 results[item.index] = value
