@@ -1,4 +1,5 @@
-"""`lorafuse train`: one LoRA adapter for one task (PEFT + Hugging Face Trainer; `accelerate launch` works)."""
+"""`lorafuse train`: one LoRA adapter for one task (PEFT + Hugging Face Trainer; `accelerate launch --multi_gpu
+--num_processes N -m lorafuse train ...` trains data parallel, batch_size per process; gloo on a CPU-only machine)."""
 
 from __future__ import annotations
 
