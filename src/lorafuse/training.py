@@ -1,5 +1,11 @@
 """Training one LoRA adapter per task: PEFT on the Hugging Face Trainer (so `accelerate launch` and several GPUs
-work unchanged), fp32 on CPU and bf16 on GPU. Writes the PEFT adapter and a training record."""
+work unchanged), fp32 on CPU and bf16 on GPU. Writes the PEFT adapter and a training record.
+
+Under `accelerate launch --multi_gpu --num_processes N` (torchrun; gloo on a machine without GPUs) each process
+takes `batch_size` examples a step, so the global batch is N × batch_size; the first process writes the adapter
+and the others wait for it. With dropout off, the adapter equals a one-process run with batch N × batch_size up to
+float rounding (tests/test_accelerate.py), for the classify formulation; chat averages its token loss per process,
+so there the two agree only when the processes see equally many answer tokens."""
 
 from __future__ import annotations
 
@@ -136,6 +142,7 @@ def train_adapter(cfg: TrainConfig) -> Path:
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt) if cfg.resume else None)
     train_seconds = time.perf_counter() - start
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes
+        trainer.accelerator.wait_for_everyone()  # and the others return once the adapter is in place
         return out
     peft_model.eval()
     with atomic_output_dir(out, cfg.overwrite) as tmp:
@@ -146,6 +153,7 @@ def train_adapter(cfg: TrainConfig) -> Path:
         record.update(_validate(cfg, task, formulation_name, tmp))
         (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(ckpt, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     return out
 
 

@@ -29,6 +29,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a machine busy with other "
                                                "jobs, where oversubscribed threads run several times slower)")
+    dist = p.add_argument_group("executor (default: the config's `executor:`, else local)")
+    dist.add_argument("--executor", choices=["local", "ray"],
+                      help="run the jobs of each stage here one by one (local) or in parallel on Ray workers")
+    dist.add_argument("--address", help="Ray cluster to join: `auto` or HOST:PORT (default: start one here)")
+    dist.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU slot)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +62,7 @@ def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = No
     from lorafuse.experiment.report import results_table, summary_table
     from lorafuse.experiment.runner import ExperimentRunner
 
+    config = with_executor(config, args)
     out = Path(args.output or Path("runs") / config.name)
     if args.threads:
         import torch
@@ -85,6 +91,19 @@ def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = No
               "a rerun retries them)", file=sys.stderr)
         return 1
     return 0
+
+
+def with_executor(config: Any, args: argparse.Namespace) -> Any:
+    """The config with the executor options of the command line applied over its `executor:` section."""
+    update = {k: v for k, v in (("kind", getattr(args, "executor", None)), ("address", getattr(args, "address", None)),
+                                ("workers", getattr(args, "workers", None))) if v is not None}
+    if (update.get("address") or update.get("workers")) and update.get("kind", config.executor.kind) != "ray":
+        from lorafuse.errors import ConfigError
+
+        raise ConfigError("--address and --workers are options of the Ray executor: add --executor ray")
+    if not update:
+        return config
+    return config.model_copy(update={"executor": config.executor.model_copy(update=update)})
 
 
 def _warn_without_gpu(config: Any) -> None:

@@ -1,4 +1,5 @@
-"""`lorafuse train`: one LoRA adapter for one task (PEFT + Hugging Face Trainer; `accelerate launch` works)."""
+"""`lorafuse train`: one LoRA adapter for one task (PEFT + Hugging Face Trainer; `accelerate launch --multi_gpu
+--num_processes N -m lorafuse train ...` trains data parallel, batch_size per process; gloo on a CPU-only machine)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import os
 
     from lorafuse.errors import ConfigError
     from lorafuse.tasks import get_task, list_tasks, load_task_file
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
                       save_steps=args.save_steps, resume=args.resume, overwrite=args.overwrite,
                       progress=not args.quiet)
     out = train_adapter(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` the first process reports
+        return 0
     record = json.loads((out / TRAIN_RECORD).read_text())
     val = record.get("validation_accuracy")
     print(f"wrote {out}: {record['train_steps']} steps in {record['train_seconds']:.0f} s, validation accuracy "

@@ -53,6 +53,8 @@ class MethodSpec(_Strict):
     search: dict[str, list[Any]] = Field(default_factory=dict)
     samples: int | None = Field(None, ge=1, description="random search: this many grid points (default: all)")
     sample_seed: int = 0
+    sampler: Literal["random", "tpe"] = Field(
+        "random", description="how `samples` points are chosen: drawn from the grid, or by Optuna's TPE")
     rank: int | None = Field(None, ge=1)
 
     @field_validator("label")
@@ -77,6 +79,12 @@ class MethodSpec(_Strict):
             if not values:
                 raise ValueError(f"search.{name}: give at least one value")
         return search
+
+    @model_validator(mode="after")
+    def _tpe_needs_samples(self) -> MethodSpec:
+        if self.sampler == "tpe" and (self.samples is None or not self.search):
+            raise ValueError("sampler: tpe needs `search` values and `samples` (the number of trials)")
+        return self
 
     @model_validator(mode="after")
     def _known_params(self) -> MethodSpec:
@@ -124,6 +132,23 @@ class RouterSettings(_Strict):
     seed: int = 0
 
 
+class ExecutorSettings(_Strict):
+    """Where the jobs of a stage run: one after another in this process (`local`), or in parallel on a Ray
+    cluster (`ray`: one worker per GPU, or per CPU slot, each keeping the model and tokenized tasks loaded)."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="`auto`, HOST:PORT of a running cluster; default: start one")
+    workers: int | None = Field(None, ge=1, description="default: one per GPU of the cluster, else per CPU slot")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
+    max_retries: int = Field(2, ge=0, description="times a job is rerun after its worker died")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value  # `executor: ray`
+
+
 class ExperimentConfig(_Strict):
     name: str
     model: str
@@ -136,6 +161,7 @@ class ExperimentConfig(_Strict):
     methods: list[MethodSpec] = Field(default_factory=list)
     lorahub: LoraHubSettings | None = None
     router: RouterSettings | None = None
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     hardware: Literal["cpu", "gpu"] = "cpu"
     seeds: int = Field(3, ge=1, description="seeds of each stochastic method (DARE variants, LoraHub, the "
                                             "router's training), reported as mean ± sd")

@@ -3,10 +3,11 @@ the input-routed mixture trained on the train splits. Each is a cached job like 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-Job = tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]
+# (job name, cache key, the function that runs it as "module:function" taking the runner, its other arguments)
+Job = tuple[str, dict[str, Any], str, tuple[Any, ...]]
 
 
 def jobs(runner: Any) -> Iterator[Job]:
@@ -15,10 +16,10 @@ def jobs(runner: Any) -> Iterator[Job]:
     if cfg.lorahub is not None:
         for shots in cfg.lorahub.shots:
             key = {"lorahub": cfg.lorahub.model_dump(), "shots": shots, "adapters": ids, "seeds": cfg.seeds}
-            yield f"lorahub-{shots}shot", key, lambda s=shots: lorahub_job(runner, s)
+            yield f"lorahub-{shots}shot", key, f"{__name__}:lorahub_job", (shots,)
     if cfg.router is not None:
         key = {"router": cfg.router.model_dump(), "adapters": ids, "seeds": cfg.seeds}
-        yield "router", key, lambda: router_job(runner)
+        yield "router", key, f"{__name__}:router_job", ()
 
 
 def lorahub_job(runner: Any, shots: int) -> dict[str, Any]:

@@ -3,7 +3,8 @@ method's coefficients on validation, evaluate the chosen setting on test, and wr
 
 Every unit of work (an adapter, a reference evaluation, a fusion job with its search) is a job cached on disk by a
 hash of what determines it, so a rerun skips finished work and an interrupted run resumes. One failed job is
-recorded with its error and the others go on. Stages: train → reference → fuse → data-driven → report.
+recorded with its error and the others go on. Stages: train → reference → fuse → data-driven → report. The
+missing jobs of a stage run through an executor (`lorafuse.experiment.executors`: local, or Ray workers).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import random
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.experiment.cache import JobStore, adapter_key, stable_hash
 from lorafuse.experiment.config import ExperimentConfig, MethodSpec
+from lorafuse.experiment.executors import Executor, Job, make_executor, resolve_call
 from lorafuse.validate import check_inside
 
 STAGES = ("train", "reference", "fuse", "data-driven", "report")
@@ -43,11 +45,12 @@ class RunState:
 class ExperimentRunner:
     """Runs one experiment config into a run directory (`jobs/`, `fused/`, `report/`; `adapters/` unless a
     shared `cache_dir` is given). `trainer` replaces `lorafuse.training.train_adapter` (tests, custom training).
-    `stages` restricts the work to some stages; the others only read what earlier runs left in the cache."""
+    `stages` restricts the work to some stages; the others only read what earlier runs left in the cache.
+    `executor` runs the missing jobs of each stage (default: the config's `executor:`, local unless it says ray)."""
 
     def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True,
                  cache_dir: str | Path | None = None, stages: Sequence[str] | None = None,
-                 trainer: Callable[..., Path] | None = None) -> None:
+                 trainer: Callable[..., Path] | None = None, executor: Executor | None = None) -> None:
         self.config, self.out, self.progress = config, Path(out), progress
         self.adapter_root = Path(cache_dir or self.out) / "adapters"
         self.stages = tuple(stages or STAGES)
@@ -57,6 +60,7 @@ class ExperimentRunner:
         self.store = JobStore(self.out / "jobs")
         self.state = RunState()
         self._trainer = trainer
+        self.executor = executor
         self._evaluators: dict[str, Any] = {}
         self._heads: dict[str, dict[str, Any]] | None = None
         self._fingerprints: dict[str, dict[str, str]] = {}
@@ -74,13 +78,20 @@ class ExperimentRunner:
                  "data-driven": self.data_driven, "report": self.report}
         last = max(STAGES.index(s) for s in self.stages)
         results: dict[str, Any] = {}
-        with tqdm(total=self._job_count(STAGES[:last + 1]), desc=f"experiment {self.config.name}", unit="job",
-                  disable=not self.progress, position=0) as self._bar:
-            for name in STAGES[:last + 1]:
-                start = time.perf_counter()
-                results = steps[name]() or results
-                self.state.stage_seconds[name] = round(time.perf_counter() - start, 2)
-        self._bar = None
+        own_executor = self.executor is None
+        self.executor = self.executor or make_executor(self.config.executor)
+        try:
+            with tqdm(total=self._job_count(STAGES[:last + 1]), desc=f"experiment {self.config.name}",
+                      unit="job", disable=not self.progress, position=0) as self._bar:
+                for name in STAGES[:last + 1]:
+                    start = time.perf_counter()
+                    results = steps[name]() or results
+                    self.state.stage_seconds[name] = round(time.perf_counter() - start, 2)
+        finally:
+            self._bar = None
+            if own_executor:
+                self.executor.close()
+                self.executor = None
         if results:
             from lorafuse.experiment.report import finalize_timings
 
@@ -105,7 +116,7 @@ class ExperimentRunner:
 
     def train_all(self) -> None:
         """One adapter per task; a failed task is recorded and the others still train, then the run stops."""
-        self.state.training = [self._train(task) for task in self.config.tasks]
+        self.state.training = self._run_stage([self._train_job(task) for task in self.config.tasks])
         failed = [r for r in self.state.training if r["status"] != "ok"]
         if failed:
             raise ExperimentError("training failed: " + "; ".join(f"{r['task']}: {r['error']}" for r in failed)
@@ -114,30 +125,35 @@ class ExperimentRunner:
 
     def references(self) -> None:
         """Each task's own adapter on its own task (the denominators of normalized accuracy), and the base."""
-        own = self._job("individual", "reference", {"adapters": self.adapter_ids()}, self._individual,
-                        required=True)
+        key = {"adapters": self.adapter_ids()}
+        own, = self._run_stage([self._job("individual", "reference", key, "_individual", required=True)])
         if own["status"] != "ok":  # every fused job is normalized by it: nothing later can be measured
-            raise ExperimentError(f"the reference job '{own['job_id']}' failed: {own['error']}")
+            raise ExperimentError(f"the reference job '{own['job_id']}' failed: {own.get('error')}")
         self.state.reference = {split: own[split]["accuracy"] for split in ("validation", "test")}
         from lorafuse.experiment.analysis import trusted_tasks
 
         self.state.trusted = {split: trusted_tasks(own[split], self.config.tasks)[0] for split in own
                               if split in ("validation", "test")}
-        base = self._job("base", "reference", {"adapters": self.adapter_ids()}, self._base, required=True)
+        base, = self._run_stage([self._job("base", "reference", key, "_base", required=True)])
         self.state.jobs += [own, base]
 
     def fuse_all(self) -> None:
+        planned = []
         for spec in self.config.methods:
-            key = {"spec": spec.model_dump(), "adapters": self.adapter_ids()}
-            if spec.stochastic:
-                key["seeds"] = self.seeds(spec.params.get("seed", 0))
-            self._add(self._job(f"fuse-{_slug(spec.name)}", "fuse", key, lambda s=spec: self._fuse(s), label=spec.name))
+            job = self._job(*self._search_job(spec), "_fuse", (spec,), label=spec.name)
+            if isinstance(job, Job):  # its settings, for an executor that spreads them over its workers
+                job = replace(job, parts=self._search_parts(spec), finish="_finish_search")
+            planned.append(job)
+        for job in self._run_stage(planned):
+            self._add(job)
 
     def data_driven(self) -> None:
         from lorafuse.experiment import data_driven
 
-        for job_id, key, fn in data_driven.jobs(self):
-            self._add(self._job(job_id, "data-driven", key, fn))
+        planned = [self._job(job_id, "data-driven", key, call, args) for job_id, key, call, args
+                   in data_driven.jobs(self)]
+        for job in self._run_stage(planned):
+            self._add(job)
 
     def report(self) -> dict[str, Any]:
         from lorafuse.experiment.report import write_report
@@ -149,7 +165,8 @@ class ExperimentRunner:
         return results
 
     # -- units of work -----------------------------------------------------------------------------------
-    def _train(self, task: str) -> dict[str, Any]:
+    def _train_job(self, task: str) -> dict[str, Any] | Job:
+        """The record of a task's adapter found in the cache, or the job that trains it."""
         key = adapter_key(self.config, task, self.fingerprint(task, "train"))
         path = self._adapter_path(task)
         job_id = f"train-{task}-{key[:8]}"
@@ -159,22 +176,14 @@ class ExperimentRunner:
             return record
         if "train" not in self.stages:
             raise ExperimentError(f"task '{task}': no trained adapter in {self.adapter_root} (run the train stage)")
-        self.state.executed.append(f"train:{task}")
-        if self._bar is not None:
-            self._bar.set_postfix_str(f"train {task}")
-        start = time.perf_counter()
-        record: dict[str, Any] = {"name": f"train {task}", "kind": "train", "task": task, "adapter": str(path),
-                                  "stage": "train", "job_id": job_id}
-        try:
-            (self._trainer or _train_adapter)(self._train_config(task, path))
-            record.update(self._train_summary(path), status="ok")
-        except Exception as exc:  # recorded; the other tasks still train
-            record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                          traceback=traceback.format_exc(limit=8))
-        record["seconds"] = round(time.perf_counter() - start, 2)
-        self.store.put(job_id, record)
-        self._advance()
-        return record
+        record = {"name": f"train {task}", "kind": "train", "task": task, "adapter": str(path)}
+        return Job(job_id, "train", f"train {task}", "_train", (task, str(path)), record=record,
+                   executed_as=f"train:{task}")
+
+    def _train(self, task: str, path: str) -> dict[str, Any]:
+        """Train one task's adapter (a failure is recorded by run_job; the other tasks still train)."""
+        (self._trainer or _train_adapter)(self._train_config(task, Path(path)))
+        return self._train_summary(Path(path))
 
     def _adapter_path(self, task: str) -> Path:
         key = adapter_key(self.config, task, self.fingerprint(task, "train"))
@@ -256,29 +265,87 @@ class ExperimentRunner:
         results are the mean over seeds, each seed's kept in `seed_runs`."""
         from tqdm.auto import tqdm
 
-        from lorafuse.experiment.analysis import mean_split, over_seeds
-
-        seeds = self.seeds(spec.params.get("seed", 0)) if spec.stochastic else [None]
-        sweep, best, results = [], None, []
         start = time.perf_counter()
+        if spec.sampler == "tpe":
+            from lorafuse.experiment import tuning
+
+            for slot in tqdm(tuning.trial_slots(self, spec), desc=spec.name, unit="trial",
+                             disable=not self.progress, leave=False, position=1):
+                tuning.run_trial(self, spec, slot)
+            return self._finish_search(spec, [], time.perf_counter() - start)
+        sweep, best, result = [], None, None
         for point in tqdm(self.settings(spec), desc=spec.name, unit="setting", disable=not self.progress,
                           leave=False, position=1):
-            merged, vals = [], []
-            for seed in seeds:
-                merged.append(self._merge(spec, point if seed is None else {**point, "seed": seed}))
-                val = self.evaluator("validation").evaluate(merged[-1], heads=self.own_heads())
-                vals.append(_without_examples(val.normalize(self.state.reference["validation"]).to_dict()))
-            point_result = {"params": point, "validation": mean_split(vals) if len(vals) > 1 else vals[0]}
-            point_result["score"] = self._score(point_result["validation"])  # what the choice compares
-            if len(vals) > 1:
-                point_result["seed_scores"] = [self._score(v) for v in vals]
+            merged, point_result = self._search_point(spec, point, keep=True)
             sweep.append(point_result)
-            if best is None or point_result["score"] > best["score"]:
-                best, results = point_result, merged  # first of equals wins; only the best is kept
-        search_seconds = time.perf_counter() - start
+            if best is None or _score(point_result) > _score(best):  # first of equals wins; only the best is kept
+                best, result = point_result, merged
+        return self._finish_search(spec, sweep, time.perf_counter() - start, merged=result)
+
+    def _search_job(self, spec: MethodSpec) -> tuple[str, str, dict[str, Any]]:
+        key = {"spec": _spec_key(spec), "adapters": self.adapter_ids()}
+        if spec.stochastic:
+            key["seeds"] = self.seeds(spec.params.get("seed", 0))
+        return f"fuse-{_slug(spec.name)}", "fuse", key
+
+    def search_id(self, spec: MethodSpec) -> str:
+        """The job id of a method's search (its Optuna study is named after it)."""
+        name, _, key = self._search_job(spec)
+        return self._job_id(name, key)
+
+    def _search_parts(self, spec: MethodSpec) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+        """The independent pieces of a method's search, for executors that spread them over workers."""
+        if spec.sampler == "tpe":
+            from lorafuse.experiment import tuning
+
+            return tuple(("lorafuse.experiment.tuning:run_trial", (spec, slot))
+                         for slot in tuning.trial_slots(self, spec))
+        return tuple(("_search_point", (spec, point)) for point in self.settings(spec))
+
+    def _seeds_of(self, spec: MethodSpec) -> list[int | None]:
+        return self.seeds(spec.params.get("seed", 0)) if spec.stochastic else [None]
+
+    def _merges(self, spec: MethodSpec, point: dict[str, Any]) -> list[Any]:
+        """The merges of one setting: one per seed for a stochastic method (DARE's random drop), else one."""
+        return [self._merge(spec, point if seed is None else {**point, "seed": seed}) for seed in self._seeds_of(spec)]
+
+    def _search_point(self, spec: MethodSpec, point: dict[str, Any], keep: bool = False) -> Any:
+        """One setting of a search: its validation result, averaged over seeds for a stochastic method, with
+        the score the choice compares (and the merges themselves when `keep`)."""
+        from lorafuse.experiment.analysis import mean_split
+
+        merged, vals = self._merges(spec, point), []
+        for result in merged:
+            val = self.evaluator("validation").evaluate(result, heads=self.own_heads())
+            vals.append(_without_examples(val.normalize(self.state.reference["validation"]).to_dict()))
+        point_result = {"params": point, "validation": mean_split(vals) if len(vals) > 1 else vals[0]}
+        point_result["score"] = self._selection_score(point_result["validation"])
+        if len(vals) > 1:
+            point_result["seed_scores"] = [self._selection_score(v) for v in vals]
+        return (merged, point_result) if keep else point_result
+
+    def _finish_search(self, spec: MethodSpec, sweep: list[dict[str, Any]], search_seconds: float,
+                       merged: Any = None) -> dict[str, Any]:
+        """The best setting of `sweep` (a TPE search: of its study) on test, saved as a PEFT adapter; the best
+        is merged again when the search ran elsewhere. A stochastic method's test results are the mean over
+        seeds, each seed's kept in `seed_runs`."""
+        from lorafuse.experiment.analysis import over_seeds
+
+        if spec.sampler == "tpe":
+            from lorafuse.experiment import tuning
+
+            sweep = tuning.completed(self, spec)
+        best = None
+        for point_result in sweep:
+            if best is None or _score(point_result) > _score(best):  # first of equals wins
+                best = point_result
+        if best is None:
+            raise ExperimentError(f"method '{spec.name}': no setting of its search was evaluated")
+        results = merged if merged is not None else self._merges(spec, best["params"])
         tests = [self.evaluator("test").evaluate(r, heads=self.own_heads()).normalize(self.state.reference["test"])
                  for r in results]
         fused_dir = results[0].save(self.out / "fused" / _slug(spec.name), overwrite=True)
+        seeds = self._seeds_of(spec)
         outcome = over_seeds([(s, t.to_dict()) for s, t in zip(seeds, tests)]) if spec.stochastic \
             else {"test": tests[0].to_dict()}
         params = {k: v for k, v in {**spec.params, **best["params"]}.items() if not (spec.stochastic and k == "seed")}
@@ -286,8 +353,12 @@ class ExperimentRunner:
                 "params": params, "sweep": sweep, "validation": best["validation"],
                 **outcome, "fused_dir": str(fused_dir), "update_sketch": update_sketch(results[0].modules),
                 "search_seconds": round(search_seconds, 2), "settings_tried": len(sweep)}
+        return {"name": spec.name, "kind": "static", "method": spec.method, "space": spec.space,
+                "params": params, "sweep": sweep, "validation": best["validation"],
+                **outcome, "fused_dir": str(fused_dir), "update_sketch": update_sketch(results[0].modules),
+                "search_seconds": round(search_seconds, 2), "settings_tried": len(sweep)}
 
-    def _score(self, split: dict[str, Any]) -> float:
+    def _selection_score(self, split: dict[str, Any]) -> float:
         """Validation score: average normalized accuracy over the tasks whose own adapters beat their majority
         class on validation (all tasks when none did)."""
         from lorafuse.experiment.analysis import normalized_over
@@ -312,30 +383,61 @@ class ExperimentRunner:
                      rank=spec.rank, modules_to_save="per_task", progress=False, **{**spec.params, **point})
 
     # -- jobs and caching ---------------------------------------------------------------------------------
-    def _job(self, name: str, stage: str, key: dict[str, Any], fn: Callable[[], dict[str, Any]],
-             required: bool = False, label: str | None = None) -> dict[str, Any] | None:
-        """A finished job from the store, or run it now (when its stage is selected) and store its result,
-        failed or not. The id hashes the key with the evaluation settings and the evaluation data."""
-        job_id = f"{name}-{stable_hash({**key, 'eval': self.config.eval.model_dump(), 'data': self._eval_data()})[:8]}"
+    def _job(self, name: str, stage: str, key: dict[str, Any], call: str, args: tuple[Any, ...] = (),
+             required: bool = False, label: str | None = None, **split: Any) -> dict[str, Any] | Job | None:
+        """A finished job from the store, the job to run (when its stage is selected), or None. The id hashes
+        the key with the evaluation settings and the evaluation data."""
+        job_id = self._job_id(name, key)
         done = self.store.get(job_id)
         if done is not None or stage not in self.stages:
             if done is None and required:
                 raise ExperimentError(f"job '{job_id}' of stage '{stage}' has not run (select that stage)")
             self._advance(done is not None)
             return done
-        if self._bar is not None:
-            self._bar.set_postfix_str(label or name)
-        self.state.executed.append(job_id)
+        return Job(job_id, stage, label or name, call, args, **split)
+
+    def _job_id(self, name: str, key: dict[str, Any]) -> str:
+        return f"{name}-{stable_hash({**key, 'eval': self.config.eval.model_dump(), 'data': self._eval_data()})[:8]}"
+
+    def _run_stage(self, planned: Sequence[dict[str, Any] | Job | None]) -> list[Any]:
+        """The planned results in order: finished ones as they are, jobs run through the executor."""
+        jobs = [p for p in planned if isinstance(p, Job)]
+        ran = iter(self.executor.run_jobs(self, jobs) if jobs else [])
+        return [next(ran) if isinstance(p, Job) else p for p in planned]
+
+    def run_job(self, job: Job, parts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Run one job in this process (on whichever worker holds this runner), time it, isolate its failure and
+        store its result. `parts`: the results of a split job's pieces, handed to its finish call."""
         start = time.perf_counter()
+        part_seconds = sum(p["seconds"] for p in parts or [])
+        failed = next((p for p in parts or [] if not p["ok"]), None)
+        if failed is not None:
+            return self.record_failure(job, failed["error"], failed["traceback"], part_seconds)
+        args = job.args if parts is None else (*job.args, [p["value"] for p in parts], part_seconds)
         try:
-            result = {**fn(), "status": "ok"}
+            result = {**job.record, **resolve_call(self, job.call)(*args), "status": "ok"}
         except Exception as exc:  # one failed job is reported; the others go on
-            result = {"name": label or name, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                      "traceback": traceback.format_exc(limit=8)}
-        result.update(seconds=round(time.perf_counter() - start, 2), job_id=job_id, stage=stage)
-        self.store.put(job_id, result)
-        self._advance()
+            return self.record_failure(job, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=8),
+                                       part_seconds + time.perf_counter() - start)
+        return self._store(job, result, part_seconds + time.perf_counter() - start)
+
+    def record_failure(self, job: Job, error: str, trace: str, seconds: float) -> dict[str, Any]:
+        result = {"name": job.label, **job.record, "status": "failed", "error": error, "traceback": trace}
+        return self._store(job, result, seconds)
+
+    def _store(self, job: Job, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+        result.update(seconds=round(seconds, 2), job_id=job.job_id, stage=job.stage)
+        self.store.put(job.job_id, result)
         return result
+
+    def job_started(self, job: Job) -> None:
+        """Called by the executor on this (driver) process when a job is handed out."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(job.label)
+        self.state.executed.append(job.trace_name)
+
+    def job_finished(self, job: Job) -> None:
+        self._advance()
 
     def _add(self, job: dict[str, Any] | None) -> None:
         if job is not None:
@@ -400,6 +502,17 @@ def update_sketch(modules: dict[str, Any], probes: int = 2) -> list[float]:
         v = torch.randn(n, probes, generator=gen, dtype=torch.float64)
         out += ((u @ update.B.double()) * (update.A.double() @ v).T).sum(1).tolist()
     return out
+
+
+def _spec_key(spec: MethodSpec) -> dict[str, Any]:
+    """A method's part of its job key; the default sampler is left out so that keys made before there was a
+    choice of sampler still match."""
+    return spec.model_dump(exclude={"sampler"} if spec.sampler == "random" else None)
+
+
+def _score(point: dict[str, Any]) -> float:
+    """What a search compares: the point's selection score (see `ExperimentRunner._selection_score`)."""
+    return point["score"]
 
 
 def _slug(name: str) -> str:
