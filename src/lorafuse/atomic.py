@@ -178,7 +178,7 @@ def is_abandoned(temporary: str | Path) -> bool:
         marker = read_marker(temporary)
     else:  # a file names its writer: `.<name>.tmp-<pid>@<host tag>-<random>` (temporary_file)
         owner = re.search(r"\.tmp-(\d+)@([0-9a-f]{8})-[^.]*$", temporary.name)
-        marker = owner and owner.group(2) == _host_tag() and {"pid": int(owner.group(1)), "host": socket.gethostname()}
+        marker = owner and owner.group(2) == host_tag() and {"pid": int(owner.group(1)), "host": socket.gethostname()}
     alive = _alive(marker or None)
     if alive is not None:
         return not alive
@@ -236,11 +236,11 @@ def temporary_file(path: str | Path) -> tuple[int, Path]:
     """A new temporary file beside `path` named as every lorafuse temporary (`.<name>.tmp-*`), open for
     writing: (fd, its path)."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}@{_host_tag()}-", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}@{host_tag()}-", dir=path.parent)
     return fd, Path(name)
 
 
-def _host_tag() -> str:
+def host_tag() -> str:
     """8 hex digits naming this host in a file name (a host name may be long or hold any character)."""
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
