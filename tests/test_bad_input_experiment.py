@@ -408,13 +408,20 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path):
     old_unmarked.mkdir()
     os.utime(old_unmarked, (time.time() - STALE_AFTER_S - 60,) * 2)
     _marked(cache / ".other-999.tmp-vv", dead)  # another run's adapter: its own run cleans it
+    elsewhere = _marked(out / "fused" / ".dare.tmp-gh78", dead)  # written on another host: age rule
+    (elsewhere / ".lorafuse-output.json").write_text(json.dumps({"kind": "adapter", "pid": dead, "host": "x-y"}))
+    abandoned = _marked(out / "fused" / ".tsv.tmp-ij90", dead)
+    (abandoned / ".lorafuse-output.json").write_text(json.dumps({"kind": "adapter", "pid": dead, "host": "x-y"}))
+    for path in (abandoned, *abandoned.iterdir()):
+        os.utime(path, (time.time() - STALE_AFTER_S - 60,) * 2)
     (cache / ".bx3-0123456789.checkpoints" / "checkpoint-2").mkdir(parents=True)
     removed = rundir.remove_leftovers(out, [cache / "bx3-0123456789"])
     assert sorted(str(p.relative_to(tmp_path)) for p in removed) == sorted([
         str(dead_tmp.relative_to(tmp_path)), "run/jobs/.fuse-c.json.x1.tmp", "run/fused/.ties.tmp-ab12",
-        "run/fused/.ties.old-ab12", "cache/.bx3-0123456789.tmp-zz", "cache/.bx3-0123456789.tmp-ww"])
+        "run/fused/.ties.old-ab12", "cache/.bx3-0123456789.tmp-zz", "cache/.bx3-0123456789.tmp-ww",
+        "run/fused/.tsv.tmp-ij90"])
     assert not any(p.exists() for p in removed)
-    for kept in (own_tmp, recent, out / "fused" / ".live.tmp-ef56", unmarked, cache / ".other-999.tmp-vv",
+    for kept in (own_tmp, recent, out / "fused" / ".live.tmp-ef56", elsewhere, unmarked, cache / ".other-999.tmp-vv",
                  cache / ".bx3-0123456789.checkpoints" / "checkpoint-2", out / "jobs" / "fuse-a.json"):
         assert kept.exists(), kept
     assert (out / "fused" / "iso_c" / "f").is_file() and not (out / "fused" / ".iso_c.old-cd34").exists()
