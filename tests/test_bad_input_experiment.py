@@ -19,6 +19,7 @@ import pytest
 import yaml
 from tiny_models import tiny_bert, write_task_files
 
+from lorafuse.atomic import host_tag
 from lorafuse.cli import main
 from lorafuse.errors import ConfigError
 from lorafuse.experiment import rundir
@@ -291,9 +292,35 @@ def test_prepare_marks_reuses_and_refreshes_runs(tmp_path):
             rundir.prepare(locked / "run", fresh=False)
     legacy = tmp_path / "legacy"
     (legacy / "jobs").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="no .lorafuse-run marker"):
+    with pytest.raises(ConfigError, match="no .lorafuse-output.json marker"):
         rundir.prepare(legacy, fresh=True)
     assert (legacy / "jobs").is_dir()
+
+
+def test_the_run_marker_is_the_output_marker_and_fresh_keeps_a_users_files(tmp_path):
+    from lorafuse.atomic import MARKER_NAME, read_marker
+
+    out = tmp_path / "run"
+    rundir.prepare(out, fresh=False)
+    marker = read_marker(out)
+    assert marker["kind"] == "run" and marker["pid"] == os.getpid() and "jobs" in marker["entries"]
+    (out / "jobs").mkdir()
+    (out / "thesis.tex").write_text("mine")  # a user's file dropped into a run: --fresh must not delete it
+    before = tree(out)
+    with pytest.raises(ConfigError, match="--fresh: .*thesis.tex"):
+        rundir.prepare(out, fresh=True)
+    assert tree(out) == before
+    earlier = tmp_path / "earlier"  # a run marked by an earlier build (`.lorafuse-run`): still a run
+    (earlier / "jobs").mkdir(parents=True)
+    (earlier / ".lorafuse-run").write_text("lorafuse experiment run directory\n")
+    assert rundir.is_run_dir(earlier)
+    rundir.prepare(earlier, fresh=True)
+    assert sorted(p.name for p in earlier.iterdir()) == [MARKER_NAME] and rundir.is_run_dir(earlier)
+    adapter = tmp_path / "adapter"  # another kind of lorafuse output is not a run
+    adapter.mkdir()
+    (adapter / MARKER_NAME).write_text(json.dumps({"kind": "adapter", "pid": 1, "host": "h", "entries": []}))
+    with pytest.raises(ConfigError, match="is not a lorafuse run"):
+        rundir.prepare(adapter, fresh=True)
 
 
 def test_a_refused_config_leaves_no_empty_jobs_directory(world, tmp_path):
@@ -336,20 +363,68 @@ def test_job_ids_cannot_leave_the_jobs_directory(tmp_path):
         JobStore(tmp_path / "jobs").path("../../escape")
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _marked(path: Path, pid: int) -> Path:
+    """A temporary directory as lorafuse's atomic writer leaves it: marked with its writer."""
+    import socket
+
+    path.mkdir(parents=True)
+    (path / ".lorafuse-output.json").write_text(json.dumps({"kind": "adapter", "pid": pid,
+                                                            "host": socket.gethostname()}))
+    (path / "f").write_text("x")
+    return path
+
+
 def test_leftovers_of_a_killed_run_are_removed(tmp_path):
-    out, cache = tmp_path / "run", tmp_path / "cache"
-    for path in (out / "jobs" / ".fuse-a.json.x1.tmp", out / "fused" / ".ties.tmp-ab12" / "adapter_config.json",
-                 out / "fused" / ".ties.old-ab12" / "f", cache / ".bx3-0123456789.tmp-zz" / "f",
-                 out / "jobs" / "fuse-a.json", cache / ".other-999.tmp-yy" / "f",
-                 cache / ".bx3-0123456789.checkpoints" / "checkpoint-2" / "f"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("x")
+    from lorafuse.atomic import STALE_AFTER_S, temporary_file
+
+    out, cache, dead = tmp_path / "run", tmp_path / "cache", _dead_pid()
+    (out / "jobs").mkdir(parents=True)
+    (out / "jobs" / "fuse-a.json").write_text("{}")
+    fd, own_tmp = temporary_file(out / "jobs" / "fuse-b.json")  # this process is alive: its file is kept
+    os.close(fd)
+    dead_tmp = own_tmp.with_name(own_tmp.name.replace(f".tmp-{os.getpid()}@", f".tmp-{dead}@"))
+    dead_tmp.write_text('{"status": "o')  # a killed writer's job file
+    legacy, recent = out / "jobs" / ".fuse-c.json.x1.tmp", out / "jobs" / ".fuse-d.json.x2.tmp"
+    legacy.write_text("x")  # an earlier build's temporary names no writer: removed once old
+    recent.write_text("x")
+    os.utime(legacy, (0, 0))
+    (out / "fused" / "ties").mkdir(parents=True)
+    (out / "fused" / "ties" / "adapter_config.json").write_text("{}")
+    _marked(out / "fused" / ".ties.tmp-ab12", dead)
+    _marked(out / "fused" / ".ties.old-ab12", dead)  # a replacement killed between its renames; ties exists
+    _marked(out / "fused" / ".iso_c.old-cd34", dead)  # ... and here the output is missing: put back
+    _marked(out / "fused" / ".live.tmp-ef56", os.getppid())  # a live writer: left alone
+    _marked(cache / ".bx3-0123456789.tmp-zz", dead)
+    unmarked = cache / ".bx3-0123456789.tmp-yy"  # no marker (killed before writing it, or not ours): age rule
+    unmarked.mkdir()
+    (unmarked / "f").write_text("x")
+    old_unmarked = cache / ".bx3-0123456789.tmp-ww"
+    old_unmarked.mkdir()
+    os.utime(old_unmarked, (time.time() - STALE_AFTER_S - 60,) * 2)
+    _marked(cache / ".other-999.tmp-vv", dead)  # another run's adapter: its own run cleans it
+    elsewhere = _marked(out / "fused" / ".dare.tmp-gh78", dead)  # written on another host: age rule
+    (elsewhere / ".lorafuse-output.json").write_text(json.dumps({"kind": "adapter", "pid": dead, "host": "x-y"}))
+    abandoned = _marked(out / "fused" / ".tsv.tmp-ij90", dead)
+    (abandoned / ".lorafuse-output.json").write_text(json.dumps({"kind": "adapter", "pid": dead, "host": "x-y"}))
+    for path in (abandoned, *abandoned.iterdir()):
+        os.utime(path, (time.time() - STALE_AFTER_S - 60,) * 2)
+    (cache / ".bx3-0123456789.checkpoints" / "checkpoint-2").mkdir(parents=True)
     removed = rundir.remove_leftovers(out, [cache / "bx3-0123456789"])
-    assert len(removed) == 4
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
-        "cache/.bx3-0123456789.checkpoints/checkpoint-2/f",  # kept: training resumes from it
-        "cache/.other-999.tmp-yy/f",  # another run's adapter, maybe being written now
-        "run/jobs/fuse-a.json"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in removed) == sorted([
+        str(dead_tmp.relative_to(tmp_path)), "run/jobs/.fuse-c.json.x1.tmp", "run/fused/.ties.tmp-ab12",
+        "run/fused/.ties.old-ab12", "cache/.bx3-0123456789.tmp-zz", "cache/.bx3-0123456789.tmp-ww",
+        "run/fused/.tsv.tmp-ij90"])
+    assert not any(p.exists() for p in removed)
+    for kept in (own_tmp, recent, out / "fused" / ".live.tmp-ef56", elsewhere, unmarked, cache / ".other-999.tmp-vv",
+                 cache / ".bx3-0123456789.checkpoints" / "checkpoint-2", out / "jobs" / "fuse-a.json"):
+        assert kept.exists(), kept
+    assert (out / "fused" / "iso_c" / "f").is_file() and not (out / "fused" / ".iso_c.old-cd34").exists()
 
 
 def _checkpoint(root: Path, step: int, state: str | None, weights: bool = True) -> Path:
@@ -524,7 +599,7 @@ def test_experiment_killed_mid_run_resumes_and_completes(world, trained, tmp_pat
     done = sorted(p.name.rsplit("-", 1)[0] for p in (out / "jobs").glob("*.json"))
     assert done == ["base", "fuse-average", "individual", "train-bx2", "train-bx3"] and not (out / "report").exists()
     # what a kill (or a full disk) can leave besides: a temporary file and a truncated job file
-    (out / "jobs" / ".fuse-task_arithmetic-0.json.abc.tmp").write_text('{"status": "o')
+    (out / "jobs" / f".fuse-task_arithmetic-0.json.tmp-{proc.pid}@{host_tag()}-abc").write_text('{"status": "o')
     average = next((out / "jobs").glob("fuse-average-*.json"))
     average.write_text('{"status": "ok", "name": "aver')
     code, _, err = cli(capsys, *args)

@@ -2,18 +2,20 @@
 leaves nothing behind and an existing output is never replaced without an explicit overwrite.
 
 Every output lorafuse writes carries a marker file (`MARKER_NAME`: its kind, the entries it wrote, the process
-that wrote it). `--overwrite` replaces only a directory with that marker and nothing added to it since, so it
-never deletes a user's own folder; the marker's process id lets the next run remove the temporary directories of
-a killed one (`.<name>.tmp-*`), and restore the previous output when a kill came between the two renames of a
-replacement (`.<name>.old-*`).
+that wrote it); a run directory of `lorafuse experiment` carries the same marker, of kind "run". `--overwrite`
+and `--fresh` delete only a directory with that marker and nothing added to it since, so they never delete a
+user's own folder. Every temporary is named `.<name>.tmp-*` and names its writer (a directory in its marker, a
+file in its name); one rule (`is_abandoned`) lets the next run remove those of a killed one, and restore the
+previous output when a kill came between the two renames of a replacement (`.<name>.old-*`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -37,7 +39,8 @@ class OutputError(LorafuseError):
 # -- the marker ------------------------------------------------------------------------------------------
 def write_marker(directory: str | Path, kind: str, entries: Sequence[str] | None = None) -> Path:
     """Mark `directory` as written by lorafuse (`kind`: adapter, merged-model, run, ...). `entries` lists the
-    top-level names it wrote; an overwrite then refuses a directory holding anything else."""
+    top-level names it wrote (for a directory that grows, such as a run, the names it may write); an overwrite
+    then refuses a directory holding anything else."""
     path = Path(directory) / MARKER_NAME
     record: dict[str, Any] = {"kind": kind, "pid": os.getpid(), "host": socket.gethostname()}
     if entries is not None:
@@ -131,10 +134,18 @@ def _size(n: int) -> str:
 
 
 # -- leftovers of killed runs ----------------------------------------------------------------------------
-def _alive(marker: dict[str, Any] | None) -> bool:
-    """Whether the process that wrote a temporary directory may still be writing it (then it is left alone)."""
-    if not marker or marker.get("host") != socket.gethostname() or not isinstance(marker.get("pid"), int):
-        return False
+# A temporary whose writer cannot be asked (no marker: a file, or a directory killed before its marker; a marker
+# from another host) is abandoned once untouched for this long: no lorafuse writer leaves its temporary idle
+# for an hour (the longest quiet stretch is the validation at the end of training, minutes).
+STALE_AFTER_S = 3600.0
+
+
+def _alive(marker: dict[str, Any] | None) -> bool | None:
+    """Whether the process that wrote a temporary may still be writing it: True/False when the marker names a
+    process of this host, None when that cannot be known (no marker, another host)."""
+    if not marker or marker.get("host") != socket.gethostname() or not isinstance(marker.get("pid"), int) \
+            or isinstance(marker.get("pid"), bool):
+        return None
     if marker["pid"] == os.getpid():
         return True
     try:
@@ -146,40 +157,108 @@ def _alive(marker: dict[str, Any] | None) -> bool:
     return True
 
 
-def clean_leftovers(path: str | Path) -> None:
-    """Remove what a killed run left beside `path`: its temporary directories (marked by lorafuse, written by
-    a process that is gone), and a previous output set aside for a replacement that never finished — restored
-    when `path` itself is missing, removed otherwise."""
+def _idle_seconds(path: Path) -> float:
+    """Seconds since `path`, or any entry directly inside it, last changed (a writer streaming a file keeps
+    that file's mtime fresh)."""
+    try:
+        times = [path.lstat().st_mtime]
+        if path.is_dir() and not path.is_symlink():
+            times += [p.lstat().st_mtime for p in path.iterdir()]
+    except OSError:
+        return 0.0
+    return time.time() - max(times)
+
+
+def is_abandoned(temporary: str | Path) -> bool:
+    """The one leftover rule: a temporary (`.<name>.tmp-*`, file or directory) is removed only when the process
+    that wrote it is gone (its marker, or a file's name, names a dead process of this host) or, when its writer
+    cannot be asked (no record, another host), it has been untouched for longer than STALE_AFTER_S. A temporary
+    of a live process of this host is never touched. (The rule of atomic_outputs and of `lorafuse experiment`'s
+    run directories; lorafuse.training still has its own, older cleanup of its output's `.tmp-*`.)"""
+    temporary = Path(temporary)
+    if temporary.is_dir() and not temporary.is_symlink():
+        marker = read_marker(temporary)
+    else:  # a file names its writer: `.<name>.tmp-<pid>@<host tag>-<random>` (temporary_file)
+        owner = re.search(r"\.tmp-(\d+)@([0-9a-f]{8})-[^.]*$", temporary.name)
+        marker = owner and owner.group(2) == host_tag() and {"pid": int(owner.group(1)), "host": socket.gethostname()}
+    alive = _alive(marker or None)
+    if alive is not None:
+        return not alive
+    return _idle_seconds(temporary) > STALE_AFTER_S
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_leftovers(path: str | Path) -> list[Path]:
+    """Remove what a killed run left beside `path` and return it: its abandoned temporaries (`is_abandoned`),
+    and a previous output set aside for a replacement that never finished — put back when `path` itself is
+    missing (then not listed), removed otherwise."""
     path = Path(path)
+    removed: list[Path] = []
     if not path.parent.is_dir():
-        return
+        return removed
     for sibling in sorted(path.parent.glob(f".{path.name}.old-*")):
         swapping = path.parent / f".{path.name}.tmp-{sibling.name.rsplit('-', 1)[-1]}"
-        if not is_lorafuse_output(sibling) or _alive(read_marker(swapping)):
+        if not is_lorafuse_output(sibling) or (swapping.exists() and not is_abandoned(swapping)):
             continue  # not ours, or a replacement in progress right now
         if not path.exists() and not path.is_symlink():
             sibling.rename(path)
         else:
             shutil.rmtree(sibling, ignore_errors=True)
-    for sibling in path.parent.glob(f".{path.name}.tmp-*"):
-        if not sibling.is_dir() or sibling.is_symlink():
-            continue
-        marker = read_marker(sibling)
-        if marker is not None and not _alive(marker):
-            shutil.rmtree(sibling, ignore_errors=True)
-        elif marker is None and _empty_for(sibling, _UNMARKED_GRACE_S):  # killed before its marker was written
-            with contextlib.suppress(OSError):
-                sibling.rmdir()
+            removed.append(sibling)
+    for sibling in sorted(path.parent.glob(f".{path.name}.tmp-*")):
+        if is_abandoned(sibling):
+            _remove_path(sibling)
+            removed.append(sibling)
+    return removed
 
 
-_UNMARKED_GRACE_S = 120.0
+def clean_leftovers_in(folder: str | Path) -> list[Path]:
+    """`clean_leftovers` for every output whose temporaries lie in `folder` (a run's jobs/, fused/, ...); also
+    the `.<name>.<random>.tmp` job files of earlier builds, which have no writer to ask (the age rule)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    targets = {name.rsplit(sep, 1)[0][1:] for name in (p.name for p in folder.glob(".*"))
+               for sep in (".tmp-", ".old-") if sep in name}
+    removed = [p for target in sorted(targets) if target for p in clean_leftovers(folder / target)]
+    for legacy in sorted(folder.glob(".*.tmp")):
+        if legacy.is_file() and is_abandoned(legacy):
+            legacy.unlink(missing_ok=True)
+            removed.append(legacy)
+    return removed
 
 
-def _empty_for(directory: Path, seconds: float) -> bool:
+def temporary_file(path: str | Path) -> tuple[int, Path]:
+    """A new temporary file beside `path` named as every lorafuse temporary (`.<name>.tmp-*`), open for
+    writing: (fd, its path)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}@{host_tag()}-", dir=path.parent)
+    return fd, Path(name)
+
+
+def host_tag() -> str:
+    """8 hex digits naming this host in a file name (a host name may be long or hold any character)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new file in `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
     try:
-        return not any(directory.iterdir()) and time.time() - directory.stat().st_mtime > seconds
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return False
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # -- atomic outputs --------------------------------------------------------------------------------------

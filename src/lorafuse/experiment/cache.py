@@ -10,12 +10,11 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lorafuse import __version__
-from lorafuse.experiment.rundir import fsync_dir
+from lorafuse.atomic import fsync_dir, temporary_file
 from lorafuse.validate import check_inside
 
 
@@ -61,7 +60,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary file beside `path`, fsync it, rename, fsync the directory: readers see the old file
     or the new, never a part, and a finished job survives a power cut as well as a kill."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary_file(path)  # `.<name>.tmp-<pid>@<host>-*`: the next run knows whether its writer died
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, default=str)
@@ -70,7 +69,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 

@@ -1,11 +1,13 @@
 """The run directory: lorafuse deletes only what it created.
 
-A run directory carries a marker file (`.lorafuse-run`) written when lorafuse first creates it. `--fresh` deletes
-a directory only when it carries that marker, and any run refuses a directory that is neither a run nor empty
-(a user's folder is never filled with `jobs/` and `adapters/`, nor deleted). A run directory may not contain an
-input of the experiment (data, task files, a local model, with `--fresh` the adapter cache) nor lie inside an
-input directory. Leftovers of a killed run (temporary job files, half-written adapter and fused directories) are
-removed by the next run."""
+A run directory carries lorafuse's output marker (`lorafuse.atomic.MARKER_NAME`, kind "run", listing the
+top-level entries a run writes), written when lorafuse first creates it. `--fresh` deletes a directory only when
+it carries that marker and holds nothing else (`lorafuse.atomic.check_replaceable`, the rule of `--overwrite`),
+and any run refuses a directory that is neither a run nor empty (a user's folder is never filled with `jobs/` and
+`adapters/`, nor deleted). A run directory may not contain an input of the experiment (data, task files, a local
+model, with `--fresh` the adapter cache) nor lie inside an input directory. Leftovers of a killed run (temporary
+job files, half-written adapter and fused directories) are removed by the next run under lorafuse's one rule
+(`lorafuse.atomic.is_abandoned`: the writer is gone, or the temporary is older than a bound)."""
 
 from __future__ import annotations
 
@@ -17,25 +19,31 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lorafuse import validate
+from lorafuse import atomic, validate
+from lorafuse.atomic import MARKER_NAME, fsync_dir, read_marker
 from lorafuse.errors import ConfigError
 
 __all__ = ["MARKER", "check_apart", "experiment_inputs", "is_run_dir", "prepare", "remove_leftovers"]
 
-MARKER = ".lorafuse-run"
-RUN_ENTRIES = {"jobs", "adapters", "fused", "report", "router", MARKER}  # what a run directory holds
+MARKER = MARKER_NAME
+RUN_KIND = "run"
+LEGACY_MARKER = ".lorafuse-run"  # the marker of earlier builds: still a run, upgraded on the next prepare
+RUN_ENTRIES = {"jobs", "adapters", "fused", "report", "router"}  # what a run directory holds
 # the run directory may neither hold an input nor lie inside one (lorafuse.validate.check_apart)
 check_apart = functools.partial(validate.check_apart, what="run directory")
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / MARKER).is_file()
+    """A directory lorafuse created as a run: its marker says kind "run" (or an earlier build's marker file)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return (read_marker(path) or {}).get("kind") == RUN_KIND or (path / LEGACY_MARKER).is_file()
 
 
 def _looks_like_old_run(path: Path) -> bool:
     """A run written before the marker existed: a jobs/ folder and nothing but run entries."""
     entries = {p.name for p in path.iterdir()}
-    return "jobs" in entries and entries <= RUN_ENTRIES
+    return "jobs" in entries and entries <= RUN_ENTRIES | {MARKER_NAME, LEGACY_MARKER}
 
 
 def experiment_inputs(config: Any) -> list[tuple[str, Path]]:
@@ -67,7 +75,7 @@ def prepare(out: Path, fresh: bool, cache_dir: Path | None = None) -> None:
         _reuse_or_empty(out, fresh)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if not is_run_dir(out):
+        if (read_marker(out) or {}).get("kind") != RUN_KIND:
             write_marker(out)
     except OSError as exc:
         raise ConfigError(f"run directory {out}: cannot be written ({exc.strerror or exc})") from None
@@ -96,6 +104,12 @@ def _reuse_or_empty(out: Path, fresh: bool) -> None:
         if not marked:
             raise ConfigError(f"--fresh: {out} has no {MARKER} marker (a run from an older lorafuse?); "
                               "delete it yourself if it should go")
+        if (read_marker(out) or {}).get("kind") != RUN_KIND:
+            write_marker(out)  # an earlier build's marker: upgraded, so that the one rule below applies
+        try:
+            atomic.check_replaceable(out)  # the rule of --overwrite: nothing added to it but what a run writes
+        except atomic.OutputError as exc:
+            raise ConfigError(f"--fresh: {exc}") from None
         try:
             shutil.rmtree(out)
         except OSError as exc:
@@ -103,53 +117,26 @@ def _reuse_or_empty(out: Path, fresh: bool) -> None:
 
 
 def write_marker(out: Path) -> None:
-    from lorafuse import __version__
-
-    with open(out / MARKER, "w") as fh:
-        fh.write(f"lorafuse {__version__} experiment run directory: `lorafuse experiment --fresh` may delete it\n")
-        fh.flush()
+    """lorafuse's output marker, kind "run", fsynced (a run directory outlives many processes); an earlier
+    build's `.lorafuse-run` is replaced by it."""
+    path = atomic.write_marker(out, RUN_KIND, sorted(RUN_ENTRIES | {LEGACY_MARKER}))
+    with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
+    (out / LEGACY_MARKER).unlink(missing_ok=True)
     fsync_dir(out)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def remove_leftovers(out: Path, adapter_dirs: Iterable[Path]) -> list[Path]:
-    """Delete what a killed run left half-written: temporary job files in jobs/, temporary and replaced
-    directories of fused/ (owned by this run) and of this run's own adapters (in a shared cache only those of
-    the adapters this run trains: another run may be writing its own). Training checkpoints are kept (resume)."""
+    """Delete what a killed run left half-written, under lorafuse's one leftover rule (`atomic.is_abandoned`):
+    temporary job files in jobs/, temporary and set-aside directories of fused/ and report/, and those of this
+    run's own adapters (in a shared cache only those: the rule keeps a live writer's temporaries anyway, but
+    another run's are its own business). A previous output set aside by a killed replacement is put back.
+    Training checkpoints are kept (resume)."""
     found: list[Path] = []
-    jobs = out / "jobs"
-    if jobs.is_dir():
-        found += [p for p in jobs.glob(".*.tmp") if p.is_file()]
-    for root in (out / "fused", out, out / "report"):
-        if root.is_dir():
-            found += [p for p in root.glob(".*") if _is_temporary(p.name)]
+    for root in (out / "jobs", out / "fused", out, out / "report"):
+        found += atomic.clean_leftovers_in(root)
     for adapter in adapter_dirs:
-        if adapter.parent.is_dir():
-            found += [p for p in adapter.parent.glob(f".{adapter.name}.*") if _is_temporary(p.name)]
-    for path in found:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        found += atomic.clean_leftovers(adapter)
     if found:
         print(f"removed {len(found)} leftover(s) of an interrupted run in {out}", file=sys.stderr)
     return found
-
-
-def _is_temporary(name: str) -> bool:
-    """Names lorafuse's atomic writers use: `.<name>.tmp-XXXX`, `.<name>.old-XXXX`, `.<name>.XXXX.tmp`."""
-    return ".tmp-" in name or ".old-" in name or name.endswith(".tmp")
