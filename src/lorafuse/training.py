@@ -176,6 +176,7 @@ class BestCheckpoint:
         self.model, self.formulation, self.task, self.batches = model, formulation, task, batches
         self.every, self.keep_best = every, keep_best
         self.history: list[tuple[int, float]] = []
+        self.seconds = 0.0  # spent validating (not training)
         self.best_step: int | None = None
         self.best_accuracy = -1.0
         self._best: dict[str, torch.Tensor] = {}
@@ -200,7 +201,9 @@ class BestCheckpoint:
             return
         if self.history and self.history[-1][0] == step:
             return
+        start = time.perf_counter()
         accuracy = self.accuracy()
+        self.seconds += time.perf_counter() - start
         self.history.append((step, round(accuracy, 5)))
         if accuracy > self.best_accuracy or not self.keep_best:  # ties keep the earlier step
             self.best_accuracy, self.best_step = accuracy, step
@@ -259,7 +262,7 @@ def train_adapter(cfg: TrainConfig) -> Path:
     trainer = _trainer(trained, formulation, task, rows, cfg, ckpt, [best.callback()])
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt) if cfg.resume else None)
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start - best.seconds  # validation timed apart
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes
         return out
     best.restore()
@@ -310,6 +313,7 @@ def _validation_record(best: BestCheckpoint) -> dict[str, Any]:
         return {}
     return {"validation_accuracy": best.best_accuracy, "validation_examples": sum(len(b.targets) for b in best.batches),
             "best_step": best.best_step, "validation_history": best.history,
+            "validation_seconds": round(best.seconds, 2),
             "checkpoint_rule": "best validation accuracy" if best.keep_best else "last"}
 
 
