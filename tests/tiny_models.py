@@ -95,8 +95,8 @@ def write_keyword_task(root: Path, name: str, labels: list[str], n: int = 96, se
         rows = []
         for i in range(size):
             k = rng.randrange(len(labels))
-            premise = " ".join(rng.choice(filler) for _ in range(rng.randrange(3, 9)))
-            rows.append({"id": f"{split}-{i}", "premise": premise, "hypothesis": f"the a is {KEYWORDS[k]}",
+            premise = " ".join(rng.choice(filler) for _ in range(rng.randrange(1, 4)))
+            rows.append({"id": f"{split}-{i}", "premise": premise, "hypothesis": KEYWORDS[k],
                          "label": labels[k]})
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
