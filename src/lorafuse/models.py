@@ -54,8 +54,8 @@ def _smollm2() -> ModelInfo:
 
 
 # Measured in benchmarks/results/recipe_ablation.md (MiniLM) and single_task.md (SmolLM2).
-MINILM_RECIPE = {"lr": 5e-4, "head_lr": 5e-3, "warmup": 0.06}
-SMOLLM2_RECIPE = {"lr": 5e-4, "warmup": 0.06}
+MINILM_RECIPE = {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.06}
+SMOLLM2_RECIPE = {"lr": 1e-3, "warmup": 0.06}
 
 EMBEDDED = {"minilm": _minilm, "smollm2": _smollm2}
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

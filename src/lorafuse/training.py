@@ -75,7 +75,7 @@ class TrainConfig:
 
 
 # Used where neither the config nor the model's recipe gives a value.
-DEFAULT_RECIPE: dict[str, float] = {"lr": 5e-4, "head_lr": 5e-3, "warmup": 0.06}
+DEFAULT_RECIPE: dict[str, float] = {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.06}
 EVALUATIONS = 5  # validations per run when eval_steps is not given (each costs a pass over them)
 
 
