@@ -5,6 +5,7 @@ and the head has its own learning rate."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -28,20 +29,30 @@ def keyword_task(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("formulation,model_fixture", [("classify", "bert"), ("chat", "llama")])
+@pytest.fixture(scope="module")
+def sentence_bert(tmp_path_factory):
+    from tiny_models import tiny_sentence_bert
+
+    return tiny_sentence_bert(tmp_path_factory.mktemp("stbert") / "model")
+
+
+# Only the budget is given: learning rates, head rate, warmup, pooling, targets and loss are the defaults.
+@pytest.mark.parametrize("formulation,model_fixture,epochs", [("classify", "sentence_bert", 6),
+                                                              ("chat", "llama", 12)])
 def test_default_recipe_learns_a_simple_function_of_the_input(request, keyword_task, tmp_path, formulation,
-                                                              model_fixture):
+                                                              model_fixture, epochs):
     from lorafuse.evaluation import Evaluator
 
     model = request.getfixturevalue(model_fixture)
     out = train_adapter(TrainConfig(task="kw3", model=str(model), formulation=formulation, output=str(tmp_path / "a"),
-                                    data_dir=str(keyword_task), epochs=4, batch_size=8, progress=False))
+                                    data_dir=str(keyword_task), epochs=epochs, batch_size=8, progress=False))
     record = read_record(out)
     ev = Evaluator(str(model), ["kw3"], split="test", formulation=formulation, data_dir=keyword_task,
                    progress=False)
     assert ev.evaluate(out).accuracy["kw3"] >= 0.95, record["validation_history"]
     assert record["validation_accuracy"] >= 0.95
     assert record["hyperparameters"]["lr"] is not None and record["hyperparameters"]["warmup"] is not None
+    assert record["pooling"] == ("mean" if formulation == "classify" else None)
 
 
 def test_the_adapter_written_is_the_best_seen_on_validation(bert, keyword_task, tmp_path):  # noqa: F811
@@ -140,7 +151,7 @@ def test_the_head_learns_at_its_own_rate(bert, keyword_task, tmp_path):  # noqa:
     from lorafuse.formulations import load_model, make_formulation
     from lorafuse.models import resolve_model, resolve_targets
 
-    cfg = training.resolve_recipe(TrainConfig(task="kw3", model=str(bert), lr=1e-3, head_lr=3e-2,
+    cfg = training.resolve_recipe(TrainConfig(task="kw3", model=str(bert), lr=1e-3, head_lr=3e-2, batch_size=4,
                                               target_modules=["query"], progress=False), {})
     assert cfg.warmup == training.DEFAULT_RECIPE["warmup"]
     model, tokenizer = load_model(str(bert), "classify")
@@ -153,7 +164,13 @@ def test_the_head_learns_at_its_own_rate(bert, keyword_task, tmp_path):  # noqa:
     names = {id(p): n for n, p in peft_model.named_parameters()}
     assert all("lora_" in names[id(p)] for p in groups[0]["params"])
     assert all("classifier" in names[id(p)] for p in groups[1]["params"]) and groups[1]["params"]
-    batches = list(trainer.get_train_dataloader())  # length-grouped: little padding in every batch
-    padding = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    assert sum(len(b["targets"]) for b in batches) == len(rows) and padding < 0.1 * tokens
+    grouped = _padding(trainer)  # length-grouped batches, padded to their own longest row
+    shuffled = _padding(training._trainer(peft_model, formulation, get_task("kw3"), rows,
+                                          dataclasses.replace(cfg, group_by_length=False), tmp_path / "ck2"))
+    assert grouped[1] == shuffled[1] == len(rows) and grouped[0] < shuffled[0] / 2, (grouped, shuffled)
+
+
+def _padding(trainer) -> tuple[int, int]:
+    """Padding tokens and rows over one epoch of the trainer's own dataloader."""
+    batches = list(trainer.get_train_dataloader())
+    return sum(int((b["attention_mask"] == 0).sum()) for b in batches), sum(len(b["targets"]) for b in batches)

@@ -104,3 +104,12 @@ def write_keyword_task(root: Path, name: str, labels: list[str], n: int = 96, se
     task_file.write_text(json.dumps({name: {"labels": labels, "files": {
         s: f"{name}/{s}.jsonl" for s in ("train", "validation", "test")}}}))
     return task_file
+
+
+def tiny_sentence_bert(path: Path, seed: int = 0) -> Path:
+    """The tiny BERT as a sentence-transformers model (a mean-pooling `1_Pooling/config.json`, as
+    all-MiniLM-L6-v2 ships): lorafuse's classify head then reads mean pooling."""
+    tiny_bert(path, seed)
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return path
