@@ -51,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-validation", type=int, default=300)
     p.add_argument("--max-test", type=int, help="default: the complete test split")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--validations", type=int, default=VALIDATIONS, help="validations per job (best checkpoint)")
     p.add_argument("--note", default="", help="what else ran on the machine meanwhile (recorded)")
     p.add_argument("--report", action="store_true")
     return p.parse_args()
@@ -75,7 +76,7 @@ def run_job(args: argparse.Namespace, job: str) -> dict[str, Any]:
     lr = args.lr or (FULL_LR if kind == "full" else None)
     epochs = args.epochs or EPOCHS[task]
     pairs = len(get_task(task).load("train", args.data_dir, args.max_examples))
-    eval_steps = math.ceil(math.ceil(pairs / args.batch_size) * epochs / VALIDATIONS)
+    eval_steps = math.ceil(math.ceil(pairs / args.batch_size) * epochs / args.validations)
     cfg = TrainConfig(eval_steps=eval_steps, task=task, model=args.model, output=str(out), overwrite=True, lr=lr,
                       epochs=epochs, batch_size=args.batch_size, max_examples=args.max_examples,
                       max_length=args.max_length, max_eval_examples=args.max_validation, data_dir=args.data_dir,
@@ -170,8 +171,9 @@ def _section(rows: list[dict[str, Any]]) -> list[str]:
              f"Recipe (the defaults): LoRA r={h['rank']} α={h['alpha']} lr {h['lr']}"
              + (f", head lr {h['head_lr']}" if first["formulation"] == "classify" else f", {h['chat_loss']} loss")
              + f", warmup {h['warmup']}, batch {h['batch_size']}, max length {h['max_length']}, best of "
-             f"{len(first['validation_history'] or [])} validations on ≤{h['max_eval_examples']} validation pairs. "
-             f"Full fine-tuning: every weight at lr {FULL_LR}, the same head, data and budget.", "",
+             f"{len(first['validation_history'] or [])} validations on ≤{h['max_eval_examples']} validation pairs."
+             + (f" Full fine-tuning: every weight at lr {FULL_LR}, the same head, data and budget."
+                if any(r["kind"] == "full" for r in rows) else ""), "",
              "| task | kind | seeds | test acc | majority | p | val acc (best step) | final loss / ln K | "
              "train ex × epochs | steps | train s | ex/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(EPOCHS)
