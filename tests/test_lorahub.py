@@ -51,7 +51,8 @@ def bert_world(root: Path, task: str = "hubtask") -> tuple[Path, Path, list[Path
     model = tiny_bert(root / "bert")
     load_task_file(write_task_files(root / "data", task, ["contradiction", "entailment", "neutral"], n=96))
     good = train_adapter(TrainConfig(task=task, model=str(model), formulation="classify", output=str(root / "good"),
-                                     epochs=8, lr=5e-3, batch_size=16, rank=4, alpha=8, dropout=0.0,
+                                     epochs=8, lr=5e-3, head_lr=5e-3, best_checkpoint=False, batch_size=16, rank=4,
+                                     alpha=8, dropout=0.0,
                                      target_modules=["query", "value"], progress=False))
     return model, good, noise_adapters(root, BERT_MODULES, model, 2, 6.0)
 
