@@ -165,7 +165,7 @@ NOTES = ""
 
 
 def _section(rows: list[dict[str, Any]]) -> list[str]:
-    first = rows[0]
+    first = next((r for r in rows if r["kind"] == "lora"), rows[0])
     h = first["hyperparameters"]
     lines = [f"## {first['run']}: {first['model']} ({first['formulation']})", "",
              f"Recipe (the defaults): LoRA r={h['rank']} α={h['alpha']} lr {h['lr']}"
@@ -219,8 +219,8 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
         sig = all(r["p_value"] < 0.01 for r in lora)
         loss_ok = all(r["final_loss_below_0.8lnK"] for r in lora)
         text = (f"- **{task}**: LoRA {100 * mean_lora:.1f}% (mean of {len(lora)}), "
-                f"{'significantly above' if sig else 'NOT significantly above'} its majority class (p < 0.01 "
-                f"{'for every seed' if len(lora) > 1 else ''}), final loss {'below' if loss_ok else 'NOT below'} "
+                f"{'significantly above' if sig else 'NOT significantly above'} its majority class (p < 0.01"
+                f"{' for every seed' if len(lora) > 1 else ''}), final loss {'below' if loss_ok else 'NOT below'} "
                 f"0.8·ln K")
         if full:
             mean_full = statistics.mean(r["test_accuracy"] for r in full)
