@@ -77,7 +77,10 @@ class Classify:
         width = max(len(r["input_ids"]) for r in rows)
         pad = {"input_ids": self.tokenizer.pad_token_id or 0}
         inputs = {key: torch.tensor([r[key] + [pad.get(key, 0)] * (width - len(r[key])) for r in rows])
-                  for key in rows[0] if key != "target"}
+                  for key in rows[0] if key not in ("target", "attention_mask")}
+        # The mask from the lengths: some tokenizers return none (their own `pad` would add it).
+        inputs["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                                 for r in rows])
         return Batch(inputs, torch.tensor([r["target"] for r in rows]))
 
     def logits(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
