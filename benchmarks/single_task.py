@@ -155,6 +155,7 @@ def report() -> None:
              "below 0.8·ln K. Train s excludes the validation passes (listed apart in the JSON).", ""]
     for run in dict.fromkeys(r["run"] for r in rows):
         lines += _section([r for r in rows if r["run"] == run])
+    lines += _curves(rows)
     lines.append("The shared data differ from the public datasets: see ../shared/data/nli/README.md (MNLI/SNLI/"
                  "QNLI train subsampled to 9k, test = public dev sets; SciTail re-split from its test set; FEVER "
                  "the symmetric set without NOT ENOUGH INFO). MiniLM (all-MiniLM-L6-v2) was contrastively "
@@ -208,6 +209,24 @@ def _section(rows: list[dict[str, Any]]) -> list[str]:
     lines += ["", f"Total training time, one seed per task: LoRA {total['lora'] / 60:.1f} min, full fine-tuning "
               f"{total['full'] / 60:.1f} min (the sum of the jobs' own train seconds; two jobs ran at once).", ""]
     return lines + _verdicts(rows) + [""]
+
+
+def _curves(rows: list[dict[str, Any]]) -> list[str]:
+    """Test accuracy by training budget, wherever one model's LoRA on one task ran at several budgets (seed 0)."""
+    lines: list[str] = []
+    for model, task in dict.fromkeys((r["model"], r["task"]) for r in rows):
+        points = sorted((r for r in rows if r["model"] == model and r["task"] == task and r["kind"] == "lora"
+                         and r["seed"] == 0), key=lambda r: r["train_examples"] * r["hyperparameters"]["epochs"])
+        if len({r["train_examples"] * r["hyperparameters"]["epochs"] for r in points}) < 3:
+            continue
+        lines += [f"## Learning curve: {model} on {task} (LoRA, seed 0)", "",
+                  "| run | train pairs × epochs | steps | test acc | majority | p | final loss / ln K | train s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['train_examples']} × {r['hyperparameters']['epochs']:g} | {r['train_steps']} | "
+                  f"{100 * r['test_accuracy']:.1f} | {100 * r['majority_baseline']:.1f} | {r['p_value']:.1e} | "
+                  f"{r['final_loss']:.3f} / {r['uniform_loss']:.3f} | {r['train_seconds']:.0f} |" for r in points]
+        lines.append("")
+    return lines
 
 
 def _row(group: list[dict[str, Any]]) -> str:
