@@ -206,8 +206,10 @@ def _section(rows: list[dict[str, Any]]) -> list[str]:
                 lines.append(_row(group))
     total = {kind: sum(r["train_seconds"] for r in rows if r["kind"] == kind and r["seed"] == 0)
              for kind in ("lora", "full")}
-    lines += ["", f"Total training time, one seed per task: LoRA {total['lora'] / 60:.1f} min, full fine-tuning "
-              f"{total['full'] / 60:.1f} min (the sum of the jobs' own train seconds; two jobs ran at once).", ""]
+    full = f", full fine-tuning {total['full'] / 60:.1f} min" if total["full"] else ""
+    lines += ["", f"Total training time, one seed per task ({len({r['task'] for r in rows})} tasks): LoRA "
+              f"{total['lora'] / 60:.1f} min{full} (the sum of the jobs' own train seconds, validation excluded; "
+              "jobs ran side by side on the shared machine).", ""]
     return lines + _verdicts(rows) + [""]
 
 
