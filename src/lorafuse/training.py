@@ -51,7 +51,9 @@ class TrainConfig:
     lr: float | None = None  # None: the model's recipe (models.ModelInfo.recipe), else DEFAULT_RECIPE
     head_lr: float | None = None  # the classify head's learning rate; None: the recipe's
     warmup: float | None = None  # fraction of the steps with a linear warmup; None: the recipe's
-    pooling: str | None = None  # classify head input: None (the model's own), `model` or `mean`
+    # classify head input: None (the model's own), `model` or `mean`; anything but None is for ablations: the
+    # Evaluator reads every model with its own pooling
+    pooling: str | None = None
     chat_loss: str = "verbalizer"  # or `generative` (see lorafuse.formulations)
     eval_steps: int | None = None  # validate every N steps (None: EVALUATIONS times a run); 0: never
     best_checkpoint: bool = True  # write the best adapter by validation accuracy, not the last
