@@ -166,23 +166,32 @@ def report() -> None:
 NOTES = """
 ## Budget and what the verdicts say
 
-- **Budget** (all runs above, LoRA and full fine-tuning alike): at most 2,000 training pairs a task (the first
-  ones of each shared train split: MNLI, SNLI, QNLI, SICK and RTE are cut to 2,000), 1 epoch (SciTail 1,277 × 2,
-  FEVER 602 × 3), batch 16: 114-160 steps a task. Chosen so that the 7 LoRA adapters, the 7 full fine-tunes and
-  the extra seeds fit in about an hour of a machine shared with five other jobs; at this budget MNLI and SNLI
-  are still learning (their validation accuracy rises at every validation, the best step is the last).
+- **Budget** (the `minilm` and `smollm2` sections, LoRA and full fine-tuning alike): at most 2,000 training pairs
+  a task (the first ones of each shared train split: MNLI, SNLI, QNLI, SICK and RTE are cut to 2,000), 1 epoch
+  (SciTail 1,277 × 2, FEVER 602 × 3), batch 16: 114-160 steps a task. Chosen so that the 7 LoRA adapters, the 7
+  full fine-tunes and the extra seeds fit in about an hour of a machine shared with five other jobs. The seven
+  LoRA adapters (one seed) trained in 32.7 min in total.
+- **MiniLM, where the full fine-tune is significant** (MNLI, SNLI, QNLI, SICK, SciTail): every LoRA adapter is
+  significant too (p < 1e-60, every seed), within 3 points of the full fine-tune on MNLI (2.8), QNLI (2.3), SICK
+  (1.1, mean of 3 seeds) and SciTail (2.0, mean of 3); SNLI is 7.0 points behind at 2,000 pairs. The final loss
+  is below 0.8·ln K on SICK and SciTail only; MNLI (1.02, the full fine-tune's too), SNLI and QNLI are still
+  learning at 125 steps (the best validation is the last one).
+- **Twice the pairs** (`minilm-4k`, 250 steps): SNLI's LoRA reaches 71.4% against the full fine-tune's 74.0%
+  (gap 2.6) with a final loss of 0.721 < 0.8·ln 3 = 0.879; MNLI's LoRA rises from 49.0% to 57.0%, loss 0.952.
+  The gap and the loss at 2,000 pairs are the budget's, not the recipe's.
 - **Tasks on which the full fine-tune itself fails** (not significantly above the majority class): **RTE** (full
-  52.3% against a 52.7% majority, p = 0.57; LoRA 49.5%) and **FEVER** (full 49.9% against 50.1%, p = 0.54; LoRA
-  50.2 ± 0.1% over 3 seeds). Both losses stay at ln 2. RTE's 2,000 long, knowledge-heavy pairs and the symmetric
-  FEVER (half the pairs are counterfactual rewrites built so that claim-only cues fail, 602 training pairs) are
-  beyond a 22M sentence encoder at 114-125 steps, with every weight trained as with a LoRA.
-- **The 0.8·ln K loss criterion** is met by SICK and SciTail; MNLI (1.02 for LoRA and full alike), SNLI and QNLI
-  are still above it at 125 steps; the `minilm-4k` section (twice the pairs) shows how the loss and the LoRA/full
-  gap move with the budget.
-- SmolLM2 (chat, verbalizer loss): 40 steps of 8 (320 pairs), lr 1e-3, validation on 100 pairs at steps 20 and 40.
-  MNLI was not run: its complete test split (9,815 pairs) alone takes ~1.5 h at the 1.6-3 pairs/s this shared
-  machine gave SmolLM2's evaluation; on a GPU, `configs/nli4-smollm2.yaml` with the defaults (verbalizer loss)
-  and ≥ 1 epoch of the 9k pairs is the config to run.
+  52.3% against a 52.7% majority, p = 0.57; LoRA 47.7 ± 4.1% over 3 seeds) and **FEVER** (full 49.9% against
+  50.1%, p = 0.54; LoRA 50.2 ± 0.1% over 3 seeds). Both losses stay at ln 2. RTE's long, knowledge-heavy pairs
+  and the symmetric FEVER (half its pairs are counterfactual rewrites built so that claim-only cues fail; 602
+  training pairs) are beyond a 22M sentence encoder at 114-125 steps, with every weight trained as with a LoRA.
+- **SmolLM2** (chat, verbalizer loss): 40 steps of 8 (320 pairs), lr 1e-3, validation on 100 pairs at steps 20
+  and 40. SciTail learns (71.7% against 58.9%, p = 1e-11); FEVER and RTE stay at their prior (RTE predicts
+  entailment for 96% of the pairs); the FEVER learning curve (80, 320, 602 pairs) is flat, as MiniLM's full
+  fine-tune is: on FEVER the task, not the budget, is the limit at these sizes. RTE's curve and MNLI were not run:
+  MNLI's complete test split (9,815 pairs) alone takes ~1 h at the 1.6-3.5 pairs/s this shared machine gave
+  SmolLM2's evaluation. The config that closes it on a GPU: `configs/nli4-smollm2.yaml` with the defaults
+  (verbalizer loss, lr 1e-3) and ≥ 1 epoch of the 9k MNLI pairs (≥ 1,100 steps of 8), complete test splits.
+  SmolLM2's lr 1e-3 is the old single-task runs' rate, not re-measured for the verbalizer loss.
 """
 
 
