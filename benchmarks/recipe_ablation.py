@@ -88,8 +88,9 @@ def report() -> None:
                                                        indent=2) + "\n")
     lines = ["# MiniLM (classify) training recipe: one change at a time, MNLI", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {info['cpu']}, {info['cores']} cores, "
-             f"torch {info['torch']}, 1 torch thread per process, two processes at once (one per core) while "
-             "other helpers' jobs shared the machine (times are indicative, ±30%).", "",
+             f"torch {info['torch']}, 1 torch thread per process, two or three of this issue's processes at once while "
+             "five other helpers' jobs shared the machine (load average 4-11: times vary ±50%; accuracies do not "
+             "depend on them).", "",
              "Budget per row: MNLI (the shared data), the first 2,000 training pairs, 1 epoch, batch 16 (125 "
              "steps), LoRA r=8 α=16 on every linear layer of the 6 encoder layers unless the row says otherwise, "
              "max length 128, seed 0; validation accuracy on the first 500 validation pairs every 32 steps and "
