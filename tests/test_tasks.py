@@ -28,6 +28,16 @@ def test_builtin_tasks_and_their_label_words():
     assert get_task("rte").hub.dataset == "nyu-mll/glue" and get_task("rte").hub.premise == "sentence1"
 
 
+def test_qnli_hub_mapping_agrees_with_the_shared_data(nli_data_dir):
+    """premise = the context sentence, hypothesis = the question, from the Hub (GLUE's sentence / question) and
+    from the shared files alike."""
+    hub = get_task("qnli").hub
+    assert (hub.premise, hub.hypothesis) == ("sentence", "question")
+    examples = get_task("qnli").load("validation", nli_data_dir, 200)
+    questions = sum(e.hypothesis.rstrip().endswith("?") for e in examples)
+    assert questions > 0.9 * len(examples) and sum(e.premise.rstrip().endswith("?") for e in examples) < questions / 10
+
+
 def test_unknown_task_lists_known_ones():
     with pytest.raises(ConfigError, match="did you mean 'mnli'.*known: .*rte"):
         get_task("mnlii")

@@ -79,3 +79,37 @@ def write_task_files(root: Path, name: str, labels: list[str], n: int = 48, seed
     task_file.write_text(json.dumps({name: {"labels": labels, "files": {
         s: f"{name}/{s}.jsonl" for s in ("train", "validation", "test")}}}))
     return task_file
+
+
+KEYWORDS = ("yes", "no", "some", "all")
+
+
+def write_keyword_task(root: Path, name: str, labels: list[str], n: int = 96, seed: int = 0) -> Path:
+    """A task whose label is a simple function of the input: the hypothesis's last word names the label
+    (`yes`, `no`, `some`, ... in the order of `labels`); the premise is random filler. Plus its YAML task file."""
+    import random
+
+    rng = random.Random(seed)
+    filler = [w for w in WORDS[:12] if w not in KEYWORDS]
+    for split, size in (("train", n), ("validation", n // 2), ("test", n // 2)):
+        rows = []
+        for i in range(size):
+            k = rng.randrange(len(labels))
+            premise = " ".join(rng.choice(filler) for _ in range(rng.randrange(1, 4)))
+            rows.append({"id": f"{split}-{i}", "premise": premise, "hypothesis": KEYWORDS[k],
+                         "label": labels[k]})
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task_file = root / f"{name}.yaml"
+    task_file.write_text(json.dumps({name: {"labels": labels, "files": {
+        s: f"{name}/{s}.jsonl" for s in ("train", "validation", "test")}}}))
+    return task_file
+
+
+def tiny_sentence_bert(path: Path, seed: int = 0) -> Path:
+    """The tiny BERT as a sentence-transformers model (a mean-pooling `1_Pooling/config.json`, as
+    all-MiniLM-L6-v2 ships): lorafuse's classify head then reads mean pooling."""
+    tiny_bert(path, seed)
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return path

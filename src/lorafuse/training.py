@@ -1,6 +1,19 @@
 """Training one LoRA adapter per task: PEFT on the Hugging Face Trainer (so `accelerate launch` and several GPUs
 work unchanged), fp32 on CPU and bf16 on GPU. Writes the PEFT adapter and a training record.
 
+The recipe (each default measured in `benchmarks/results/recipe_ablation.md`):
+- the classify head reads the model's own pooling (mean pooling for sentence-transformers encoders such as
+  all-MiniLM-L6-v2, see `formulations.model_pooling`), and the freshly initialised head learns at `head_lr`,
+  higher than the LoRA factors' `lr` (a zero-initialised LoRA and a random head at one small rate sit at the
+  prior for most of a short budget);
+- linear decay after a `warmup` fraction of the steps; learning rates per model (`models.ModelInfo.recipe`);
+- batches of similar length (length-grouped sampling) padded to their own longest row;
+- validation accuracy every `eval_steps`: the adapter written is the best one seen (`best_step` in the record),
+  not the last one (`best_checkpoint=False` keeps the last);
+- chat: the verbalizer loss by default (`chat_loss`, see `lorafuse.formulations`).
+`full_finetune=True` trains every weight instead of a LoRA (the same data, budget and head; the reference a
+LoRA is judged against in `benchmarks/single_task.py`) and writes a whole model directory.
+
 Under `accelerate launch --multi_gpu --num_processes N` (torchrun; gloo on a machine without GPUs) each process
 takes `batch_size` examples a step, so the global batch is N × batch_size; the first process writes the adapter
 and the others wait for it. With dropout off, the adapter equals a one-process run with batch N × batch_size up to
@@ -9,8 +22,10 @@ so there the two agree only when the processes see equally many answer tokens.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -43,7 +58,17 @@ class TrainConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: list[str] | None = None
-    lr: float = 5e-4
+    lr: float | None = None  # None: the model's recipe (models.ModelInfo.recipe), else DEFAULT_RECIPE
+    head_lr: float | None = None  # the classify head's learning rate; None: the recipe's
+    warmup: float | None = None  # fraction of the steps with a linear warmup; None: the recipe's
+    # classify head input: None (the model's own), `model` or `mean`; anything but None is for ablations: the
+    # Evaluator reads every model with its own pooling
+    pooling: str | None = None
+    chat_loss: str = "verbalizer"  # or `generative` (see lorafuse.formulations)
+    eval_steps: int | None = None  # validate every N steps (None: EVALUATIONS times a run); 0: never
+    best_checkpoint: bool = True  # write the best adapter by validation accuracy, not the last
+    group_by_length: bool = True
+    full_finetune: bool = False
     epochs: float = 2.0
     batch_size: int = 16
     grad_accum: int = 1
@@ -61,6 +86,18 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Used where neither the config nor the model's recipe gives a value.
+DEFAULT_RECIPE: dict[str, float] = {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.06}
+EVALUATIONS = 5  # validations per run when eval_steps is not given (each costs a pass over them)
+
+
+def resolve_recipe(cfg: TrainConfig, recipe: dict[str, Any]) -> TrainConfig:
+    """The config with every recipe field it leaves open (None) taken from the model's recipe, then
+    DEFAULT_RECIPE: what the record stores is what was run."""
+    filled = {k: recipe.get(k, DEFAULT_RECIPE[k]) for k in DEFAULT_RECIPE if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **filled)
+
+
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, rows: list[dict[str, Any]]) -> None:
         self.rows = rows
@@ -72,41 +109,138 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
+def _is_head(name: str) -> bool:
+    """Parameters of the classification head: PEFT's modules_to_save copy, or the bare model's head."""
+    return "modules_to_save" in name or name.split(".")[0] in ("classifier", "score")
+
+
+def _row_length(row: dict[str, Any]) -> int:
+    return len(row.get("input_ids") or row.get("prompt", [])) + len(row.get("answer", []))
+
+
 def _trainer(model: Any, formulation: Any, task: Task, rows: list[dict[str, Any]], cfg: TrainConfig,
-             ckpt_dir: Path) -> Any:
+             ckpt_dir: Path, callbacks: list[Any] | None = None) -> Any:
     from transformers import Trainer, TrainingArguments
+    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from lorafuse.formulations import Batch
 
+    lengths = [_row_length(r) for r in rows]
+
     class FormulationTrainer(Trainer):
-        """The formulation's own loss (answer tokens only; masked logits of binary tasks)."""
+        """The formulation's own loss (verbalizer or answer tokens; masked logits of binary tasks), the head at
+        its own learning rate, length-grouped batches."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             targets = inputs.pop("targets")
             loss = formulation.loss(model, Batch(inputs, targets), task)
             return (loss, None) if return_outputs else loss
 
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                named = [(n, p) for n, p in (model or self.model).named_parameters() if p.requires_grad]
+                groups = [{"params": [p for n, p in named if not _is_head(n)], "lr": cfg.lr},
+                          {"params": [p for n, p in named if _is_head(n)], "lr": cfg.head_lr}]
+                self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                                                   weight_decay=0.0)
+            return self.optimizer
+
+        def _get_train_sampler(self, train_dataset=None):
+            if not cfg.group_by_length:
+                return super()._get_train_sampler(train_dataset)
+            # Length-grouped (a shuffled order, sorted within mega-batches): little padding, random batches.
+            # Grouped by the global batch, so N processes (which take every N-th batch of this order) see the
+            # same examples per step as one process with N times the batch.
+            return LengthGroupedSampler(cfg.batch_size * cfg.grad_accum * self.args.world_size, lengths=lengths)
+
     def collate(batch_rows: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = formulation.collate(batch_rows, with_answer=True) if formulation.name == "chat" \
-            else formulation.collate(batch_rows)
+        if getattr(formulation, "trains_on_answer", False):
+            batch = formulation.collate(batch_rows, with_answer=True)
+        else:
+            batch = formulation.collate(batch_rows)
         return {**batch.inputs, "targets": batch.targets}
 
     gpu = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
-        lr_scheduler_type="linear", warmup_steps=0.06, weight_decay=0.0, logging_steps=max(1, cfg.logging_steps),
+        lr_scheduler_type="linear", warmup_steps=cfg.warmup, weight_decay=0.0,
+        logging_steps=max(1, cfg.logging_steps),
         save_strategy="steps" if cfg.save_steps else "epoch", save_steps=cfg.save_steps or 500, save_total_limit=1,
         report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not cfg.progress,
         **_checkpointing_arg(TrainingArguments, cfg.gradient_checkpointing),
     )
-    trainer = FormulationTrainer(model=model, args=args, train_dataset=_Rows(rows), data_collator=collate)
+    trainer = FormulationTrainer(model=model, args=args, train_dataset=_Rows(rows), data_collator=collate,
+                                 callbacks=callbacks)
     if not cfg.progress:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
     return trainer
+
+
+class BestCheckpoint:
+    """Validation accuracy every `every` steps (and at the last); keeps a copy of the trainable weights of the
+    best step (LoRA factors and head: a few MB), and `restore` loads them back before the adapter is written.
+    A run resumed from a checkpoint starts its search afresh (the best state lives in memory)."""
+
+    def __init__(self, model: Any, formulation: Any, task: Task, batches: list[Any], every: int,
+                 keep_best: bool = True) -> None:
+        self.model, self.formulation, self.task, self.batches = model, formulation, task, batches
+        self.every, self.keep_best = every, keep_best
+        self.history: list[tuple[int, float]] = []
+        self.seconds = 0.0  # spent validating (not training)
+        self.best_step: int | None = None
+        self.best_accuracy = -1.0
+        self._best: dict[str, torch.Tensor] = {}
+
+    def accuracy(self) -> float:
+        """Validation accuracy of the model as it stands (eval mode for the pass, train mode restored)."""
+        was_training = self.model.training
+        self.model.eval()
+        correct = total = 0
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            for batch in self.batches:
+                moved = type(batch)({k: v.to(device) if torch.is_tensor(v) else v
+                                     for k, v in batch.inputs.items()}, batch.targets.to(device))
+                correct += int((self.formulation.predict(self.model, moved, self.task) == moved.targets).sum())
+                total += len(batch.targets)
+        self.model.train(was_training)
+        return correct / max(total, 1)
+
+    def step(self, step: int, last: bool) -> None:
+        if not self.batches or not (last or (self.every and step % self.every == 0)):
+            return
+        if self.history and self.history[-1][0] == step:
+            return
+        start = time.perf_counter()
+        accuracy = self.accuracy()
+        self.seconds += time.perf_counter() - start
+        self.history.append((step, round(accuracy, 5)))
+        if accuracy > self.best_accuracy or not self.keep_best:  # ties keep the earlier step
+            self.best_accuracy, self.best_step = accuracy, step
+            self._best = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def restore(self) -> None:
+        if not self._best:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, value in self._best.items():
+                params[n].copy_(value)
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        tracker = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                tracker.step(state.global_step, state.global_step >= state.max_steps)
+
+        return _Callback()
 
 
 def _checkpointing_arg(arguments: Any, enabled: bool) -> dict[str, bool]:
@@ -118,43 +252,97 @@ def _checkpointing_arg(arguments: Any, enabled: bool) -> dict[str, bool]:
 
 
 def train_adapter(cfg: TrainConfig) -> Path:
-    """Train one task's adapter; returns the output directory (PEFT adapter + lorafuse_train.json). The adapter
-    is written to a temporary directory, validated there, and moved into place whole."""
+    """Train one task's adapter; returns the output directory (PEFT adapter + lorafuse_train.json; a whole model
+    directory with `full_finetune`). The output is written to a temporary directory and moved into place whole."""
     from lorafuse.models import resolve_model, resolve_targets
 
     check_train_config(cfg)
     out = check_output(cfg.output, cfg.overwrite)
     info = resolve_model(cfg.model)
+    cfg = resolve_recipe(cfg, dict(info.recipe))
     formulation_name = cfg.formulation or info.formulation
     task = get_task(cfg.task)
     check_apart(out, _inputs(cfg, task), what="output")
     check_formulation(formulation_name, [task])
     _check_validation_split(task, cfg.data_dir)  # a malformed split is an error now, not "n/a" after training
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(info.path, formulation_name)
-    formulation = make_formulation(formulation_name, tokenizer, cfg.max_length)
+    model, tokenizer = load_model(info.path, formulation_name, pooling=cfg.pooling)
+    formulation = make_formulation(formulation_name, tokenizer, cfg.max_length, cfg.chat_loss)
     rows = formulation.encode(task, task.load("train", cfg.data_dir, cfg.max_examples))
-    peft_model = _wrap(model, cfg, formulation_name, resolve_targets(info, cfg.target_modules))
+    if cfg.full_finetune:
+        trained = model
+    else:
+        trained = _wrap(model, cfg, formulation_name, resolve_targets(info, cfg.target_modules))
+    best = BestCheckpoint(trained, formulation, task, _validation_batches(formulation, task, cfg, formulation_name),
+                          _eval_every(cfg, len(rows)), keep_best=cfg.best_checkpoint)
     ckpt = out.parent / f".{out.name}.checkpoints"
     _remove_stale_temporaries(out)
-    trainer = _trainer(peft_model, formulation, task, rows, cfg, ckpt)
+    trainer = _trainer(trained, formulation, task, rows, cfg, ckpt, [best.callback()])
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt) if cfg.resume else None)
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start - best.seconds  # validation timed apart
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes
         trainer.accelerator.wait_for_everyone()  # and the others return once the adapter is in place
         return out
-    peft_model.eval()
+    best.restore()
+    trained.eval()
     with atomic_output_dir(out, cfg.overwrite) as tmp:
-        peft_model.save_pretrained(tmp)
+        trained.save_pretrained(tmp)
+        if cfg.full_finetune:
+            tokenizer.save_pretrained(tmp)
+            _copy_pooling_config(info.path, tmp, cfg.pooling)
         record = _record(cfg, task, formulation_name, info.path, len(rows), result, train_seconds,
                          trainer.state.log_history)
+        record.update(_validation_record(best))
         (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")  # names the task for its head
-        record.update(_validate(cfg, task, formulation_name, tmp))
-        (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if not best.history and not cfg.full_finetune:
+            record.update(_validate(cfg, task, formulation_name, tmp))
+            (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(ckpt, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+def _eval_every(cfg: TrainConfig, n_rows: int) -> int:
+    """Steps between validations: the config's, else EVALUATIONS evenly spaced over the run."""
+    if cfg.eval_steps is not None:
+        return cfg.eval_steps
+    import math
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # `accelerate launch`: the global batch counts
+    steps = math.ceil(math.ceil(n_rows / (cfg.batch_size * processes)) / cfg.grad_accum * cfg.epochs)
+    return max(1, math.ceil(steps / EVALUATIONS))
+
+
+def _validation_batches(formulation: Any, task: Task, cfg: TrainConfig, formulation_name: str) -> list[Any]:
+    """The validation split tokenized once, in length-sorted batches ([] without a split, or eval_steps=0)."""
+    from lorafuse.errors import LorafuseError
+
+    if cfg.eval_steps == 0 or cfg.max_eval_examples == 0:
+        return []
+    try:
+        examples = task.load("validation", cfg.data_dir, cfg.max_eval_examples)
+    except LorafuseError:
+        return []
+    rows = sorted(formulation.encode(task, examples), key=_row_length)
+    size = 64 if formulation_name == "classify" else 16
+    return [formulation.collate(rows[i:i + size]) for i in range(0, len(rows), size)]
+
+
+def _validation_record(best: BestCheckpoint) -> dict[str, Any]:
+    if not best.history:
+        return {}
+    return {"validation_accuracy": best.best_accuracy, "validation_examples": sum(len(b.targets) for b in best.batches),
+            "best_step": best.best_step, "validation_history": best.history,
+            "validation_seconds": round(best.seconds, 2),
+            "checkpoint_rule": "best validation accuracy" if best.keep_best else "last"}
+
+
+def _copy_pooling_config(model_path: str, out: Path, pooling: str | None) -> None:
+    """A fully fine-tuned sentence-transformers model keeps its pooling config (so it is read the same way)."""
+    source = Path(model_path) / "1_Pooling"
+    if pooling in (None, "mean") and source.is_dir():
+        shutil.copytree(source, out / "1_Pooling")
 
 
 def _wrap(model: Any, cfg: TrainConfig, formulation: str, targets: list[str] | str) -> Any:
@@ -214,9 +402,14 @@ def check_train_config(cfg: TrainConfig) -> None:
     for name, value in positive_ints.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name}: must be an integer ≥ 1 (got {value!r})")
-    for name, value in {"lr": cfg.lr, "epochs": cfg.epochs, "alpha": cfg.alpha}.items():
+    optional = {"lr": cfg.lr, "head_lr": cfg.head_lr}  # None: the model's recipe
+    for name, value in {**optional, "epochs": cfg.epochs, "alpha": cfg.alpha}.items():
+        if value is None and name in optional:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{name}: must be a finite number > 0 (got {value!r})")
+    if cfg.warmup is not None and not (isinstance(cfg.warmup, (int, float)) and 0.0 <= cfg.warmup < 1.0):
+        raise ConfigError(f"warmup: must be a fraction in [0, 1) (got {cfg.warmup!r})")
     if not (isinstance(cfg.dropout, (int, float)) and 0.0 <= cfg.dropout < 1.0):
         raise ConfigError(f"dropout: must be in [0, 1) (got {cfg.dropout!r})")
     if cfg.max_length is not None and (not isinstance(cfg.max_length, int) or cfg.max_length < 8):
@@ -268,6 +461,12 @@ def _validate(cfg: TrainConfig, task: Task, formulation: str, adapter_dir: Path)
     return {"validation_accuracy": result.accuracy[task.name], "validation_examples": result.examples[task.name]}
 
 
+def _pooling_of(model_path: str) -> str:
+    from lorafuse.formulations import model_pooling
+
+    return model_pooling(model_path)
+
+
 def _fingerprints(task: Task, data_dir: str | None) -> dict[str, str]:
     """sha256 of the train and validation data (validation only where the task has one)."""
     from lorafuse.errors import LorafuseError
@@ -291,5 +490,8 @@ def _record(cfg: TrainConfig, task: Task, formulation: str, model_path: str, n: 
         "hyperparameters": {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress")},
         "train_loss": float(result.training_loss), "train_steps": int(result.global_step),
         "loss_history": losses, "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "train_seconds": round(seconds, 2), **stamp(),
+        "train_seconds": round(seconds, 2),
+        "train_examples_per_second": round(n * cfg.epochs / seconds, 2)
+        if seconds > 0 else None,
+        "pooling": cfg.pooling or (_pooling_of(model_path) if formulation == "classify" else None), **stamp(),
     }

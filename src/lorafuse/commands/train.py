@@ -23,7 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lora.add_argument("--target-modules", nargs="+",
                       help="module names, one regex, or `all` (Llama: all 7 projections); default: the model's")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=finite_float, default=5e-4)
+    opt.add_argument("--lr", type=finite_float, help="LoRA learning rate (default: the model's recipe)")
+    opt.add_argument("--head-lr", type=finite_float, help="classify head learning rate (default: the model's recipe)")
+    opt.add_argument("--warmup", type=finite_float, help="warmup fraction of the steps (default: the model's recipe)")
+    opt.add_argument("--chat-loss", choices=["verbalizer", "generative"], default="verbalizer",
+                     help="chat training loss (default: verbalizer, the label words' deciding tokens)")
+    opt.add_argument("--no-best-checkpoint", action="store_true",
+                     help="write the last adapter instead of the best one by validation accuracy")
     opt.add_argument("--epochs", type=finite_float, default=2.0)
     opt.add_argument("--batch-size", type=positive_int, default=16)
     opt.add_argument("--grad-accum", type=positive_int, default=1)
@@ -64,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(task=args.task, model=args.model, output=args.output, formulation=args.formulation,
                       rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=args.target_modules,
-                      lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      lr=args.lr, head_lr=args.head_lr, warmup=args.warmup, chat_loss=args.chat_loss,
+                      best_checkpoint=not args.no_best_checkpoint, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       max_examples=args.max_examples, max_length=args.max_length, seed=args.seed,
                       data_dir=args.data_dir, gradient_checkpointing=args.gradient_checkpointing,
                       save_steps=args.save_steps, resume=args.resume, overwrite=args.overwrite,
@@ -74,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     record = json.loads((out / TRAIN_RECORD).read_text())
     val = record.get("validation_accuracy")
+    best = f" (best at step {record['best_step']})" if record.get("best_step") is not None else ""
     print(f"wrote {out}: {record['train_steps']} steps in {record['train_seconds']:.0f} s, validation accuracy "
-          + (f"{100 * val:.1f}%" if val is not None else "n/a (no validation split)"))
+          + (f"{100 * val:.1f}%{best}" if val is not None else "n/a (no validation split)"))
     return 0

@@ -26,7 +26,7 @@ class TrainSettings(_Strict):
     alpha: float = 16.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | None = None
-    lr: float = Field(5e-4, gt=0.0)
+    lr: float | None = Field(None, gt=0.0)  # None: the model's recipe (lorafuse.models)
     epochs: float = Field(2.0, gt=0.0)
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)

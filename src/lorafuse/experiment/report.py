@@ -227,7 +227,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     t, e = cfg["train"], cfg["eval"]
     parts += ["## Budget", "",
               f"LoRA r={t['rank']} α={t['alpha']} on {t['target_modules'] or 'the model default modules'}, "
-              f"lr {t['lr']}, {t['epochs']} epochs, batch {t['batch_size']}×{t['grad_accum']}, "
+              f"lr {t['lr'] or 'of the model recipe'}, {t['epochs']} epochs, batch {t['batch_size']}×{t['grad_accum']}, "
               f"≤{t['max_examples'] or 'all'} training examples per task, max length {t['max_length']}, seed "
               f"{t['seed']}; validation ≤{e['max_validation'] or 'all'} and test ≤{e['max_test'] or 'all'} "
               f"examples per task; {cfg.get('seeds', 1)} seeds per stochastic method.", ""]

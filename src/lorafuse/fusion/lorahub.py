@@ -2,7 +2,9 @@
 one weight per adapter for a target task, found without gradients on a few labelled examples.
 
 Objective: the few-shot cross-entropy + 0.05·mean|w|, w ∈ [-1.5, 1.5]^N, start 0, nevergrad NGOpt, budget 40 (the
-paper's defaults, all settable). Two compositions:
+paper's defaults, all settable). The cross-entropy is the formulation's training loss: classify's head, and for chat
+the verbalizer loss over the label words' deciding tokens (a deviation: the paper scores every answer token, which
+`chat_loss="generative"` gives). Two compositions:
 
 - `factors` (the paper's): Â = Σ w_i A_i, B̂ = Σ w_i s_i B_i, cross terms w_i w_j s_j B_j A_i included; needs equal
   ranks per module. Each adapter's scale s_i = alpha_i/r_i (rsLoRA and rank_pattern included) is folded into its
