@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_bert
 
 from lorafuse.experiment.config import parse_config
 from lorafuse.experiment.executors import LocalExecutor, RayExecutor
 from lorafuse.experiment.runner import ExperimentRunner
-from test_experiment import write_keyword_task
+from test_experiment import tiny_experiment
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("optuna")
@@ -46,17 +45,7 @@ def executor(cluster):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("executors")
-    model = tiny_bert(root / "bert")
-    tasks = {**write_keyword_task(root / "data", "xa", 0), **write_keyword_task(root / "data", "xb", 1)}
-    (root / "tasks.yaml").write_text(json.dumps(tasks))
-    raw = {"name": "tiny", "model": str(model), "formulation": "classify", "tasks": ["xa", "xb"],
-           "task_file": str(root / "tasks.yaml"),
-           "train": {"rank": 4, "epochs": 1, "batch_size": 8, "lr": 1e-2, "target_modules": ["query", "value"]},
-           "eval": {"max_validation": 32, "max_test": 32, "batch_size": 32},
-           "methods": [{"method": "average"},
-                       {"method": "task_arithmetic", "search": {"lambda": [0.5, 1.0]}},
-                       {"method": "ties", "space": "knots", "search": {"density": [0.3, 1.0]}}]}
-    return root, raw
+    return root, tiny_experiment(root)
 
 
 def run(raw, out, executor=None, **kw):

@@ -40,9 +40,8 @@ def write_keyword_task(root, name: str, seed: int) -> dict:
     return {name: {"labels": labels if name == "xb" else ["contradiction", "entailment", "neutral"], "files": files}}
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exp")
+def tiny_experiment(root) -> dict:
+    """A tiny BERT, two keyword tasks and three methods (one searched in the knots space): the raw config."""
     model = tiny_bert(root / "bert")
     tasks = {**write_keyword_task(root / "data", "xa", 0), **write_keyword_task(root / "data", "xb", 1)}
     (root / "tasks.yaml").write_text(json.dumps(tasks))
@@ -53,7 +52,13 @@ def setup(tmp_path_factory):
            "methods": [{"method": "average"},
                        {"method": "task_arithmetic", "search": {"lambda": [0.5, 1.0]}},
                        {"method": "ties", "space": "knots", "search": {"density": [0.3, 1.0]}}]}
-    return root, raw
+    return raw
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    return root, tiny_experiment(root)
 
 
 @pytest.fixture
