@@ -208,3 +208,31 @@ def test_eval_command_reference_and_results(bert, yaml_tasks, classify_adapter, 
     assert "expected TASK=DIR" in capsys.readouterr().err
     assert main(["eval", "--model", str(bert), "--tasks", "cmp33"]) == 1
     assert "did you mean 'cmp3'" in capsys.readouterr().err
+
+
+def test_device_choice_and_errors(monkeypatch):
+    from lorafuse.models import default_device
+
+    monkeypatch.delenv("LORAFUSE_DEVICE", raising=False)
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("LORAFUSE_DEVICE", "cpu")
+    assert default_device() == "cpu"
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+        default_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            default_device("cuda")
+
+
+def test_batches_follow_the_model_to_its_device(bert, yaml_tasks):  # noqa: F811
+    """Batches are collated on the host; the formulation moves them to wherever the model lives (here the meta
+    device: a stand-in for a GPU on a CPU-only machine)."""
+    from lorafuse.formulations import on_model_device
+
+    ev = Evaluator(str(bert), ["cmp3"], formulation="classify", data_dir=yaml_tasks, progress=False, device="cpu")
+    assert ev.device == "cpu" and next(ev.model.parameters()).device.type == "cpu"
+    batch = ev.batches["cmp3"][0]
+    assert on_model_device(ev.model, batch.inputs)["input_ids"] is batch.inputs["input_ids"]  # no copy on one device
+    ev.model.to("meta")
+    moved = on_model_device(ev.model, batch.inputs)
+    assert {v.device.type for v in moved.values()} == {"meta"} and batch.inputs["input_ids"].device.type == "cpu"

@@ -233,15 +233,16 @@ class Evaluator:
 
     def __init__(self, model: str, tasks: Sequence[str | Task], split: str = "test", formulation: str | None = None,
                  data_dir: str | Path | None = None, max_examples: int | None = None, batch_size: int = 32,
-                 max_length: int | None = None, progress: bool = True) -> None:
-        from lorafuse.models import resolve_model
+                 max_length: int | None = None, progress: bool = True, device: str | None = None) -> None:
+        from lorafuse.models import default_device, resolve_model
 
         info = resolve_model(model)
         self.model_name, self.formulation_name = model, formulation or info.formulation
         self.tasks = [t if isinstance(t, Task) else get_task(t) for t in tasks]
         check_formulation(self.formulation_name, self.tasks)
         self.model, tokenizer = load_model(info.path, self.formulation_name)
-        self.model.eval()
+        self.device = default_device(device)
+        self.model.to(self.device).eval()  # batches stay on the host; formulations move them to the model
         self.formulation = make_formulation(self.formulation_name, tokenizer, max_length)
         self.split, self.batch_size, self.progress = split, batch_size, progress
         self.data_dir, self.max_examples = data_dir, max_examples

@@ -43,6 +43,13 @@ class Batch:
     targets: torch.Tensor  # classify: shared slot; chat: index into the task's labels
 
 
+def on_model_device(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """`inputs` with every tensor on the device of the model's weights: batches are collated on the host, and
+    the Evaluator, LoraHub and the router run the model wherever it was placed (a no-op on one device)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if torch.is_tensor(v) and v.device != device else v for k, v in inputs.items()}
+
+
 def label_slots(task: Task) -> list[int]:
     """The shared-space slots of a task's labels; refuses tasks the 3-way space cannot express."""
     missing = [lab for lab in task.labels if lab not in SLOT]
@@ -84,10 +91,12 @@ class Classify:
         return Batch(inputs, torch.tensor([r["target"] for r in rows]))
 
     def logits(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
-        return model(**batch.inputs).logits.float() + logit_mask(task).to(batch.targets.device)
+        logits = model(**on_model_device(model, batch.inputs)).logits.float()
+        return logits + logit_mask(task).to(logits.device)
 
     def loss(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(self.logits(model, batch, task), batch.targets)
+        logits = self.logits(model, batch, task)
+        return torch.nn.functional.cross_entropy(logits, batch.targets.to(logits.device))
 
     def predict(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:
         """Predicted shared slots (compare with batch.targets)."""
@@ -161,7 +170,8 @@ class Chat:
     def last_logits(self, model: Any, batch: Batch, keep: int) -> torch.Tensor:
         """Vocabulary logits of the last `keep` positions only (the model's own forward with `logits_to_keep`,
         so PEFT, DDP and FSDP wrappers all see a normal call)."""
-        inputs = {k: v for k, v in batch.inputs.items() if k in ("input_ids", "attention_mask")}
+        inputs = on_model_device(model, {k: v for k, v in batch.inputs.items()
+                                         if k in ("input_ids", "attention_mask")})
         positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding
         return model(**inputs, position_ids=positions, logits_to_keep=keep).logits[:, -keep:].float()
 
@@ -195,7 +205,7 @@ class Chat:
                 rows.append(i)
                 cols.append(keep - len(answer) - 1 + j)  # the position that predicts answer token j
                 labels.append(token)
-        picked = logits[torch.tensor(rows), torch.tensor(cols)]
+        picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)]
         return torch.nn.functional.cross_entropy(picked, torch.tensor(labels, device=logits.device))
 
     def scores(self, model: Any, batch: Batch, task: Task) -> torch.Tensor:

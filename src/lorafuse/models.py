@@ -35,6 +35,21 @@ class ModelInfo:
     recipe: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
+def default_device(device: str | None = None) -> str:
+    """Where evaluation runs: `device`, else $LORAFUSE_DEVICE, else the first GPU when there is one, else the CPU.
+    (Training follows transformers' Trainer, which makes the same choice.)"""
+    import torch
+
+    chosen = device or os.environ.get("LORAFUSE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(chosen)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{chosen}' (e.g. cpu, cuda, cuda:1)") from None
+    if chosen.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{chosen}' asked for, but this torch sees no CUDA GPU")
+    return chosen
+
+
 def cache_dir() -> Path:
     """Where derived model files go ($LORAFUSE_CACHE, default ~/.cache/lorafuse)."""
     return Path(os.environ.get("LORAFUSE_CACHE", Path.home() / ".cache" / "lorafuse"))

@@ -42,8 +42,10 @@ def backbone_of(model: Any) -> Any:
 def _features(backbone: Any, inputs: Mapping[str, Any], granularity: str) -> torch.Tensor:
     """Last hidden state, mean-pooled over real tokens ([B, H]) or per token ([B, L, H]). Positions come from the
     attention mask so left- and right-padded batches give the same features."""
-    keep = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")
-            and v is not None}
+    from lorafuse.formulations import on_model_device
+
+    keep = on_model_device(backbone, {k: v for k, v in inputs.items()
+                                      if k in ("input_ids", "attention_mask", "token_type_ids") and v is not None})
     if "attention_mask" not in keep:
         keep["attention_mask"] = torch.ones_like(keep["input_ids"])
     mask = keep["attention_mask"]
@@ -120,7 +122,7 @@ class Router:
         """Softmax gate weights over the adapters: [B, T] (sentence) or [B, L, T] (token)."""
         if self.fixed is not None:
             return self.fixed.to(features.device).expand(*features.shape[:-1], -1)
-        return torch.softmax(self.gate(features.float()), dim=-1)
+        return torch.softmax(self.gate.to(features.device)(features.float()), dim=-1)
 
     @contextmanager
     def installed(self, model: Any) -> Iterator[Router]:
@@ -252,8 +254,8 @@ def _task_features(router: Router, model: Any, batches_per_task: Sequence[Sequen
             for batch in batches:
                 f = pooled_features(model, batch.inputs, router.granularity)
                 if router.granularity == "token":
-                    f = f[batch.inputs["attention_mask"].bool()]
-                feats.append(f)
+                    f = f[batch.inputs["attention_mask"].bool().to(f.device)]
+                feats.append(f.cpu())  # the gate is fitted on the host: a few thousand rows
                 labels.append(torch.full((f.shape[0],), t))
     if not feats:
         raise ConfigError("router: no training examples")
