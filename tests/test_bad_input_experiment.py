@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -560,13 +561,20 @@ def test_training_killed_mid_run_resumes_past_a_broken_checkpoint(world, tmp_pat
     broken = ckpts / f"checkpoint-{step + 2}"  # as if killed while saving the next one
     broken.mkdir()
     (broken / "adapter_model.safetensors").write_bytes(b"partial")
-    stale = tmp_path / ".adapter.tmp-k9"  # as if killed while writing the finished adapter
+    stale = tmp_path / ".adapter.tmp-k9"  # as if killed while writing the finished adapter: its writer is dead
     stale.mkdir()
+    (stale / ".lorafuse-output.json").write_text(json.dumps({"kind": "output", "pid": proc.pid,
+                                                             "host": socket.gethostname()}))
+    live = tmp_path / ".adapter.tmp-live"  # another writer, still running (this process): left alone
+    live.mkdir()
+    (live / ".lorafuse-output.json").write_text(json.dumps({"kind": "output", "pid": os.getpid(),
+                                                            "host": socket.gethostname()}))
     code, _, err = cli(capsys, *args)  # the rerun, in this process (a fresh interpreter costs seconds)
     assert code == 0 and f"skipping the broken checkpoint {broken}" in err, err
     record = json.loads((out / "lorafuse_train.json").read_text())
     assert record["train_steps"] == 12 and not ckpts.exists()  # 32 examples / 8 × 3 epochs
-    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "ready"]
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == [".adapter.tmp-live", "adapter",
+                                                                                 "ready"]
 
 
 EXPERIMENT_UNTIL_KILLED = """

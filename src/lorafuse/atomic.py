@@ -174,7 +174,7 @@ def is_abandoned(temporary: str | Path) -> bool:
     that wrote it is gone (its marker, or a file's name, names a dead process of this host) or, when its writer
     cannot be asked (no record, another host), it has been untouched for longer than STALE_AFTER_S. A temporary
     of a live process of this host is never touched. (The rule of atomic_outputs and of `lorafuse experiment`'s
-    run directories; lorafuse.training still has its own, older cleanup of its output's `.tmp-*`.)"""
+    run directories, and of lorafuse.training's output.)"""
     temporary = Path(temporary)
     if temporary.is_dir() and not temporary.is_symlink():
         marker = read_marker(temporary)

@@ -425,12 +425,12 @@ def _inputs(cfg: TrainConfig, task: Task) -> list[tuple[str, Path]]:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """A kill during the final write leaves `.<out>.tmp-*` (atomic_output_dir's) beside the output; the
-    checkpoints directory is kept for --resume."""
-    for path in out.parent.glob(f".{out.name}.tmp-*"):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-            print(f"removed {path}, left by an interrupted run", file=sys.stderr)
+    """What a kill during the final write left beside the output (atomic's one leftover rule: the writer is
+    dead, or the temporary has been idle for an hour); the checkpoints directory is kept for --resume."""
+    from lorafuse.atomic import clean_leftovers
+
+    for path in clean_leftovers(out):
+        print(f"removed {path}, left by an interrupted run", file=sys.stderr)
 
 
 def _check_validation_split(task: Task, data_dir: str | None) -> None:
