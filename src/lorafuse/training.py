@@ -393,27 +393,24 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def check_train_config(cfg: TrainConfig) -> None:
-    """One-line errors for values the Trainer would reject with a traceback (or accept silently)."""
+    """One-line errors for values the Trainer would reject with a traceback (or accept silently); the checks
+    are lorafuse.validate's, as for every other input."""
     from lorafuse.errors import ConfigError
+    from lorafuse.validate import finite_number, strict_int
 
-    positive_ints = {"rank": cfg.rank, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                     "max_examples": cfg.max_examples, "max_eval_examples": cfg.max_eval_examples,
-                     "save_steps": cfg.save_steps, "logging_steps": cfg.logging_steps}
-    for name, value in positive_ints.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name}: must be an integer ≥ 1 (got {value!r})")
-    optional = {"lr": cfg.lr, "head_lr": cfg.head_lr}  # None: the model's recipe
-    for name, value in {**optional, "epochs": cfg.epochs, "alpha": cfg.alpha}.items():
-        if value is None and name in optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{name}: must be a finite number > 0 (got {value!r})")
-    if cfg.warmup is not None and not (isinstance(cfg.warmup, (int, float)) and 0.0 <= cfg.warmup < 1.0):
-        raise ConfigError(f"warmup: must be a fraction in [0, 1) (got {cfg.warmup!r})")
-    if not (isinstance(cfg.dropout, (int, float)) and 0.0 <= cfg.dropout < 1.0):
-        raise ConfigError(f"dropout: must be in [0, 1) (got {cfg.dropout!r})")
-    if cfg.max_length is not None and (not isinstance(cfg.max_length, int) or cfg.max_length < 8):
-        raise ConfigError(f"max_length: must be an integer ≥ 8 (got {cfg.max_length!r})")
+    for name in ("rank", "batch_size", "grad_accum", "max_examples", "max_eval_examples", "save_steps",
+                 "logging_steps", "max_length"):
+        value = getattr(cfg, name)
+        if value is not None:
+            strict_int(value, name, minimum=8 if name == "max_length" else 1)
+    for name, low, high in (("lr", 0.0, None), ("head_lr", 0.0, None), ("epochs", 0.0, None), ("alpha", 0.0, None),
+                            ("warmup", None, 1.0), ("dropout", None, 1.0)):
+        value = getattr(cfg, name)
+        if value is None and name in ("lr", "head_lr", "warmup"):
+            continue  # the model's recipe
+        number = finite_number(value, name)
+        if (low is not None and number <= low) or (high is not None and not 0.0 <= number < high):
+            raise ConfigError(f"{name}: must be {'> 0' if low is not None else 'in [0, 1)'} (got {value!r})")
 
 
 def _inputs(cfg: TrainConfig, task: Task) -> list[tuple[str, Path]]:
