@@ -18,21 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from lorafuse.experiment.report import comparable_results
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "executors"
 # what legitimately differs: times, paths, the machine, and the config's executor section itself
-VOLATILE = {"seconds", "search_seconds", "train_seconds", "stage_seconds", "stage_compute_seconds", "machine",
-            "fused_dir", "adapter", "created", "timestamp", "date", "executor"}
-
-
-def comparable(obj):
-    if isinstance(obj, dict):
-        return {k: {t: Path(d).name for t, d in v.items()} if k == "adapters" else comparable(v)
-                for k, v in obj.items() if k not in VOLATILE}
-    if isinstance(obj, list):
-        return [comparable(v) for v in obj]
-    return obj
-
 
 def run_demo(config: str, executor: str, workers: int) -> dict:
     out = WORK / executor
@@ -75,7 +65,7 @@ def measure(config: str, workers: int) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     ray = run_demo(config, "ray", workers)  # first: a failure shows before the long local run
     local = run_demo(config, "local", 1)
-    same = comparable(local["results"]) == comparable(ray["results"])
+    same = comparable_results(local["results"]) == comparable_results(ray["results"])
     machine = local["results"]["machine"]
     for r in (local, ray):
         del r["results"]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from lorafuse.experiment.config import parse_config
 from lorafuse.experiment.executors import LocalExecutor, RayExecutor
+from lorafuse.experiment.report import comparable_results
 from lorafuse.experiment.runner import ExperimentRunner
 from test_experiment import tiny_experiment
 
@@ -22,9 +23,6 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("optuna")
 
 # what differs between two runs of the same work: wall times, the machine, the paths of the run directory
-VOLATILE = {"seconds", "search_seconds", "train_seconds", "stage_seconds", "stage_compute_seconds", "machine",
-            "fused_dir", "adapter", "created", "timestamp", "date"}
-
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -53,16 +51,6 @@ def run(raw, out, executor=None, **kw):
     return runner, runner.run()
 
 
-def comparable(obj):
-    """results.json without what legitimately differs between two runs (times, paths, the machine)."""
-    if isinstance(obj, dict):
-        return {k: {t: Path(d).name for t, d in v.items()} if k == "adapters" else comparable(v)
-                for k, v in obj.items() if k not in VOLATILE}
-    if isinstance(obj, list):
-        return [comparable(v) for v in obj]
-    return obj
-
-
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "adapter_model.safetensors"))
 
@@ -80,12 +68,12 @@ def test_ray_run_equals_local_run(setup, local_run, executor):
     assert len(set(executor.pids())) == 2 and os.getpid() not in executor.pids()
     assert all(j["status"] == "ok" for j in distributed["jobs"]), [j.get("error") for j in distributed["jobs"]]
     assert runner._evaluators == {}  # the driver loaded no model: the workers trained, merged and evaluated
-    assert comparable(distributed) == comparable(local)
+    assert comparable_results(distributed) == comparable_results(local)
     for name in ("average", "task_arithmetic", "ties-knots"):
         ours, theirs = tensors(root / "ray" / "fused" / name), tensors(root / "local" / "fused" / name)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     saved = json.loads((root / "ray" / "report" / "results.json").read_text())
-    assert comparable(saved) == comparable(json.loads((root / "local" / "report" / "results.json").read_text()))
+    assert comparable_results(saved) == comparable_results(json.loads((root / "local" / "report" / "results.json").read_text()))
 
 
 def test_local_and_ray_runs_resume_each_other(setup, local_run, executor):
@@ -97,8 +85,8 @@ def test_local_and_ray_runs_resume_each_other(setup, local_run, executor):
     assert [j.rsplit("-", 1)[0] for j in second.state.executed] == ["fuse-average", "fuse-task_arithmetic",
                                                                       "fuse-ties-knots"]
     third, again = run(raw, out, LocalExecutor(), cache_dir=root / "cache-local")
-    assert third.state.executed == [] and comparable(again) == comparable(results)
-    assert comparable(results["jobs"]) == comparable(local_run[1]["jobs"])  # training here reused the adapters
+    assert third.state.executed == [] and comparable_results(again) == comparable_results(results)
+    assert comparable_results(results["jobs"]) == comparable_results(local_run[1]["jobs"])  # training here reused the adapters
 
 
 def tpe_config(raw: dict) -> dict:
@@ -128,7 +116,7 @@ def test_tpe_search_keeps_its_study_in_the_run_directory(setup, local_run, execu
     next((out / "jobs").glob("fuse-ties-*.json")).unlink()  # as if the run had stopped before the job's end
     runner, again = run(cfg, out, LocalExecutor(), cache_dir=root / "cache-local")
     assert len(study.trials) == 4 and runner.state.executed == [job["job_id"]]
-    assert comparable(again["jobs"][-1]) == comparable(job)
+    assert comparable_results(again["jobs"][-1]) == comparable_results(job)
 
 
 def test_a_killed_worker_has_its_job_rerun(setup, executor, tmp_path):

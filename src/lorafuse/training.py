@@ -307,8 +307,6 @@ def _eval_every(cfg: TrainConfig, n_rows: int) -> int:
     """Steps between validations: the config's, else EVALUATIONS evenly spaced over the run."""
     if cfg.eval_steps is not None:
         return cfg.eval_steps
-    import math
-
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # `accelerate launch`: the global batch counts
     steps = math.ceil(math.ceil(n_rows / (cfg.batch_size * processes)) / cfg.grad_accum * cfg.epochs)
     return max(1, math.ceil(steps / EVALUATIONS))

@@ -35,6 +35,22 @@ def machine() -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+# What legitimately differs between two runs of one config (times, paths, the machine, the executor).
+RUN_SPECIFIC = frozenset({"seconds", "search_seconds", "train_seconds", "stage_seconds", "stage_compute_seconds",
+                          "machine", "fused_dir", "adapter", "created", "timestamp", "date", "executor"})
+
+
+def comparable_results(obj: Any) -> Any:
+    """results.json without its run-specific fields (RUN_SPECIFIC; adapters by directory name): two runs of one
+    config, on any executor, give equal values."""
+    if isinstance(obj, dict):
+        return {k: {t: Path(d).name for t, d in v.items()} if k == "adapters" else comparable_results(v)
+                for k, v in obj.items() if k not in RUN_SPECIFIC}
+    if isinstance(obj, list):
+        return [comparable_results(v) for v in obj]
+    return obj
+
+
 def write_report(out: Path, config: Any, state: Any) -> dict[str, Any]:
     """Every output of the report directory from the run's state; returns what results.json holds."""
     out.mkdir(parents=True, exist_ok=True)
