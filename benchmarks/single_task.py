@@ -108,9 +108,15 @@ def run_job(args: argparse.Namespace, job: str) -> dict[str, Any]:
         "validation_seconds": record.get("validation_seconds"), "train_wall_seconds": round(train_wall, 1),
         "train_examples_per_second": record.get("train_examples_per_second"),
         "eval_seconds": round(eval_seconds, 1), "predicted": predicted, "hyperparameters": record["hyperparameters"],
-        "load_average_at_start": round(load_before, 2), "note": args.note,
+        "load_average_at_start": round(load_before, 2), "note": args.note, "cpu": _cpu(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def _cpu() -> str:
+    from lorafuse.experiment.report import machine
+
+    return str(machine()["cpu"])
 
 
 _EVALUATORS: dict[str, Any] = {}
@@ -146,13 +152,15 @@ def report() -> None:
     info = machine()
     RESULTS.with_suffix(".json").write_text(json.dumps({"rows": rows, "machine": info}, indent=2) + "\n")
     lines = ["# Single-task adapters on the shared NLI data", "",
-             f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM, torch {info['torch']}; "
-             "every job ran with 1 torch thread, two to four of this issue's jobs at once, while five other "
-             "helpers' jobs shared the machine (load average 4-11; each job's is in the JSON): times and "
-             "examples/s vary ±50% with the load, not with the task alone. Test "
+             f"Machine: {_machines(rows)}, {info['cores']} cores, {info['memory_gib']} GiB RAM, torch {info['torch']}; "
+             "every job ran with 1 torch thread. The runs until 2026-12-02 00:20 ran two to four at once while five "
+             "other helpers' jobs shared the machine (load average 4-11); the later ones (the SmolLM2 runs at "
+             "800-1,806 pairs) two at once, one a core, with test runs beside them (load 2-4). Each job's load "
+             "and date are in the JSON: times and examples/s vary ±50% with the load, not with the task alone. Test "
              "accuracy is on the complete test split. *p*: exact one-sided binomial test of the accuracy against "
              "the majority-class rate. *final loss*: mean of the last 5% of logged training losses; ✓ when "
              "below 0.8·ln K. Train s excludes the validation passes (listed apart in the JSON).", ""]
+    lines += _summary(rows)
     for run in dict.fromkeys(r["run"] for r in rows):
         lines += _section([r for r in rows if r["run"] == run])
     lines += _curves(rows)
@@ -221,6 +229,50 @@ def _section(rows: list[dict[str, Any]]) -> list[str]:
               f"{total['lora'] / 60:.1f} min{full} (the sum of the jobs' own train seconds, validation excluded; "
               "jobs ran side by side on the shared machine).", ""]
     return lines + _verdicts(rows) + [""]
+
+
+def _machines(rows: list[dict[str, Any]]) -> str:
+    """The CPUs the jobs ran on, each with the days of its jobs (a job file records its `cpu`)."""
+    days: dict[str, set[str]] = {}
+    for r in rows:
+        days.setdefault(r.get("cpu", "unknown CPU"), set()).add(r["date"][:10])
+    return "; ".join(f"{cpu} ({', '.join(sorted(d))})" for cpu, d in days.items())
+
+
+def _budget(r: dict[str, Any]) -> float:
+    return r["train_examples"] * r["hyperparameters"]["epochs"]
+
+
+def _summary(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per model and task: the run with the largest LoRA budget (all its seeds) and its full fine-tune."""
+    import statistics
+
+    lines = ["## Summary: the largest budget run per model and task", "",
+             "| model | task | run | train pairs × epochs | LoRA test acc (seeds) | majority | LoRA p < 0.01 "
+             "(every seed) | final loss < 0.8·ln K | full fine-tune | gap (full − LoRA) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(EPOCHS)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        tasks = sorted({r["task"] for r in rows if r["model"] == model},
+                       key=lambda t: order.index(t) if t in order else 99)
+        for task in tasks:
+            lora = [r for r in rows if r["model"] == model and r["task"] == task and r["kind"] == "lora"]
+            top = max(lora, key=lambda r: (_budget(r), sum(x["run"] == r["run"] for x in lora)))
+            group = [r for r in lora if r["run"] == top["run"]]
+            full = [r for r in rows if r["run"] == top["run"] and r["task"] == task and r["kind"] == "full"]
+            accs = [100 * r["test_accuracy"] for r in group]
+            acc = f"{statistics.mean(accs):.1f}" + (f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
+            full_text, gap = "—", "—"
+            if full:
+                f_acc = statistics.mean(100 * r["test_accuracy"] for r in full)
+                full_text = f"{f_acc:.1f} ({'significant' if all(r['p_value'] < 0.01 for r in full) else 'NOT'})"
+                gap = f"{f_acc - statistics.mean(accs):+.1f}"
+            lines.append(
+                f"| {model} | {task} | {top['run']} | {top['train_examples']} × {top['hyperparameters']['epochs']:g} "
+                f"| {acc} ({len(group)}) | {100 * top['majority_baseline']:.1f} | "
+                f"{'yes' if all(r['p_value'] < 0.01 for r in group) else 'NO'} | "
+                f"{'yes' if all(r['final_loss_below_0.8lnK'] for r in group) else 'NO'} | {full_text} | {gap} |")
+    return lines + [""]
 
 
 def _curves(rows: list[dict[str, Any]]) -> list[str]:
