@@ -193,14 +193,22 @@ NOTES = """
   50.1%, p = 0.54; LoRA 50.2 ± 0.1% over 3 seeds). Both losses stay at ln 2. RTE's long, knowledge-heavy pairs
   and the symmetric FEVER (half its pairs are counterfactual rewrites built so that claim-only cues fail; 602
   training pairs) are beyond a 22M sentence encoder at 114-125 steps, with every weight trained as with a LoRA.
-- **SmolLM2** (chat, verbalizer loss): 40 steps of 8 (320 pairs), lr 1e-3, validation on 100 pairs at steps 20
-  and 40. SciTail learns (71.7% against 58.9%, p = 1e-11); FEVER and RTE stay at their prior (RTE predicts
-  entailment for 96% of the pairs); the FEVER learning curve (80, 320, 602 pairs) is flat, as MiniLM's full
-  fine-tune is: on FEVER the task, not the budget, is the limit at these sizes. RTE's curve and MNLI were not run:
-  MNLI's complete test split (9,815 pairs) alone takes ~1 h at the 1.6-3.5 pairs/s this shared machine gave
-  SmolLM2's evaluation. The config that closes it on a GPU: `configs/nli4-smollm2.yaml` with the defaults
-  (verbalizer loss, lr 1e-3) and ≥ 1 epoch of the 9k MNLI pairs (≥ 1,100 steps of 8), complete test splits.
-  SmolLM2's lr 1e-3 is the old single-task runs' rate, not re-measured for the verbalizer loss.
+- **SmolLM2** (chat, verbalizer loss, lr 1e-3, batch 8, q/k/v/o r 8; the seed's four tasks; complete test
+  splits). Training, one adapter a task: SciTail 320 pairs (459 s), MNLI 800 (984 s), FEVER 602 × 3 epochs
+  (2,495 s), RTE 1,600 (RTE_SECONDS s): RTE_TOTAL min of single-core job time, run two at a time (about half
+  that in wall time on 2 cores): inside the issue's 2 h.
+  - **SciTail** learns at 320 pairs: 71.7% against 58.9% (p = 1e-11).
+  - **MNLI** at 800 pairs (100 steps): 37.4% on all 9,815 test pairs against the 35.4% majority, p = 3e-5:
+    significant, but barely above the prior, and its loss (1.13) is still at ln 3; the validation accuracy rose
+    only at the last of three checks (34, 35, 41%). The budget is the limit (MiniLM's curve: 49 → 57 → 63% at
+    2k/4k/9k pairs): the config that closes the gap on a GPU is the whole 9k train split for ≥ 1 epoch
+    (`lorafuse train --task mnli --model smollm2 --max-examples 9000 --epochs 2`, ~2,250 steps of 8). Its test
+    pass alone took 74 min on one core (2.2 pairs/s).
+  - **FEVER**'s learning curve shows the budget, not the code, is the limit: 80, 320, 602 pairs × 1 epoch stay
+    at chance (49.9, 50.6, 50.5%), and 602 × 3 epochs reaches **71.3%** (p = 9e-31), its validation at 50%,
+    50% and then 74% after the third epoch. The verbalizer loss sits at the prior for ~150 steps before it falls
+    (final loss 0.560, just above 0.8·ln 2 = 0.555), as MNLI's is still at 100 steps.
+RTE_TEXT
 """
 
 
