@@ -22,7 +22,7 @@ from lorafuse.experiment.report import comparable_results
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "executors"
-# what legitimately differs: times, paths, the machine, and the config's executor section itself
+
 
 def run_demo(config: str, executor: str, workers: int) -> dict:
     out = WORK / executor

@@ -155,7 +155,8 @@ def report() -> None:
              f"Machine: {_machines(rows)}, {info['cores']} cores, {info['memory_gib']} GiB RAM, torch {info['torch']}; "
              "every job ran with 1 torch thread. The runs until 2026-12-02 00:20 ran two to four at once while five "
              "other helpers' jobs shared the machine (load average 4-11); the later ones (the SmolLM2 runs at "
-             "800-1,806 pairs) two at once, one a core, with test runs beside them (load 2-4). Each job's load "
+             "800-1,806 pairs) two at once, one a core, with test runs beside them (load average 0.6-4.3 at their starts). "
+             "Each job's load "
              "and date are in the JSON: times and examples/s vary ±50% with the load, not with the task alone. Test "
              "accuracy is on the complete test split. *p*: exact one-sided binomial test of the accuracy against "
              "the majority-class rate. *final loss*: mean of the last 5% of logged training losses; ✓ when "
@@ -195,26 +196,29 @@ NOTES = """
   training pairs) are beyond a 22M sentence encoder at 114-125 steps, with every weight trained as with a LoRA.
 - **SmolLM2** (chat, verbalizer loss, lr 1e-3, batch 8, q/k/v/o r 8; the seed's four tasks; complete test
   splits). Training, one adapter a task: SciTail 320 pairs (459 s), MNLI 800 (984 s), FEVER 602 × 3 epochs
-  (2,495 s), RTE 1,600 (2,121 s): 101 min of single-core job time, run two at a time (about 55 min of wall time on
-  2 cores, validation and test passes excluded): inside the issue's 2 h.
+  (2,495 s), RTE 1,600 (2,121 s): 101 min of single-core job time (validation and test passes excluded), run
+  two at a time on the 2 cores: inside the issue's 2 h.
   - **SciTail** learns at 320 pairs: 71.7% against 58.9% (p = 1e-11).
   - **MNLI** at 800 pairs (100 steps): 37.4% on all 9,815 test pairs against the 35.4% majority, p = 3e-5:
-    significant, but barely above the prior, and its loss (1.13) is still at ln 3; the validation accuracy rose
-    only at the last of three checks (34, 35, 41%). The budget is the limit (MiniLM's curve: 49 → 57 → 63% at
-    2k/4k/9k pairs): the config that closes the gap on a GPU is the whole 9k train split for ≥ 1 epoch
+    significant, but barely above the prior (95% interval in the summary table), and its loss (1.13) is still at
+    ln 3; the validation accuracy (100 pairs) rose only at the last of three checks (34, 35, 41%). One budget
+    only: MiniLM's MNLI curve (49 → 57 → 63% at 2k/4k/9k pairs) suggests the budget is the limit, and the next
+    run to try, on a GPU, is the whole 9k train split for ≥ 1 epoch
     (`lorafuse train --task mnli --model smollm2 --max-examples 9000 --epochs 2`, ~2,250 steps of 8). Its test
     pass alone took 74 min on one core (2.2 pairs/s).
   - **FEVER**'s learning curve shows the budget, not the code, is the limit: 80, 320, 602 pairs × 1 epoch stay
     at chance (49.9, 50.6, 50.5%), and 602 × 3 epochs reaches **71.3%** (p = 9e-31), its validation at 50%,
-    50% and then 74% after the third epoch. The verbalizer loss sits at the prior for ~150 steps before it falls
-    (final loss 0.560, just above 0.8·ln 2 = 0.555), as MNLI's is still at 100 steps.
+    50% and then 74% after the third epoch. The logged verbalizer loss (every 10 steps) stays at or above 0.70
+    (ln 2 = 0.69) for 160 steps, then falls to 0.53-0.63 (final 0.560, just above 0.8·ln 2 = 0.555), as MNLI's
+    is still at 100 steps. One seed.
   - **RTE is not met.** Its curve is flat at chance: 320, 960 and 1,600 pairs × 1 epoch give 52.0, 48.7 and
     51.3% against a 52.7% majority (p = 0.62, 0.92, 0.71); the training loss falls (0.87, 0.74, 0.64) but the
     validation (100 pairs) stays at 50-58%. So this curve does not show that the budget is the limit: MiniLM's
     full fine-tune also stays at chance on RTE (52.3%), and RTE's 2.2k long, knowledge-heavy pairs may be beyond
-    a 135M model. What FEVER showed (chance for ~150 steps, then 71% once the pairs were seen three times) makes
+    a 135M model. What FEVER showed (chance for 160 steps, then 71% once the pairs were seen three times) makes
     the next run to try the whole train split for 3 epochs (`lorafuse train --task rte --model smollm2
-    --max-examples 2238 --epochs 3`, 840 steps of 8): ~2 h of one CPU core, minutes on a GPU. Not run here.
+    --max-examples 2238 --epochs 3`, 840 steps of 8): ~2.5 h of one CPU core at the 0.75 pairs/s of the 1,600
+    run, minutes on a GPU. Not run here.
 """
 
 
@@ -257,12 +261,25 @@ def _budget(r: dict[str, Any]) -> float:
     return r["train_examples"] * r["hyperparameters"]["epochs"]
 
 
+def _accuracy_text(group: list[dict[str, Any]]) -> str:
+    """Mean ± sd over seeds; for one seed, its 95% Wilson interval over the test examples."""
+    import statistics
+
+    from lorafuse.stats import wilson_interval
+
+    accs = [100 * r["test_accuracy"] for r in group]
+    if len(accs) > 1:
+        return f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
+    low, high = wilson_interval(group[0]["test_correct"], group[0]["test_examples"])
+    return f"{accs[0]:.1f} [{100 * low:.1f}–{100 * high:.1f}]"
+
+
 def _summary(rows: list[dict[str, Any]]) -> list[str]:
     """One line per model and task: the run with the largest LoRA budget (all its seeds) and its full fine-tune."""
     import statistics
 
     lines = ["## Summary: the largest budget run per model and task", "",
-             "| model | task | run | train pairs × epochs | LoRA test acc (seeds) | majority | LoRA p < 0.01 "
+             "| model | task | run | train pairs × epochs | LoRA test acc (seeds; one seed: 95% Wilson interval) | majority | LoRA p < 0.01 "
              "(every seed) | final loss < 0.8·ln K | full fine-tune | gap (full − LoRA) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     order = list(EPOCHS)
@@ -274,13 +291,12 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
             top = max(lora, key=lambda r: (_budget(r), sum(x["run"] == r["run"] for x in lora)))
             group = [r for r in lora if r["run"] == top["run"]]
             full = [r for r in rows if r["run"] == top["run"] and r["task"] == task and r["kind"] == "full"]
-            accs = [100 * r["test_accuracy"] for r in group]
-            acc = f"{statistics.mean(accs):.1f}" + (f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
+            acc = _accuracy_text(group)
             full_text, gap = "—", "—"
             if full:
                 f_acc = statistics.mean(100 * r["test_accuracy"] for r in full)
                 full_text = f"{f_acc:.1f} ({'significant' if all(r['p_value'] < 0.01 for r in full) else 'NOT'})"
-                gap = f"{f_acc - statistics.mean(accs):+.1f}"
+                gap = f"{f_acc - 100 * statistics.mean(r['test_accuracy'] for r in group):+.1f}"
             lines.append(
                 f"| {model} | {task} | {top['run']} | {top['train_examples']} × {top['hyperparameters']['epochs']:g} "
                 f"| {acc} ({len(group)}) | {100 * top['majority_baseline']:.1f} | "

@@ -22,7 +22,6 @@ from test_experiment import tiny_experiment
 ray = pytest.importorskip("ray")
 pytest.importorskip("optuna")
 
-# what differs between two runs of the same work: wall times, the machine, the paths of the run directory
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -73,7 +72,8 @@ def test_ray_run_equals_local_run(setup, local_run, executor):
         ours, theirs = tensors(root / "ray" / "fused" / name), tensors(root / "local" / "fused" / name)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     saved = json.loads((root / "ray" / "report" / "results.json").read_text())
-    assert comparable_results(saved) == comparable_results(json.loads((root / "local" / "report" / "results.json").read_text()))
+    theirs = json.loads((root / "local" / "report" / "results.json").read_text())
+    assert comparable_results(saved) == comparable_results(theirs)
 
 
 def test_local_and_ray_runs_resume_each_other(setup, local_run, executor):
@@ -86,7 +86,8 @@ def test_local_and_ray_runs_resume_each_other(setup, local_run, executor):
                                                                       "fuse-ties-knots"]
     third, again = run(raw, out, LocalExecutor(), cache_dir=root / "cache-local")
     assert third.state.executed == [] and comparable_results(again) == comparable_results(results)
-    assert comparable_results(results["jobs"]) == comparable_results(local_run[1]["jobs"])  # training here reused the adapters
+    # training here reused the adapters
+    assert comparable_results(results["jobs"]) == comparable_results(local_run[1]["jobs"])
 
 
 def tpe_config(raw: dict) -> dict:

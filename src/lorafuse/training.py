@@ -401,14 +401,16 @@ def check_train_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None:
             strict_int(value, name, minimum=8 if name == "max_length" else 1)
-    for name, low, high in (("lr", 0.0, None), ("head_lr", 0.0, None), ("epochs", 0.0, None), ("alpha", 0.0, None),
-                            ("warmup", None, 1.0), ("dropout", None, 1.0)):
+    for name in ("lr", "head_lr", "epochs", "alpha"):
         value = getattr(cfg, name)
-        if value is None and name in ("lr", "head_lr", "warmup"):
-            continue  # the model's recipe
-        number = finite_number(value, name)
-        if (low is not None and number <= low) or (high is not None and not 0.0 <= number < high):
-            raise ConfigError(f"{name}: must be {'> 0' if low is not None else 'in [0, 1)'} (got {value!r})")
+        if value is not None or name not in ("lr", "head_lr"):  # None: the model's recipe
+            if finite_number(value, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0 (got {value!r})")
+    for name in ("warmup", "dropout"):
+        value = getattr(cfg, name)
+        if value is not None or name != "warmup":
+            if not 0.0 <= finite_number(value, name) < 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1) (got {value!r})")
 
 
 def _inputs(cfg: TrainConfig, task: Task) -> list[tuple[str, Path]]:
