@@ -3,7 +3,7 @@ the same data, budget and head: the ceiling a LoRA adapter is judged against) an
 test splits; an exact one-sided binomial test of the accuracy against the majority-class rate; the final training
 loss against 0.8·ln K (ln K: the loss of a uniform guess over K labels).
 
-    # one job list per core (1 torch thread each); each job writes benchmarks/results/single_task_jobs/<run>/*.json
+    # one job list per core (1 torch thread each, unless --threads); each job writes benchmarks/results/single_task_jobs/<run>/*.json
     python benchmarks/single_task.py --run minilm --jobs lora:mnli:0 full:mnli:0 ...
     python benchmarks/single_task.py --run smollm2 --model smollm2 --jobs lora:scitail:0 ... --max-examples 800
     python benchmarks/single_task.py --report      # single_task.{md,json} from every job file
@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-test", type=int, help="default: the complete test split")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--validations", type=int, default=VALIDATIONS, help="validations per job (best checkpoint)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for this job list (recorded per job)")
     p.add_argument("--note", default="", help="what else ran on the machine meanwhile (recorded)")
     p.add_argument("--report", action="store_true")
     return p.parse_args()
@@ -109,6 +110,7 @@ def run_job(args: argparse.Namespace, job: str) -> dict[str, Any]:
         "train_examples_per_second": record.get("train_examples_per_second"),
         "eval_seconds": round(eval_seconds, 1), "predicted": predicted, "hyperparameters": record["hyperparameters"],
         "load_average_at_start": round(load_before, 2), "note": args.note, "cpu": _cpu(),
+        "torch_threads": args.threads,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -370,7 +372,7 @@ def main() -> None:
     args = parse_args()
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     # Everything imported up front: editing the tree during a long run then cannot change what it runs.
     import lorafuse.evaluation  # noqa: F401
     import lorafuse.fusion.router  # noqa: F401

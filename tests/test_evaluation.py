@@ -26,7 +26,7 @@ from lorafuse.evaluation import (
     markdown_table,
     own_head,
 )
-from lorafuse.tasks import Task, get_task, load_task_file
+from lorafuse.tasks import Example, Task, get_task, load_task_file
 
 HEAD = "base_model.model.classifier"
 
@@ -120,6 +120,34 @@ def test_chat_multi_token_labels_scored_in_one_pass(llama, tmp_path):  # noqa: F
         head.bias[scored[1]] = 5.0
     ev.model.lm_head = head
     assert ev.evaluate().accuracy["multi"] == pytest.approx(_share("multi", "not neutral"))
+
+
+def test_chat_long_pair_loses_its_premise_end_not_the_template(llama):  # noqa: F811
+    """A pair too long for max_length keeps the template's start, the hypothesis and the question whole and the
+    longest start of the premise that fits; a short pair is untouched; a hypothesis too long on its own still
+    fits (its start goes)."""
+    from transformers import AutoTokenizer
+
+    from lorafuse.formulations import Chat
+
+    tok = AutoTokenizer.from_pretrained(str(llama))
+    task = Task("long", ("entailment", "not_entailment"), files={})
+    words = [str(i % 20) for i in range(60)]
+    pair = Example(" ".join(words), "the premise has more than 7", "entailment")
+    chat = Chat(tok, max_length=64)
+    full = chat.fitted_prompt(task, pair, 10_000)
+    room = len(full) - 25
+
+    def with_premise(n: int) -> list[int]:
+        return chat.fitted_prompt(task, Example(" ".join(words[:n]), pair.hypothesis, pair.label), 10_000)
+
+    fitted = chat.fitted_prompt(task, pair, room)
+    kept = max(n for n in range(len(words)) if len(with_premise(n)) <= room)
+    assert fitted == with_premise(kept) and len(fitted) <= room and kept == len(words) - 25
+    assert fitted[:3] == full[:3] and fitted[-12:] == full[-12:]
+    assert chat.fitted_prompt(task, pair, len(full)) == full
+    assert len(chat.fitted_prompt(task, Example("0", " ".join(words), "entailment"), 30)) == 30
+    assert all(len(r["prompt"]) + len(r["answer"]) <= 64 for r in chat.encode(task, [pair]))
 
 
 def test_chat_refuses_labels_one_token_cannot_separate(llama, tmp_path):  # noqa: F811

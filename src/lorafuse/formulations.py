@@ -9,7 +9,8 @@
   several tokens are fine: the tokens every label shares at the start (e.g. `not` of `not entailment` / `not
   neutral`) are appended to the prompt, and the next token, which differs between labels, is scored. Labels
   whose distinguishing tokens coincide (one label a token-prefix of another, or two of three labels sharing a
-  first token) are refused with a message. Models without a chat template get a plain prompt.
+  first token) are refused with a message. Models without a chat template get a plain prompt. A pair longer
+  than `max_length` loses the end of its premise; the template, the hypothesis and the question stay whole.
   The vocabulary projection runs only at the positions scored (49k-vocabulary logits dominate memory).
   Training loss (`chat_loss`): `verbalizer` (default) is the cross-entropy over the label words'
   distinguishing tokens at the answer position — exactly the decision `predict` makes; `generative` is the
@@ -23,7 +24,7 @@ BERT's [CLS] pooler, which its contrastive training never used (`benchmarks/resu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -145,12 +146,28 @@ class Chat:
         prefix, _ = self.scoring(task)
         rows = []
         for e in examples:
-            # add_special_tokens=False: the chat template already holds BOS where the model wants one.
-            prompt = self.tokenizer(self.prompt(task, e), add_special_tokens=False)["input_ids"]
             target = task.labels.index(e.label)
-            keep = self.max_length - len(answers[target])
-            rows.append({"prompt": prompt[-keep:], "prefix": prefix, "answer": answers[target], "target": target})
+            prompt = self.fitted_prompt(task, e, self.max_length - len(answers[target]))
+            rows.append({"prompt": prompt, "prefix": prefix, "answer": answers[target], "target": target})
         return rows
+
+    def _prompt_ids(self, task: Task, ex: Example) -> list[int]:
+        # add_special_tokens=False: the chat template already holds BOS where the model wants one.
+        return self.tokenizer(self.prompt(task, ex), add_special_tokens=False)["input_ids"]
+
+    def fitted_prompt(self, task: Task, ex: Example, room: int) -> list[int]:
+        """The prompt's tokens, at most `room` of them. A long pair loses the end of its premise (as a tokenizer's
+        `only_first` truncation does): the template, the hypothesis and the question stay whole. Cutting the
+        prompt's start instead dropped the system turn and the premise's first sentence, the one RTE's
+        hypotheses most often restate (22% of RTE's training pairs exceed 160 tokens)."""
+        ids = self._prompt_ids(task, ex)
+        premise = self.tokenizer(ex.premise, add_special_tokens=False)["input_ids"]
+        keep = len(premise) - (len(ids) - room)
+        while len(ids) > room and keep > 0:
+            # a cut premise re-tokenizes in context to a token or two more or less: cut, measure, cut again
+            ids = self._prompt_ids(task, replace(ex, premise=self.tokenizer.decode(premise[:keep]).rstrip()))
+            keep -= max(1, len(ids) - room)
+        return ids[-room:]  # a hypothesis too long on its own: its start goes too
 
     def collate(self, rows: list[dict[str, Any]], with_answer: bool = False) -> Batch:
         """Left-padded so the scored position is the last of every row: prompt + the labels' shared start for
