@@ -115,6 +115,12 @@ def run_job(args: argparse.Namespace, job: str) -> dict[str, Any]:
     }
 
 
+def _threads(rows: list[dict[str, Any]]) -> str:
+    """Which jobs ran with more than one torch thread (the rest: one a core)."""
+    more = sorted({f"{r['run']} ({r['torch_threads']} threads, alone)" for r in rows if r.get("torch_threads", 1) > 1})
+    return "every job ran with 1 torch thread" + (f", except {', '.join(more)}" if more else "")
+
+
 def _cpu() -> str:
     from lorafuse.experiment.report import machine
 
@@ -155,7 +161,7 @@ def report() -> None:
     RESULTS.with_suffix(".json").write_text(json.dumps({"rows": rows, "machine": info}, indent=2) + "\n")
     lines = ["# Single-task adapters on the shared NLI data", "",
              f"Machine: {_machines(rows)}, {info['cores']} cores, {info['memory_gib']} GiB RAM, torch {info['torch']}; "
-             "every job ran with 1 torch thread. The runs until 2026-12-02 00:20 ran two to four at once while five "
+             f"{_threads(rows)}. The runs until 2026-12-02 00:20 ran two to four at once while five "
              "other helpers' jobs shared the machine (load average 4-11); the later ones (the SmolLM2 runs at "
              "800-1,806 pairs) two at once, one a core, with test runs beside them (load average 0.6-4.3 at their starts). "
              "Each job's load "
@@ -316,11 +322,12 @@ def _curves(rows: list[dict[str, Any]]) -> list[str]:
         if len({r["train_examples"] * r["hyperparameters"]["epochs"] for r in points}) < 3:
             continue
         lines += [f"## Learning curve: {model} on {task} (LoRA, seed 0)", "",
-                  "| run | train pairs × epochs | steps | test acc | majority | p | final loss / ln K | train s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| run | train pairs × epochs | steps | max length | test acc | majority | p | final loss / ln K | "
+                  "train s (threads) |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['train_examples']} × {r['hyperparameters']['epochs']:g} | {r['train_steps']} | "
-                  f"{100 * r['test_accuracy']:.1f} | {100 * r['majority_baseline']:.1f} | {r['p_value']:.1e} | "
-                  f"{r['final_loss']:.3f} / {r['uniform_loss']:.3f} | {r['train_seconds']:.0f} |" for r in points]
+                  f"{r['hyperparameters']['max_length']} | {100 * r['test_accuracy']:.1f} | "
+                  f"{100 * r['majority_baseline']:.1f} | {r['p_value']:.1e} | {r['final_loss']:.3f} / "
+                  f"{r['uniform_loss']:.3f} | {r['train_seconds']:.0f} ({r.get('torch_threads', 1)}) |" for r in points]
         lines.append("")
     return lines
 
