@@ -198,6 +198,10 @@ NOTES = """
   (gap 2.6) with a final loss of 0.721 < 0.8·ln 3 = 0.879; MNLI's LoRA rises from 49.0% to 57.0% against the full
   fine-tune's 58.6% (gap 1.6), loss 0.952 (full: 0.938; 0.8·ln 3 needs a larger budget still, for both). SNLI's
   gap at 2,000 pairs is the budget's, not the recipe's.
+- **The whole train split** (`minilm-9k`, 8,999 pairs × 1 epoch, 563 steps, one seed): MNLI's LoRA 63.0% against
+  the full fine-tune's 63.8% (gap 0.8), SNLI 76.6% against 75.8%, QNLI 81.2% against 80.7%, every final loss
+  below 0.8·ln K. With SICK, SciTail, RTE and FEVER from `minilm`, that is the set in the table "minilm: one
+  adapter per task within 60 min on 2 cores": 40.8 min of training one job at a time, 20.4 min on 2 cores.
 - **Tasks on which the full fine-tune itself fails** (not significantly above the majority class): **RTE** (full
   52.3% against a 52.7% majority, p = 0.57; LoRA 47.7 ± 4.1% over 3 seeds) and **FEVER** (full 49.9% against
   50.1%, p = 0.54; LoRA 50.2 ± 0.1% over 3 seeds). Both losses stay at ln 2. RTE's long, knowledge-heavy pairs
@@ -340,22 +344,26 @@ def _curves(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-# The issue's SmolLM2 criterion: one adapter per seed task, all trained within 2 h on the 2-core machine. These are
-# the runs that make that set (the smallest budget per task that is significant); the table sums their own times.
-BUDGET_SET = {"smollm2": {"scitail": "smollm2", "mnli": "smollm2-800", "fever": "smollm2-fever-curve-602x3",
-                          "rte": "smollm2-rte-2238x2"}}
-BUDGET_CORES, BUDGET_MINUTES = 2, 120
+# The issue's budgets: one adapter per task (seed 0), all trained within MINUTES on the 2-core machine. These are
+# the runs that make each set (per task, the smallest budget that meets the verdicts); the table sums their times.
+BUDGET_SETS = {
+    "minilm": (60, {"mnli": "minilm-9k", "snli": "minilm-9k", "qnli": "minilm-9k", "sick": "minilm",
+                    "rte": "minilm", "scitail": "minilm", "fever": "minilm"}),
+    "smollm2": (120, {"scitail": "smollm2", "mnli": "smollm2-800", "fever": "smollm2-fever-curve-602x3",
+                      "rte": "smollm2-rte-2238x2"}),
+}
+BUDGET_CORES = 2
 
 
 def _budget_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Per model in BUDGET_SET: its runs' accuracy and cost, and the total against BUDGET_MINUTES on BUDGET_CORES."""
+    """Per model in BUDGET_SETS: its runs' accuracy and cost, and the total against its minutes on BUDGET_CORES."""
     lines: list[str] = []
-    for model, runs in BUDGET_SET.items():
+    for model, (limit, runs) in BUDGET_SETS.items():
         picked = [r for task, run in runs.items() for r in rows
                   if r["run"] == run and r["task"] == task and r["kind"] == "lora" and r["seed"] == 0]
         if len(picked) < len(runs):
             continue
-        lines += [f"## {model}: one adapter per task within {BUDGET_MINUTES} min on {BUDGET_CORES} cores", "",
+        lines += [f"## {model}: one adapter per task within {limit} min on {BUDGET_CORES} cores", "",
                   "| task | run | train pairs × epochs | test acc [95% Wilson] | majority | p | threads | train s | "
                   "train s with validation | core-s with validation |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in picked:
@@ -366,11 +374,10 @@ def _budget_table(rows: list[dict[str, Any]]) -> list[str]:
                          f"{threads * r['train_wall_seconds']:.0f} |")
         core_s = sum(r.get("torch_threads", 1) * r["train_wall_seconds"] for r in picked)
         minutes = core_s / BUDGET_CORES / 60
-        every = all(r["p_value"] < 0.01 for r in picked)
-        lines += ["", f"Total: {core_s:.0f} core-s of training with its validation passes (test passes excluded) = "
-                  f"**{minutes:.1f} min on {BUDGET_CORES} cores** ({'within' if minutes <= BUDGET_MINUTES else 'OVER'}"
-                  f" {BUDGET_MINUTES} min); every task significantly above its majority class (p < 0.01): "
-                  f"{'yes' if every else 'NO'}.", ""]
+        lines += ["", f"Total: {core_s:.0f} core-s of training with its validation passes (test passes excluded), "
+                  f"{core_s / 60:.1f} min one job at a time = **{minutes:.1f} min on {BUDGET_CORES} cores** "
+                  f"({'within' if minutes <= limit else 'OVER'} {limit} min); significantly above the majority "
+                  f"class (p < 0.01): {', '.join(r['task'] for r in picked if r['p_value'] < 0.01) or 'none'}.", ""]
     return lines
 
 
