@@ -44,7 +44,8 @@ def test_cpu_configs_stay_within_their_budget():
     budgets = {"demo": 1000, "nli5-minilm": 5000, "nli4-smollm2": 5000, "knots6-minilm": 9000}  # training pairs
     for name, pairs in budgets.items():
         config = load_config(name)
-        assert config.hardware == "cpu" and config.train.max_examples <= pairs, name
+        assert config.hardware == "cpu", name
+        assert all(config.train_for(t).max_examples <= pairs for t in config.tasks), name
         assert config.eval.max_validation <= 500, name
     demo = load_config("demo")
     assert demo.tasks == list(GENERATORS) and demo.eval.max_test <= 1000 and demo.train.max_examples <= 1000
@@ -136,3 +137,16 @@ def test_generated_tasks_test_different_skills():
             examples = generate(task, "test")
             accuracy = sum(rule(e) == e.label for e in examples) / len(examples)
             assert accuracy == 1.0 if task == rule_task else accuracy < 0.75, (rule_task, task, accuracy)
+
+
+def test_train_per_task_errors_name_the_task_and_field():
+    raw = {"name": "x", "model": "minilm", "tasks": ["rte", "mnli"]}
+    with pytest.raises(ConfigError, match=r"train_per_task.rtee: not one of the experiment's tasks \(did you mean 'rte'"):
+        parse_config({**raw, "train_per_task": {"rtee": {"epochs": 2}}}, "cfg.yaml")
+    with pytest.raises(ConfigError, match="unknown field 'train_per_task.rte.epoch'"):
+        parse_config({**raw, "train_per_task": {"rte": {"epoch": 2}}}, "cfg.yaml")
+    with pytest.raises(ConfigError, match="epochs: give a value"):
+        parse_config({**raw, "train_per_task": {"rte": {"epochs": None}}}, "cfg.yaml")
+    whole = parse_config({**raw, "train": {"max_examples": 800}, "train_per_task": {"rte": {"max_examples": None}}},
+                         "cfg.yaml")
+    assert whole.train_for("rte").max_examples is None and whole.train_for("mnli").max_examples == 800

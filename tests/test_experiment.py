@@ -300,3 +300,18 @@ def test_a_stochastic_method_runs_over_seeds(setup, counts, tmp_path):
     runner, results = run({**dare, "seeds": 1}, tmp_path / "dare", cache_dir=root / "cache")
     job = next(j for j in results["jobs"] if j["name"] == "dare_ties")
     assert counts["merge"] == 2 and "seed_runs" not in job  # the number of seeds is part of the job's key
+
+
+def test_train_per_task_changes_only_its_task(setup, tmp_path):
+    """A task's `train_per_task` entry reaches its TrainConfig and its cache key; the other task keeps both."""
+    from lorafuse.experiment.cache import adapter_key
+
+    root, raw = setup
+    base = parse_config(raw, "test")
+    tuned = parse_config({**raw, "train_per_task": {"xb": {"epochs": 2, "max_examples": 48}}}, "test")
+    assert tuned.train_for("xa") == base.train and tuned.train_for("xb").rank == base.train.rank == 4
+    runner = ExperimentRunner(tuned, tmp_path / "run", progress=False)
+    xa, xb = (runner._train_config(t, tmp_path / t) for t in ("xa", "xb"))
+    assert (xa.epochs, xa.max_examples, xb.epochs, xb.max_examples) == (1, None, 2, 48)
+    assert adapter_key(tuned, "xa", "d") == adapter_key(base, "xa", "d")
+    assert adapter_key(tuned, "xb", "d") != adapter_key(base, "xb", "d")

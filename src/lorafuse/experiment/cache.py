@@ -26,7 +26,7 @@ def stable_hash(obj: Any) -> str:
 def adapter_key(config: Any, task: str, data_fingerprint: str) -> str:
     """The cache key of one task's adapter: everything that determines the trained weights."""
     return stable_hash({"model": config.model, "formulation": config.formulation, "task": task,
-                        "train": config.train.model_dump(), "version": __version__, "data": data_fingerprint})
+                        "train": config.train_for(task).model_dump(), "version": __version__, "data": data_fingerprint})
 
 
 class JobStore:

@@ -194,7 +194,7 @@ class ExperimentRunner:
 
         return TrainConfig(task=task, model=self.config.model, output=str(path), formulation=self.config.formulation,
                            data_dir=self.config.data_dir, overwrite=True, resume=True, progress=self.progress,
-                           max_eval_examples=self.config.eval.max_validation, **self.config.train.model_dump())
+                           max_eval_examples=self.config.eval.max_validation, **self.config.train_for(task).model_dump())
 
     def _reused(self, job_id: str, task: str, path: Path) -> dict[str, Any]:
         """An adapter found in a shared cache (trained by another run directory): recorded, not retrained."""
