@@ -232,7 +232,7 @@ NOTES = """
       Validation (100 pairs) was 67% and 71% after each epoch; final loss 0.522 < 0.8·ln 2 = 0.555. 3,895 s of
       training on 2 torch threads, alone on the machine (1.15 pairs/s).
     - 2,238 × 3 epochs (840 steps) reach 64.3% (178/277, 58.5-69.7%, p = 7e-5), validation 68, 75, 75%, final loss
-      0.426, in 5,651 s. The third epoch adds nothing on test.
+      0.426, in 5,651 s: no gain on test from the third epoch (one seed each).
     - One seed each, so the truncation fix, the longer inputs and the larger budget are not told apart.
   - **Budget**: the 2-epoch RTE run brings the four-task set to 103.6 min on 2 cores (training 97.7 min without
     the validation passes). Run two at a time (FEVER on one core while SciTail then MNLI use the other, then RTE on
@@ -345,7 +345,8 @@ def _curves(rows: list[dict[str, Any]]) -> list[str]:
 
 
 # The issue's budgets: one adapter per task (seed 0), all trained within MINUTES on the 2-core machine. These are
-# the runs that make each set (per task, the smallest budget that meets the verdicts); the table sums their times.
+# the runs that make each set (per task, the smallest measured budget that meets the verdicts); the table sums
+# their times.
 BUDGET_SETS = {
     "minilm": (60, {"mnli": "minilm-9k", "snli": "minilm-9k", "qnli": "minilm-9k", "sick": "minilm",
                     "rte": "minilm", "scitail": "minilm", "fever": "minilm"}),

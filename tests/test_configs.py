@@ -145,7 +145,7 @@ def test_train_per_task_errors_name_the_task_and_field():
         parse_config({**raw, "train_per_task": {"rtee": {"epochs": 2}}}, "cfg.yaml")
     with pytest.raises(ConfigError, match="unknown field 'train_per_task.rte.epoch'"):
         parse_config({**raw, "train_per_task": {"rte": {"epoch": 2}}}, "cfg.yaml")
-    with pytest.raises(ConfigError, match="epochs: give a value"):
+    with pytest.raises(ConfigError, match="train_per_task.rte.epochs: Input should be a valid number"):
         parse_config({**raw, "train_per_task": {"rte": {"epochs": None}}}, "cfg.yaml")
     whole = parse_config({**raw, "train": {"max_examples": 800}, "train_per_task": {"rte": {"max_examples": None}}},
                          "cfg.yaml")
