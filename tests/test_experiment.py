@@ -102,7 +102,9 @@ def test_end_to_end_then_cached_rerun(setup, counts):
     ta = next(j for j in results["jobs"] if j["name"] == "task_arithmetic")
     assert [s["params"]["lambda"] for s in ta["sweep"]] == [0.5, 1.0]
     selection = results["statistics"]["selection_tasks"]  # the tasks whose adapters beat their majority class
-    best = max(ta["sweep"], key=lambda s: sum(s["validation"]["normalized"][t] for t in selection))
+    # the best validation score; equal scores go to the smaller change from task arithmetic (λ nearer 1)
+    best = max(ta["sweep"], key=lambda s: (round(sum(s["validation"]["normalized"][t] for t in selection), 9),
+                                           -abs(s["params"]["lambda"] - 1.0)))
     assert ta["params"]["lambda"] == best["params"]["lambda"] and ta["validation"] == best["validation"]
     assert (out / "fused" / "task_arithmetic" / "adapter_config.json").is_file()
     assert (out / "fused" / "task_arithmetic" / "task_heads" / "xa.safetensors").is_file()
@@ -315,3 +317,14 @@ def test_train_per_task_changes_only_its_task(setup, tmp_path):
     assert (xa.epochs, xa.max_examples, xb.epochs, xb.max_examples) == (1, None, 2, 48)
     assert adapter_key(tuned, "xa", "d") == adapter_key(base, "xa", "d")
     assert adapter_key(tuned, "xb", "d") != adapter_key(base, "xb", "d")
+
+
+def test_equal_validation_scores_go_to_the_smaller_change_from_task_arithmetic():
+    from lorafuse.experiment.runner import _score
+
+    sweep = [{"params": {"lambda": 0.5, "density": 0.2}, "score": 90.0},
+             {"params": {"lambda": 1.0, "density": 0.7}, "score": 90.0},
+             {"params": {"lambda": 1.5, "density": 1.0}, "score": 89.0}]
+    assert max(sweep, key=_score)["params"] == {"lambda": 1.0, "density": 0.7}
+    assert max(reversed(sweep), key=_score)["params"] == {"lambda": 1.0, "density": 0.7}  # not by grid order
+    assert max(sweep[:1] + [{"params": {"lambda": 1.5}, "score": 90.5}], key=_score)["score"] == 90.5

@@ -152,3 +152,22 @@ def test_rows_sample_brackets_skewed_low_rank_updates_in_one_pass(monkeypatch):
         (got,) = thresholds.top_thresholds(lambda: rows.task_values(0), m * n, [density], rows.task_sample(0))
         exact = (B @ A).abs().reshape(-1).sort(descending=True).values[int(density * m * n) - 1]
         assert got == float(exact) and len(passes) == 1
+
+
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.2}), ("dare_ties", {"drop_rate": 0.5})])
+def test_keep_exact_holds_the_uncut_result_that_evaluation_reads(adapters, method, params):
+    """The saved adapter is cut to rank Σr; `keep_exact` keeps the method's dense result, which is what
+    `exact_modules()` (and so the Evaluator) reads: equal to a lossless full-rank merge, unlike the cut one."""
+    cut = merge(adapters, method, progress=False, keep_exact=True, **params)
+    full = merge(adapters, method, rank=FULL_RANK, exact_svd=True, progress=False, **params)
+    assert set(cut.exact) == set(MODULES) and cut.provenance["retained_energy"]["min"] < 0.99
+    for module in MODULES:
+        exact = cut.exact_modules()[module].dense().double()
+        assert close(exact, merged_dense(full, module))
+        assert not close(merged_dense(cut, module), merged_dense(full, module), tol=1e-3)
+    assert not merge(adapters, method, progress=False, **params).exact  # held only when asked for
+
+
+def test_keep_exact_of_an_exact_method_holds_nothing_extra(adapters):
+    result = merge(adapters, "task_arithmetic", progress=False, keep_exact=True)
+    assert result.exact == {} and result.exact_modules() == result.modules

@@ -25,7 +25,7 @@ from lorafuse.adapters.writer import (
     write_adapter_dir,
     write_adapter_files,
 )
-from lorafuse.algebra.dense import ROW_SPACE_POWER_ITERATIONS, dense_truncated_svd
+from lorafuse.algebra.dense import ROW_SPACE_POWER_ITERATIONS, DenseUpdate, dense_truncated_svd
 from lorafuse.algebra.lowrank import LowRank, truncate
 from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
@@ -49,6 +49,7 @@ class MergeOptions:
     dtype: torch.dtype | None = None  # output dtype; default: the adapters' dtype
     progress: bool = True
     rank_patterns: bool = False  # per-module ranks in rank_pattern instead of one zero-padded rank
+    keep_exact: bool = False  # also hold each truncated module's exact result (MergeResult.exact)
 
 
 @dataclass
@@ -62,10 +63,17 @@ class MergeResult:
     embeddings: set[str] = field(default_factory=set)
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     extra_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # with keep_exact: each truncated module's result before the cut (a DenseUpdate or the full LowRank)
+    exact: dict[str, LowRank | DenseUpdate] = field(default_factory=dict)
 
     def delta(self, module: str) -> torch.Tensor:
-        """The fused dense update of one module (out×in)."""
+        """The fused dense update of one module (out×in), as saved."""
         return self.modules[module].dense()
+
+    def exact_modules(self) -> dict[str, LowRank | DenseUpdate]:
+        """Every module's update before any truncation (the method's exact result, where `keep_exact` held
+        it; elsewhere nothing was cut and the saved factors are exact)."""
+        return {m: self.exact.get(m, u) for m, u in self.modules.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = adapter_state_dict(self.modules, self.embeddings, self.dtype, stored_rank(self.config))
@@ -292,10 +300,13 @@ def merge(
     allow_bin: bool = False,
     progress: bool = True,
     rank_patterns: bool = False,
+    keep_exact: bool = False,
     **params: Any,
 ) -> MergeResult:
     """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...).
-    The saved adapter stores every module at one rank (zero-padded, no rank_pattern) unless `rank_patterns`."""
+    The saved adapter stores every module at one rank (zero-padded, no rank_pattern) unless `rank_patterns`.
+    `keep_exact` also holds each truncated module's exact result in memory (`MergeResult.exact_modules`: what an
+    experiment evaluates; dense element-wise results cost one m×n matrix a module)."""
     spec = get_method(method)
     check_param_types(spec, params, f"method '{spec.name}'")
     parsed = spec.parse_params(params)
@@ -306,7 +317,7 @@ def merge(
             raise ConfigError(f"{field_name}: expected a string, got {value!r}")
     loaded = load_adapters(adapters, names, allow_bin)
     options = MergeOptions(rank, space, exact_svd, modules_to_save, _as_dtype(dtype) or loaded[0].dtype(), progress,
-                           rank_patterns)
+                           rank_patterns, strict_bool(keep_exact, "keep_exact"))
     _check_per_adapter(spec, parsed, weights, densities)
     weights = _per_adapter(weights, loaded, "weights", 1.0)
     densities = _per_adapter(densities, loaded, "densities", getattr(parsed, "density", 1.0))
@@ -380,6 +391,7 @@ class _Engine:
         self.names = [a.name for a in adapters]
         self.trim_scope = _trim_scope(params, options.space)
         self.energy: dict[str, float] = {}
+        self.exact: dict[str, LowRank | DenseUpdate] = {}
         for adapter in adapters:  # the provenance's hashes, computed beside the merge
             adapter.start_hashing()
 
@@ -395,6 +407,7 @@ class _Engine:
             embeddings={m for m in merged if any(m in a.modules and a.modules[m].embedding for a in self.adapters)},
             heads=heads,
             extra_state=extra,
+            exact=self.exact,
         )
 
     def _progress(self, items: Sequence[str], desc: str) -> Any:
@@ -465,11 +478,15 @@ class _Engine:
             out, kept = dense_truncated_svd(update.matrix, rank or max(1, natural), exact=self.options.exact_svd,
                                             seed=zlib.crc32(module.encode()), row_space=update.row_space)
             self.energy[module] = kept
+            if self.options.keep_exact:
+                self.exact[module] = DenseUpdate(update.matrix)
             return out
         if rank is None:  # only numerically zero directions go (e.g. rows of a KnOTS block that TIES zeroed)
             return update if self.spec.exact else truncate(update, None)[0]
         out, kept = truncate(update, rank)
         self.energy[module] = kept
+        if self.options.keep_exact and kept < 1.0:
+            self.exact[module] = update
         return out
 
     def _input_rank(self, module: str) -> int:

@@ -41,12 +41,21 @@ class EvalResult:
     predicted: dict[str, dict[str, int]] = field(default_factory=dict)  # task → label → times predicted
     labels: dict[str, dict[str, int]] = field(default_factory=dict)  # task → gold label → examples
     correct: dict[str, str] = field(default_factory=dict)  # task → per-example correctness (stats.pack_bits)
+    precision: dict[str, str] = field(default_factory=dict)  # the dtype it ran in and why (lorafuse.precision)
 
     def correct_flags(self, task: str) -> Any:
         """Per-example correctness of `task` (a numpy bool array, in the split's file order)."""
         from lorafuse.stats import unpack_bits
 
         return unpack_bits(self.correct[task], self.examples[task])
+
+    @classmethod
+    def combine(cls, results: Sequence[EvalResult]) -> EvalResult:
+        """One result of several evaluations of disjoint tasks (e.g. each task with its own adapter)."""
+        fields = ("accuracy", "examples", "predicted", "labels", "correct")
+        merged = cls(**{f: {k: v for r in results for k, v in getattr(r, f).items()} for f in fields})
+        merged.precision = results[0].precision if results else {}
+        return merged
 
     def collapsed(self, task: str, share: float = 0.95) -> str | None:
         """The label predicted for at least `share` of the task's examples, if any: an adapter (or a fusion)
@@ -74,7 +83,7 @@ class EvalResult:
         return {"accuracy": self.accuracy, "examples": self.examples, "average": self.average,
                 "normalized": self.normalized, "normalized_average": self.normalized_average,
                 "reference": self.reference, "predicted": self.predicted, "labels": self.labels,
-                "correct": self.correct}
+                "correct": self.correct, "precision": self.precision}
 
 
 # -- applying adapters -------------------------------------------------------------------------------------
@@ -89,9 +98,23 @@ def _submodule(model: torch.nn.Module, module: str) -> torch.nn.Module:
     raise AdapterError(f"module '{module}' of the adapter is not in the model (an adapter for another base?)")
 
 
+class MasterWeights:
+    """fp32 copies of a model's weights taken before it is cast to a lower precision: an update is added to the
+    fp32 master and only the sum is rounded (lorafuse.precision), and removing it restores the rounded master."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._copies = {id(p): p.detach().float().clone() for p in model.parameters()
+                        if p.is_floating_point() and p.ndim >= 2}
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor | None:
+        return self._copies.get(id(weight))
+
+
 @contextmanager
-def applied(model: torch.nn.Module, updates: Updates, fan_in_fan_out: bool = False) -> Iterator[None]:
-    """Temporarily W ← W + ΔW for every module of `updates` (exact; originals restored on exit)."""
+def applied(model: torch.nn.Module, updates: Updates, fan_in_fan_out: bool = False,
+            masters: MasterWeights | None = None) -> Iterator[None]:
+    """Temporarily W ← W + ΔW for every module of `updates` (exact; originals restored on exit). With `masters`
+    (a reduced-precision model) W + ΔW is formed from the fp32 master, then rounded to the weight's dtype."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
@@ -102,8 +125,13 @@ def applied(model: torch.nn.Module, updates: Updates, fan_in_fan_out: bool = Fal
                 if delta.shape != weight.shape:
                     raise AdapterError(f"module '{name}': update {tuple(delta.shape)} does not fit weight "
                                        f"{tuple(weight.shape)} (an adapter for another base model?)")
-                saved.append((weight, weight.detach().clone()))
-                weight.add_(delta.to(weight.dtype))
+                master = masters.of(weight) if masters is not None else None
+                if master is None:
+                    saved.append((weight, weight.detach().clone()))
+                    weight.add_(delta.to(weight.dtype))
+                else:
+                    saved.append((weight, master))
+                    weight.copy_(master.to(weight.device) + delta.float())
         yield
     finally:
         with torch.no_grad():
@@ -233,8 +261,10 @@ class Evaluator:
 
     def __init__(self, model: str, tasks: Sequence[str | Task], split: str = "test", formulation: str | None = None,
                  data_dir: str | Path | None = None, max_examples: int | None = None, batch_size: int = 32,
-                 max_length: int | None = None, progress: bool = True, device: str | None = None) -> None:
+                 max_length: int | None = None, progress: bool = True, device: str | None = None,
+                 dtype: str = "auto") -> None:
         from lorafuse.models import default_device, resolve_model
+        from lorafuse.precision import resolve_precision
 
         info = resolve_model(model)
         self.model_name, self.formulation_name = model, formulation or info.formulation
@@ -242,7 +272,10 @@ class Evaluator:
         check_formulation(self.formulation_name, self.tasks)
         self.model, tokenizer = load_model(info.path, self.formulation_name)
         self.device = default_device(device)
+        self.precision = resolve_precision(dtype, self.device)
         self.model.to(self.device).eval()  # batches stay on the host; formulations move them to the model
+        self.masters = MasterWeights(self.model) if self.precision.reduced else None
+        self.model.to(self.precision.torch_dtype)
         self.formulation = make_formulation(self.formulation_name, tokenizer, max_length)
         self.split, self.batch_size, self.progress = split, batch_size, progress
         self.data_dir, self.max_examples = data_dir, max_examples
@@ -331,7 +364,7 @@ class Evaluator:
             with adapter.installed(self.model):  # classify: each task's adapter brings its own head
                 return self.evaluate(None, {**(heads or {}), **adapter.heads}, split=split)
         updates, heads, fan_in_fan_out = self._resolve(adapter, heads, fan_in_fan_out)
-        with self._naming_base(adapter), applied(self.model, updates, fan_in_fan_out):
+        with self._naming_base(adapter), applied(self.model, updates, fan_in_fan_out, self.masters):
             return self._accuracies(heads, split)
 
     def _accuracies(self, heads: Mapping[str, Any], split: str | None) -> EvalResult:
@@ -353,7 +386,8 @@ class Evaluator:
                     flags, predicted[task.name], labels[task.name] = self._score(task, split, bar)
                 examples[task.name], accuracy[task.name] = len(flags), sum(flags) / len(flags)
                 correct[task.name] = pack_bits(flags)
-        return EvalResult(accuracy, examples, predicted=predicted, labels=labels, correct=correct)
+        return EvalResult(accuracy, examples, predicted=predicted, labels=labels, correct=correct,
+                          precision=self.precision.to_dict())
 
     @contextmanager
     def _naming_base(self, adapter: AdapterLike) -> Iterator[None]:
@@ -383,8 +417,8 @@ class Evaluator:
         if isinstance(adapter, InMemoryAdapter):
             updates, fan_in_fan_out = in_memory_updates(adapter)
             return updates, given, fan_in_fan_out
-        if hasattr(adapter, "modules") and hasattr(adapter, "heads"):  # a MergeResult
-            return adapter.modules, {**given, **adapter.heads}, bool(adapter.config.get("fan_in_fan_out"))
+        if hasattr(adapter, "exact_modules") and hasattr(adapter, "heads"):  # a MergeResult: its exact result
+            return adapter.exact_modules(), {**given, **adapter.heads}, bool(adapter.config.get("fan_in_fan_out"))
         return adapter, given, fan_in_fan_out
 
 

@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     data_dir: str | None = None
     gradient_checkpointing: bool = False
+    dtype: str = "auto"  # bfloat16: mixed precision, fp32 masters (lorafuse.precision); auto: by the hardware
     save_steps: int | None = None  # checkpoint every N steps (default: every epoch), for --resume
     resume: bool = False
     overwrite: bool = False
@@ -161,13 +162,14 @@ def _trainer(model: Any, formulation: Any, task: Task, rows: list[dict[str, Any]
         return {**batch.inputs, "targets": batch.targets}
 
     gpu = torch.cuda.is_available()
+    precision = train_precision(cfg)
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
         lr_scheduler_type="linear", warmup_steps=cfg.warmup, weight_decay=0.0,
         logging_steps=max(1, cfg.logging_steps),
         save_strategy="steps" if cfg.save_steps else "epoch", save_steps=cfg.save_steps or 500, save_total_limit=1,
-        report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
+        report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=precision.reduced, use_cpu=not gpu,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not cfg.progress,
         **_checkpointing_arg(TrainingArguments, cfg.gradient_checkpointing),
     )
@@ -411,6 +413,9 @@ def check_train_config(cfg: TrainConfig) -> None:
         if value is not None or name != "warmup":
             if not 0.0 <= finite_number(value, name) < 1.0:
                 raise ConfigError(f"{name}: must be in [0, 1) (got {value!r})")
+    from lorafuse.precision import check_dtype
+
+    check_dtype(cfg.dtype)
 
 
 def _inputs(cfg: TrainConfig, task: Task) -> list[tuple[str, Path]]:
@@ -451,7 +456,8 @@ def _validate(cfg: TrainConfig, task: Task, formulation: str, adapter_dir: Path)
 
     try:  # a local split was read before training (_check_validation_split): what fails here is its absence
         ev = Evaluator(cfg.model, [task], split="validation", formulation=formulation, data_dir=cfg.data_dir,
-                       max_examples=cfg.max_eval_examples, max_length=cfg.max_length, progress=False)
+                       max_examples=cfg.max_eval_examples, max_length=cfg.max_length, progress=False,
+                       dtype=cfg.dtype)
     except (DataError, ConfigError):
         return {"validation_accuracy": None, "validation_examples": 0}
     result = ev.evaluate(adapter_dir)
@@ -476,6 +482,13 @@ def _fingerprints(task: Task, data_dir: str | None) -> dict[str, str]:
     return out
 
 
+def train_precision(cfg: TrainConfig) -> Any:
+    """The dtype training computes in (mixed precision when bf16) on the device the Trainer picks."""
+    from lorafuse.precision import resolve_precision
+
+    return resolve_precision(cfg.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _record(cfg: TrainConfig, task: Task, formulation: str, model_path: str, n: int, result: Any,
             seconds: float, log_history: list[dict[str, Any]]) -> dict[str, Any]:
     """What the adapter was trained on and how (the experiment runner and `load_task_head` read `task`)."""
@@ -487,6 +500,7 @@ def _record(cfg: TrainConfig, task: Task, formulation: str, model_path: str, n: 
         "hyperparameters": {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress")},
         "train_loss": float(result.training_loss), "train_steps": int(result.global_step),
         "loss_history": losses, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "precision": train_precision(cfg).to_dict(),
         "train_seconds": round(seconds, 2),
         "train_examples_per_second": round(n * cfg.epochs / seconds, 2)
         if seconds > 0 else None,

@@ -11,9 +11,26 @@ and it costs fewer passes over the m×n matrix.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lorafuse.algebra.lowrank import FactorSVD, LowRank
+
+@dataclass(frozen=True)
+class DenseUpdate:
+    """A module's exact update held as its full matrix (an element-wise result before any truncation), with the
+    `dense()` and `shape` that evaluation reads from a LowRank."""
+
+    matrix: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.matrix.shape)  # type: ignore[return-value]
+
+    def dense(self) -> torch.Tensor:
+        return self.matrix
+
 
 RANDOM_POWER_ITERATIONS = 4  # from a random start
 ROW_SPACE_POWER_ITERATIONS = 1  # from the inputs' row space: one pass pair reaches ~1e-6 of the optimum

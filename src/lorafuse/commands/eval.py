@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-examples", type=positive_int, help="evaluate at most this many examples per task")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-length", type=positive_int, help="token limit per example")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype (auto: bf16 on a GPU or a CPU with AMX-BF16/AVX512-BF16, else fp32)")
     heads = p.add_argument_group("classification heads (classify; a fused adapter has no single head)")
     heads.add_argument("--heads", nargs="+", default=[], metavar="TASK=DIR[,TASK=DIR]",
                        help="each task's own adapter, whose head is used where the adapter has none for it")
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     heads = {t: h for t in tasks if (h := load_task_head(t, None, given, args.heads_dir)) is not None}
     ev = Evaluator(args.model, tasks, split=args.split, formulation=args.formulation, data_dir=args.data_dir,
                    max_examples=args.max_examples, batch_size=args.batch_size, max_length=args.max_length,
-                   progress=not args.quiet)
+                   progress=not args.quiet, dtype=args.dtype)
     result = ev.evaluate(args.adapter, heads=heads)
     own = _references(args, ev, heads)
     if own:

@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bound", type=finite_float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=positive_int)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype (auto: bf16 on a GPU or a CPU with AMX-BF16/AVX512-BF16, else fp32)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true")
 
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     pool = get_task(args.task).load(args.split, args.data_dir)
     examples = random.Random(args.seed).sample(pool, min(args.shots, len(pool)))
     ev = Evaluator(args.model, [args.task], split=args.split, formulation=args.formulation, data_dir=args.data_dir,
-                   max_examples=1, max_length=args.max_length, progress=False)
+                   max_examples=1, max_length=args.max_length, progress=False,
+                   dtype=args.dtype)
     head = own_head(args.head) if args.head else None
     result, _ = lorahub(ev, args.adapters, args.task, examples, settings, head)
     out = save_lorahub(result, args.adapters, args.output, args.task, head, args.overwrite)

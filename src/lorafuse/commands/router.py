@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e2e-lr", type=finite_float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=positive_int)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype (auto: bf16 on a GPU or a CPU with AMX-BF16/AVX512-BF16, else fp32)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true")
 
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if len(tasks) != len(args.adapters):
         raise ConfigError(f"--tasks names {len(tasks)} tasks for {len(args.adapters)} adapters")
     ev = Evaluator(args.model, tasks, split="train", formulation=args.formulation, data_dir=args.data_dir,
-                   max_examples=args.examples_per_task, max_length=args.max_length, progress=False)
+                   max_examples=args.examples_per_task, max_length=args.max_length, progress=False,
+                   dtype=args.dtype)
     router = Router.from_adapters(args.adapters, int(ev.model.config.hidden_size), tasks, args.granularity)
     batches = [ev.batches[t] for t in tasks]
     stats = train_gate(router, ev.model, batches, args.epochs, args.lr, args.seed)

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--max-length", type=positive_int, help="token limit per example")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--gradient-checkpointing", action="store_true")
+    opt.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                     help="bfloat16: mixed precision (fp32 master weights); auto: bf16 on a GPU or a CPU with "
+                          "AMX-BF16/AVX512-BF16, else fp32")
     run_group = p.add_argument_group("run")
     run_group.add_argument("--save-steps", type=positive_int, help="checkpoint every N steps (default: every epoch)")
     run_group.add_argument("--resume", action="store_true", help="resume an interrupted run from its checkpoint")
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                       lr=args.lr, head_lr=args.head_lr, warmup=args.warmup, chat_loss=args.chat_loss,
                       best_checkpoint=not args.no_best_checkpoint, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       max_examples=args.max_examples, max_length=args.max_length, seed=args.seed,
-                      data_dir=args.data_dir, gradient_checkpointing=args.gradient_checkpointing,
+                      data_dir=args.data_dir, gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,
                       save_steps=args.save_steps, resume=args.resume, overwrite=args.overwrite,
                       progress=not args.quiet)
     out = train_adapter(cfg)

@@ -24,9 +24,25 @@ def stable_hash(obj: Any) -> str:
 
 
 def adapter_key(config: Any, task: str, data_fingerprint: str) -> str:
-    """The cache key of one task's adapter: everything that determines the trained weights."""
-    return stable_hash({"model": config.model, "formulation": config.formulation, "task": task,
-                        "train": config.train_for(task).model_dump(), "version": __version__, "data": data_fingerprint})
+    """The cache key of one task's adapter: everything that determines the trained weights. The dtype enters as
+    the one training resolves to on this machine, and only when it is not fp32 (keys made before there was a
+    dtype are fp32 runs and still match)."""
+    settings = config.train_for(task)
+    key = {"model": config.model, "formulation": config.formulation, "task": task,
+           "train": settings.model_dump(exclude={"dtype"}), "version": __version__, "data": data_fingerprint}
+    dtype = train_dtype(settings.dtype)
+    if dtype != "float32":
+        key["dtype"] = dtype
+    return stable_hash(key)
+
+
+def train_dtype(requested: str) -> str:
+    """The dtype training runs in here for `requested` (the Trainer's device: the GPU when there is one)."""
+    import torch
+
+    from lorafuse.precision import resolve_precision
+
+    return resolve_precision(requested, "cuda" if torch.cuda.is_available() else "cpu").dtype
 
 
 class JobStore:

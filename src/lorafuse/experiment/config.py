@@ -34,6 +34,7 @@ class TrainSettings(_Strict):
     max_length: int | None = Field(None, ge=8)
     seed: int = 0
     gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # see lorafuse.precision
 
 
 class EvalSettings(_Strict):
@@ -41,6 +42,7 @@ class EvalSettings(_Strict):
     max_test: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
     max_length: int | None = Field(None, ge=8)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # see lorafuse.precision
 
 
 class MethodSpec(_Strict):

@@ -24,7 +24,8 @@ from lorafuse.experiment.executors import Executor, Job, make_executor, resolve_
 from lorafuse.validate import check_inside
 
 STAGES = ("train", "reference", "fuse", "data-driven", "report")
-TRAIN_RECORD = "lorafuse_train.json"  # written last by lorafuse.training, inside the atomic output directory
+TRAIN_RECORD = "lorafuse_train.json"
+EVAL_PROTOCOL = 2  # 2: fused results evaluated exactly (dense element-wise results before the cut to rank Σr)  # written last by lorafuse.training, inside the atomic output directory
 
 
 class ExperimentError(LorafuseError):
@@ -222,7 +223,8 @@ class ExperimentRunner:
             self._evaluators[split] = Evaluator(
                 self.config.model, self.config.tasks, split=split, formulation=self.config.formulation,
                 data_dir=self.config.data_dir, max_examples=e.max_validation if split == "validation" else e.max_test,
-                batch_size=e.batch_size, max_length=e.max_length or self.config.train.max_length, progress=False)
+                batch_size=e.batch_size, max_length=e.max_length or self.config.train.max_length, progress=False,
+                dtype=e.dtype)
         return self._evaluators[split]
 
     def own_heads(self) -> dict[str, dict[str, Any]]:
@@ -240,8 +242,7 @@ class ExperimentRunner:
         for split in ("validation", "test"):
             ev = self.evaluator(split)
             own = [ev.subset([t]).evaluate(p) for t, p in self.state.adapters.items()]
-            merged = EvalResult(**{f: {k: v for r in own for k, v in getattr(r, f).items()}
-                                   for f in ("accuracy", "examples", "predicted", "labels", "correct")})
+            merged = EvalResult.combine(own)
             out[split] = merged.normalize(merged.accuracy).to_dict()
         return out
 
@@ -278,7 +279,7 @@ class ExperimentRunner:
                           leave=False, position=1):
             merged, point_result = self._search_point(spec, point, keep=True)
             sweep.append(point_result)
-            if best is None or _score(point_result) > _score(best):  # first of equals wins; only the best is kept
+            if best is None or _score(point_result) > _score(best):  # only the best's merges are kept
                 best, result = point_result, merged
         return self._finish_search(spec, sweep, time.perf_counter() - start, merged=result)
 
@@ -335,10 +336,7 @@ class ExperimentRunner:
             from lorafuse.experiment import tuning
 
             sweep = tuning.completed(self, spec)
-        best = None
-        for point_result in sweep:
-            if best is None or _score(point_result) > _score(best):  # first of equals wins
-                best = point_result
+        best = max(sweep, key=_score, default=None)
         if best is None:
             raise ExperimentError(f"method '{spec.name}': no setting of its search was evaluated")
         results = merged if merged is not None else self._merges(spec, best["params"])
@@ -352,11 +350,22 @@ class ExperimentRunner:
         return {"name": spec.name, "kind": "static", "method": spec.method, "space": spec.space,
                 "params": params, "sweep": sweep, "validation": best["validation"],
                 **outcome, "fused_dir": str(fused_dir), "update_sketch": update_sketch(results[0].modules),
+                "saved_adapter": self._saved_adapter(results[0]),
                 "search_seconds": round(search_seconds, 2), "settings_tried": len(sweep)}
-        return {"name": spec.name, "kind": "static", "method": spec.method, "space": spec.space,
-                "params": params, "sweep": sweep, "validation": best["validation"],
-                **outcome, "fused_dir": str(fused_dir), "update_sketch": update_sketch(results[0].modules),
-                "search_seconds": round(search_seconds, 2), "settings_tried": len(sweep)}
+
+    def _saved_adapter(self, result: Any) -> dict[str, Any]:
+        """What the saved adapter keeps of the evaluated (exact) result: nothing is cut for exact, aligned and
+        spectral methods; a dense element-wise result is saved at rank min(Σr, m, n), so its retained energy and
+        its own validation score are recorded beside the exact one's."""
+        if not result.exact:
+            return {"exact": True, "retained_energy": 1.0}
+        energy = result.provenance["retained_energy"]
+        val = self.evaluator("validation").evaluate(dict(result.modules), heads=self.own_heads() | result.heads,
+                                                    fan_in_fan_out=bool(result.config.get("fan_in_fan_out")))
+        split = val.normalize(self.state.reference["validation"]).to_dict()
+        return {"exact": False, "retained_energy": energy["min"], "retained_energy_mean": energy["mean"],
+                "truncated_modules": len(result.exact), "rank": max(u.rank for u in result.modules.values()),
+                "validation_score": self._selection_score(split)}
 
     def _selection_score(self, split: dict[str, Any]) -> float:
         """Validation score: average normalized accuracy over the tasks whose own adapters beat their majority
@@ -380,7 +389,8 @@ class ExperimentRunner:
 
         tasks = list(self.state.adapters)
         return merge([self.state.adapters[t] for t in tasks], spec.method, names=tasks, space=spec.space,
-                     rank=spec.rank, modules_to_save="per_task", progress=False, **{**spec.params, **point})
+                     rank=spec.rank, modules_to_save="per_task", progress=False, keep_exact=True,
+                     **{**spec.params, **point})
 
     # -- jobs and caching ---------------------------------------------------------------------------------
     def _job(self, name: str, stage: str, key: dict[str, Any], call: str, args: tuple[Any, ...] = (),
@@ -397,7 +407,17 @@ class ExperimentRunner:
         return Job(job_id, stage, label or name, call, args, **split)
 
     def _job_id(self, name: str, key: dict[str, Any]) -> str:
-        return f"{name}-{stable_hash({**key, 'eval': self.config.eval.model_dump(), 'data': self._eval_data()})[:8]}"
+        return f"{name}-{stable_hash({**key, 'eval': self._eval_key(), 'data': self._eval_data()})[:8]}"
+
+    def _eval_key(self) -> dict[str, Any]:
+        """The evaluation settings as they run here: the dtype resolved on this machine (an `auto` run on a bf16
+        machine is not an fp32 result), and the protocol (fused results evaluated exactly, before any cut)."""
+        from lorafuse.models import default_device
+        from lorafuse.precision import resolve_precision
+
+        settings = self.config.eval.model_dump()
+        settings["dtype"] = resolve_precision(settings["dtype"], default_device()).dtype
+        return {**settings, "protocol": EVAL_PROTOCOL}
 
     def _run_stage(self, planned: Sequence[dict[str, Any] | Job | None]) -> list[Any]:
         """The planned results in order: finished ones as they are, jobs run through the executor."""
@@ -510,9 +530,17 @@ def _spec_key(spec: MethodSpec) -> dict[str, Any]:
     return spec.model_dump(exclude={"sampler"} if spec.sampler == "random" else None)
 
 
-def _score(point: dict[str, Any]) -> float:
-    """What a search compares: the point's selection score (see `ExperimentRunner._selection_score`)."""
-    return point["score"]
+# each parameter's value at which a method is plain task arithmetic (λ·Σ ΔW_t): the tie-break's origin
+NEUTRAL = {"lambda": 1.0, "density": 1.0, "drop_rate": 0.0, "trim_density": 1.0, "alpha": 1.0, "gamma": 0.0}
+
+
+def _score(point: dict[str, Any]) -> tuple[float, float]:
+    """What a search maximises: the point's selection score (see `ExperimentRunner._selection_score`); among
+    equal scores, the setting that changes task arithmetic least (the smallest Σ |value − its neutral value| over
+    the parameters in NEUTRAL), whatever the grid's order."""
+    change = sum(abs(float(v) - NEUTRAL[k]) for k, v in point["params"].items()
+                 if k in NEUTRAL and isinstance(v, (int, float)) and not isinstance(v, bool))
+    return point["score"], -change
 
 
 def _slug(name: str) -> str:

@@ -73,7 +73,7 @@ def run_trial(runner: Any, spec: Any, slot: int) -> dict[str, Any]:
         study.tell(trial, state=TrialState.FAIL)
         raise
     trial.set_user_attr("result", result)
-    study.tell(trial, _score(result))
+    study.tell(trial, _score(result)[0])  # the objective; ties are broken when the best is chosen
     return result
 
 

@@ -155,6 +155,10 @@ class _Slot:
         self.lora_B: torch.nn.Parameter | None = None
 
     def bind(self, layer: Any) -> None:
+        # fp32 slots on a bf16 model too: PEFT then runs the LoRA path in fp32 and rounds only its output, and a
+        # candidate's small weights are not lost to bf16's 8-bit mantissa
+        layer.lora_A[SLOT_ADAPTER].float()
+        layer.lora_B[SLOT_ADAPTER].float()
         self.lora_A, self.lora_B = layer.lora_A[SLOT_ADAPTER].weight, layer.lora_B[SLOT_ADAPTER].weight
         device = self.lora_A.device  # compose where the model lives (no host round trip per candidate)
         self.A, self.B = self.A.to(device), self.B.to(device)
@@ -358,6 +362,5 @@ def _experiment_run(runner: Any, shots: int, seed: int) -> tuple[dict[str, Any],
         seconds += result.seconds
         results.append(test_ev.subset([task]).evaluate(updates, heads=heads))
         weights[task] = dict(zip(tasks, result.weights))
-    merged = EvalResult(**{f: {k: v for r in results for k, v in getattr(r, f).items()}
-                           for f in ("accuracy", "examples", "predicted", "labels", "correct")})
+    merged = EvalResult.combine(results)
     return merged.normalize(runner.state.reference["test"]).to_dict(), weights, seconds
