@@ -186,7 +186,8 @@ def test_the_statistics_of_known_results(known):
     assert vs_best["against"] == "ties" and vs_best["significant"] and vs_best["difference"] < -5
     assert m["ties"]["vs_task_arithmetic"]["significant"] and m["ties"]["vs_task_arithmetic"]["difference"] > 5
     assert m["average"]["vs_task_arithmetic"] == {"against": "task_arithmetic", "difference": 0.0,
-                                                  "interval": [0.0, 0.0], "p_value": 1.0, "significant": False}
+                                                  "interval": [0.0, 0.0], "p_value": 1.0, "significant": False,
+                                                  "borderline": False}
     assert m["dare_ties"]["seeds"] == 3 and m["dare_ties"]["seed_sd"] > 0
     for job_name, entry in m.items():
         for task, cell in entry["per_task"].items():
@@ -274,3 +275,32 @@ def test_update_sketch_finds_the_same_update(tmp_path):
              "update_sketch": s} for n, s in (("average", average), ("ta", ta), ("ties", ties))]
     warnings = analyse(jobs, ["t"])[1]
     assert [w["methods"] for w in warnings if w["kind"] == "same_update"] == [["average", "ta"]]
+
+
+def test_best_is_chosen_on_validation_and_equal_methods_tie(known):
+    """`ties` is best on test, but `average` has the best validation score: `average` is the best (chosen where
+    the search chose), `ties` is significantly above it on test, task arithmetic (identical to it) ties."""
+    from lorafuse.experiment.analysis import analyse
+    from lorafuse.experiment.report import p_text, summary_table
+
+    _, results, *_ = known
+    scores = {"average": 95.0, "task_arithmetic": 90.0, "ties": 85.0, "dare_ties": 80.0}
+    jobs = [{**j, **({"validation": {"normalized": dict.fromkeys(TASKS, scores[j["name"]])}}
+                     if j["name"] in scores else {})} for j in results["jobs"]]
+    statistics, _ = analyse(jobs, TASKS, resamples=500)
+    assert statistics["best"] == "average" and statistics["best_chosen_on"] == "validation"
+    ties = statistics["methods"]["ties"]["vs_best"]
+    assert ties["significant"] and ties["difference"] > 5 and not ties["borderline"]
+    assert statistics["tied_with_best"] == ["task_arithmetic"]
+    table = summary_table(jobs, statistics)
+    assert "vs best on validation (average)" in table and "p<0.001 ▲" in table
+    assert p_text(0.00025) == "p<0.001" and p_text(0.0123) == "p=0.012"
+
+
+def test_a_difference_only_one_test_finds_is_borderline_not_significant():
+    from lorafuse.experiment.analysis import comparison
+
+    assert comparison("x", 1.0, -0.1, 2.0, 0.03) == {"against": "x", "difference": 1.0, "interval": [-0.1, 2.0],
+                                                     "p_value": 0.03, "significant": False, "borderline": True}
+    assert comparison("x", 1.0, 0.2, 2.0, 0.03)["significant"]
+    assert not comparison("x", 1.0, 0.2, 2.0, 0.2)["significant"]

@@ -123,14 +123,31 @@ def analyse(jobs: Sequence[dict[str, Any]], tasks: Sequence[str], resamples: int
     for job in ok:
         methods[job["name"]] = _method_summary(job, tasks, kept)
     fused = [n for n, m in methods.items() if m["kind"] in FUSED_KINDS and m["normalized_average"] is not None]
+    best, chosen_on = best_fused(ok, fused, kept)
     statistics: dict[str, Any] = {
         "trusted_tasks": kept, "left_out_tasks": left_out, "alpha": ALPHA, "resamples": resamples,
-        "methods": methods, "best": max(fused, key=lambda n: methods[n]["normalized_average"]) if fused else None,
+        "methods": methods, "best": best, "best_chosen_on": chosen_on,
         "task_arithmetic": REFERENCE_METHOD if REFERENCE_METHOD in methods else None}
     _bootstrap(ok, kept, individual, statistics, resamples, seed)
+    statistics["tied_with_best"] = [n for n in fused if n != best and "vs_best" in methods[n]
+                                    and not methods[n]["vs_best"]["significant"]]
     warnings = (_left_out_warnings(left_out) + _collapse_warnings(ok, tasks, individual)
                 + _edge_warnings(ok) + _same_update_warnings(ok))
     return statistics, warnings
+
+
+def best_fused(ok: Sequence[dict[str, Any]], fused: Sequence[str], kept: Sequence[str]) -> tuple[str | None, str]:
+    """The best fused method and the split it was chosen on: validation (the average normalized accuracy of the
+    chosen setting on the search's validation examples), never the test split the comparisons are made on. Only
+    where no fused job carries a validation result does test decide, and the report says so."""
+    scores = {j["name"]: normalized_over(j["validation"], kept) for j in ok
+              if j["name"] in fused and isinstance(j.get("validation"), dict) and j["validation"].get("normalized")}
+    scores = {n: v for n, v in scores.items() if v is not None}
+    if scores:
+        return max(scores, key=lambda n: scores[n]), "validation"
+    tests = {j["name"]: normalized_over(j["test"], kept) for j in ok if j["name"] in fused}
+    tests = {n: v for n, v in tests.items() if v is not None}
+    return (max(tests, key=lambda n: tests[n]), "test") if tests else (None, "none")
 
 
 def _method_summary(job: dict[str, Any], tasks: Sequence[str], kept: Sequence[str]) -> dict[str, Any]:
@@ -179,8 +196,16 @@ def _bootstrap(ok: Sequence[dict[str, Any]], kept: Sequence[str], individual: di
             if other is not None and other != name:
                 c = boot.compare(name, other)
                 p = stats.randomization_test(vectors[name], vectors[other], weights, seed=seed)
-                entry[key] = {"against": other, "difference": c.difference, "interval": [c.low, c.high],
-                              "p_value": p, "significant": p < ALPHA}
+                entry[key] = comparison(other, c.difference, c.low, c.high, p)
+
+
+def comparison(against: str, difference: float, low: float, high: float, p: float) -> dict[str, Any]:
+    """A paired comparison. Significant only when both tests say so: the randomization test's p < α and the
+    paired-bootstrap interval excludes 0. Where they disagree (a difference at the edge of what the examples
+    resolve) it is `borderline`, not significant."""
+    by_test, by_interval = p < ALPHA, low > 0 or high < 0
+    return {"against": against, "difference": difference, "interval": [low, high], "p_value": p,
+            "significant": by_test and by_interval, "borderline": by_test != by_interval}
 
 
 # -- warnings ---------------------------------------------------------------------------------------------------

@@ -131,16 +131,24 @@ def _comparison(c: dict[str, Any] | None) -> str:
     """`−3.2 [−5.0, −1.4] p=0.001 ▼`: a paired difference, its interval, its p-value, ▲/▼ when significant."""
     if not c:
         return ""
-    mark = (" ▲" if c["difference"] > 0 else " ▼") if c["significant"] else ""
+    mark = (" ▲" if c["difference"] > 0 else " ▼") if c["significant"] else " (borderline)" if c.get("borderline") \
+        else ""
     lo, hi = c["interval"]
-    return f"{c['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] p={c['p_value']:.2g}{mark}"
+    return f"{c['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] {p_text(c['p_value'])}{mark}"
+
+
+def p_text(p: float) -> str:
+    """A p-value as printed: below 0.001 (the randomization test's floor is 1/4,001) as `p<0.001`."""
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
 
 
 def summary_table(jobs: list[dict[str, Any]], statistics: dict[str, Any]) -> str:
     """Per method: average normalized accuracy with its 95% paired-bootstrap interval, the paired tests against
     the best fused method and task arithmetic, the spread over seeds, the chosen parameters."""
     best, ta = statistics.get("best"), statistics.get("task_arithmetic")
-    lines = [f"| method | kind | avg normalized | 95% interval | vs best ({best or '–'}) | vs {ta or 'task_arithmetic'} "
+    chosen_on = statistics.get("best_chosen_on", "validation")
+    lines = [f"| method | kind | avg normalized | 95% interval | vs best on {chosen_on} ({best or '–'}) | "
+             f"vs {ta or 'task_arithmetic'} "
              "| seeds: mean ± sd | avg acc | chosen parameters |", "|---|---|---|---|---|---|---|---|---|"]
     for j in _ok(jobs):
         m = statistics["methods"][j["name"]]
@@ -196,8 +204,13 @@ def _average_note(statistics: dict[str, Any]) -> str:
             "each task's examples resampled, the same resample for every method and for the own-adapter "
             "denominator). Differences against the best fused method and against task arithmetic: the observed "
             "difference, its 95% paired-bootstrap interval and the p-value of a two-sided paired randomization "
-            "test (4,000 sign flips of the per-example differences); ▼/▲ mark differences significant at 5% (not "
-            "corrected for multiple comparisons). Per-task intervals: Wilson 95%.")
+            "test (4,000 sign flips of the per-example differences; its floor is p = 1/4,001, printed p<0.001); "
+            "▼/▲ mark differences significant at 5% by both the randomization test and the bootstrap interval (not "
+            "corrected for multiple comparisons), `borderline` where only one of them says so. The best fused "
+            f"method is chosen on {statistics.get('best_chosen_on', 'validation')} (its chosen setting's average "
+            "normalized accuracy there), then compared on test"
+            + (f"; not significantly different from it on test: {', '.join(statistics['tied_with_best'])} (a tie)"
+               if statistics.get("tied_with_best") else "") + ". Per-task intervals: Wilson 95%.")
 
 
 def _machine_line(m: dict[str, Any]) -> str:
