@@ -77,6 +77,9 @@ def test_weights_concentrate_on_the_solving_adapter_and_beat_uniform(bert):
     with FewShotObjective(ev.model, ev.formulation, get_task("hubtask"), examples, factors, "factors", head) as f:
         uniform, recomputed = f([1 / 3] * 3), f(w)
     assert result.loss < uniform and recomputed == pytest.approx(result.loss, abs=1e-6)
+    with FewShotObjective(ev.model, ev.formulation, get_task("hubtask"), examples, factors, "factors", head) as f:
+        base = f([0.0] * 3)
+    assert abs(w[1]) > 0.3 and result.loss < base and result.problems() == []  # far from 0, beats the base
     again, _ = lorahub(ev, adapters, "hubtask", examples, LoraHubSettings(budget=40, seed=0), head)
     assert again.weights == w and [s["weights"] for s in again.trace] == [s["weights"] for s in result.trace]
 
@@ -161,3 +164,29 @@ def test_chat_formulation_on_a_tiny_llama(tmp_path):
     with FewShotObjective(ev.model, ev.formulation, get_task("chattask"), examples, factors, "factors") as f:
         assert result.loss < f([0.5, 0.5]) and result.loss < f([0.0, 0.0])
     assert abs(result.weights[1]) > abs(result.weights[0])
+
+
+def test_a_search_that_learns_nothing_says_so_and_scipy_stays_quiet():
+    """A flat few-shot loss (what a bf16 autocast region that hides the weight changes produced) ends at the
+    base model: the result names both problems, and COBYLA's RHOEND warning does not leak."""
+    import warnings
+
+    from lorafuse.fusion.lorahub import search
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flat = search(lambda w: 1.0, 2, LoraHubSettings(budget=40))
+    assert not [w for w in caught if "RHOEND" in str(w.message)]
+    assert flat.weights == [0.0, 0.0] and len(flat.problems()) == 2
+    assert "could not tell them apart" in flat.problems()[0] and "base model" in flat.problems()[1]
+    assert flat.to_dict()["problems"] == flat.problems()
+    learned = search(lambda w: (w[0] - 0.8) ** 2 + 1, 2, LoraHubSettings(budget=40))
+    assert learned.problems() == [] and abs(learned.weights[0] - 0.8) < 0.2
+
+
+def test_experiment_warns_when_lorahub_returned_nothing():
+    from lorafuse.experiment.analysis import _search_warnings
+
+    job = {"name": "lorahub (5-shot)", "problems": ["rte (seed 0, 5 shots): every weight is 0: ..."]}
+    (warning,) = _search_warnings([job, {"name": "ties"}])
+    assert warning["kind"] == "search_returned_nothing" and "rte (seed 0" in warning["message"]

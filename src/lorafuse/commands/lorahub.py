@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import random
+    import sys
 
     from lorafuse.atomic import check_output
     from lorafuse.evaluation import Evaluator, own_head
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
                    dtype=args.dtype)
     head = own_head(args.head) if args.head else None
     result, _ = lorahub(ev, args.adapters, args.task, examples, settings, head)
+    for problem in result.problems():
+        print(f"warning: LoraHub on {args.task}: {problem}", file=sys.stderr)
     out = save_lorahub(result, args.adapters, args.output, args.task, head, args.overwrite)
     print(f"weights {[round(w, 3) for w in result.weights]}, few-shot loss {result.loss:.4f} "
           f"({len(examples)} examples, {result.seconds:.1f} s); wrote {out}")

@@ -132,7 +132,7 @@ def analyse(jobs: Sequence[dict[str, Any]], tasks: Sequence[str], resamples: int
     statistics["tied_with_best"] = [n for n in fused if n != best and "vs_best" in methods[n]
                                     and not methods[n]["vs_best"]["significant"]]
     warnings = (_left_out_warnings(left_out) + _collapse_warnings(ok, tasks, individual)
-                + _edge_warnings(ok) + _same_update_warnings(ok))
+                + _edge_warnings(ok) + _same_update_warnings(ok) + _search_warnings(ok))
     return statistics, warnings
 
 
@@ -297,6 +297,13 @@ def _same_update_warnings(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                     f"produced the same fused update (relative difference {diff:.1e}): one of "
                                     "them adds nothing", methods=[a["name"], b["name"]]))
     return out
+
+
+def _search_warnings(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A data-driven search that returned no composition for some task (LoraHub's all-zero weights, or a
+    few-shot loss that never changed): its result there is the base model, not a fusion."""
+    return [_warning("search_returned_nothing", f"{job['name']}: " + "; ".join(job["problems"]), method=job["name"])
+            for job in ok if job.get("problems")]
 
 
 def _params(job: dict[str, Any]) -> str:

@@ -82,10 +82,22 @@ class LoraHubResult:
     names: list[str] = field(default_factory=list)
     settings: LoraHubSettings = field(default_factory=LoraHubSettings)
 
+    def problems(self) -> list[str]:
+        """Why the result may be no composition at all: every weight zero (the base model), or a few-shot loss
+        that did not change across the candidates (the search had nothing to go on)."""
+        out = []
+        losses = [s["loss"] for s in self.trace]
+        if len(losses) > 1 and max(losses) - min(losses) <= 1e-9 * max(1.0, abs(losses[0])):
+            out.append(f"the few-shot loss was {losses[0]:.6g} for all {len(losses)} candidates: the search could "
+                       "not tell them apart (too few or too easy examples, or weights that do not reach the model)")
+        if all(abs(w) < 1e-6 for w in self.weights):
+            out.append("every weight is 0: the result is the base model without any adapter")
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {"weights": dict(zip(self.names, self.weights)) if self.names else self.weights,
                 "few_shot_loss": self.loss, "search_seconds": round(self.seconds, 3),
-                "settings": asdict(self.settings), "paper": PAPER, "trace": self.trace}
+                "settings": asdict(self.settings), "paper": PAPER, "problems": self.problems(), "trace": self.trace}
 
 
 # -- composition ---------------------------------------------------------------------------------------------
@@ -267,6 +279,8 @@ class FewShotObjective:
 
 def search(objective: Any, n: int, settings: LoraHubSettings) -> LoraHubResult:
     """Minimise objective(w) + l1·mean|w| over [-bound, bound]^n from w = 0 with a nevergrad optimizer."""
+    import warnings
+
     import nevergrad as ng
 
     settings.check()
@@ -275,14 +289,17 @@ def search(objective: Any, n: int, settings: LoraHubSettings) -> LoraHubResult:
     opt = ng.optimizers.registry[settings.optimizer](parametrization=param, budget=settings.budget)
     trace = []
     start = time.perf_counter()
-    for step in range(settings.budget):
-        cand = opt.ask()
-        w = [float(x) for x in cand.value]
-        loss = float(objective(w))
-        total = loss + settings.l1 * float(np.mean(np.abs(w)))
-        opt.tell(cand, total)
-        trace.append({"step": step, "weights": w, "loss": loss, "objective": total})
-    best = [float(x) for x in opt.provide_recommendation().value]
+    with warnings.catch_warnings():
+        # NGOpt's COBYLA stage (scipy) warns about its own trust-region radius at every call on a small budget
+        warnings.filterwarnings("ignore", message=".*RHOEND.*")
+        for step in range(settings.budget):
+            cand = opt.ask()
+            w = [float(x) for x in cand.value]
+            loss = float(objective(w))
+            total = loss + settings.l1 * float(np.mean(np.abs(w)))
+            opt.tell(cand, total)
+            trace.append({"step": step, "weights": w, "loss": loss, "objective": total})
+        best = [float(x) for x in opt.provide_recommendation().value]
     loss = next((s["loss"] for s in trace if s["weights"] == best), None)
     loss = float(objective(best)) if loss is None else loss
     return LoraHubResult(best, loss, trace, time.perf_counter() - start, settings=settings)
@@ -328,21 +345,23 @@ def experiment_job(runner: Any, shots: int) -> dict[str, Any]:
     (the sample and the search both depend on it): `test` is the mean over seeds, `seed_runs` each seed's."""
     from lorafuse.experiment.analysis import over_seeds
 
-    runs, weights, seconds = [], {}, 0.0
+    runs, weights, seconds, problems = [], {}, 0.0, []
     for seed in runner.seeds(runner.config.lorahub.seed):
-        test, weights[seed], spent = _experiment_run(runner, shots, seed)
+        test, weights[seed], spent, found = _experiment_run(runner, shots, seed)
         runs.append((seed, test))
         seconds += spent
+        problems += found
     settings = LoraHubSettings(budget=runner.config.lorahub.budget)
     return {"name": f"lorahub ({shots}-shot)", "kind": "data-driven", "method": "lorahub", "params": {"shots": shots},
             "weights": weights[runs[0][0]], "weights_by_seed": weights, **over_seeds(runs),
-            "search_seconds": round(seconds, 2),
+            "search_seconds": round(seconds, 2), "problems": problems,
             "cost": {"search_seconds": round(seconds, 2), "candidates_per_task": settings.budget,
                      "seeds": len(runs), "inference": "one merged adapter per task"}}
 
 
-def _experiment_run(runner: Any, shots: int, seed: int) -> tuple[dict[str, Any], dict[str, Any], float]:
-    """One seed of the experiment job: the test results, each task's weights, the search seconds."""
+def _experiment_run(runner: Any, shots: int, seed: int) -> tuple[dict[str, Any], dict[str, Any], float, list[str]]:
+    """One seed of the experiment job: the test results, each task's weights, the search seconds and any task
+    whose search returned no composition (`LoraHubResult.problems`)."""
     import random
 
     from lorafuse.evaluation import EvalResult
@@ -354,13 +373,14 @@ def _experiment_run(runner: Any, shots: int, seed: int) -> tuple[dict[str, Any],
     paths = [runner.state.adapters[t] for t in tasks]
     heads = runner.own_heads()
     test_ev = runner.evaluator("test")
-    results, weights, seconds = [], {}, 0.0
+    results, weights, seconds, problems = [], {}, 0.0, []
     for task in tasks:
         pool = get_task(task).load("validation", runner.config.data_dir)
         sample = random.Random(f"{seed}-{task}").sample(pool, min(shots, len(pool)))
         result, updates = lorahub(test_ev, paths, task, sample, settings, heads.get(task))
         seconds += result.seconds
+        problems += [f"{task} (seed {seed}, {len(sample)} shots): {p}" for p in result.problems()]
         results.append(test_ev.subset([task]).evaluate(updates, heads=heads))
         weights[task] = dict(zip(tasks, result.weights))
     merged = EvalResult.combine(results)
-    return merged.normalize(runner.state.reference["test"]).to_dict(), weights, seconds
+    return merged.normalize(runner.state.reference["test"]).to_dict(), weights, seconds, problems
