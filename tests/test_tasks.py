@@ -132,3 +132,54 @@ def test_generated_suite_is_deterministic_and_disjoint():
     assert a == b
     train = {(e.premise, e.hypothesis) for e in task.load("train")}
     assert not train & {(e.premise, e.hypothesis) for e in a}
+
+
+def test_hub_validation_is_held_out_of_train_never_the_test_split(monkeypatch):
+    """GLUE's RTE has no labelled test split, so test is GLUE's validation and validation is a seeded 10% of train
+    (the rest is train): the three splits are disjoint and the same on every call."""
+    import datasets
+
+    train = [{"sentence1": f"p{i}", "sentence2": f"h{i}", "label": i % 2} for i in range(100)]
+    dev = [{"sentence1": f"d{i}", "sentence2": "x", "label": 0} for i in range(10)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, split, **k: train if split == "train" else dev)
+    task = get_task("rte")
+    splits = {s: [(e.premise, e.hypothesis) for e in load_from_hub(task.hub, s, task.labels)]
+              for s in ("train", "validation", "test")}
+    assert len(splits["validation"]) == 10 and len(splits["train"]) == 90 and len(splits["test"]) == 10
+    assert not set(splits["train"]) & set(splits["validation"])
+    assert not (set(splits["train"]) | set(splits["validation"])) & set(splits["test"])
+    assert splits["validation"] == [(e.premise, e.hypothesis) for e in load_from_hub(task.hub, "validation", task.labels)]
+
+
+def test_every_builtin_hub_task_keeps_validation_apart_from_test():
+    for name in ("mnli", "snli", "rte", "qnli", "scitail", "sick", "fever"):
+        hub = get_task(name).hub
+        if hub is not None:
+            assert hub.heldout is not None or hub.splits.get("validation", "validation") != hub.splits.get("test", "test")
+
+
+def test_a_hub_task_whose_validation_is_its_test_split_is_refused(tmp_path):
+    (tmp_path / "leak.yaml").write_text("name: leaky\nlabels: [entailment, neutral]\n"
+                                        "hub: {dataset: org/set, splits: {validation: dev, test: dev}}\n")
+    with pytest.raises(ConfigError, match="validation and test are the same Hub split 'dev'.*heldout"):
+        load_task_file(tmp_path / "leak.yaml")
+    (tmp_path / "bad.yaml").write_text("name: bad\nlabels: [entailment, neutral]\n"
+                                       "hub: {dataset: org/set, heldout: {fraction: 2}}\n")
+    with pytest.raises(ConfigError, match="heldout: fraction must be in"):
+        load_task_file(tmp_path / "bad.yaml")
+
+
+def test_an_experiment_whose_validation_is_its_test_split_is_refused(tmp_path, capsys):
+    from lorafuse.experiment.validate import check_data
+
+    (tmp_path / "ovl").mkdir()
+    rows = [json.dumps({"premise": f"p{i}", "hypothesis": "h", "label": "entailment"}) for i in range(4)]
+    for split, lines in (("train", rows), ("validation", rows[:2]), ("test", rows[:2])):
+        (tmp_path / "ovl" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "ovl.yaml").write_text("name: ovl\nlabels: [entailment, neutral]\n")
+    load_task_file(tmp_path / "ovl.yaml")
+    with pytest.raises(ConfigError, match="task 'ovl': every test example is also in its validation split"):
+        check_data(["ovl"], str(tmp_path), ["validation", "test"])
+    (tmp_path / "ovl" / "test.jsonl").write_text("\n".join(rows[1:]) + "\n")
+    check_data(["ovl"], str(tmp_path), ["validation", "test"])  # one shared pair of three: a warning only
+    assert "1 of 3 test pairs also occur" in capsys.readouterr().err

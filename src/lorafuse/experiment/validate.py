@@ -11,7 +11,7 @@ from typing import Any
 
 from lorafuse.errors import ConfigError
 
-__all__ = ["check_data", "check_experiment", "check_space", "file_slug", "splits_for"]
+__all__ = ["check_data", "check_disjoint", "check_experiment", "check_space", "file_slug", "splits_for"]
 
 
 def check_space(method: Any, space: str) -> None:
@@ -42,8 +42,24 @@ def check_data(tasks: Sequence[str], data_dir: str | None, splits: Sequence[str]
 
     for name in tasks:
         task = get_task(name)
-        for split in splits:
-            task.load(split, data_dir)
+        loaded = {split: task.load(split, data_dir) for split in splits}
+        if "validation" in loaded and "test" in loaded:
+            check_disjoint(name, loaded["validation"], loaded["test"])
+
+
+def check_disjoint(task: str, validation: Sequence[Any], test: Sequence[Any]) -> None:
+    """Refuse a validation split that is the test split (every test pair in it): a search on validation would
+    tune on the test set. A few shared pairs are only warned about: small or generated datasets repeat pairs."""
+    import sys
+
+    seen = {(e.premise, e.hypothesis) for e in validation}
+    shared = [e for e in test if (e.premise, e.hypothesis) in seen]
+    if shared and len(shared) == len(test):
+        raise ConfigError(f"task '{task}': every test example is also in its validation split (the same data?); "
+                          "coefficients would be searched on the test set: give disjoint splits")
+    if shared:
+        print(f"warning: task '{task}': {len(shared)} of {len(test)} test pairs also occur in its validation split",
+              file=sys.stderr)
 
 
 def file_slug(name: str) -> str:

@@ -61,6 +61,22 @@ class HubSource:
     splits: dict[str, str] = field(default_factory=dict)
     label_names: list[str | None] | None = None
     label_map: dict[str, str] | None = None
+    # validation held out of the Hub's train split (for datasets whose only labelled evaluation split is the
+    # test split): {fraction, max_examples, seed}; train is then the rest of the train split
+    heldout: dict[str, Any] | None = None
+
+
+HELDOUT_DEFAULTS = {"fraction": 0.1, "max_examples": 2000, "seed": 0}
+
+
+def heldout_indices(n: int, heldout: dict[str, Any]) -> set[int]:
+    """The rows of an n-row train split held out as validation: a seeded sample of fraction·n, at most
+    max_examples (the same rows on every machine and run)."""
+    import random
+
+    spec = {**HELDOUT_DEFAULTS, **heldout}
+    k = min(int(spec["fraction"] * n), int(spec["max_examples"]))
+    return set(random.Random(int(spec["seed"])).sample(range(n), k))
 
 
 Loader = Callable[[str], list[Example]]
@@ -144,13 +160,19 @@ def load_from_hub(hub: HubSource, split: str, labels: tuple[str, ...]) -> list[E
     """Load a split with `datasets` and map its labels to the task's label words."""
     import datasets
 
-    name = hub.splits.get(split, split)
+    held = hub.heldout is not None and split in ("train", "validation")
+    name = hub.splits.get("train", "train") if held else hub.splits.get(split, split)
     try:
         rows = datasets.load_dataset(hub.dataset, hub.config, split=name)
     except Exception as exc:
         raise DataError(f"Hub dataset {hub.dataset} ({hub.config or 'default'}, split {name}): {exc}") from exc
+    if held:
+        chosen = heldout_indices(len(rows), hub.heldout or {})
+        rows = _rows_where(rows, lambda i: (i in chosen) == (split == "validation"))
+    else:
+        rows = list(enumerate(rows))
     examples = []
-    for i, row in enumerate(rows):
+    for i, row in rows:
         label = _hub_label(row[hub.label], hub)
         if label is None:
             continue
@@ -158,6 +180,10 @@ def load_from_hub(hub: HubSource, split: str, labels: tuple[str, ...]) -> list[E
             raise DataError(f"{hub.dataset}[{name}][{i}]: label '{label}' not in {labels}")
         examples.append(Example(str(row[hub.premise]), str(row[hub.hypothesis]), label, f"{hub.dataset}-{name}-{i}"))
     return examples
+
+
+def _rows_where(rows: Any, keep: Callable[[int], bool]) -> list[tuple[int, Any]]:
+    return [(i, row) for i, row in enumerate(rows) if keep(i)]
 
 
 def _hub_label(value: Any, hub: HubSource) -> str | None:
@@ -217,7 +243,27 @@ def _hub(name: str, hub: Any, fields: dict[str, str]) -> HubSource | None:
     spec = {"dataset": hub} if isinstance(hub, str) else _mapping(name, "hub", hub, HUB_FIELDS)
     if "dataset" not in spec:
         raise ConfigError(f"task '{name}': hub: missing 'dataset' (a Hugging Face dataset id)")
-    return HubSource(**{**fields, **spec})
+    source = HubSource(**{**fields, **spec})
+    _check_heldout(name, source)
+    return source
+
+
+def _check_heldout(name: str, hub: HubSource) -> None:
+    """Validation must never be the test split: coefficients searched on it would be tuned on test."""
+    if hub.heldout is not None:
+        _mapping(name, "hub: heldout", hub.heldout, set(HELDOUT_DEFAULTS))
+        spec = {**HELDOUT_DEFAULTS, **hub.heldout}
+        if not (isinstance(spec["fraction"], (int, float)) and 0 < spec["fraction"] < 1):
+            raise ConfigError(f"task '{name}': hub: heldout: fraction must be in (0, 1) (got {spec['fraction']!r})")
+        for key in ("max_examples", "seed"):
+            if not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < 0:
+                raise ConfigError(f"task '{name}': hub: heldout: {key} must be an integer ≥ 0")
+        return
+    validation, test = hub.splits.get("validation", "validation"), hub.splits.get("test", "test")
+    if validation == test:
+        raise ConfigError(f"task '{name}': hub: validation and test are the same Hub split '{test}', so a search "
+                          "on validation would tune on the test set; give `heldout: {fraction: 0.1}` to hold "
+                          "validation out of the train split instead")
 
 
 def _mapping(name: str, where: str, value: Any, known: set[str]) -> dict[str, Any]:
