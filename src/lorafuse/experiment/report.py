@@ -213,6 +213,94 @@ def _average_note(statistics: dict[str, Any]) -> str:
                if statistics.get("tied_with_best") else "") + ". Per-task intervals: Wilson 95%.")
 
 
+# The ordering the literature reports on Llama-3-8B, six NLI tasks (../shared/notes/methods.md): each pair is
+# (lower, higher).
+PUBLISHED_ORDER = [("ties", "ties@knots"), ("ties@knots", "tsv@core"), ("ties", "tsv@core"), ("ties", "ties@core")]
+
+
+def findings(jobs: list[dict[str, Any]], statistics: dict[str, Any]) -> list[str]:
+    """The report's opening in plain words, computed from the statistics: the ranking, which differences are
+    significant, what the best static fusion keeps and how the published ordering fares here."""
+    methods = statistics["methods"]
+    fused = [j["name"] for j in _ok(jobs) if methods[j["name"]]["kind"] in ("static", "data-driven")
+             and methods[j["name"]]["normalized_average"] is not None]
+    if not fused:
+        return []
+    ranked = sorted(fused, key=lambda n: -methods[n]["normalized_average"])
+    out = ["- **Ranking on test** (average normalized accuracy, 100 = each task's own adapter): "
+           + ", ".join(f"{n} {methods[n]['normalized_average']:.1f}" for n in ranked[:6])
+           + (f", … {ranked[-1]} {methods[ranked[-1]]['normalized_average']:.1f}" if len(ranked) > 6 else "") + "."]
+    best = statistics.get("best")
+    if best:
+        tied = statistics.get("tied_with_best") or []
+        out.append(f"- **Best fused method** (chosen on {statistics.get('best_chosen_on')}): {best}, "
+                   f"{methods[best]['normalized_average']:.1f}"
+                   + (f" [{methods[best]['interval'][0]:.1f}–{methods[best]['interval'][1]:.1f}]"
+                      if methods[best].get("interval") else "")
+                   + (f"; not significantly different from it on test: {', '.join(tied)}" if tied else
+                      "; every other fused method is significantly different from it on test") + ".")
+    above = [n for n in fused if (methods[n].get("vs_task_arithmetic") or {}).get("significant")
+             and methods[n]["vs_task_arithmetic"]["difference"] > 0]
+    below = [n for n in fused if (methods[n].get("vs_task_arithmetic") or {}).get("significant")
+             and methods[n]["vs_task_arithmetic"]["difference"] < 0]
+    if statistics.get("task_arithmetic"):
+        out.append(f"- **Against task arithmetic** (paired, 5%): significantly above: {', '.join(above) or 'none'}; "
+                   f"significantly below: {', '.join(below) or 'none'}.")
+    static = [n for n in ranked if methods[n]["kind"] == "static"]
+    if static:
+        top = static[0]
+        out.append(f"- The best static fusion on test, {top}, keeps {methods[top]['normalized_average']:.1f}% of the "
+                   "individual adapters' accuracy on average" + _router_gap(methods, top) + ".")
+    checks = [(lo, hi) for lo, hi in PUBLISHED_ORDER if lo in methods and hi in methods
+              and methods[lo]["normalized_average"] is not None and methods[hi]["normalized_average"] is not None]
+    if checks:
+        out.append("- **Published ordering on Llama-3-8B** (TIES < KnOTS-TIES < Core-space methods): "
+                   + "; ".join(_order_text(methods, lo, hi) for lo, hi in checks) + ".")
+    return out
+
+
+def _router_gap(methods: dict[str, Any], top: str) -> str:
+    router = next((n for n in methods if n.startswith("router") and methods[n]["normalized_average"] is not None),
+                  None)
+    if router is None:
+        return ""
+    gap = methods[router]["normalized_average"] - methods[top]["normalized_average"]
+    return f"; the router ({router}) reaches {methods[router]['normalized_average']:.1f} ({gap:+.1f})"
+
+
+def _order_text(methods: dict[str, Any], lo: str, hi: str) -> str:
+    a, b = methods[lo]["normalized_average"], methods[hi]["normalized_average"]
+    return f"{lo} {a:.1f} {'<' if a < b else '≥'} {hi} {b:.1f} ({'as published' if a < b else 'not as published'})"
+
+
+def precision_line(jobs: list[dict[str, Any]]) -> str:
+    """The dtype evaluation ran in and why (lorafuse.precision), from the reference job."""
+    ref = next((j for j in jobs if j.get("name") == "individual" and j.get("status") == "ok"), None)
+    p = ((ref or {}).get("test") or {}).get("precision") or {}
+    if not p:
+        return "Evaluation dtype: not recorded (a run made before lorafuse recorded it)."
+    return f"Evaluation dtype: **{p['dtype']}** (requested `{p['requested']}`: {p['reason']})."
+
+
+def saved_adapter_lines(jobs: list[dict[str, Any]]) -> list[str]:
+    """Every result was evaluated exactly; where a saved adapter was cut (dense element-wise results saved at
+    rank min(Σr, m, n)), the energy it keeps and its own validation score beside the exact one's."""
+    cut = [j for j in _ok(jobs) if (j.get("saved_adapter") or {}).get("exact") is False]
+    if not cut:
+        return []
+    lines = ["Every method's numbers above are of its exact result. These saved adapters are that result cut to "
+             "the rank shown (the randomized SVD of each module's dense result), so they compute a slightly "
+             "different model:", "",
+             "| method | saved rank | energy kept (min / mean over modules) | validation score: exact | saved |",
+             "|---|---|---|---|---|"]
+    for j in cut:
+        s = j["saved_adapter"]
+        exact = s.get("exact_validation_score")
+        lines.append(f"| {j['name']} | {s['rank']} | {100 * s['retained_energy']:.1f}% / "
+                     f"{100 * s['retained_energy_mean']:.1f}% | {_pct(exact)} | {_pct(s['validation_score'])} |")
+    return lines
+
+
 def _machine_line(m: dict[str, Any]) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB{gpu}; torch {m['torch']} with "
@@ -240,6 +328,9 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
              f"lorafuse {results['versions'].get('lorafuse')}; {results['created']}.", "",
              ]
     statistics, warnings = results["statistics"], results["warnings"]
+    found = findings(jobs, statistics)
+    if found:
+        parts += ["## What this run shows", ""] + found + [""]
     if warnings:
         parts += ["## Warnings", ""] + warning_lines(warnings) + [""]
     parts += ["## Average normalized accuracy on test (%, 100 = each task's own adapter)", "",
@@ -260,8 +351,12 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
               f"≤{t['max_examples'] or 'all'} training examples per task, max length {t['max_length']}, seed "
               f"{t['seed']}; validation ≤{e['max_validation'] or 'all'} and test ≤{e['max_test'] or 'all'} "
               f"examples per task; {cfg.get('seeds', 1)} seeds per stochastic method.", ""]
+    parts += [precision_line(jobs), ""]
     if results.get("training"):
         parts += ["## Adapters", ""] + _training_table(results["training"]) + [""]
+    saved = saved_adapter_lines(jobs)
+    if saved:
+        parts += ["## What the saved adapters keep", ""] + saved + [""]
     parts += ["## Search and timing", "", "| job | status | settings tried | search s | job s |", "|---|---|---|---|---|"]
     parts += [f"| {j.get('name')} | {j.get('status')} | {j.get('settings_tried', '')} | "
               f"{j.get('search_seconds', '')} | {j.get('seconds', '')} |" for j in jobs]

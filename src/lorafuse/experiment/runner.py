@@ -350,10 +350,10 @@ class ExperimentRunner:
         return {"name": spec.name, "kind": "static", "method": spec.method, "space": spec.space,
                 "params": params, "sweep": sweep, "validation": best["validation"],
                 **outcome, "fused_dir": str(fused_dir), "update_sketch": update_sketch(results[0].modules),
-                "saved_adapter": self._saved_adapter(results[0]),
+                "saved_adapter": self._saved_adapter(results[0], best["score"]),
                 "search_seconds": round(search_seconds, 2), "settings_tried": len(sweep)}
 
-    def _saved_adapter(self, result: Any) -> dict[str, Any]:
+    def _saved_adapter(self, result: Any, exact_score: float) -> dict[str, Any]:
         """What the saved adapter keeps of the evaluated (exact) result: nothing is cut for exact, aligned and
         spectral methods; a dense element-wise result is saved at rank min(Σr, m, n), so its retained energy and
         its own validation score are recorded beside the exact one's."""
@@ -365,7 +365,7 @@ class ExperimentRunner:
         split = val.normalize(self.state.reference["validation"]).to_dict()
         return {"exact": False, "retained_energy": energy["min"], "retained_energy_mean": energy["mean"],
                 "truncated_modules": len(result.exact), "rank": max(u.rank for u in result.modules.values()),
-                "validation_score": self._selection_score(split)}
+                "validation_score": self._selection_score(split), "exact_validation_score": exact_score}
 
     def _selection_score(self, split: dict[str, Any]) -> float:
         """Validation score: average normalized accuracy over the tasks whose own adapters beat their majority
