@@ -328,3 +328,20 @@ def test_equal_validation_scores_go_to_the_smaller_change_from_task_arithmetic()
     assert max(sweep, key=_score)["params"] == {"lambda": 1.0, "density": 0.7}
     assert max(reversed(sweep), key=_score)["params"] == {"lambda": 1.0, "density": 0.7}  # not by grid order
     assert max(sweep[:1] + [{"params": {"lambda": 1.5}, "score": 90.5}], key=_score)["score"] == 90.5
+
+
+def test_a_bf16_experiment_checks_its_predictions_against_fp32_and_records_its_dtype(setup):
+    """eval dtype bfloat16: every result records it, the reference job compares the individual adapters'
+    validation predictions with fp32's, and the report states both; fp32 jobs are keyed apart from bf16 ones."""
+    root, raw = setup
+    raw = {**raw, "eval": {**raw["eval"], "dtype": "bfloat16"}, "methods": raw["methods"][:2]}
+    runner, results = run(raw, root / "bf16", cache_dir=root / "cache")
+    individual = next(j for j in results["jobs"] if j["name"] == "individual")
+    check = individual["precision_check"]
+    assert check["dtype"] == "bfloat16" and check["examples"] == 64 and 0.9 <= check["agreement"] <= 1.0
+    assert set(check["accuracy_difference"]) == {"xa", "xb"}
+    assert all(j["test"]["precision"]["dtype"] == "bfloat16" for j in results["jobs"])
+    md = (root / "bf16" / "report" / "report.md").read_text()
+    assert "Evaluation dtype: **bfloat16** (requested `bfloat16`: asked for)" in md and "equal fp32's on" in md
+    fp32_ids = {p.name for p in (root / "run1" / "jobs").glob("fuse-*")} if (root / "run1").exists() else set()
+    assert not fp32_ids & {p.name for p in (root / "bf16" / "jobs").glob("fuse-*")}

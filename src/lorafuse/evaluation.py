@@ -280,6 +280,7 @@ class Evaluator:
         self.split, self.batch_size, self.progress = split, batch_size, progress
         self.data_dir, self.max_examples = data_dir, max_examples
         self._orders: dict[tuple[str, str], list[int]] = {}  # (task, split) → file index of each sorted row
+        self.last_predictions: dict[str, list[int]] = {}  # task → the last evaluation's predictions, file order
         self.batches = {t.name: self._batches(t, split) for t in self.tasks}
         self._other_splits: dict[str, dict[str, list[Batch]]] = {}
 
@@ -322,20 +323,24 @@ class Evaluator:
         from collections import Counter
 
         hits: list[bool] = []
+        predictions: list[int] = []
         counts: Counter[int] = Counter()
         gold: Counter[int] = Counter()
         with torch.inference_mode():
             for batch in self.batches_for(task, split):
                 predicted = self.formulation.predict(self.model, batch, task).cpu()
                 hits += (predicted == batch.targets.cpu()).tolist()
+                predictions += predicted.tolist()
                 counts.update(predicted.tolist())
                 gold.update(batch.targets.cpu().tolist())
                 if bar is not None:
                     bar.update(len(batch.targets))
         order = self._orders[(task.name, split or self.split)]
-        flags = [False] * len(hits)
+        flags, labels = [False] * len(hits), [0] * len(hits)
         for sorted_index, file_index in enumerate(order):  # back to file order: pairable across evaluators
             flags[file_index] = hits[sorted_index]
+            labels[file_index] = predictions[sorted_index]
+        self.last_predictions[task.name] = labels
         names = self._label_names(task)
         return (flags, {names.get(i, str(i)): n for i, n in sorted(counts.items())},
                 {names.get(i, str(i)): n for i, n in sorted(gold.items())})

@@ -28,6 +28,7 @@ SAME_UPDATE_TOLERANCE = 1e-5  # relative difference of two update sketches below
 DOMAIN_BOUNDS = {"density": (None, 1.0), "drop_rate": (0.0, None), "gamma": (0.0, None)}
 FUSED_KINDS = ("static", "data-driven")
 REFERENCE_METHOD = "task_arithmetic"
+PRECISION_AGREEMENT = 0.99  # below this share of predictions equal to fp32's, a reduced dtype is warned about
 
 
 def evaluated(job: dict[str, Any]) -> bool:
@@ -132,7 +133,8 @@ def analyse(jobs: Sequence[dict[str, Any]], tasks: Sequence[str], resamples: int
     statistics["tied_with_best"] = [n for n in fused if n != best and "vs_best" in methods[n]
                                     and not methods[n]["vs_best"]["significant"]]
     warnings = (_left_out_warnings(left_out) + _collapse_warnings(ok, tasks, individual)
-                + _edge_warnings(ok) + _same_update_warnings(ok) + _search_warnings(ok))
+                + _edge_warnings(ok) + _same_update_warnings(ok) + _search_warnings(ok)
+                + _precision_warnings(individual))
     return statistics, warnings
 
 
@@ -297,6 +299,17 @@ def _same_update_warnings(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                     f"produced the same fused update (relative difference {diff:.1e}): one of "
                                     "them adds nothing", methods=[a["name"], b["name"]]))
     return out
+
+
+def _precision_warnings(individual: dict[str, Any] | None) -> list[dict[str, Any]]:
+    check = (individual or {}).get("precision_check")
+    if not check or check["agreement"] >= PRECISION_AGREEMENT:
+        return []
+    worst = max(check["accuracy_difference"].items(), key=lambda kv: abs(kv[1]))
+    return [_warning("precision", f"evaluation in {check['dtype']} agrees with fp32 on only "
+                     f"{100 * check['agreement']:.1f}% of {check['examples']} validation predictions of the individual "
+                     f"adapters (largest accuracy difference: {worst[0]} {100 * worst[1]:+.1f} points); set "
+                     "`eval: {dtype: float32}` for exact comparisons", dtype=check["dtype"])]
 
 
 def _search_warnings(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

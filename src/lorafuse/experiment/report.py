@@ -279,7 +279,13 @@ def precision_line(jobs: list[dict[str, Any]]) -> str:
     p = ((ref or {}).get("test") or {}).get("precision") or {}
     if not p:
         return "Evaluation dtype: not recorded (a run made before lorafuse recorded it)."
-    return f"Evaluation dtype: **{p['dtype']}** (requested `{p['requested']}`: {p['reason']})."
+    line = f"Evaluation dtype: **{p['dtype']}** (requested `{p['requested']}`: {p['reason']})."
+    check = (ref or {}).get("precision_check")
+    if check:
+        line += (f" Its predictions equal fp32's on {100 * check['agreement']:.2f}% of the individual adapters' "
+                 f"{check['examples']} validation examples (accuracy differences: "
+                 + ", ".join(f"{t} {100 * d:+.1f}" for t, d in check["accuracy_difference"].items()) + " points).")
+    return line
 
 
 def saved_adapter_lines(jobs: list[dict[str, Any]]) -> list[str]:

@@ -244,7 +244,28 @@ class ExperimentRunner:
             own = [ev.subset([t]).evaluate(p) for t, p in self.state.adapters.items()]
             merged = EvalResult.combine(own)
             out[split] = merged.normalize(merged.accuracy).to_dict()
+        if self.evaluator("validation").precision.reduced:
+            out["precision_check"] = self._precision_check(out["validation"])
         return out
+
+    def _precision_check(self, reduced: dict[str, Any]) -> dict[str, Any]:
+        """The individual adapters on validation in fp32 too: the share of predictions equal to the reduced
+        dtype's and each task's accuracy difference (analysis warns below PRECISION_AGREEMENT)."""
+        from lorafuse.evaluation import Evaluator
+
+        ev, e = self.evaluator("validation"), self.config.eval
+        reduced_predictions = {t: list(p) for t, p in ev.last_predictions.items()}
+        fp32 = Evaluator(self.config.model, self.config.tasks, split="validation", formulation=self.config.formulation,
+                         data_dir=self.config.data_dir, max_examples=e.max_validation, batch_size=e.batch_size,
+                         max_length=e.max_length or self.config.train.max_length, progress=False, dtype="float32")
+        equal, total, difference = 0, 0, {}
+        for task, path in self.state.adapters.items():
+            accuracy = fp32.subset([task]).evaluate(path).accuracy[task]
+            a, b = fp32.last_predictions[task], reduced_predictions[task]
+            equal, total = equal + sum(x == y for x, y in zip(a, b)), total + len(a)
+            difference[task] = reduced["accuracy"][task] - accuracy
+        return {"dtype": ev.precision.dtype, "agreement": equal / max(total, 1), "examples": total,
+                "accuracy_difference": difference}
 
     def _base(self) -> dict[str, Any]:
         """The base model without LoRA (classify: with each task's trained head, since the base has none)."""
