@@ -19,6 +19,7 @@ from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.adapters.writer import (
     HEADS_DIR,
     adapter_state_dict,
+    at_least_rank_one,
     fused_config,
     stored_rank,
     within_shape_rank,
@@ -385,7 +386,7 @@ class _Engine:
 
     def run(self) -> MergeResult:
         heads, extra = self._modules_to_save()  # first: small, and its errors need no merge to be found
-        merged = {m: within_shape_rank(u) for m, u in self._merge_all().items()}
+        merged = {m: at_least_rank_one(within_shape_rank(u)) for m, u in self._merge_all().items()}
         _check_finite(merged, self.options.dtype)
         return MergeResult(
             modules=merged,
