@@ -27,7 +27,7 @@ from lorafuse.adapters.writer import (
     write_adapter_files,
 )
 from lorafuse.algebra.dense import ROW_SPACE_POWER_ITERATIONS, dense_truncated_svd
-from lorafuse.algebra.lowrank import LowRank, truncate
+from lorafuse.algebra.lowrank import CORE_DTYPE, LowRank, truncate
 from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
@@ -423,7 +423,8 @@ class _Engine:
         if self.options.space == "core":  # the method sees each update as its (Σr)×(Σr) core
             from lorafuse.aligned import from_core, to_core
 
-            cores, UB, VA = to_core(terms)
+            # float64 bases: a spectral method's ranks see the inputs' rounding only (a cancelling sum is 0)
+            cores, UB, VA = to_core(terms, CORE_DTYPE)
             return from_core(self.spec.fn(cores, self.weights, self.params, **extra), UB, VA)
         return self.spec.fn(terms, self.weights, self.params, **extra)
 
