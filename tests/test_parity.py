@@ -100,10 +100,11 @@ SPACES = {"full": full_space, "knots": knots_space, "core": core_space}
 
 # -- element-wise references --------------------------------------------------------------------------------------
 def top_k_mask(flat, k):
-    """PEFT magnitude_based_pruning / mergekit magnitude: exactly the k largest |x| (a sort, not a threshold)."""
+    """PEFT magnitude_based_pruning / mergekit magnitude: exactly the k largest |x| (a sort, not a threshold); ties
+    by position (a stable sort), lorafuse's documented rule."""
     mask = torch.zeros_like(flat)
     if k > 0:
-        mask[torch.argsort(flat.abs(), descending=True)[:k]] = 1
+        mask[torch.argsort(flat.abs(), descending=True, stable=True)[:k]] = 1
     return mask
 
 
@@ -446,3 +447,53 @@ def test_iso_cts_of_eight_adapters_matches_its_reference_in_any_order(tmp_path):
     backward = merge(inputs[::-1], "iso_cts", weights=weights[::-1], progress=False).delta("layer.0.q")
     assert rel(forward, reference) < 1e-5
     assert rel(backward, forward.double()) < 1e-5
+
+
+# -- ties -------------------------------------------------------------------------------------------------------------
+def _quantised_adapters(root, count=2, rank=2):
+    """Adapters whose factors take values in {−1, 0, 1}: ΔW has five distinct values, each tied across hundreds
+    of entries, and so do KnOTS blocks C·A_t (each entry a sum of two exact products)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out = []
+    for i in range(count):
+        rng = np.random.default_rng(i)
+        state = {}
+        for module, (m, n) in MIXED_MODULES.items():
+            state[f"base_model.model.{module}.lora_A.weight"] = rng.integers(-1, 2, (rank, n)).astype(np.float32)
+            state[f"base_model.model.{module}.lora_B.weight"] = rng.integers(-1, 2, (m, rank)).astype(np.float32)
+        d = root / f"q{i}"
+        d.mkdir()
+        save_file(state, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
+                                                           "target_modules": ["q_proj", "k_proj", "down_proj"]}))
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("space", list(SPACES))
+@pytest.mark.parametrize("scope", ["module", "global"])
+@pytest.mark.parametrize(("method", "params"), [("magnitude_prune", {"density": 0.2}), ("ties", {"density": 0.3}),
+                                                ("breadcrumbs", {"density": 0.3, "gamma": 0.1})])
+def test_magnitude_ties_keep_exactly_int_d_n(tmp_path, monkeypatch, method, params, scope, space):
+    """Quantised updates tie hundreds of entries at the threshold: exactly int(d·N) are kept per task and scope
+    (ties broken by position, as a stable sort), where every tied entry used to be kept."""
+    import lorafuse.methods.elementwise as elementwise
+
+    calls: list[tuple[torch.Tensor, int]] = []  # per merge call (one per module here): kept per task, N per task
+    original = elementwise.combine
+
+    def spy(x, *args):
+        calls.append(((x != 0).reshape(x.shape[0], -1).sum(1), x[0].numel()))
+        return original(x, *args)
+
+    monkeypatch.setattr(elementwise, "combine", spy)
+    merge(_quantised_adapters(tmp_path), method, space=space, trim_scope=scope, progress=False, **params)
+    density = params["density"]
+    if scope == "module":
+        for kept, total in calls:
+            assert kept.tolist() == [int(density * total)] * 2
+    else:
+        total = sum(n for _, n in calls)
+        assert torch.stack([k for k, _ in calls]).sum(0).tolist() == [int(density * total)] * 2

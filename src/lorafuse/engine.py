@@ -31,7 +31,7 @@ from lorafuse.algebra.lowrank import CORE_DTYPE, LowRank, truncate
 from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
-from lorafuse.methods.thresholds import StreamingQuantile, top_thresholds
+from lorafuse.methods.thresholds import StreamingQuantile, top_limits
 from lorafuse.provenance import stamp
 from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
 from lorafuse.validate import MAX_NAME_LENGTH, check_param_types, finite_number, strict_bool, strict_int
@@ -227,19 +227,22 @@ class _Thresholds:
         for module, proj in projections("global trim: threshold"):
             for q, block in zip(quantiles, self._input(module, proj.blocks)):
                 q.gather(block)
-        self.fixed = self._table([q.thresholds() for q in quantiles])
+        self.fixed = self._table([q.limits() for q in quantiles])
 
-    def _table(self, per_task: list[list[float]]) -> torch.Tensor:
-        return torch.tensor([v + [0.0] * (self.width - len(v)) for v in per_task], dtype=torch.float64
-                            ).reshape(len(per_task), self.width)
+    def _table(self, per_task: list[list[tuple[float, int]]]) -> torch.Tensor:
+        """[T, width, 2]: per task and count its (τ, ties) limit. One table serves one trim scope: its tie budgets
+        are consumed as the scope's chunks are masked (bands in row order; modules in self.modules order, the
+        order of the global passes), so ties are kept by position (see primitives.top_mask)."""
+        return torch.tensor([list(v) + [(0.0, 0)] * (self.width - len(v)) for v in per_task], dtype=torch.float64
+                            ).reshape(len(per_task), self.width, 2)
 
     def for_module(self, module: str, blocks: torch.Tensor) -> torch.Tensor:
-        from lorafuse.methods.primitives import kth_largest_count
+        from lorafuse.methods.primitives import top_limit
 
         if self.fixed is not None or not any(self.rules):
             return self.fixed if self.fixed is not None else self._table([[] for _ in self.rules])
         values = self._input(module, blocks)
-        return self._table([[kth_largest_count(b, k) for k in rule(b.numel())] if rule else []
+        return self._table([[top_limit(b, k) for k in rule(b.numel())] if rule else []
                             for b, rule in zip(values, self.rules)])
 
     def for_rows(self, module: str, rows: DenseRows) -> torch.Tensor:
@@ -264,9 +267,9 @@ class _Thresholds:
             # only brackets the threshold (exactness does not depend on it): an independent drop of the sample
             return drop(rows.task_sample(t).unsqueeze(0), self.params, [torch.Generator().manual_seed(t)])[0]
 
-        def task_thresholds(t: int) -> list[float]:
+        def task_thresholds(t: int) -> list[tuple[float, int]]:
             rule = self.rules[t]
-            return top_thresholds(lambda: values(t), total, rule, sample(t)) if rule else []
+            return top_limits(lambda: values(t), total, rule, sample(t)) if rule else []
 
         # Tasks are independent, and the counting pass is numpy (one core, GIL released): one thread per core.
         return self._table(list(_pool().map(task_thresholds, range(len(self.rules)))))

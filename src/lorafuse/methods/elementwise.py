@@ -11,6 +11,10 @@ a negatively weighted entry take the sign opposite to the elected one; we do not
 
 Trim scope. `trim_scope` unset follows the space's reference (lorafuse.spaces.REFERENCE_TRIM_SCOPE): per module in
 `full` (PEFT, mergekit) and `core` (the Core Space code), over the whole adapter in `knots` (the KnOTS code).
+
+Ties. Every 'keep the k largest' keeps exactly k entries: of the values tied at the threshold (quantised adapters)
+the first in position order (modules in the engine's order, entries row-major), as a stable descending sort; a
+threshold alone would keep every tied entry.
 """
 
 from __future__ import annotations
@@ -135,17 +139,18 @@ def threshold_input(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams,
 
 def sparsify(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams, thresholds: torch.Tensor,
              generators: list[torch.Generator]) -> torch.Tensor:
-    """Zero the entries each task drops; thresholds is [T, n_thresholds]."""
+    """Zero the entries each task drops; thresholds is [T, n_thresholds, 2]: per count its (τ, ties) limit, whose
+    tie budget `P.top_mask` consumes in place (so a scope's chunks must come in position order)."""
     if recipe.sparsify is Sparsify.MAGNITUDE:
-        return P.magnitude_mask(x, thresholds[:, 0]).mul_(x)
+        return P.top_mask(x, thresholds[:, 0]).mul_(x)
     if recipe.sparsify is Sparsify.BAND:
         if params.rule == "authors":  # type: ignore[attr-defined]
             return P.row_band_mask(x, params.gamma, params.density).mul_(x)  # type: ignore[attr-defined]
-        return P.band_mask(x, thresholds[:, 0], thresholds[:, 1]).mul_(x)
+        return P.top_mask(x, thresholds[:, 1]).sub_(P.top_mask(x, thresholds[:, 0])).mul_(x)
     if recipe.sparsify is Sparsify.RANDOM:
         dropped = drop(x, params, generators)
         if recipe.trim_after_drop and thresholds.shape[1]:
-            return P.magnitude_mask(dropped, thresholds[:, 0]).mul_(dropped)
+            return P.top_mask(dropped, thresholds[:, 0]).mul_(dropped)
         return dropped
     return x
 
