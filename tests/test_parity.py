@@ -497,3 +497,21 @@ def test_magnitude_ties_keep_exactly_int_d_n(tmp_path, monkeypatch, method, para
     else:
         total = sum(n for _, n in calls)
         assert torch.stack([k for k, _ in calls]).sum(0).tolist() == [int(density * total)] * 2
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_breadcrumbs_authors_thresholds_rows_of_the_stored_weight(tmp_path, fan_in_fan_out):
+    """The authors' rule is per row of the stored weight matrix: ΔW's rows, or ΔWᵀ's (ΔW's columns) when
+    fan_in_fan_out stores the weight as in×out (GPT-2's Conv1D)."""
+    from adapter_factory import write_adapter
+
+    shape = {"layer.0.c_attn": (24, 40)}
+    inputs = [write_adapter(tmp_path / f"t{i}", shape, r=3, alpha=6, seed=i, fan_in_fan_out=fan_in_fan_out)
+              for i in range(2)]
+    result = merge(inputs, "breadcrumbs", rule="authors", density=0.5, gamma=0.1, weights=WEIGHTS[:2], rank=24,
+                   exact_svd=True, progress=False)
+    x = torch.stack([factors(p, "layer.0.c_attn")[0] @ factors(p, "layer.0.c_attn")[1] for p in inputs])
+    stored = x.transpose(1, 2) if fan_in_fan_out else x
+    sparse = breadcrumbs_authors({"m": stored}, 0.1, 0.5)["m"]
+    reference = weighted_sum(sparse.transpose(1, 2) if fan_in_fan_out else sparse, WEIGHTS[:2])
+    assert rel(result.delta("layer.0.c_attn"), reference) < TOL

@@ -447,14 +447,22 @@ class _Engine:
         """The full space a band of rows at a time: the same entries as the stacked dense blocks (element-wise
         methods are separable once thresholds are known; DARE's generators are drawn in row order, so its masks are
         those of one draw over the whole module), in memory of one m×n result plus a band."""
-        rows = DenseRows(self.stream.terms(module))
+        terms = self.stream.terms(module)
+        stored = self._stored_layout()
+        rows = DenseRows([LowRank(t.A.T, t.B.T) for t in terms] if stored else terms)
         limits = thresholds.for_rows(module, rows)
         weights = torch.tensor(self.weights, dtype=torch.float32)
         generators = self._generators(module)
         merged = torch.empty(rows.shape)
         for start, stop in rows.bands():
             merged[start:stop] = self.spec.fn(rows.band(start, stop), weights, limits, self.params, generators)
-        return _Dense(merged, torch.cat(rows.A))
+        return _Dense(merged.T.contiguous() if stored else merged, torch.cat([t.A for t in terms]).float())
+
+    def _stored_layout(self) -> bool:
+        """Whether the full space must run on the stored weights' layout ΔWᵀ (in×out) instead of ΔW: a per-row rule
+        (Breadcrumbs' rule=authors) on fan_in_fan_out adapters (GPT-2's Conv1D stores W as in×out, so the authors'
+        rows of the weight are columns of ΔW = B·A)."""
+        return getattr(self.params, "rule", None) == "authors" and self.adapters[0].settings.fan_in_fan_out
 
     def _finish(self, module: str, update: LowRank | torch.Tensor | _Dense) -> LowRank:
         """Bring a module's result to the output rank, recording the energy kept where it was truncated.

@@ -208,4 +208,5 @@ _preset("breadcrumbs", Recipe(Sparsify.BAND, False), BreadcrumbsParams,
         are dropped, so density 1 keeps everything. Deviation: with int(gamma·N) = 0 mergekit's slice keeps
         nothing; here the int(density·N) largest. rule=authors (Davari & Belilovsky's TaskVectorMiddleKeep): the
         same per row of each block, int(gamma·n) dropped and the next int(density·n) kept (all that remain when
-        fewer do). Then λ·Σ w·x.""")
+        fewer do); in the full space the rows of the stored weight, so of ΔWᵀ for fan_in_fan_out adapters (GPT-2's
+        Conv1D stores in×out), in knots/core the rows of the task blocks. Then λ·Σ w·x.""")
