@@ -26,7 +26,7 @@ from lorafuse.adapters.writer import (
     write_adapter_dir,
     write_adapter_files,
 )
-from lorafuse.algebra.dense import ROW_SPACE_POWER_ITERATIONS, dense_truncated_svd
+from lorafuse.algebra.dense import ENERGY_RTOL, MAX_POWER_ITERATIONS, dense_truncated_svd
 from lorafuse.algebra.lowrank import CORE_DTYPE, LowRank, truncate
 from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
@@ -522,8 +522,9 @@ class _Engine:
             return None
         if self.options.exact_svd:
             return "exact SVD"
-        return (f"randomized SVD started from the inputs' row space, {ROW_SPACE_POWER_ITERATIONS} power "
-                "iteration(s), exact when the rank is near full")
+        return (f"best rank-k by subspace iteration from the inputs' row space, width 2k + 8, until the kept energy "
+                f"converges to {ENERGY_RTOL:g} (at most {MAX_POWER_ITERATIONS} iterations); exact SVD when the "
+                "rank is near full")
 
     def _provenance(self, merged: dict[str, LowRank]) -> dict[str, Any]:
         energies = list(self.energy.values())
