@@ -183,7 +183,10 @@ _preset("ties", Recipe(Sparsify.MAGNITUDE, True), TiesParams,
         adapter as the paper), signs elected on the weighted values y = w·x ('total': Σy; 'frequency': Σsign(y);
         a tie elects +, as PEFT and mergekit), the agreeing y summed and divided by their tasks' Σ|w| (mergekit
         divides by Σw) or, with denominator=count, by their number (PEFT); λ. Deviation from PEFT: it elects on
-        the unweighted x, so a negatively weighted entry could take the sign opposite to the elected one.""")
+        the unweighted x, so a negatively weighted entry could take the sign opposite to the elected one.
+        Deviation from the TIES authors' code (and KnOTS and Core Space, which reuse its topk_values_mask): its
+        kthvalue threshold with ≥ keeps int(density·N)+1 entries (more on ties); here exactly int(density·N), as
+        PEFT and mergekit.""")
 _preset("dare_linear", Recipe(Sparsify.RANDOM, False), DareParams,
         "drop entries with probability drop_rate, rescale 1/(1-p), weighted sum (no density: use drop_rate)",
         "Yu et al., Language models are Super Mario (DARE), ICML 2024",
@@ -195,11 +198,13 @@ _preset("dare_ties", Recipe(Sparsify.RANDOM, True, trim_after_drop=True), DareTi
         """DARE-TIES as the DARE authors' code (MergeLM): DARE's drop and rescale, then TIES on the dropped values:
         a magnitude trim keeping trim_density of them (MergeLM's 1 − param_value_mask_rate; Core Space's
         dare-ties), the sign election and the disjoint mean of `ties`. trim_density = 1 (the default) is PEFT's and
-        mergekit's dare_ties, which do not trim. `density` is refused (PEFT's keep probability).""")
+        mergekit's dare_ties, which do not trim. `density` is refused (PEFT's keep probability). Deviation: the
+        trim keeps exactly int(trim_density·N) entries, where MergeLM's kthvalue threshold with ≥ keeps one more.""")
 _preset("magnitude_prune", Recipe(Sparsify.MAGNITUDE, False), MagnitudeParams,
         "keep the top density fraction by magnitude, then task arithmetic",
         "Yadav et al., TIES-Merging, NeurIPS 2023 (trim-only ablation); PEFT magnitude_prune",
-        """PEFT magnitude_prune: per task the int(density·N) largest |x|, then λ·Σ w·x.""")
+        """PEFT magnitude_prune: per task exactly the int(density·N) largest |x| (ties by position), then λ·Σ w·x.
+        The TIES authors' trim (their kthvalue threshold with ≥) keeps int(density·N)+1.""")
 _preset("breadcrumbs", Recipe(Sparsify.BAND, False), BreadcrumbsParams,
         "drop the top gamma fraction, keep the next int(density·N) entries (mergekit; rule=authors: per row), TA",
         "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024; mergekit breadcrumbs (magnitude_outliers)",
