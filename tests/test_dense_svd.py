@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lorafuse.algebra.dense import dense_truncated_svd
@@ -49,3 +50,33 @@ def test_exact_flag_matches_full_svd() -> None:
     M, row_space = _ties_merge(m=64, n=48)
     _, kept = dense_truncated_svd(M, 5, exact=True, row_space=row_space)
     assert abs(kept - _optimal_energy(M, 5)) < 1e-6
+
+
+def _dare_merge(p: float, m: int = 384, n: int = 256, r: int = 16, tasks: int = 4):
+    """DARE's dense sum of four rank-16 updates: at drop rate 0.9 most of its energy is a spread-out remainder."""
+    gen = torch.Generator().manual_seed(0)
+    B = [torch.randn(m, r, generator=gen) for _ in range(tasks)]
+    A = [torch.randn(r, n, generator=gen) for _ in range(tasks)]
+    x = torch.stack([b @ a for b, a in zip(B, A)])
+    keep = (torch.rand(x.shape, generator=gen) >= p).float()
+    return (x * keep / (1 - p)).sum(0), torch.cat(A)
+
+
+def _subspace_energy(out, M: torch.Tensor) -> float:
+    """‖QᵀM‖² / ‖M‖² in float64 for Q an orthonormal basis of the result's column space: the energy its subspace
+    captures, free of the float32 rounding of the reported fraction."""
+    Q = torch.linalg.qr(out.B.double())[0]
+    return float((Q.T @ M.double()).norm() ** 2 / M.double().norm() ** 2)
+
+
+@pytest.mark.parametrize("drop_rate", [0.9, 0.5])
+@pytest.mark.parametrize("k", [8, 16, 40])
+def test_truncation_of_a_dare_merge_is_the_best_rank_k(drop_rate: float, k: int) -> None:
+    """The README promises the best rank-k: the converged iteration is within 1e-6 of the optimal energy (a full
+    float64 SVD); one power iteration, the former default, kept 0.976–0.985 of it at drop rate 0.9."""
+    M, row_space = _dare_merge(drop_rate)
+    best = _optimal_energy(M, k)
+    out, _ = dense_truncated_svd(M, k, row_space=row_space)
+    assert _subspace_energy(out, M) >= best * (1 - 1e-6)
+    one, _ = dense_truncated_svd(M, k, row_space=row_space, n_iter=1)
+    assert drop_rate < 0.9 or _subspace_energy(one, M) < best * 0.99

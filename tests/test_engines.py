@@ -184,3 +184,29 @@ def test_the_suggested_rewrite_passes(cases, tmp_path, engine):
     assert check_adapter(out, engine).ok and replay(engine, out)
     want, got = intended_deltas(source), intended_deltas(out)
     assert all(torch.allclose(got[m], want[m], atol=1e-6) for m in want)
+
+
+@pytest.mark.parametrize("method", ["iso_c", "tsv"])
+def test_a_zero_merge_is_stored_at_rank_one_and_loads_everywhere(tmp_path, method):
+    """Weights all 0 give ΔW = 0: stored at rank 1 with zero factors (PEFT refuses r = 0), which every engine's
+    replay loads, computing ΔW = 0, and `lorafuse check` passes."""
+    every = llama_modules(2)
+    inputs = [write_adapter(tmp_path / f"in{i}", every, r=4, alpha=8, seed=40 + i) for i in range(2)]
+    out = merge(inputs, method, weights=[0.0, 0.0], progress=False).save(tmp_path / "zero")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 1
+    for engine in ENGINES:
+        assert check_adapter(out, engine).ok, check_adapter(out, engine).format()
+        assert replay(engine, out), engine
+    assert all(float(d.abs().max()) == 0.0 for d in intended_deltas(out).values())
+
+
+def test_check_reports_rank_zero_instead_of_crashing(tmp_path, capsys):
+    """An adapter written with r = 0 (by an older lorafuse, or by hand) fails one rule, 'positive rank', for
+    every engine; the CLI exits 1 with the finding, not a ZeroDivisionError."""
+    path = write_adapter(tmp_path / "r0", llama_modules(1, ("self_attn.q_proj",)), r=0, alpha=0,
+                         rank_pattern={"model.layers.0.self_attn.q_proj": 0})
+    for engine in ENGINES:
+        verdict = check_adapter(path, engine)
+        assert [f.rule for f in verdict.failures] == ["positive rank"], verdict.format()
+    assert main(["check", str(path), "--engine", *ENGINES]) == 1
+    assert "FAIL positive rank" in capsys.readouterr().out

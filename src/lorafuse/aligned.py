@@ -59,9 +59,10 @@ def _offsets(terms: Sequence[LowRank]) -> list[int]:
     return torch.tensor([0] + [t.rank for t in terms]).cumsum(0).tolist()
 
 
-def _stacked_qr(factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Thin QR of the column-stacked tall factors [F_1 … F_T] (m×Σr)."""
-    return torch.linalg.qr(torch.cat([f.to(WORK_DTYPE) for f in factors], dim=1))
+def _stacked_qr(factors: Sequence[torch.Tensor], dtype: torch.dtype = WORK_DTYPE
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of the column-stacked tall factors [F_1 … F_T] (m×Σr), in `dtype`."""
+    return torch.linalg.qr(torch.cat([f.to(dtype) for f in factors], dim=1))
 
 
 @dataclass(frozen=True)
@@ -156,17 +157,20 @@ class CoreBasis:
                         self.Ra[:, offsets[i]:offsets[i + 1]].T @ self.Pa) for i in range(len(terms))]
 
 
-def _singular_basis(factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _singular_basis(factors: Sequence[torch.Tensor], dtype: torch.dtype = WORK_DTYPE
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, R of the stacked tall factors and P, the left singular vectors of R (so Q·P are those of the stack, each
-    with its canonical sign)."""
-    Q, R = _stacked_qr(factors)
-    P = torch.linalg.svd(R.to(CORE_DTYPE))[0].to(WORK_DTYPE)
+    with its canonical sign), in `dtype`."""
+    Q, R = _stacked_qr(factors, dtype)
+    P = torch.linalg.svd(R.to(CORE_DTYPE))[0].to(dtype)
     return Q, P * canonical_signs(Q @ P), R
 
 
-def core_basis(terms: Sequence[LowRank]) -> CoreBasis:
-    Qb, Pb, Rb = _singular_basis([t.B for t in terms])
-    Qa, Pa, Ra = _singular_basis([t.A.T for t in terms])
+def core_basis(terms: Sequence[LowRank], dtype: torch.dtype = WORK_DTYPE) -> CoreBasis:
+    """The Core Space bases and pieces, computed in `dtype` (float64 for spectral methods, whose ranks must see
+    the inputs' rounding only: see lorafuse.methods.spectral)."""
+    Qb, Pb, Rb = _singular_basis([t.B for t in terms], dtype)
+    Qa, Pa, Ra = _singular_basis([t.A.T for t in terms], dtype)
     return CoreBasis(Qb, Pb, Rb, Qa, Pa, Ra)
 
 
@@ -176,17 +180,18 @@ def core_bases(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
     return basis.UB, basis.VA
 
 
-def to_core(terms: Sequence[LowRank]) -> tuple[list[LowRank], torch.Tensor, torch.Tensor]:
-    """Each update expressed in the core (as R×R factors), with the bases U_B, V_A to rebuild from."""
-    basis = core_basis(terms)
+def to_core(terms: Sequence[LowRank], dtype: torch.dtype = WORK_DTYPE
+            ) -> tuple[list[LowRank], torch.Tensor, torch.Tensor]:
+    """Each update expressed in the core (as R×R factors), with the bases U_B, V_A to rebuild from, in `dtype`."""
+    basis = core_basis(terms, dtype)
     return basis.cores(terms), basis.UB, basis.VA
 
 
 def from_core(update: LowRank | torch.Tensor, UB: torch.Tensor, VA: torch.Tensor) -> LowRank:
-    """U_B·M·V_A as factors (M given as a dense core or as core factors)."""
+    """U_B·M·V_A as float32 factors (M given as a dense core or as core factors), multiplied in U_B's dtype."""
     if isinstance(update, torch.Tensor):
-        return LowRank(UB @ update.to(WORK_DTYPE), VA)
-    return LowRank(UB @ update.B.to(WORK_DTYPE), update.A.to(WORK_DTYPE) @ VA)
+        return LowRank((UB @ update.to(UB.dtype)).to(WORK_DTYPE), VA.to(WORK_DTYPE))
+    return LowRank((UB @ update.B.to(UB.dtype)).to(WORK_DTYPE), (update.A.to(VA.dtype) @ VA).to(WORK_DTYPE))
 
 
 @register_space("core")

@@ -19,18 +19,19 @@ from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.adapters.writer import (
     HEADS_DIR,
     adapter_state_dict,
+    at_least_rank_one,
     fused_config,
     stored_rank,
     within_shape_rank,
     write_adapter_dir,
     write_adapter_files,
 )
-from lorafuse.algebra.dense import ROW_SPACE_POWER_ITERATIONS, DenseUpdate, dense_truncated_svd
-from lorafuse.algebra.lowrank import LowRank, truncate
+from lorafuse.algebra.dense import ENERGY_RTOL, MAX_POWER_ITERATIONS, DenseUpdate, dense_truncated_svd
+from lorafuse.algebra.lowrank import CORE_DTYPE, LowRank, truncate
 from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
-from lorafuse.methods.thresholds import StreamingQuantile, top_thresholds
+from lorafuse.methods.thresholds import StreamingQuantile, top_limits
 from lorafuse.provenance import stamp
 from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
 from lorafuse.validate import MAX_NAME_LENGTH, check_param_types, finite_number, strict_bool, strict_int
@@ -234,19 +235,22 @@ class _Thresholds:
         for module, proj in projections("global trim: threshold"):
             for q, block in zip(quantiles, self._input(module, proj.blocks)):
                 q.gather(block)
-        self.fixed = self._table([q.thresholds() for q in quantiles])
+        self.fixed = self._table([q.limits() for q in quantiles])
 
-    def _table(self, per_task: list[list[float]]) -> torch.Tensor:
-        return torch.tensor([v + [0.0] * (self.width - len(v)) for v in per_task], dtype=torch.float64
-                            ).reshape(len(per_task), self.width)
+    def _table(self, per_task: list[list[tuple[float, int]]]) -> torch.Tensor:
+        """[T, width, 2]: per task and count its (τ, ties) limit. One table serves one trim scope: its tie budgets
+        are consumed as the scope's chunks are masked (bands in row order; modules in self.modules order, the
+        order of the global passes), so ties are kept by position (see primitives.top_mask)."""
+        return torch.tensor([list(v) + [(0.0, 0)] * (self.width - len(v)) for v in per_task], dtype=torch.float64
+                            ).reshape(len(per_task), self.width, 2)
 
     def for_module(self, module: str, blocks: torch.Tensor) -> torch.Tensor:
-        from lorafuse.methods.primitives import kth_largest_count
+        from lorafuse.methods.primitives import top_limit
 
         if self.fixed is not None or not any(self.rules):
             return self.fixed if self.fixed is not None else self._table([[] for _ in self.rules])
         values = self._input(module, blocks)
-        return self._table([[kth_largest_count(b, k) for k in rule(b.numel())] if rule else []
+        return self._table([[top_limit(b, k) for k in rule(b.numel())] if rule else []
                             for b, rule in zip(values, self.rules)])
 
     def for_rows(self, module: str, rows: DenseRows) -> torch.Tensor:
@@ -271,9 +275,9 @@ class _Thresholds:
             # only brackets the threshold (exactness does not depend on it): an independent drop of the sample
             return drop(rows.task_sample(t).unsqueeze(0), self.params, [torch.Generator().manual_seed(t)])[0]
 
-        def task_thresholds(t: int) -> list[float]:
+        def task_thresholds(t: int) -> list[tuple[float, int]]:
             rule = self.rules[t]
-            return top_thresholds(lambda: values(t), total, rule, sample(t)) if rule else []
+            return top_limits(lambda: values(t), total, rule, sample(t)) if rule else []
 
         # Tasks are independent, and the counting pass is numpy (one core, GIL released): one thread per core.
         return self._table(list(_pool().map(task_thresholds, range(len(self.rules)))))
@@ -397,7 +401,7 @@ class _Engine:
 
     def run(self) -> MergeResult:
         heads, extra = self._modules_to_save()  # first: small, and its errors need no merge to be found
-        merged = {m: within_shape_rank(u) for m, u in self._merge_all().items()}
+        merged = {m: at_least_rank_one(within_shape_rank(u)) for m, u in self._merge_all().items()}
         _check_finite(merged, self.options.dtype)
         return MergeResult(
             modules=merged,
@@ -435,7 +439,8 @@ class _Engine:
         if self.options.space == "core":  # the method sees each update as its (Σr)×(Σr) core
             from lorafuse.aligned import from_core, to_core
 
-            cores, UB, VA = to_core(terms)
+            # float64 bases: a spectral method's ranks see the inputs' rounding only (a cancelling sum is 0)
+            cores, UB, VA = to_core(terms, CORE_DTYPE)
             return from_core(self.spec.fn(cores, self.weights, self.params, **extra), UB, VA)
         return self.spec.fn(terms, self.weights, self.params, **extra)
 
@@ -455,14 +460,22 @@ class _Engine:
         """The full space a band of rows at a time: the same entries as the stacked dense blocks (element-wise
         methods are separable once thresholds are known; DARE's generators are drawn in row order, so its masks are
         those of one draw over the whole module), in memory of one m×n result plus a band."""
-        rows = DenseRows(self.stream.terms(module))
+        terms = self.stream.terms(module)
+        stored = self._stored_layout()
+        rows = DenseRows([LowRank(t.A.T, t.B.T) for t in terms] if stored else terms)
         limits = thresholds.for_rows(module, rows)
         weights = torch.tensor(self.weights, dtype=torch.float32)
         generators = self._generators(module)
         merged = torch.empty(rows.shape)
         for start, stop in rows.bands():
             merged[start:stop] = self.spec.fn(rows.band(start, stop), weights, limits, self.params, generators)
-        return _Dense(merged, torch.cat(rows.A))
+        return _Dense(merged.T.contiguous() if stored else merged, torch.cat([t.A for t in terms]).float())
+
+    def _stored_layout(self) -> bool:
+        """Whether the full space must run on the stored weights' layout ΔWᵀ (in×out) instead of ΔW: a per-row rule
+        (Breadcrumbs' rule=authors) on fan_in_fan_out adapters (GPT-2's Conv1D stores W as in×out, so the authors'
+        rows of the weight are columns of ΔW = B·A)."""
+        return getattr(self.params, "rule", None) == "authors" and self.adapters[0].settings.fan_in_fan_out
 
     def _finish(self, module: str, update: LowRank | torch.Tensor | _Dense) -> LowRank:
         """Bring a module's result to the output rank, recording the energy kept where it was truncated.
@@ -526,8 +539,9 @@ class _Engine:
             return None
         if self.options.exact_svd:
             return "exact SVD"
-        return (f"randomized SVD started from the inputs' row space, {ROW_SPACE_POWER_ITERATIONS} power "
-                "iteration(s), exact when the rank is near full")
+        return (f"best rank-k by subspace iteration from the inputs' row space, width 2k + 8, until the kept energy "
+                f"converges to {ENERGY_RTOL:g} (at most {MAX_POWER_ITERATIONS} iterations); exact SVD when the "
+                "rank is near full")
 
     def _provenance(self, merged: dict[str, LowRank]) -> dict[str, Any]:
         energies = list(self.energy.values())

@@ -458,7 +458,30 @@ def check_layout(layout: AdapterLayout, engine: str, max_lora_rank: int | None =
     if max_lora_rank is not None and max_lora_rank < 1:
         raise ConfigError(f"--max-lora-rank must be ≥ 1 (got {max_lora_rank})")
     limit = VLLM_DEFAULT_MAX_LORA_RANK if engine == "vllm" and max_lora_rank is None else max_lora_rank
+    rank = _positive_ranks(layout)
+    if not rank.passed:  # every engine's rules divide by r: report this one fatal finding instead of crashing
+        return Verdict(engine, layout.source, limit, [rank])
     return Verdict(engine, layout.source, limit, RULES[engine](layout, max_lora_rank))
+
+
+def _positive_ranks(layout: AdapterLayout) -> Finding:
+    """r, every rank_pattern value and every stored tensor's rank must be ≥ 1: PEFT's LoraConfig refuses r ≤ 0
+    and every engine scales by alpha/r."""
+    pattern = layout.config.get("rank_pattern") or {}
+    bad = [f"r={layout.config.get('r')}"] if _not_positive(layout.config.get("r")) else []
+    bad += [f"rank_pattern {k}={v}" for k, v in pattern.items() if _not_positive(v)]
+    bad += [f"{m} stored at rank {f.rank}" for m, f in layout.modules.items() if f.rank < 1]
+    if bad:
+        return Finding("positive rank", False, f"{', '.join(bad[:3])}: PEFT refuses r ≤ 0 and engines divide by r",
+                       "store a zero update at rank 1 with zero factors (lorafuse merge does), or drop the module")
+    return Finding("positive rank", True, "r and every module's rank ≥ 1")
+
+
+def _not_positive(value: Any) -> bool:
+    try:
+        return float(value) < 1
+    except (TypeError, ValueError):
+        return False  # a missing or malformed r is the config-fields rule's finding
 
 
 def check_adapter(path: str | Path, engine: str, max_lora_rank: int | None = None) -> Verdict:

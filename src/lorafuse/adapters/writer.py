@@ -96,6 +96,15 @@ def within_shape_rank(update: LowRank) -> LowRank:
     return factor_svd(update.B, update.A).lowrank(limit)
 
 
+def at_least_rank_one(update: LowRank) -> LowRank:
+    """A zero update of rank 0 (every weight 0, a sum that cancels, a module no task has) stored at rank 1 with
+    zero factors: PEFT refuses r = 0 (LoraConfig raises) and engines divide by r, while rank-1 zero factors load
+    everywhere and compute ΔW = 0 exactly."""
+    if update.rank:
+        return update
+    return LowRank(update.B.new_zeros(update.shape[0], 1), update.A.new_zeros(1, update.shape[1]))
+
+
 def adapter_state_dict(
     modules: Mapping[str, LowRank], embeddings: set[str], dtype: torch.dtype | None = None, rank: int | None = None
 ) -> dict[str, torch.Tensor]:

@@ -82,22 +82,34 @@ class FactorSVD:
         return LowRank(self.U[:, :k] * root, root[:, None] * self.Vh[:k])
 
 
-def factor_svd(B: torch.Tensor, A: torch.Tensor) -> FactorSVD:
-    """SVD of B·A from QR(B) and QR(Aᵀ) plus an SVD of the r×r core (r = B.shape[1])."""
-    Qb, Rb = torch.linalg.qr(B.to(WORK_DTYPE))
-    Qa, Ra = torch.linalg.qr(A.to(WORK_DTYPE).T)
+def factor_svd(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype = WORK_DTYPE) -> FactorSVD:
+    """SVD of B·A from QR(B) and QR(Aᵀ) plus an SVD of the r×r core (r = B.shape[1]); the tall QRs and the
+    returned U, Vh in `dtype` (float32 by default; float64 where a method's subspaces must be exact), the core
+    always in float64."""
+    Qb, Rb = torch.linalg.qr(B.to(dtype))
+    Qa, Ra = torch.linalg.qr(A.to(dtype).T)
     core = Rb.to(CORE_DTYPE) @ Ra.to(CORE_DTYPE).T
     Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
-    U = Qb @ Uc.to(WORK_DTYPE)
-    Vh = Vch.to(WORK_DTYPE) @ Qa.T
+    U = Qb @ Uc.to(dtype)
+    Vh = Vch.to(dtype) @ Qa.T
     return FactorSVD(U, S, Vh)
 
 
-def numerical_rank(S: torch.Tensor, rtol: float = 1e-6) -> int:
-    """Number of singular values above rtol·S_max (the rest is rounding noise)."""
+def numerical_rank(S: torch.Tensor, rtol: float = 1e-6, floor: float = 0.0) -> int:
+    """Number of singular values above rtol·S_max and above `floor` (an absolute noise level, e.g. from the
+    inputs' scale: see `noise_floor`); the rest is rounding noise."""
     if S.numel() == 0 or float(S[0]) == 0.0:
         return 0
-    return int((S > rtol * S[0]).sum())
+    return int((S > max(rtol * float(S[0]), floor)).sum())
+
+
+def noise_floor(terms: Sequence[LowRank], weights: Sequence[float], dtype: torch.dtype = WORK_DTYPE) -> float:
+    """The rounding noise of a sum of the weighted updates computed in `dtype`: eps·max(m, n)·max_t σ_max(w_t·ΔW_t)
+    (numpy's matrix_rank rule, taken on the inputs' scale). A rank measured against the result's own σ_max
+    counts noise as directions when the sum cancels (ΔW and −ΔW: σ_max of the result is noise itself)."""
+    scale = max((abs(w) * float(factor_svd(t.B, t.A, dtype).S[0]) for t, w in zip(terms, weights)
+                 if t.rank and w), default=0.0)
+    return torch.finfo(dtype).eps * max(terms[0].shape) * scale
 
 
 def truncate(update: LowRank, rank: int | None) -> tuple[LowRank, float]:

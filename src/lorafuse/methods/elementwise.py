@@ -11,6 +11,10 @@ a negatively weighted entry take the sign opposite to the elected one; we do not
 
 Trim scope. `trim_scope` unset follows the space's reference (lorafuse.spaces.REFERENCE_TRIM_SCOPE): per module in
 `full` (PEFT, mergekit) and `core` (the Core Space code), over the whole adapter in `knots` (the KnOTS code).
+
+Ties. Every 'keep the k largest' keeps exactly k entries: of the values tied at the threshold (quantised adapters)
+the first in position order (modules in the engine's order, entries row-major), as a stable descending sort; a
+threshold alone would keep every tied entry.
 """
 
 from __future__ import annotations
@@ -135,17 +139,18 @@ def threshold_input(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams,
 
 def sparsify(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams, thresholds: torch.Tensor,
              generators: list[torch.Generator]) -> torch.Tensor:
-    """Zero the entries each task drops; thresholds is [T, n_thresholds]."""
+    """Zero the entries each task drops; thresholds is [T, n_thresholds, 2]: per count its (τ, ties) limit, whose
+    tie budget `P.top_mask` consumes in place (so a scope's chunks must come in position order)."""
     if recipe.sparsify is Sparsify.MAGNITUDE:
-        return P.magnitude_mask(x, thresholds[:, 0]).mul_(x)
+        return P.top_mask(x, thresholds[:, 0]).mul_(x)
     if recipe.sparsify is Sparsify.BAND:
         if params.rule == "authors":  # type: ignore[attr-defined]
             return P.row_band_mask(x, params.gamma, params.density).mul_(x)  # type: ignore[attr-defined]
-        return P.band_mask(x, thresholds[:, 0], thresholds[:, 1]).mul_(x)
+        return P.top_mask(x, thresholds[:, 1]).sub_(P.top_mask(x, thresholds[:, 0])).mul_(x)
     if recipe.sparsify is Sparsify.RANDOM:
         dropped = drop(x, params, generators)
         if recipe.trim_after_drop and thresholds.shape[1]:
-            return P.magnitude_mask(dropped, thresholds[:, 0]).mul_(dropped)
+            return P.top_mask(dropped, thresholds[:, 0]).mul_(dropped)
         return dropped
     return x
 
@@ -178,7 +183,10 @@ _preset("ties", Recipe(Sparsify.MAGNITUDE, True), TiesParams,
         adapter as the paper), signs elected on the weighted values y = w·x ('total': Σy; 'frequency': Σsign(y);
         a tie elects +, as PEFT and mergekit), the agreeing y summed and divided by their tasks' Σ|w| (mergekit
         divides by Σw) or, with denominator=count, by their number (PEFT); λ. Deviation from PEFT: it elects on
-        the unweighted x, so a negatively weighted entry could take the sign opposite to the elected one.""")
+        the unweighted x, so a negatively weighted entry could take the sign opposite to the elected one.
+        Deviation from the TIES authors' code (and KnOTS and Core Space, which reuse its topk_values_mask): its
+        kthvalue threshold with ≥ keeps int(density·N)+1 entries (more on ties); here exactly int(density·N), as
+        PEFT and mergekit.""")
 _preset("dare_linear", Recipe(Sparsify.RANDOM, False), DareParams,
         "drop entries with probability drop_rate, rescale 1/(1-p), weighted sum (no density: use drop_rate)",
         "Yu et al., Language models are Super Mario (DARE), ICML 2024",
@@ -190,11 +198,13 @@ _preset("dare_ties", Recipe(Sparsify.RANDOM, True, trim_after_drop=True), DareTi
         """DARE-TIES as the DARE authors' code (MergeLM): DARE's drop and rescale, then TIES on the dropped values:
         a magnitude trim keeping trim_density of them (MergeLM's 1 − param_value_mask_rate; Core Space's
         dare-ties), the sign election and the disjoint mean of `ties`. trim_density = 1 (the default) is PEFT's and
-        mergekit's dare_ties, which do not trim. `density` is refused (PEFT's keep probability).""")
+        mergekit's dare_ties, which do not trim. `density` is refused (PEFT's keep probability). Deviation: the
+        trim keeps exactly int(trim_density·N) entries, where MergeLM's kthvalue threshold with ≥ keeps one more.""")
 _preset("magnitude_prune", Recipe(Sparsify.MAGNITUDE, False), MagnitudeParams,
         "keep the top density fraction by magnitude, then task arithmetic",
         "Yadav et al., TIES-Merging, NeurIPS 2023 (trim-only ablation); PEFT magnitude_prune",
-        """PEFT magnitude_prune: per task the int(density·N) largest |x|, then λ·Σ w·x.""")
+        """PEFT magnitude_prune: per task exactly the int(density·N) largest |x| (ties by position), then λ·Σ w·x.
+        The TIES authors' trim (their kthvalue threshold with ≥) keeps int(density·N)+1.""")
 _preset("breadcrumbs", Recipe(Sparsify.BAND, False), BreadcrumbsParams,
         "drop the top gamma fraction, keep the next int(density·N) entries (mergekit; rule=authors: per row), TA",
         "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024; mergekit breadcrumbs (magnitude_outliers)",
@@ -203,4 +213,5 @@ _preset("breadcrumbs", Recipe(Sparsify.BAND, False), BreadcrumbsParams,
         are dropped, so density 1 keeps everything. Deviation: with int(gamma·N) = 0 mergekit's slice keeps
         nothing; here the int(density·N) largest. rule=authors (Davari & Belilovsky's TaskVectorMiddleKeep): the
         same per row of each block, int(gamma·n) dropped and the next int(density·n) kept (all that remain when
-        fewer do). Then λ·Σ w·x.""")
+        fewer do); in the full space the rows of the stored weight, so of ΔWᵀ for fan_in_fan_out adapters (GPT-2's
+        Conv1D stores in×out), in knots/core the rows of the task blocks. Then λ·Σ w·x.""")

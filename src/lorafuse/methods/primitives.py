@@ -17,10 +17,27 @@ def magnitude_mask(x: torch.Tensor, keep_above: torch.Tensor) -> torch.Tensor:
     return x.abs().ge_(per_task(keep_above, x))
 
 
-def band_mask(x: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """1 where lower ≤ |x| < upper, else 0: drop the largest outliers and the small noise (Breadcrumbs)."""
+def top_mask(x: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """1 on each task's k largest |x|, exactly k: limits is [T, 2], per task the k-th largest |x| (τ) and how many
+    entries equal to τ are still to keep (k − #{|x| > τ} over the whole scope). Entries above τ are kept, and of
+    those equal to τ the first in position order (row-major; chunks given in position order), as a stable
+    descending sort would, so tied (quantised) values never push the count past k. The tie budget is consumed in
+    place: a scope's chunks (bands of a module, modules of an adapter) share one table."""
     mag = x.abs()
-    return mag.lt(per_task(upper, x)).to(x.dtype).mul_(mag.ge_(per_task(lower, x)))
+    tau = per_task(limits[:, 0], x)
+    tied = mag.eq(tau)
+    mask = mag.gt_(tau)
+    if bool(tied.any()):
+        _keep_first_ties(mask, tied, limits[:, 1])
+    return mask
+
+
+def _keep_first_ties(mask: torch.Tensor, tied: torch.Tensor, budget: torch.Tensor) -> None:
+    """Add to `mask` the first `budget` tied entries of each task (row-major), and take them from the budget."""
+    flat = tied.reshape(tied.shape[0], -1)
+    keep = flat & (flat.cumsum(1) <= budget.reshape(-1, 1))
+    mask.add_(keep.reshape(mask.shape).to(mask.dtype))
+    budget.sub_(torch.minimum(flat.sum(1).to(budget.dtype), budget))
 
 
 def bernoulli_keep_mask(x: torch.Tensor, keep_prob: float, generators: list[torch.Generator]) -> torch.Tensor:
@@ -70,16 +87,14 @@ def disjoint_mean(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor 
 
 def row_band_mask(x: torch.Tensor, gamma: float, density: float) -> torch.Tensor:
     """Breadcrumbs as its authors' code does it, per row of each task's block (the last axis): drop the
-    int(gamma·n) largest |x| of the row, keep the next int(density·n) (all that remain when fewer do)."""
+    int(gamma·n) largest |x| of the row, keep the next int(density·n) (all that remain when fewer do). Exactly
+    those counts: ties are ranked by position (a stable descending sort; the authors' topk breaks them its own
+    way)."""
     n = x.shape[-1]
     top, keep = int(gamma * n), int(density * n)
-    if keep == 0:
-        return torch.zeros_like(x)
-    mag = x.abs()
-    ranked = mag.sort(dim=-1, descending=True).values
-    upper = ranked[..., top - 1:top] if top else torch.full_like(ranked[..., :1], float("inf"))
-    lower = ranked[..., top + keep - 1:top + keep] if top + keep <= n else torch.zeros_like(ranked[..., :1])
-    return mag.lt(upper).to(x.dtype).mul_(mag.ge(lower))
+    order = x.abs().argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))
+    return ((ranks >= top) & (ranks < top + keep)).to(x.dtype)
 
 
 def kth_largest(values: torch.Tensor, fraction: float) -> float:
@@ -89,9 +104,16 @@ def kth_largest(values: torch.Tensor, fraction: float) -> float:
 
 def kth_largest_count(values: torch.Tensor, k: int) -> float:
     """The threshold that keeps the k largest |values| (inf keeps none, 0 keeps all)."""
+    return top_limit(values, k)[0]
+
+
+def top_limit(values: torch.Tensor, k: int) -> tuple[float, int]:
+    """(τ, ties): the k-th largest |values| and how many entries equal to it the k largest include (see
+    `top_mask`); (inf, 0) keeps none, (0, N) keeps all."""
     flat = values.reshape(-1).abs()
     if k <= 0:
-        return float("inf")
+        return float("inf"), 0
     if k >= flat.numel():
-        return 0.0
-    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+        return 0.0, flat.numel()
+    tau = float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    return tau, k - int((flat > tau).sum())

@@ -4,7 +4,8 @@ formed. With `space="core"` the engine runs them on the (Σr)×(Σr) cores of Co
 
 LoRA and the papers' dense definitions. A rank-r update has r non-zero singular values; the papers' code takes
 dense SVDs, whose trailing singular vectors (σ = 0) are an arbitrary basis of the null space. Here only the
-numerically non-zero directions (σ > 1e-6·σ_max) are used, so the results depend on the updates alone:
+numerically non-zero directions (σ > 1e-6·σ_max; for Iso-C and Iso-CTS also above the inputs' float64 rounding,
+`noise_floor`, so that a sum that cancels is 0) are used, so the results depend on the updates alone:
 - TSV-M keeps min(r_t, ⌊fraction·min(m, n)⌋) directions per task. The dense code keeps ⌊min(m, n)/T⌋ columns even
   past rank r_t, and those null-space columns enter the Procrustes step and perturb the others. When every r_t ≤
   ⌊R/T⌋ (equal ranks), our full-space TSV equals Core-Space TSV exactly.
@@ -33,6 +34,7 @@ from lorafuse.algebra.lowrank import (
     FactorSVD,
     LowRank,
     factor_svd,
+    noise_floor,
     numerical_rank,
     stack_lowrank,
 )
@@ -58,15 +60,20 @@ class IsoCTSParams(IsoParams):
 
 def nearest_orthogonal(M: torch.Tensor) -> torch.Tensor:
     """Orthogonal Procrustes: the matrix with orthonormal columns closest to a tall M (P·Qᵀ from M = P S Qᵀ),
-    from a thin QR (M = Q R) and the SVD of the small R: P·Qᵀ = Q·(P_R Q_Rᵀ)."""
-    Q, R = torch.linalg.qr(M.to(WORK_DTYPE))
+    from a thin QR (M = Q R, in M's dtype: float32 for TSV, float64 for Iso-CTS) and the SVD of the small R in
+    float64: P·Qᵀ = Q·(P_R Q_Rᵀ)."""
+    dtype = M.dtype if M.dtype in (WORK_DTYPE, CORE_DTYPE) else WORK_DTYPE
+    Q, R = torch.linalg.qr(M.to(dtype))
     P, _, Qh = torch.linalg.svd(R.to(CORE_DTYPE))
-    return Q @ (P @ Qh).to(WORK_DTYPE)
+    return Q @ (P @ Qh).to(dtype)
 
 
-def _top(svd: FactorSVD, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U (m×k), S (k), V (n×k) of the top k = min(limit, numerical rank) directions."""
-    k = numerical_rank(svd.S) if limit is None else min(limit, numerical_rank(svd.S))
+def _top(svd: FactorSVD, limit: int | None = None, floor: float = 0.0
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (m×k), S (k), V (n×k) of the top k = min(limit, numerical rank) directions; `floor` is the inputs'
+    rounding noise (`noise_floor`), below which no direction counts."""
+    rank = numerical_rank(svd.S, floor=floor)
+    k = rank if limit is None else min(limit, rank)
     return svd.U[:, :k], svd.S[:k], svd.Vh[:k].T
 
 
@@ -103,14 +110,14 @@ def tsv(terms: Sequence[LowRank], weights: Sequence[float], params: TSVParams) -
 
 
 def _flat(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, alpha: float) -> LowRank:
-    """α·mean(S)·U·Vᵀ: every kept direction with the same singular value."""
-    return LowRank(alpha * float(S.mean()) * U, V.T)
+    """α·mean(S)·U·Vᵀ: every kept direction with the same singular value (returned in float32)."""
+    return LowRank((alpha * float(S.mean()) * U).to(WORK_DTYPE), V.T.to(WORK_DTYPE))
 
 
-def _task_sum(terms: Sequence[LowRank], weights: Sequence[float]) -> FactorSVD:
-    """SVD of Σ w_t ΔW_t from the stacked factors."""
+def _task_sum(terms: Sequence[LowRank], weights: Sequence[float], dtype: torch.dtype = WORK_DTYPE) -> FactorSVD:
+    """SVD of Σ w_t ΔW_t from the stacked factors, computed in `dtype`."""
     stacked = stack_lowrank(terms, weights)
-    return factor_svd(stacked.B, stacked.A)
+    return factor_svd(stacked.B, stacked.A, dtype)
 
 
 @register("iso_c", kind="module", params=IsoParams, paper=ISO_PAPER, takes_rank=True,
@@ -119,8 +126,12 @@ def iso_c(terms: Sequence[LowRank], weights: Sequence[float], params: IsoParams,
           ) -> LowRank:
     """α·σ̄·U·Vᵀ over the sum's non-zero spectrum (rank ≤ Σr), or over its top `rank` directions (σ̄ their mean).
     The sum Σ w_t ΔW_t, as in the paper and the authors' code (`iso.py` averages the task vectors and then
-    multiplies by T: the sum)."""
-    U, S, V = _top(_task_sum(terms, weights), rank)
+    multiplies by T: the sum).
+
+    Deviation: the sum's rank counts only singular values above the inputs' rounding noise (`noise_floor`, in
+    float64), not above a fraction of the sum's own σ_max: a sum that cancels (ΔW and −ΔW) is exactly 0, where
+    the relative rule would flatten its rounding noise into a full-size update."""
+    U, S, V = _top(_task_sum(terms, weights, CORE_DTYPE), rank, noise_floor(terms, weights, CORE_DTYPE))
     return _flat(U, S, V, params.alpha) if S.numel() else _zero(*terms[0].shape)
 
 
@@ -140,8 +151,15 @@ def iso_cts(terms: Sequence[LowRank], weights: Sequence[float], params: IsoCTSPa
     with the common left subspace projected out (w_t·(I − U_c U_cᵀ)ΔW_t). Both sides are orthogonalised
     (Procrustes) and every direction gets the mean of the collected singular values, scaled by α. Budget: the
     sum's numerical rank K (≤ Σr; the authors' dense code: min(m, n)), or min(rank, K) when a rank is asked
-    for, split by `iso_cts_sizes`."""
-    U, S, V = _top(_task_sum(terms, weights))
+    for, split by `iso_cts_sizes`.
+
+    Precision: every subspace (the sum's SVD, the projections, each task's SVD, both Procrustes steps) is computed
+    in float64 and only the result is float32, so that which directions are cut at k_c and s, near-equal singular
+    values included, does not depend on float32 rounding or the adapters' order. Deviation: ranks count only
+    singular values above the inputs' rounding noise (`noise_floor`), so a sum that cancels is exactly 0 and a
+    task lying inside the common subspace adds nothing (a relative rule would add its rounding noise)."""
+    floor = noise_floor(terms, weights, CORE_DTYPE)
+    U, S, V = _top(_task_sum(terms, weights, CORE_DTYPE), floor=floor)
     if S.numel() == 0:
         return _zero(*terms[0].shape)
     budget = S.numel() if rank is None else min(rank, S.numel())
@@ -150,6 +168,6 @@ def iso_cts(terms: Sequence[LowRank], weights: Sequence[float], params: IsoCTSPa
     parts = [(common, S[:kc], V[:, :kc])]
     for term, w in zip(terms, weights):
         if per_task and term.rank and w:
-            B = term.B.to(WORK_DTYPE) * w
-            parts.append(_top(factor_svd(B - common @ (common.T @ B), term.A), per_task))
+            B = term.B.to(CORE_DTYPE) * w
+            parts.append(_top(factor_svd(B - common @ (common.T @ B), term.A, CORE_DTYPE), per_task, floor))
     return _flat(*_orthogonalised(parts), params.alpha)

@@ -3,6 +3,9 @@
 TIES (as in its paper and in KnOTS) trims each task over the whole adapter, not per module. Two streaming
 passes give the exact k-th largest |x|: a fine histogram of log2|x| finds the bin holding it, then the values
 of that one bin are gathered and sorted.
+
+Each threshold comes with a tie count (τ, ties): the k largest are the entries above τ plus `ties` of those equal
+to τ, so that tied values (quantised adapters) keep exactly k (lorafuse.methods.primitives.top_mask).
 """
 
 from __future__ import annotations
@@ -71,14 +74,20 @@ class StreamingQuantile:
                 self._gathered[slot].append(flat[idx == b].abs().float())
 
     def thresholds(self) -> list[float]:
-        """The exact thresholds: keep |x| ≥ threshold (inf keeps none, 0 keeps all)."""
+        """The exact thresholds: the k-th largest |x| (inf keeps none, 0 keeps all)."""
+        return [tau for tau, _ in self.limits()]
+
+    def limits(self) -> list[tuple[float, int]]:
+        """(τ, ties) per count: the k-th largest |x| and how many entries equal to it the k largest include (see
+        lorafuse.methods.primitives.top_mask)."""
         out = []
         for (b, rank), values in zip(self._targets, self._gathered):
             if b < 0:
-                out.append(float("inf") if rank <= 0 else 0.0)
+                out.append((float("inf"), 0) if rank <= 0 else (0.0, self.total))
                 continue
             sorted_desc = torch.sort(torch.cat(values), descending=True).values
-            out.append(float(sorted_desc[rank - 1]))
+            tau = float(sorted_desc[rank - 1])
+            out.append((tau, rank - int((sorted_desc > tau).sum())))
         return out
 
 
@@ -116,14 +125,21 @@ def _count_and_band(values: Iterable[torch.Tensor], brackets: list[tuple[float, 
 
 def top_thresholds(values: Callable[[], Iterable[torch.Tensor]], total: int, fractions: KeepSpec,
                    sample: torch.Tensor) -> list[float]:
-    """Exact thresholds keeping int(f·total) of the largest |x| per fraction f (same rule as kth_largest:
-    inf keeps none, 0 keeps all) over chunks that `values()` produces (e.g. bands of a dense update).
+    """The thresholds τ of `top_limits` alone."""
+    return [tau for tau, _ in top_limits(values, total, fractions, sample)]
+
+
+def top_limits(values: Callable[[], Iterable[torch.Tensor]], total: int, fractions: KeepSpec,
+               sample: torch.Tensor) -> list[tuple[float, int]]:
+    """Exact (τ, ties) keeping int(f·total) of the largest |x| per fraction f (same rule as top_limit:
+    (inf, 0) keeps none, (0, total) keeps all) over chunks that `values()` produces (e.g. bands of a dense update).
 
     A sample of |x| brackets each threshold; one pass counts the entries above the bracket and keeps those
     inside it, so the k-th largest is read from a small sorted set. Where the sample misses (improbable, but
     possible on adversarial data), a second pass with the bracket widened to the side it missed stays exact."""
     ks = keep_counts(fractions, total)
-    out: list[float | None] = [float("inf") if k <= 0 else 0.0 if k >= total else None for k in ks]
+    out: list[tuple[float, int] | None] = [(float("inf"), 0) if k <= 0 else (0.0, total) if k >= total else None
+                                           for k in ks]
     todo = [i for i, v in enumerate(out) if v is None]
     brackets = {i: _bracket(sample, ks[i], total) for i in todo}
     for _ in range(2):
@@ -134,7 +150,8 @@ def top_thresholds(values: Callable[[], Iterable[torch.Tensor]], total: int, fra
         for i, (above, inside) in zip(todo, found):
             rank = ks[i] - above  # the threshold is the rank-th largest value inside the bracket
             if 0 < rank <= inside.size:
-                out[i] = float(np.partition(inside, inside.size - rank)[inside.size - rank])
+                tau = inside.dtype.type(np.partition(inside, inside.size - rank)[inside.size - rank])
+                out[i] = (float(tau), rank - int(np.count_nonzero(inside > tau)))
             else:
                 lo, hi = brackets[i]
                 brackets[i] = (hi, float("inf")) if rank <= 0 else (0.0, lo)
@@ -142,4 +159,4 @@ def top_thresholds(values: Callable[[], Iterable[torch.Tensor]], total: int, fra
         todo = missed
     if todo:
         raise AssertionError("top_thresholds: a widened bracket must contain the threshold")
-    return [float(v) for v in out]  # type: ignore[arg-type]
+    return [v for v in out if v is not None]
