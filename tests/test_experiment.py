@@ -345,3 +345,31 @@ def test_a_bf16_experiment_checks_its_predictions_against_fp32_and_records_its_d
     assert "Evaluation dtype: **bfloat16** (requested `bfloat16`: asked for)" in md and "equal fp32's on" in md
     fp32_ids = {p.name for p in (root / "run1" / "jobs").glob("fuse-*")} if (root / "run1").exists() else set()
     assert not fp32_ids & {p.name for p in (root / "bf16" / "jobs").glob("fuse-*")}
+
+
+def test_an_experiment_on_given_adapters_trains_nothing_and_names_them_by_hash(setup, counts, tmp_path):
+    """`adapters: {task: DIR}`: "here are my PEFT adapters, which fusion is best?" runs without training; the
+    adapters' sha256 enter the job keys and the report."""
+    import shutil
+
+    root, raw = setup
+    trained = ExperimentRunner(parse_config(raw, "test"), root / "given-src", progress=False, cache_dir=root / "cache")
+    trained.run()
+    given = {}
+    for task, path in trained.state.adapters.items():
+        given[task] = str(shutil.copytree(path, tmp_path / f"my-{task}"))
+    counts["train"] = 0
+    raw = {**raw, "adapters": given, "methods": raw["methods"][:2]}
+    runner, results = run(raw, tmp_path / "run")
+    assert counts["train"] == 0 and all(j["status"] == "ok" for j in results["jobs"])
+    records = {r["task"]: r for r in results["training"]}
+    from lorafuse.adapters.reader import LoraAdapter
+
+    assert all(r["given"] and r["sha256"] == LoraAdapter(given[t]).sha256 for t, r in records.items())
+    assert runner.adapter_ids() == {t: f"given-{records[t]['sha256']}" for t in given}
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert f"given: `{given['xa']}` (sha256 {records['xa']['sha256'][:12]})" in md
+    from lorafuse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"adapters\.nope: not one of the experiment's tasks"):
+        parse_config({**raw, "adapters": {"nope": given["xa"]}}, "test")

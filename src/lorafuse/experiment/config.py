@@ -161,6 +161,9 @@ class ExperimentConfig(_Strict):
     train: TrainSettings = Field(default_factory=TrainSettings)
     train_per_task: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per task, the `train` fields it sets otherwise (checked as `train`)")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="per task, an existing PEFT adapter (directory or Hub id) used instead of "
+                                          "training one; classify heads come from its modules_to_save")
     eval: EvalSettings = Field(default_factory=EvalSettings)
     methods: list[MethodSpec] = Field(default_factory=list)
     lorahub: LoraHubSettings | None = None
@@ -198,6 +201,13 @@ class ExperimentConfig(_Strict):
                                  + (f" and '{seen[slug]}' (both fused/{slug})" if seen[slug] != spec.name else "")
                                  + ": give one a distinct `label`")
             seen[slug] = spec.name
+        return self
+
+    @model_validator(mode="after")
+    def _adapters_name_tasks(self) -> ExperimentConfig:
+        for task in self.adapters:
+            if task not in self.tasks:
+                raise ValueError(f"adapters.{task}: not one of the experiment's tasks{did_you_mean(task, self.tasks)}")
         return self
 
     @model_validator(mode="after")

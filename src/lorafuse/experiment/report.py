@@ -313,6 +313,12 @@ def _machine_line(m: dict[str, Any]) -> str:
             f"{m['torch_threads']} threads")
 
 
+def _adapter_cell(record: dict[str, Any]) -> str:
+    if record.get("given"):
+        return f"given: `{record.get('source')}` (sha256 {record['sha256'][:12]})"
+    return f"`{Path(record['adapter']).name}`"
+
+
 def _training_table(training: list[dict[str, Any]]) -> list[str]:
     lines = ["| task | status | train examples | steps | final loss | validation acc | train s | adapter |",
              "|---|---|---|---|---|---|---|---|"]
@@ -322,7 +328,7 @@ def _training_table(training: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['task']} | {r.get('status')}{' (cached)' if r.get('reused') else ''} | "
                      f"{r.get('train_examples', '')} | {r.get('train_steps', '')} | "
                      f"{f'{loss:.3f}' if loss is not None else ''} | {f'{100 * val:.1f}' if val is not None else ''} | "
-                     f"{r.get('train_seconds', '')} | `{Path(r['adapter']).name}` |")
+                     f"{r.get('train_seconds', '')} | {_adapter_cell(r)} |")
     return lines
 
 

@@ -57,6 +57,9 @@ def experiment_inputs(config: Any) -> list[tuple[str, Path]]:
         inputs.append(("task_file", Path(config.task_file)))
     if Path(config.model).exists():
         inputs.append(("model", Path(config.model)))
+    for task, adapter in sorted(getattr(config, "adapters", {}).items()):
+        if Path(adapter).exists():
+            inputs.append((f"task '{task}' adapter", Path(adapter)))
     for name in config.tasks:
         for split, file in sorted(get_task(name).files.items()):
             inputs.append((f"task '{name}' {split} file", Path(file)))

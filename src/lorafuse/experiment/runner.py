@@ -167,7 +167,11 @@ class ExperimentRunner:
 
     # -- units of work -----------------------------------------------------------------------------------
     def _train_job(self, task: str) -> dict[str, Any] | Job:
-        """The record of a task's adapter found in the cache, or the job that trains it."""
+        """The record of a task's adapter found in the cache, or the job that trains it; a task given an existing
+        adapter (`adapters:`) trains nothing."""
+        if task in self.config.adapters:
+            self._advance()
+            return self._given(task, self.config.adapters[task])
         key = adapter_key(self.config, task, self.fingerprint(task, "train"))
         path = self._adapter_path(task)
         job_id = f"train-{task}-{key[:8]}"
@@ -180,6 +184,16 @@ class ExperimentRunner:
         record = {"name": f"train {task}", "kind": "train", "task": task, "adapter": str(path)}
         return Job(job_id, "train", f"train {task}", "_train", (task, str(path)), record=record,
                    executed_as=f"train:{task}")
+
+    def _given(self, task: str, source: str) -> dict[str, Any]:
+        """A user's adapter for `task`: its record names it by path and sha256 (which enter every job key)."""
+        from lorafuse.adapters.reader import LoraAdapter
+
+        adapter = LoraAdapter(source)
+        summary = self._train_summary(adapter.path) if (adapter.path / TRAIN_RECORD).is_file() else {}
+        return {"name": f"adapter {task}", "kind": "train", "task": task, "adapter": str(adapter.path),
+                "source": source, "sha256": adapter.sha256, "given": True, "stage": "train", "status": "ok",
+                "job_id": f"given-{task}-{adapter.sha256[:8]}", **summary}
 
     def _train(self, task: str, path: str) -> dict[str, Any]:
         """Train one task's adapter (a failure is recorded by run_job; the other tasks still train)."""
@@ -497,7 +511,10 @@ class ExperimentRunner:
         return {t: [self.fingerprint(t, "validation"), self.fingerprint(t, "test")] for t in self.config.tasks}
 
     def adapter_ids(self) -> dict[str, str]:
-        return {t: p.name for t, p in self.state.adapters.items()}
+        """What identifies each task's adapter in job keys: the cache directory's name (a hash of its training)
+        for a trained one, the file hash for a given one."""
+        given = {r["task"]: r["sha256"] for r in self.state.training if r.get("given")}
+        return {t: f"given-{given[t]}" if t in given else p.name for t, p in self.state.adapters.items()}
 
     def _job_count(self, stages: Iterable[str]) -> int:
         cfg = self.config

@@ -78,4 +78,22 @@ def check_experiment(config: Any, stages: Sequence[str], formulation: Any) -> No
     config.check_tasks()
     resolve_model(config.model)  # a missing local model is an error now (it was tried on the Hub at training)
     check_formulation(formulation(), [get_task(t) for t in config.tasks])
-    check_data(config.tasks, config.data_dir, splits_for(stages))
+    check_given_adapters(config)
+    splits = splits_for(stages)
+    trained = [t for t in config.tasks if t not in config.adapters]
+    needs_train = config.router is not None and "data-driven" in stages  # the router trains on every task
+    check_data(config.tasks if needs_train else trained, config.data_dir, splits)
+    check_data([t for t in config.tasks if t not in trained and not needs_train], config.data_dir,
+               [s for s in splits if s != "train"])
+
+
+def check_given_adapters(config: Any) -> None:
+    """Each adapter given under `adapters:` loads (its config and weights are read; errors name the file)."""
+    from lorafuse.adapters.reader import LoraAdapter
+    from lorafuse.errors import LorafuseError
+
+    for task, source in config.adapters.items():
+        try:
+            LoraAdapter(source)
+        except LorafuseError as exc:
+            raise ConfigError(f"adapters.{task}: {exc}") from None
