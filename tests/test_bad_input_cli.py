@@ -515,3 +515,71 @@ def test_exponent_numbers_are_numbers(tmp_path, pair):
     prov = json.loads((tmp_path / "out" / "lorafuse_merge.json").read_text())
     assert prov["parameters"]["density"] == 0.5 and prov["inputs"][0]["weight"] == 1.0
     assert main(merge_args(pair, tmp_path / "out2", "--method", "ties", "--param", "lambda=2e-1")) == 0
+
+
+# -- eval --output: an output as every other ------------------------------------------------------------------
+class _FakeEvaluator:
+    """Stands in for the model: eval's output handling is under test, not its accuracy."""
+
+    formulation_name = "classify"
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def evaluate(self, adapter=None, heads=None, tasks=None):
+        from lorafuse.evaluation import EvalResult
+
+        return EvalResult(accuracy={"rte": 0.5}, examples={"rte": 2})
+
+
+@pytest.fixture()
+def fake_eval(tmp_path, monkeypatch) -> Path:
+    import lorafuse.evaluation
+
+    monkeypatch.setattr(lorafuse.evaluation, "Evaluator", _FakeEvaluator)
+    data = tmp_path / "data"
+    (data / "rte").mkdir(parents=True)
+    (data / "rte" / "test.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "entailment"}\n')
+    return data
+
+
+def eval_args(adapter: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", "--tasks", "rte", "--adapter", str(adapter), "--data-dir", str(data), "--output", str(out),
+            "--quiet", *extra]
+
+
+@pytest.mark.parametrize("target,words", [
+    (lambda a, d: a / "adapter_config.json", ("--output", "lies inside the --adapter")),
+    (lambda a, d: d / "rte" / "test.jsonl", ("--output", "lies inside the --data-dir")),
+    (lambda a, d: d, ("--output", "is the --data-dir")),
+])
+def test_eval_output_never_replaces_an_input(tmp_path, pair, capsys, fake_eval, target, words):
+    refused(eval_args(pair[0], fake_eval, target(pair[0], fake_eval), "--overwrite"), capsys, tmp_path, *words)
+
+
+def test_eval_output_is_replaced_only_with_overwrite(tmp_path, pair, capsys, fake_eval):
+    out = tmp_path / "results.json"
+    assert main(eval_args(pair[0], fake_eval, out)) == 0
+    assert json.loads(out.read_text())["accuracy"] == {"rte": 0.5}
+    out.write_text('{"mine": 1}\n')
+    refused(eval_args(pair[0], fake_eval, out), capsys, tmp_path, "results.json", "output exists")
+    assert main(eval_args(pair[0], fake_eval, out, "--overwrite")) == 0
+    assert json.loads(out.read_text())["accuracy"] == {"rte": 0.5}
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    refused(eval_args(pair[0], fake_eval, folder, "--overwrite"), capsys, tmp_path, "folder.json", "not a file")
+
+
+def test_eval_output_killed_mid_write_keeps_the_previous_file(tmp_path, pair, capsys, fake_eval, monkeypatch):
+    import lorafuse.atomic
+
+    out = tmp_path / "results.json"
+    out.write_text('{"previous": 1}\n')
+
+    def killed(fd):
+        raise KeyboardInterrupt  # as a kill between the write and the rename
+
+    monkeypatch.setattr(lorafuse.atomic.os, "fsync", killed)
+    assert main(eval_args(pair[0], fake_eval, out, "--overwrite")) == 130
+    assert out.read_text() == '{"previous": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "in", "results.json"]

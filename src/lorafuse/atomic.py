@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import LorafuseError, OutputExistsError
+from lorafuse.validate import user_path
 
 MARKER_NAME = ".lorafuse-output.json"
 # provenance files of outputs written before the marker existed: still recognised as lorafuse's
@@ -87,7 +88,7 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     """Refuse an existing output early (before any expensive work) unless overwrite is set and it is lorafuse's
     own; also refuse an output whose directory cannot be written. Leftovers of a killed run are removed first
     (a previous output it had set aside is put back)."""
-    path = Path(path)
+    path = user_path(path)  # as the overlap checks see it (lorafuse.validate.real)
     clean_leftovers(path)
     if path.exists() or path.is_symlink():
         if not overwrite:
@@ -236,10 +237,63 @@ def clean_leftovers_in(folder: str | Path) -> list[Path]:
 
 def temporary_file(path: str | Path) -> tuple[int, Path]:
     """A new temporary file beside `path` named as every lorafuse temporary (`.<name>.tmp-*`), open for
-    writing: (fd, its path)."""
+    writing: (fd, its path). Its mode is the one `open` would give (0666 less the umask), not mkstemp's 0600:
+    it is renamed into place as the published file."""
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}@{host_tag()}-", dir=path.parent)
+    os.chmod(name, 0o666 & ~current_umask())
     return fd, Path(name)
+
+
+def current_umask() -> int:
+    """The process's umask (POSIX can only read it by setting it: it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def replace_file(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory:
+    readers see the old file or the new, never a part, and a kill leaves only a temporary the next run removes."""
+    path = Path(path)
+    fd, tmp = temporary_file(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def check_output_file(path: str | Path, overwrite: bool) -> Path:
+    """`check_output` for an output that is one file (a results JSON): an existing one is replaced only with
+    `overwrite`, and never when it is a directory or a link (that is no file lorafuse wrote)."""
+    path = user_path(path)
+    clean_leftovers(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{path}: output exists (pass --overwrite / overwrite=True to replace it)")
+        if path.is_symlink() or not path.is_file():
+            raise OutputError(f"{path}: exists and is not a file; not replacing it")
+    check_writable(path)
+    return path
+
+
+def write_output_file(path: str | Path, text: str, overwrite: bool = False) -> Path:
+    """An output file written as every output is: checked (`check_output_file`), then `replace_file`."""
+    path = check_output_file(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        replace_file(path, text.encode())
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+            raise OutputError(f"{path}: cannot write ({exc.strerror}); nothing was written") from None
+        raise
+    return path
 
 
 def host_tag() -> str:
@@ -274,7 +328,7 @@ def atomic_outputs(paths: Sequence[str | Path], overwrite: bool = False,
         for target, kind in zip(targets, kinds):
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-            tmp.chmod(0o755)  # mkdtemp's 0700 would make the published output private
+            tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the published output private
             write_marker(tmp, kind)  # first thing: a killed run's directory is then recognisably ours
             temps.append(tmp)
         yield temps

@@ -86,10 +86,17 @@ def looks_like_hub_id(text: str, bare: bool = False) -> bool:
 
 
 # -- paths ----------------------------------------------------------------------------------------------------
+def user_path(path: str | Path) -> Path:
+    """A path the user gave, with `~` expanded as the shell does (os.path's: an unknown `~user` stays as written,
+    where pathlib raises RuntimeError). Every reader and writer of a user's path goes through this, and so does
+    every check on it: a quoted `'~/x'` must never be checked as $HOME/x but written as ./~/x."""
+    return Path(os.path.expanduser(path))
+
+
 def real(path: str | Path) -> Path:
-    """An absolute path with symlinks resolved (also for a path that does not exist yet); `~` expanded as the
-    shell does (os.path's: an unknown `~user` stays as written, where pathlib raises RuntimeError)."""
-    return Path(os.path.realpath(os.path.expanduser(path)))
+    """An absolute path with symlinks resolved (also for a path that does not exist yet); `~` expanded as
+    `user_path` does."""
+    return Path(os.path.realpath(user_path(path)))
 
 
 def check_inside(path: Path, root: Path, what: str) -> Path:
