@@ -583,3 +583,47 @@ def test_eval_output_killed_mid_write_keeps_the_previous_file(tmp_path, pair, ca
     assert main(eval_args(pair[0], fake_eval, out, "--overwrite")) == 130
     assert out.read_text() == '{"previous": 1}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "in", "results.json"]
+
+
+# -- one path for the checks and the writer ----------------------------------------------------------------------
+def test_a_quoted_tilde_output_is_checked_and_written_at_the_same_path(tmp_path, pair, monkeypatch):
+    """`-o '~/x'` reaches lorafuse unexpanded: the overlap check and the writer must both read it as $HOME/x
+    (as the readers of inputs do), never check $HOME/x and then replace ./~/x."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(merge_args(pair, "./~/x")) == 0  # an input that lorafuse wrote, in a folder named `~`
+    before = tree(work)
+    assert main(merge_args([work / "~" / "x", pair[1]], "~/x", "--overwrite")) == 0
+    assert tree(work) == before and is_lorafuse_output(home / "x")
+
+
+# -- modes come from the umask --------------------------------------------------------------------------------
+def test_outputs_written_through_temporaries_follow_the_umask(tmp_path, pair, fake_eval):
+    from lorafuse.experiment.cache import write_json_atomic
+
+    old = os.umask(0o027)
+    try:
+        assert main(merge_args(pair, tmp_path / "out")) == 0
+        assert main(eval_args(pair[0], fake_eval, tmp_path / "results.json")) == 0
+        write_json_atomic(tmp_path / "jobs" / "a.json", {"status": "ok"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    for path in (tmp_path / "results.json", tmp_path / "jobs" / "a.json", tmp_path / "out" / MARKER_NAME):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+
+
+def test_files_a_library_writes_private_are_published_with_the_umask(tmp_path):
+    """safetensors' save_file (so PEFT's save_pretrained, so every trained adapter) creates its file 0600."""
+    old = os.umask(0o022)
+    try:
+        with atomic_outputs([tmp_path / "adapter"]) as (tmp,):
+            (tmp / "sub").mkdir(mode=0o700)
+            save_file({"a": torch.zeros(2)}, str(tmp / "sub" / "adapter_model.safetensors"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "adapter" / "sub").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "adapter" / "sub" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644

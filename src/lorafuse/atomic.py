@@ -334,6 +334,7 @@ def atomic_outputs(paths: Sequence[str | Path], overwrite: bool = False,
         yield temps
         for tmp, kind in zip(temps, kinds):
             write_marker(tmp, kind, [p.name for p in tmp.iterdir()])
+            _modes_from_umask(tmp)
         for target in targets:  # re-checked: something may have appeared during the work
             check_output(target, overwrite)
         _commit(temps, targets)
@@ -353,6 +354,16 @@ def atomic_output_dir(path: str | Path, overwrite: bool = False, kind: str = "ou
     """Yield a fresh temporary directory; on success it replaces `path` in one rename."""
     with atomic_outputs([path], overwrite, [kind]) as (tmp,):
         yield tmp
+
+
+def _modes_from_umask(directory: Path) -> None:
+    """Give every file and folder under `directory` the mode `open` and `mkdir` would (0666 / 0777 less the
+    umask): some writers create theirs private (safetensors' save_file, hence PEFT's save_pretrained: 0600),
+    which the published output must not inherit."""
+    mask = current_umask()
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _commit(temps: list[Path], targets: list[Path]) -> None:
