@@ -91,7 +91,7 @@ def test_a_training_record_task_never_becomes_a_path(tmp_path, capsys):
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("fused")} == before
 
 
-@pytest.mark.parametrize("name", ["../../x", "/abs/x", "..", ".hidden", "a\\b", ""])
+@pytest.mark.parametrize("name", ["../../x", "/abs/x", "..", ".hidden", "a\\b", "", pytest.param("日本" * 43, id="258-bytes")])
 def test_names_from_the_command_line_are_refused(tmp_path, pair, capsys, name):
     refused(merge_args(pair, tmp_path / "out", "--names", name, "b"), capsys, tmp_path, "name", "not a plain name")
 

@@ -33,7 +33,7 @@ from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.methods.thresholds import StreamingQuantile, top_thresholds
 from lorafuse.provenance import stamp
 from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
-from lorafuse.validate import MAX_NAME_LENGTH, check_param_types, finite_number, strict_bool, strict_int
+from lorafuse.validate import check_param_types, cut_name, finite_number, strict_bool, strict_int
 
 MODULES_TO_SAVE_POLICIES = ("error", "per_task", "average", "drop")
 
@@ -125,7 +125,7 @@ def _make_names_unique(adapters: list[LoraAdapter]) -> None:
         seen[adapter.name] = count + 1
         if count:
             suffix = f"-{count + 1}"
-            adapter.name = adapter.name[:MAX_NAME_LENGTH - len(suffix)] + suffix
+            adapter.name = cut_name(adapter.name, room=len(suffix)) + suffix
 
 
 def check_compatible(adapters: Sequence[LoraAdapter], base_model: str | None = None) -> list[str]:

@@ -23,6 +23,10 @@ from lorafuse.errors import ConfigError
 
 # -- names ----------------------------------------------------------------------------------------------------
 MAX_NAME_LENGTH = 120
+# bytes, as file systems count a name (255 at most): an ASCII name of MAX_NAME_LENGTH characters fits with the
+# suffixes and temporaries lorafuse adds (`.<name>.safetensors.tmp-<pid>@<host>-*`), and a name of multi-byte
+# characters gets the same room instead of failing late with "File name too long"
+MAX_NAME_BYTES = 120
 _SEPARATOR = re.compile(r"[/\\]")
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _UNSAFE_CHARS = re.compile(r"[/\\:\x00-\x1f]")
@@ -33,7 +37,8 @@ def name_problem(name: object) -> str | None:
 
     Names become file names (`task_heads/<name>.safetensors`, `adapters/<task>-<hash>`, `runs/<name>`), so a name
     must be one path component of its own: no separator, no `:` (a drive or a stream), no control character, no
-    leading `.` (`..`, hidden files, lorafuse's own temporaries), no `..`, not empty, at most 120 characters. Such
+    leading `.` (`..`, hidden files, lorafuse's own temporaries), no `..`, not empty, at most 120 characters and
+    120 bytes in UTF-8. Such
     names are refused rather than sanitised where the user gave them: two names must never map to one file."""
     if not isinstance(name, str):
         return f"expected a string, got {name!r}"
@@ -52,6 +57,8 @@ def name_problem(name: object) -> str | None:
         reason = "contains '..'"
     elif len(name) > MAX_NAME_LENGTH:
         reason = f"is longer than {MAX_NAME_LENGTH} characters"
+    elif (size := len(name.encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
+        reason = f"is {size} bytes in UTF-8, more than {MAX_NAME_BYTES} (file names hold at most 255)"
     else:
         return None
     return f"{shown} {reason}: not a plain name (names become file names)"
@@ -73,8 +80,15 @@ def check_name(name: object, what: str, error: type[Exception] = ConfigError) ->
 def safe_name(text: str, fallback: str = "adapter") -> str:
     """A safe name derived from `text` (e.g. a directory's name, never refused): leading dots are dropped, every
     character or `..` that `name_problem` refuses becomes '_', and the result is cut to the length limit."""
-    cleaned = re.sub(r"\.{2,}", "_", _UNSAFE_CHARS.sub("_", text).lstrip("."))[:MAX_NAME_LENGTH].strip()
+    cleaned = cut_name(re.sub(r"\.{2,}", "_", _UNSAFE_CHARS.sub("_", text).lstrip("."))).strip()
     return cleaned if is_safe_name(cleaned) else fallback
+
+
+def cut_name(text: str, room: int = 0) -> str:
+    """`text` cut to the name limits less `room` (for a suffix to be added), in characters and in UTF-8 bytes,
+    never inside a character."""
+    text = text[:MAX_NAME_LENGTH - room]
+    return text.encode("utf-8", "surrogatepass")[:MAX_NAME_BYTES - room].decode("utf-8", "ignore")
 
 
 def looks_like_hub_id(text: str, bare: bool = False) -> bool:
