@@ -627,3 +627,15 @@ def test_files_a_library_writes_private_are_published_with_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "adapter" / "sub").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "adapter" / "sub" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+# -- one adapter per weights file ---------------------------------------------------------------------------------
+def test_a_weights_file_holding_two_adapters_is_refused(tmp_path, pair, capsys):
+    """`...lora_A.default.weight` beside `...lora_A.other.weight`: one module's factors were silently taken from
+    one of the two adapters."""
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    two = {f"{key}.lora_{half}.{name}.weight": torch.ones(4, 32) if half == "A" else torch.ones(32, 4)
+           for name in ("default", "other") for half in "AB"}
+    save_file(two, str(pair[1] / "adapter_model.safetensors"))
+    refused(merge_args(pair, tmp_path / "out"), capsys, tmp_path, "a1/adapter_model.safetensors",
+            "several adapters", "default, other")
