@@ -639,3 +639,28 @@ def test_a_weights_file_holding_two_adapters_is_refused(tmp_path, pair, capsys):
     save_file(two, str(pair[1] / "adapter_model.safetensors"))
     refused(merge_args(pair, tmp_path / "out"), capsys, tmp_path, "a1/adapter_model.safetensors",
             "several adapters", "default, other")
+
+
+# -- target_modules names every stored module ---------------------------------------------------------------------
+TWO_MODULES = llama_modules(1, ("self_attn.q_proj", "self_attn.v_proj"))
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], ["model.layers.0.self_attn.q_proj"], r".*\.q_proj"])
+def test_an_adapter_storing_modules_its_target_modules_omit_is_refused(tmp_path, capsys, targets):
+    """PEFT loads only the modules target_modules names: the merge kept the short list, and PEFT then dropped
+    the other adapter's v_proj too."""
+    paths = [write_adapter(tmp_path / "in" / f"a{i}", TWO_MODULES, seed=i,
+                           **({"target_modules": targets} if i == 0 else {})) for i in range(2)]
+    refused(merge_args(paths, tmp_path / "out"), capsys, tmp_path, "a0/adapter_config.json", "target_modules",
+            "model.layers.0.self_attn.v_proj")
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], r".*_proj", "all-linear"])
+def test_target_modules_of_the_merge_cover_every_stored_module(tmp_path, targets):
+    from lorafuse.adapters.config import targeted
+
+    paths = [write_adapter(tmp_path / "in" / f"a{i}", TWO_MODULES, seed=i, target_modules=targets)
+             for i in range(2)]
+    assert main(merge_args(paths, tmp_path / "out")) == 0
+    merged = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"]
+    assert all(targeted(merged, module) for module in TWO_MODULES)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lorafuse.adapters.config import targeted
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.adapters.writer import (
     HEADS_DIR,
@@ -497,8 +498,8 @@ class _Engine:
         first = self.adapters[0]
         same_modules = all(set(a.modules) == set(first.modules) for a in self.adapters)
         targets = first.settings.raw.get("target_modules") if same_modules else None
-        if not same_modules or not isinstance(targets, (list, str)):
-            targets = list(merged)
+        if not isinstance(targets, (list, str)) or not all(targeted(targets, m) for m in merged):
+            targets = list(merged)  # PEFT loads only the modules target_modules names: it must name every one
         saved = sorted({m for a in self.adapters for m in a.settings.modules_to_save}) if extra else None
         return fused_config(first.settings.raw, {m: u.rank for m, u in merged.items()}, targets, saved,
                             self.options.rank_patterns)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lorafuse.adapters.config import LoraSettings, parse_settings
+from lorafuse.adapters.config import LoraSettings, parse_settings, targeted
 from lorafuse.adapters.safetensors_io import SafetensorsFile
 from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import AdapterError
@@ -195,7 +195,18 @@ class LoraAdapter:
             raise AdapterError(f"{self.weights_path}: holds the factors of several adapters "
                                f"({', '.join(sorted(names))}); save each adapter to its own directory")
         self._check_extra(extra)
+        self._check_targets(modules)
         return modules, extra
+
+    def _check_targets(self, modules: dict[str, ModuleEntry]) -> None:
+        """Every stored module must be one the config's target_modules names: PEFT loads only those and drops the
+        others' factors, so the adapter PEFT serves is not the one its file holds (and a merge keeping the short
+        list would drop them from every adapter)."""
+        targets = self.settings.raw.get("target_modules")
+        for module in modules:
+            if not targeted(targets, module):
+                raise AdapterError(f"{self.path / CONFIG_NAME}: target_modules {targets!r} does not cover the stored "
+                                   f"module '{module}' (PEFT would drop its factors); list every stored module")
 
     def _check_extra(self, extra: list[str]) -> None:
         if extra and not self.settings.modules_to_save:
