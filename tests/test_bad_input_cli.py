@@ -146,6 +146,8 @@ def test_overwrite_replaces_only_lorafuse_outputs(tmp_path, pair, capsys):
     ("r", True, ("r:", "expected an integer")),
     ("r", 0, ("r:", "must be ≥ 1")),
     ("rank_pattern", {"(q_proj": 4}, ("rank_pattern", "regular expression")),
+    ("alpha_pattern", {"(a|a)+$": 4}, ("alpha_pattern", "exponential time")),
+    ("target_modules", "(q|q)*_proj", ("target_modules", "exponential time")),
     ("rank_pattern", {"q_proj": 2.5}, ("rank_pattern", "expected an integer")),
     ("alpha_pattern", {"q_proj": float("nan")}, ("alpha_pattern", "finite")),
     ("modules_to_save", "classifier", ("modules_to_save", "list")),

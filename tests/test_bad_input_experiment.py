@@ -616,3 +616,43 @@ def test_experiment_killed_mid_run_resumes_and_completes(world, trained, tmp_pat
     results = json.loads((out / "report" / "results.json").read_text())
     assert [j["name"] for j in results["jobs"]] == ["individual", "base + task heads", "average", "task_arithmetic"]
     assert all(j["status"] == "ok" for j in results["jobs"])
+
+
+# -- bounded work on hostile configs -----------------------------------------------------------------------------
+@pytest.mark.parametrize("field", ["tasks", "notes"])
+def test_a_yaml_alias_bomb_is_refused_at_once(world, tmp_path, capsys, field):
+    """Nine aliases of nine aliases ...: it used to hang for minutes at GBs while the error printed the expansion."""
+    laughs = "".join(f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 9) if i else 'lol'}]\n" for i in range(9))
+    text = laughs + yaml.safe_dump({k: v for k, v in base_config(world).items() if k != field}) + f"{field}: *x8\n"
+    start = time.perf_counter()
+    err = refused(capsys, world, tmp_path, text, "cfg.yaml: not valid YAML (its aliases expand to more than")
+    assert time.perf_counter() - start < 5 and len(err) < 400, err
+
+
+def test_error_messages_show_a_cut_input(world, tmp_path, capsys):
+    err = refused(capsys, world, tmp_path, yaml.safe_dump(base_config(world, notes=[["x" * 50] * 50] * 50)),
+                  "notes: Input should be a valid string")
+    assert len(err) < 300, err
+
+
+SEARCH = {"lambda": [0.1 * i for i in range(1, 100)], "seed": list(range(99)),
+          "drop_rate": [i / 100 for i in range(99)], "trim_density": [(i + 1) / 100 for i in range(99)]}
+
+
+def test_samples_of_a_huge_grid_are_drawn_without_building_it(world):
+    spec = parse_config(base_config(world, methods=[{"method": "dare_ties", "search": SEARCH, "samples": 4}]),
+                        "cfg").methods[0]
+    points = spec.points()
+    assert spec.grid_size() == 99**4 and len(points) == 4
+    assert all(p[k] in SEARCH[k] for p in points for k in SEARCH) and points == spec.points()
+    small = parse_config(base_config(world, methods=[{"method": "ties", "samples": 3, "search": {
+        "lambda": [0.5, 1.0], "density": [0.1, 0.2, 0.5]}}]), "cfg").methods[0]
+    import random
+
+    assert small.points() == random.Random(0).sample(small.grid(), 3)  # the points drawn from the built grid
+
+
+def test_a_huge_grid_without_samples_is_refused(world, tmp_path, capsys):
+    refused(capsys, world, tmp_path, yaml.safe_dump(base_config(world, methods=[{"method": "dare_ties",
+                                                                                 "search": SEARCH}])),
+            "search: 96,059,601 grid points (more than 10,000); give `samples:`")

@@ -228,3 +228,32 @@ def test_yaml_file_errors_name_the_file(tmp_path):
         load_yaml_file(bad)
     with pytest.raises(ConfigError, match="missing.yaml: cannot read"):
         load_yaml_file(tmp_path / "missing.yaml")
+
+
+# -- bounded work on hostile input -----------------------------------------------------------------------------
+BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "notes: *i\n"
+
+
+def test_yaml_alias_bombs_are_refused_at_once():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^cfg\.yaml: not valid YAML \(.*aliases expand to more than 100,000"):
+        load_yaml(BILLION_LAUGHS, "cfg.yaml")
+    assert time.perf_counter() - start < 2
+    with pytest.raises(ConfigError, match="recursive"):
+        load_yaml("a: &a [1, *a]\n", "cfg.yaml")
+    assert load_yaml("base: &b {r: 4}\none: *b\ntwo: *b\n", "t") == {"base": {"r": 4}, "one": {"r": 4}, "two": {"r": 4}}
+
+
+@pytest.mark.parametrize("pattern", [r"(a|a)+$", r"(a+)+", r"(\d{1,2}\.)*x", r"(?=(a|a)+)q", "x" * 257])
+def test_regexes_that_can_take_exponential_time_are_refused(pattern):
+    with pytest.raises(ConfigError, match="^rank_pattern key: .*(exponential time|more than 256)"):
+        check_regex(pattern, "rank_pattern key")
+
+
+@pytest.mark.parametrize("pattern", [r".*\.q_proj", r"model\.layers\.\d+\.self_attn\.(q|v)_proj", "q_proj",
+                                     r"layers\.(0|1)\.", r"[ab]+c*", r"(ab)+", re.escape("model.layers.0.mlp.up_proj")])
+def test_ordinary_module_patterns_pass(pattern):
+    assert check_regex(pattern, "rank_pattern key") == pattern

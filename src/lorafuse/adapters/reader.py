@@ -18,7 +18,7 @@ from lorafuse.adapters.config import LoraSettings, parse_settings, targeted
 from lorafuse.adapters.safetensors_io import SafetensorsFile
 from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import AdapterError
-from lorafuse.validate import check_name, is_safe_name, looks_like_hub_id, read_text, safe_name
+from lorafuse.validate import check_name, check_regex, is_safe_name, looks_like_hub_id, read_text, safe_name
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -203,6 +203,8 @@ class LoraAdapter:
         others' factors, so the adapter PEFT serves is not the one its file holds (and a merge keeping the short
         list would drop them from every adapter)."""
         targets = self.settings.raw.get("target_modules")
+        if isinstance(targets, str):  # a regex PEFT matches against every module name: bounded as ours are
+            check_regex(targets, f"{self.path / CONFIG_NAME}: target_modules", AdapterError)
         for module in modules:
             if not targeted(targets, module):
                 raise AdapterError(f"{self.path / CONFIG_NAME}: target_modules {targets!r} does not cover the stored "
