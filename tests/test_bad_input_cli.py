@@ -666,3 +666,37 @@ def test_target_modules_of_the_merge_cover_every_stored_module(tmp_path, targets
     assert main(merge_args(paths, tmp_path / "out")) == 0
     merged = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"]
     assert all(targeted(merged, module) for module in TWO_MODULES)
+
+
+# -- an overwrite deletes only what lorafuse wrote, at any depth, and only its own kind ------------------------------
+def test_overwrite_refuses_a_users_file_inside_the_output(tmp_path, capsys):
+    paths = _with_heads(tmp_path / "in", "task0")
+    out = tmp_path / "out"
+    assert main(merge_args(paths, out, "--modules-to-save", "per_task")) == 0
+    assert "task_heads/task0.safetensors" in json.loads((out / MARKER_NAME).read_text())["files"]
+    (out / "task_heads" / "notes.txt").write_text("mine")
+    refused(merge_args(paths, out, "--modules-to-save", "per_task", "--overwrite"), capsys, tmp_path,
+            "task_heads/notes.txt", "did not write")
+    (out / "task_heads" / "notes.txt").unlink()
+    assert main(merge_args(paths, out, "--modules-to-save", "per_task", "--overwrite")) == 0
+
+
+def test_overwrite_never_replaces_a_run_directory(tmp_path, pair, capsys):
+    from lorafuse.experiment import rundir
+
+    run = tmp_path / "run"
+    rundir.prepare(run, fresh=False)
+    (run / "jobs").mkdir()
+    (run / "jobs" / "train-x.json").write_text("{}")
+    refused(merge_args(pair, run, "--overwrite"), capsys, tmp_path, "run", "is a lorafuse run output")
+
+
+def test_a_users_folder_named_like_a_temporary_is_never_removed(tmp_path, pair):
+    folder, file = tmp_path / ".out.tmp-mine", tmp_path / ".out.tmp-notes"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    file.write_text("mine")
+    for path in (folder / "thesis.tex", folder, file):
+        os.utime(path, (0, 0))  # untouched for decades: the age rule alone would delete them
+    assert main(merge_args(pair, tmp_path / "out")) == 0
+    assert (folder / "thesis.tex").read_text() == "years of work" and file.read_text() == "mine"

@@ -324,6 +324,30 @@ def test_the_run_marker_is_the_output_marker_and_fresh_keeps_a_users_files(tmp_p
         rundir.prepare(adapter, fresh=True)
 
 
+@pytest.mark.parametrize("where", ["report/notes.txt", "jobs/notes.txt", "fused/ties/mine.txt", "adapters/mine"])
+def test_fresh_keeps_a_users_file_anywhere_in_the_run(tmp_path, where):
+    from lorafuse.atomic import atomic_output_dir
+
+    out = tmp_path / "run"
+    rundir.prepare(out, fresh=False)
+    for folder in ("jobs", "report", "adapters", "fused"):
+        (out / folder).mkdir()
+    (out / "jobs" / "fuse-x.json").write_text("{}")
+    (out / "report" / "results.json").write_text("{}")
+    (out / "report" / "per_task_accuracy.png").write_bytes(b"png")
+    with atomic_output_dir(out / "fused" / "ties", kind="adapter") as tmp:
+        (tmp / "adapter_config.json").write_text("{}")
+    (out / where).parent.mkdir(parents=True, exist_ok=True)
+    (out / where).write_text("mine")
+    before = tree(out)
+    with pytest.raises(ConfigError, match=f"--fresh: .*{where}"):
+        rundir.prepare(out, fresh=True)
+    assert tree(out) == before
+    (out / where).unlink()
+    rundir.prepare(out, fresh=True)
+    assert sorted(p.name for p in out.iterdir()) == [".lorafuse-output.json"]
+
+
 def test_a_refused_config_leaves_no_empty_jobs_directory(world, tmp_path):
     from lorafuse.experiment.runner import ExperimentRunner
 
