@@ -324,7 +324,8 @@ def test_the_run_marker_is_the_output_marker_and_fresh_keeps_a_users_files(tmp_p
         rundir.prepare(adapter, fresh=True)
 
 
-@pytest.mark.parametrize("where", ["report/notes.txt", "jobs/notes.txt", "fused/ties/mine.txt", "adapters/mine"])
+@pytest.mark.parametrize("where", ["report/notes.txt", "report/my_plot.png", "jobs/notes.txt", "fused/ties/mine.txt",
+                                   "adapters/mine"])
 def test_fresh_keeps_a_users_file_anywhere_in_the_run(tmp_path, where):
     from lorafuse.atomic import atomic_output_dir
 
@@ -517,11 +518,13 @@ def test_a_failed_job_makes_the_experiment_exit_non_zero(world, trained, tmp_pat
 
 def test_fresh_recreates_a_run_and_keeps_the_cache(world, trained, capsys):
     config, out = trained
-    (out / "report" / "stale.txt").write_text("x")
+    (out / "report" / "coefficient_sweeps.png").write_bytes(b"a plot of an earlier run")  # a file runs write
     cache_before = tree(world / "cache")
     code, _, _ = cli(capsys, "experiment", str(config), "--output", str(out), "--cache-dir", str(world / "cache"),
                      "--fresh", "--quiet")
-    assert code == 0 and not (out / "report" / "stale.txt").exists() and rundir.is_run_dir(out)
+    assert code == 0 and rundir.is_run_dir(out)
+    stale = out / "report" / "coefficient_sweeps.png"
+    assert not stale.exists() or stale.read_bytes() != b"a plot of an earlier run"  # deleted with the run
     assert tree(world / "cache") == cache_before  # adapters reused, nothing retrained
 
 

@@ -1,10 +1,10 @@
 """Outputs are built in a temporary directory beside the target and moved into place whole, so a failed run
 leaves nothing behind and an existing output is never replaced without an explicit overwrite.
 
-Every output lorafuse writes carries a marker file (`MARKER_NAME`: its kind, the entries it wrote, the process
+Every output lorafuse writes carries a marker file (`MARKER_NAME`: its kind, every path it wrote, the process
 that wrote it); a run directory of `lorafuse experiment` carries the same marker, of kind "run". `--overwrite`
-and `--fresh` delete only a directory with that marker and nothing added to it since, so they never delete a
-user's own folder. Every temporary is named `.<name>.tmp-*` and names its writer (a directory in its marker, a
+and `--fresh` delete only a directory with that marker, of their own kind, and nothing added to it since (at any
+depth), so they never delete a user's own folder or file. Every temporary is named `.<name>.tmp-*` and names its writer (a directory in its marker, a
 file in its name); one rule (`is_abandoned`) lets the next run remove those of a killed one, and restore the
 previous output when a kill came between the two renames of a replacement (`.<name>.old-*`).
 """

@@ -121,10 +121,8 @@ def _reuse_or_empty(out: Path, fresh: bool) -> None:
             raise ConfigError(f"--fresh: cannot delete the run directory {out} ({exc})") from None
 
 
-# what a run writes inside its folders: the report's files (write_report), job records, lorafuse's own hidden
-# names (temporaries `.<name>.tmp-*`, set-aside outputs `.<name>.old-*`, training checkpoints `.<name>.checkpoints`,
-# job files of earlier builds `.<name>.<random>.tmp`)
-REPORT_FILES = {"results.json", "results.csv", "report.md", "report.html"}
+# lorafuse's own hidden names in a run's folders: temporaries `.<name>.tmp-*`, set-aside outputs `.<name>.old-*`,
+# training checkpoints `.<name>.checkpoints`, job files of earlier builds `.<name>.<random>.tmp`
 _OWN_HIDDEN = re.compile(r"\..+\.(tmp-.+|old-.+|checkpoints|tmp)")
 
 
@@ -150,7 +148,9 @@ def _unexpected_entry(entry: Path) -> list[str]:
     if entry.parent.name == "jobs":
         return [] if entry.is_file() and entry.suffix == ".json" else [entry.name]
     if entry.parent.name == "report":
-        return [] if entry.is_file() and (entry.name in REPORT_FILES or entry.suffix == ".png") else [entry.name]
+        from lorafuse.experiment.report import REPORT_FILES
+
+        return [] if entry.is_file() and entry.name in REPORT_FILES else [entry.name]
     if not atomic.is_lorafuse_output(entry):
         return [entry.name]
     return [f"{entry.name}/{p}" for p in atomic.unexpected_paths(entry)]
