@@ -91,7 +91,7 @@ def test_a_training_record_task_never_becomes_a_path(tmp_path, capsys):
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("fused")} == before
 
 
-@pytest.mark.parametrize("name", ["../../x", "/abs/x", "..", ".hidden", "a\\b", ""])
+@pytest.mark.parametrize("name", ["../../x", "/abs/x", "..", ".hidden", "a\\b", "", pytest.param("日本" * 43, id="258-bytes")])
 def test_names_from_the_command_line_are_refused(tmp_path, pair, capsys, name):
     refused(merge_args(pair, tmp_path / "out", "--names", name, "b"), capsys, tmp_path, "name", "not a plain name")
 
@@ -146,6 +146,8 @@ def test_overwrite_replaces_only_lorafuse_outputs(tmp_path, pair, capsys):
     ("r", True, ("r:", "expected an integer")),
     ("r", 0, ("r:", "must be ≥ 1")),
     ("rank_pattern", {"(q_proj": 4}, ("rank_pattern", "regular expression")),
+    ("alpha_pattern", {"(a|a)+$": 4}, ("alpha_pattern", "exponential time")),
+    ("target_modules", "(q|q)*_proj", ("target_modules", "exponential time")),
     ("rank_pattern", {"q_proj": 2.5}, ("rank_pattern", "expected an integer")),
     ("alpha_pattern", {"q_proj": float("nan")}, ("alpha_pattern", "finite")),
     ("modules_to_save", "classifier", ("modules_to_save", "list")),
@@ -515,3 +517,186 @@ def test_exponent_numbers_are_numbers(tmp_path, pair):
     prov = json.loads((tmp_path / "out" / "lorafuse_merge.json").read_text())
     assert prov["parameters"]["density"] == 0.5 and prov["inputs"][0]["weight"] == 1.0
     assert main(merge_args(pair, tmp_path / "out2", "--method", "ties", "--param", "lambda=2e-1")) == 0
+
+
+# -- eval --output: an output as every other ------------------------------------------------------------------
+class _FakeEvaluator:
+    """Stands in for the model: eval's output handling is under test, not its accuracy."""
+
+    formulation_name = "classify"
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def evaluate(self, adapter=None, heads=None, tasks=None):
+        from lorafuse.evaluation import EvalResult
+
+        return EvalResult(accuracy={"rte": 0.5}, examples={"rte": 2})
+
+
+@pytest.fixture()
+def fake_eval(tmp_path, monkeypatch) -> Path:
+    import lorafuse.evaluation
+
+    monkeypatch.setattr(lorafuse.evaluation, "Evaluator", _FakeEvaluator)
+    data = tmp_path / "data"
+    (data / "rte").mkdir(parents=True)
+    (data / "rte" / "test.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "entailment"}\n')
+    return data
+
+
+def eval_args(adapter: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", "--tasks", "rte", "--adapter", str(adapter), "--data-dir", str(data), "--output", str(out),
+            "--quiet", *extra]
+
+
+@pytest.mark.parametrize("target,words", [
+    (lambda a, d: a / "adapter_config.json", ("--output", "lies inside the --adapter")),
+    (lambda a, d: d / "rte" / "test.jsonl", ("--output", "lies inside the --data-dir")),
+    (lambda a, d: d, ("--output", "is the --data-dir")),
+])
+def test_eval_output_never_replaces_an_input(tmp_path, pair, capsys, fake_eval, target, words):
+    refused(eval_args(pair[0], fake_eval, target(pair[0], fake_eval), "--overwrite"), capsys, tmp_path, *words)
+
+
+def test_eval_output_is_replaced_only_with_overwrite(tmp_path, pair, capsys, fake_eval):
+    out = tmp_path / "results.json"
+    assert main(eval_args(pair[0], fake_eval, out)) == 0
+    assert json.loads(out.read_text())["accuracy"] == {"rte": 0.5}
+    out.write_text('{"mine": 1}\n')
+    refused(eval_args(pair[0], fake_eval, out), capsys, tmp_path, "results.json", "output exists")
+    assert main(eval_args(pair[0], fake_eval, out, "--overwrite")) == 0
+    assert json.loads(out.read_text())["accuracy"] == {"rte": 0.5}
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    refused(eval_args(pair[0], fake_eval, folder, "--overwrite"), capsys, tmp_path, "folder.json", "not a file")
+
+
+def test_eval_output_killed_mid_write_keeps_the_previous_file(tmp_path, pair, capsys, fake_eval, monkeypatch):
+    import lorafuse.atomic
+
+    out = tmp_path / "results.json"
+    out.write_text('{"previous": 1}\n')
+
+    def killed(fd):
+        raise KeyboardInterrupt  # as a kill between the write and the rename
+
+    monkeypatch.setattr(lorafuse.atomic.os, "fsync", killed)
+    assert main(eval_args(pair[0], fake_eval, out, "--overwrite")) == 130
+    assert out.read_text() == '{"previous": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "in", "results.json"]
+
+
+# -- one path for the checks and the writer ----------------------------------------------------------------------
+def test_a_quoted_tilde_output_is_checked_and_written_at_the_same_path(tmp_path, pair, monkeypatch):
+    """`-o '~/x'` reaches lorafuse unexpanded: the overlap check and the writer must both read it as $HOME/x
+    (as the readers of inputs do), never check $HOME/x and then replace ./~/x."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(merge_args(pair, "./~/x")) == 0  # an input that lorafuse wrote, in a folder named `~`
+    before = tree(work)
+    assert main(merge_args([work / "~" / "x", pair[1]], "~/x", "--overwrite")) == 0
+    assert tree(work) == before and is_lorafuse_output(home / "x")
+
+
+# -- modes come from the umask --------------------------------------------------------------------------------
+def test_outputs_written_through_temporaries_follow_the_umask(tmp_path, pair, fake_eval):
+    from lorafuse.experiment.cache import write_json_atomic
+
+    old = os.umask(0o027)
+    try:
+        assert main(merge_args(pair, tmp_path / "out")) == 0
+        assert main(eval_args(pair[0], fake_eval, tmp_path / "results.json")) == 0
+        write_json_atomic(tmp_path / "jobs" / "a.json", {"status": "ok"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    for path in (tmp_path / "results.json", tmp_path / "jobs" / "a.json", tmp_path / "out" / MARKER_NAME):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+
+
+def test_files_a_library_writes_private_are_published_with_the_umask(tmp_path):
+    """safetensors' save_file (so PEFT's save_pretrained, so every trained adapter) creates its file 0600."""
+    old = os.umask(0o022)
+    try:
+        with atomic_outputs([tmp_path / "adapter"]) as (tmp,):
+            (tmp / "sub").mkdir(mode=0o700)
+            save_file({"a": torch.zeros(2)}, str(tmp / "sub" / "adapter_model.safetensors"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "adapter" / "sub").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "adapter" / "sub" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+# -- one adapter per weights file ---------------------------------------------------------------------------------
+def test_a_weights_file_holding_two_adapters_is_refused(tmp_path, pair, capsys):
+    """`...lora_A.default.weight` beside `...lora_A.other.weight`: one module's factors were silently taken from
+    one of the two adapters."""
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    two = {f"{key}.lora_{half}.{name}.weight": torch.ones(4, 32) if half == "A" else torch.ones(32, 4)
+           for name in ("default", "other") for half in "AB"}
+    save_file(two, str(pair[1] / "adapter_model.safetensors"))
+    refused(merge_args(pair, tmp_path / "out"), capsys, tmp_path, "a1/adapter_model.safetensors",
+            "several adapters", "default, other")
+
+
+# -- target_modules names every stored module ---------------------------------------------------------------------
+TWO_MODULES = llama_modules(1, ("self_attn.q_proj", "self_attn.v_proj"))
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], ["model.layers.0.self_attn.q_proj"], r".*\.q_proj"])
+def test_an_adapter_storing_modules_its_target_modules_omit_is_refused(tmp_path, capsys, targets):
+    """PEFT loads only the modules target_modules names: the merge kept the short list, and PEFT then dropped
+    the other adapter's v_proj too."""
+    paths = [write_adapter(tmp_path / "in" / f"a{i}", TWO_MODULES, seed=i,
+                           **({"target_modules": targets} if i == 0 else {})) for i in range(2)]
+    refused(merge_args(paths, tmp_path / "out"), capsys, tmp_path, "a0/adapter_config.json", "target_modules",
+            "model.layers.0.self_attn.v_proj")
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], r".*_proj", "all-linear"])
+def test_target_modules_of_the_merge_cover_every_stored_module(tmp_path, targets):
+    from lorafuse.adapters.config import targeted
+
+    paths = [write_adapter(tmp_path / "in" / f"a{i}", TWO_MODULES, seed=i, target_modules=targets)
+             for i in range(2)]
+    assert main(merge_args(paths, tmp_path / "out")) == 0
+    merged = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"]
+    assert all(targeted(merged, module) for module in TWO_MODULES)
+
+
+# -- an overwrite deletes only what lorafuse wrote, at any depth, and only its own kind ------------------------------
+def test_overwrite_refuses_a_users_file_inside_the_output(tmp_path, capsys):
+    paths = _with_heads(tmp_path / "in", "task0")
+    out = tmp_path / "out"
+    assert main(merge_args(paths, out, "--modules-to-save", "per_task")) == 0
+    assert "task_heads/task0.safetensors" in json.loads((out / MARKER_NAME).read_text())["files"]
+    (out / "task_heads" / "notes.txt").write_text("mine")
+    refused(merge_args(paths, out, "--modules-to-save", "per_task", "--overwrite"), capsys, tmp_path,
+            "task_heads/notes.txt", "did not write")
+    (out / "task_heads" / "notes.txt").unlink()
+    assert main(merge_args(paths, out, "--modules-to-save", "per_task", "--overwrite")) == 0
+
+
+def test_overwrite_never_replaces_a_run_directory(tmp_path, pair, capsys):
+    from lorafuse.experiment import rundir
+
+    run = tmp_path / "run"
+    rundir.prepare(run, fresh=False)
+    (run / "jobs").mkdir()
+    (run / "jobs" / "train-x.json").write_text("{}")
+    refused(merge_args(pair, run, "--overwrite"), capsys, tmp_path, "run", "is a lorafuse run output")
+
+
+def test_a_users_folder_named_like_a_temporary_is_never_removed(tmp_path, pair):
+    folder, file = tmp_path / ".out.tmp-mine", tmp_path / ".out.tmp-notes"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    file.write_text("mine")
+    for path in (folder / "thesis.tex", folder, file):
+        os.utime(path, (0, 0))  # untouched for decades: the age rule alone would delete them
+    assert main(merge_args(pair, tmp_path / "out")) == 0
+    assert (folder / "thesis.tex").read_text() == "years of work" and file.read_text() == "mine"

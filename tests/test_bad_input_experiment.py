@@ -324,6 +324,31 @@ def test_the_run_marker_is_the_output_marker_and_fresh_keeps_a_users_files(tmp_p
         rundir.prepare(adapter, fresh=True)
 
 
+@pytest.mark.parametrize("where", ["report/notes.txt", "report/my_plot.png", "jobs/notes.txt", "fused/ties/mine.txt",
+                                   "adapters/mine"])
+def test_fresh_keeps_a_users_file_anywhere_in_the_run(tmp_path, where):
+    from lorafuse.atomic import atomic_output_dir
+
+    out = tmp_path / "run"
+    rundir.prepare(out, fresh=False)
+    for folder in ("jobs", "report", "adapters", "fused"):
+        (out / folder).mkdir()
+    (out / "jobs" / "fuse-x.json").write_text("{}")
+    (out / "report" / "results.json").write_text("{}")
+    (out / "report" / "per_task_accuracy.png").write_bytes(b"png")
+    with atomic_output_dir(out / "fused" / "ties", kind="adapter") as tmp:
+        (tmp / "adapter_config.json").write_text("{}")
+    (out / where).parent.mkdir(parents=True, exist_ok=True)
+    (out / where).write_text("mine")
+    before = tree(out)
+    with pytest.raises(ConfigError, match=f"--fresh: .*{where}"):
+        rundir.prepare(out, fresh=True)
+    assert tree(out) == before
+    (out / where).unlink()
+    rundir.prepare(out, fresh=True)
+    assert sorted(p.name for p in out.iterdir()) == [".lorafuse-output.json"]
+
+
 def test_a_refused_config_leaves_no_empty_jobs_directory(world, tmp_path):
     from lorafuse.experiment.runner import ExperimentRunner
 
@@ -493,11 +518,13 @@ def test_a_failed_job_makes_the_experiment_exit_non_zero(world, trained, tmp_pat
 
 def test_fresh_recreates_a_run_and_keeps_the_cache(world, trained, capsys):
     config, out = trained
-    (out / "report" / "stale.txt").write_text("x")
+    (out / "report" / "coefficient_sweeps.png").write_bytes(b"a plot of an earlier run")  # a file runs write
     cache_before = tree(world / "cache")
     code, _, _ = cli(capsys, "experiment", str(config), "--output", str(out), "--cache-dir", str(world / "cache"),
                      "--fresh", "--quiet")
-    assert code == 0 and not (out / "report" / "stale.txt").exists() and rundir.is_run_dir(out)
+    assert code == 0 and rundir.is_run_dir(out)
+    stale = out / "report" / "coefficient_sweeps.png"
+    assert not stale.exists() or stale.read_bytes() != b"a plot of an earlier run"  # deleted with the run
     assert tree(world / "cache") == cache_before  # adapters reused, nothing retrained
 
 
@@ -616,3 +643,43 @@ def test_experiment_killed_mid_run_resumes_and_completes(world, trained, tmp_pat
     results = json.loads((out / "report" / "results.json").read_text())
     assert [j["name"] for j in results["jobs"]] == ["individual", "base + task heads", "average", "task_arithmetic"]
     assert all(j["status"] == "ok" for j in results["jobs"])
+
+
+# -- bounded work on hostile configs -----------------------------------------------------------------------------
+@pytest.mark.parametrize("field", ["tasks", "notes"])
+def test_a_yaml_alias_bomb_is_refused_at_once(world, tmp_path, capsys, field):
+    """Nine aliases of nine aliases ...: it used to hang for minutes at GBs while the error printed the expansion."""
+    laughs = "".join(f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 9) if i else 'lol'}]\n" for i in range(9))
+    text = laughs + yaml.safe_dump({k: v for k, v in base_config(world).items() if k != field}) + f"{field}: *x8\n"
+    start = time.perf_counter()
+    err = refused(capsys, world, tmp_path, text, "cfg.yaml: not valid YAML (its aliases expand to more than")
+    assert time.perf_counter() - start < 5 and len(err) < 400, err
+
+
+def test_error_messages_show_a_cut_input(world, tmp_path, capsys):
+    err = refused(capsys, world, tmp_path, yaml.safe_dump(base_config(world, notes=[["x" * 50] * 50] * 50)),
+                  "notes: Input should be a valid string")
+    assert len(err) < 300, err
+
+
+SEARCH = {"lambda": [0.1 * i for i in range(1, 100)], "seed": list(range(99)),
+          "drop_rate": [i / 100 for i in range(99)], "trim_density": [(i + 1) / 100 for i in range(99)]}
+
+
+def test_samples_of_a_huge_grid_are_drawn_without_building_it(world):
+    spec = parse_config(base_config(world, methods=[{"method": "dare_ties", "search": SEARCH, "samples": 4}]),
+                        "cfg").methods[0]
+    points = spec.points()
+    assert spec.grid_size() == 99**4 and len(points) == 4
+    assert all(p[k] in SEARCH[k] for p in points for k in SEARCH) and points == spec.points()
+    small = parse_config(base_config(world, methods=[{"method": "ties", "samples": 3, "search": {
+        "lambda": [0.5, 1.0], "density": [0.1, 0.2, 0.5]}}]), "cfg").methods[0]
+    import random
+
+    assert small.points() == random.Random(0).sample(small.grid(), 3)  # the points drawn from the built grid
+
+
+def test_a_huge_grid_without_samples_is_refused(world, tmp_path, capsys):
+    refused(capsys, world, tmp_path, yaml.safe_dump(base_config(world, methods=[{"method": "dare_ties",
+                                                                                 "search": SEARCH}])),
+            "search: 96,059,601 grid points (more than 10,000); give `samples:`")

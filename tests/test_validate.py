@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from lorafuse.errors import AdapterError, ConfigError
 from lorafuse.validate import (
+    MAX_NAME_BYTES,
     MAX_NAME_LENGTH,
     check_apart,
     check_inside,
@@ -43,6 +44,7 @@ from lorafuse.validate import (
     ("C:x", "':'"), ("x\x00y", "control character"), ("a\nb", "control character"), ("..", "starts with '.'"),
     (".hidden", "starts with '.'"), ("a..b", "contains '..'"), ("", "is empty"), ("   ", "is empty"),
     ("x" * (MAX_NAME_LENGTH + 1), "longer than"), (3, "expected a string"), (None, "expected a string"),
+    ("日本" * 43, "258 bytes in UTF-8"), ("é" * 61, "122 bytes in UTF-8"),
 ])
 def test_one_name_rule_refuses_every_path_like_name(name, reason):
     problem = name_problem(name)
@@ -51,7 +53,8 @@ def test_one_name_rule_refuses_every_path_like_name(name, reason):
         check_name(name, "--names", AdapterError)
 
 
-@pytest.mark.parametrize("name", ["mnli", "syn_negation", "a.b-1", "ties@knots", "x" * MAX_NAME_LENGTH, "v1.0"])
+@pytest.mark.parametrize("name", ["mnli", "syn_negation", "a.b-1", "ties@knots", "x" * MAX_NAME_LENGTH, "v1.0",
+                                  "é" * (MAX_NAME_BYTES // 2)])
 def test_plain_names_pass_unchanged(name):
     assert name_problem(name) is None and check_name(name, "task") == name
 
@@ -59,6 +62,20 @@ def test_plain_names_pass_unchanged(name):
 @pytest.mark.parametrize("text", ["../../etc", "a..b", "x/y:z", ".hidden", "..", "", "ok\x00", "é" * 300])
 def test_safe_name_always_gives_a_plain_name(text):
     assert is_safe_name(safe_name(text))
+
+
+def test_multibyte_names_are_cut_by_bytes_not_refused_late(tmp_path):
+    """A name of fewer than 120 characters but over 255 bytes used to pass and fail at the first file it named."""
+    from types import SimpleNamespace
+
+    from lorafuse.engine import _make_names_unique
+
+    assert safe_name("日本" * 43) == "日本" * 20
+    adapters = [SimpleNamespace(name="é" * (MAX_NAME_BYTES // 2)) for _ in range(2)]
+    _make_names_unique(adapters)
+    assert adapters[1].name.endswith("-2") and all(is_safe_name(a.name) for a in adapters)
+    with pytest.raises(ConfigError, match="^task: .*258 bytes in UTF-8"):
+        child_path(tmp_path, "日本" * 43, "task")
 
 
 def test_safe_name_keeps_plain_names_and_falls_back():
@@ -211,3 +228,32 @@ def test_yaml_file_errors_name_the_file(tmp_path):
         load_yaml_file(bad)
     with pytest.raises(ConfigError, match="missing.yaml: cannot read"):
         load_yaml_file(tmp_path / "missing.yaml")
+
+
+# -- bounded work on hostile input -----------------------------------------------------------------------------
+BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "notes: *i\n"
+
+
+def test_yaml_alias_bombs_are_refused_at_once():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^cfg\.yaml: not valid YAML \(.*aliases expand to more than 100,000"):
+        load_yaml(BILLION_LAUGHS, "cfg.yaml")
+    assert time.perf_counter() - start < 2
+    with pytest.raises(ConfigError, match="recursive"):
+        load_yaml("a: &a [1, *a]\n", "cfg.yaml")
+    assert load_yaml("base: &b {r: 4}\none: *b\ntwo: *b\n", "t") == {"base": {"r": 4}, "one": {"r": 4}, "two": {"r": 4}}
+
+
+@pytest.mark.parametrize("pattern", [r"(a|a)+$", r"(a+)+", r"(\d{1,2}\.)*x", r"(?=(a|a)+)q", "x" * 257])
+def test_regexes_that_can_take_exponential_time_are_refused(pattern):
+    with pytest.raises(ConfigError, match="^rank_pattern key: .*(exponential time|more than 256)"):
+        check_regex(pattern, "rank_pattern key")
+
+
+@pytest.mark.parametrize("pattern", [r".*\.q_proj", r"model\.layers\.\d+\.self_attn\.(q|v)_proj", "q_proj",
+                                     r"layers\.(0|1)\.", r"[ab]+c*", r"(ab)+", re.escape("model.layers.0.mlp.up_proj")])
+def test_ordinary_module_patterns_pass(pattern):
+    assert check_regex(pattern, "rank_pattern key") == pattern

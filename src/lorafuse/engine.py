@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lorafuse.adapters.config import targeted
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.adapters.writer import (
     HEADS_DIR,
@@ -34,7 +35,7 @@ from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.methods.thresholds import StreamingQuantile, top_limits
 from lorafuse.provenance import stamp
 from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
-from lorafuse.validate import MAX_NAME_LENGTH, check_param_types, finite_number, strict_bool, strict_int
+from lorafuse.validate import check_param_types, cut_name, finite_number, strict_bool, strict_int
 
 MODULES_TO_SAVE_POLICIES = ("error", "per_task", "average", "drop")
 
@@ -134,7 +135,7 @@ def _make_names_unique(adapters: list[LoraAdapter]) -> None:
         seen[adapter.name] = count + 1
         if count:
             suffix = f"-{count + 1}"
-            adapter.name = adapter.name[:MAX_NAME_LENGTH - len(suffix)] + suffix
+            adapter.name = cut_name(adapter.name, room=len(suffix)) + suffix
 
 
 def check_compatible(adapters: Sequence[LoraAdapter], base_model: str | None = None) -> list[str]:
@@ -527,8 +528,8 @@ class _Engine:
         first = self.adapters[0]
         same_modules = all(set(a.modules) == set(first.modules) for a in self.adapters)
         targets = first.settings.raw.get("target_modules") if same_modules else None
-        if not same_modules or not isinstance(targets, (list, str)):
-            targets = list(merged)
+        if not isinstance(targets, (list, str)) or not all(targeted(targets, m) for m in merged):
+            targets = list(merged)  # PEFT loads only the modules target_modules names: it must name every one
         saved = sorted({m for a in self.adapters for m in a.settings.modules_to_save}) if extra else None
         return fused_config(first.settings.raw, {m: u.rank for m, u in merged.items()}, targets, saved,
                             self.options.rank_patterns)

@@ -259,7 +259,7 @@ def train_adapter(cfg: TrainConfig) -> Path:
     from lorafuse.models import resolve_model, resolve_targets
 
     check_train_config(cfg)
-    out = check_output(cfg.output, cfg.overwrite)
+    out = check_output(cfg.output, cfg.overwrite, "adapter")
     info = resolve_model(cfg.model)
     cfg = resolve_recipe(cfg, dict(info.recipe))
     formulation_name = cfg.formulation or info.formulation
@@ -288,7 +288,7 @@ def train_adapter(cfg: TrainConfig) -> Path:
         return out
     best.restore()
     trained.eval()
-    with atomic_output_dir(out, cfg.overwrite) as tmp:
+    with atomic_output_dir(out, cfg.overwrite, kind="adapter") as tmp:
         trained.save_pretrained(tmp)
         if cfg.full_finetune:
             tokenizer.save_pretrained(tmp)

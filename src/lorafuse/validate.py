@@ -23,6 +23,10 @@ from lorafuse.errors import ConfigError
 
 # -- names ----------------------------------------------------------------------------------------------------
 MAX_NAME_LENGTH = 120
+# bytes, as file systems count a name (255 at most): an ASCII name of MAX_NAME_LENGTH characters fits with the
+# suffixes and temporaries lorafuse adds (`.<name>.safetensors.tmp-<pid>@<host>-*`), and a name of multi-byte
+# characters gets the same room instead of failing late with "File name too long"
+MAX_NAME_BYTES = 120
 _SEPARATOR = re.compile(r"[/\\]")
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _UNSAFE_CHARS = re.compile(r"[/\\:\x00-\x1f]")
@@ -33,7 +37,8 @@ def name_problem(name: object) -> str | None:
 
     Names become file names (`task_heads/<name>.safetensors`, `adapters/<task>-<hash>`, `runs/<name>`), so a name
     must be one path component of its own: no separator, no `:` (a drive or a stream), no control character, no
-    leading `.` (`..`, hidden files, lorafuse's own temporaries), no `..`, not empty, at most 120 characters. Such
+    leading `.` (`..`, hidden files, lorafuse's own temporaries), no `..`, not empty, at most 120 characters and
+    120 bytes in UTF-8. Such
     names are refused rather than sanitised where the user gave them: two names must never map to one file."""
     if not isinstance(name, str):
         return f"expected a string, got {name!r}"
@@ -52,6 +57,8 @@ def name_problem(name: object) -> str | None:
         reason = "contains '..'"
     elif len(name) > MAX_NAME_LENGTH:
         reason = f"is longer than {MAX_NAME_LENGTH} characters"
+    elif (size := len(name.encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
+        reason = f"is {size} bytes in UTF-8, more than {MAX_NAME_BYTES} (file names hold at most 255)"
     else:
         return None
     return f"{shown} {reason}: not a plain name (names become file names)"
@@ -73,8 +80,15 @@ def check_name(name: object, what: str, error: type[Exception] = ConfigError) ->
 def safe_name(text: str, fallback: str = "adapter") -> str:
     """A safe name derived from `text` (e.g. a directory's name, never refused): leading dots are dropped, every
     character or `..` that `name_problem` refuses becomes '_', and the result is cut to the length limit."""
-    cleaned = re.sub(r"\.{2,}", "_", _UNSAFE_CHARS.sub("_", text).lstrip("."))[:MAX_NAME_LENGTH].strip()
+    cleaned = cut_name(re.sub(r"\.{2,}", "_", _UNSAFE_CHARS.sub("_", text).lstrip("."))).strip()
     return cleaned if is_safe_name(cleaned) else fallback
+
+
+def cut_name(text: str, room: int = 0) -> str:
+    """`text` cut to the name limits less `room` (for a suffix to be added), in characters and in UTF-8 bytes,
+    never inside a character."""
+    text = text[:MAX_NAME_LENGTH - room]
+    return text.encode("utf-8", "surrogatepass")[:MAX_NAME_BYTES - room].decode("utf-8", "ignore")
 
 
 def looks_like_hub_id(text: str, bare: bool = False) -> bool:
@@ -86,10 +100,17 @@ def looks_like_hub_id(text: str, bare: bool = False) -> bool:
 
 
 # -- paths ----------------------------------------------------------------------------------------------------
+def user_path(path: str | Path) -> Path:
+    """A path the user gave, with `~` expanded as the shell does (os.path's: an unknown `~user` stays as written,
+    where pathlib raises RuntimeError). Every reader and writer of a user's path goes through this, and so does
+    every check on it: a quoted `'~/x'` must never be checked as $HOME/x but written as ./~/x."""
+    return Path(os.path.expanduser(path))
+
+
 def real(path: str | Path) -> Path:
-    """An absolute path with symlinks resolved (also for a path that does not exist yet); `~` expanded as the
-    shell does (os.path's: an unknown `~user` stays as written, where pathlib raises RuntimeError)."""
-    return Path(os.path.realpath(os.path.expanduser(path)))
+    """An absolute path with symlinks resolved (also for a path that does not exist yet); `~` expanded as
+    `user_path` does."""
+    return Path(os.path.realpath(user_path(path)))
 
 
 def check_inside(path: Path, root: Path, what: str) -> Path:
@@ -213,14 +234,56 @@ def _describe(annotation: Any) -> str:
         annotation, str(annotation))
 
 
+# a pattern of a config (rank_pattern, alpha_pattern, target_modules) names modules: a few dozen characters
+MAX_PATTERN_LENGTH = 256
+
+
 def check_regex(pattern: object, what: str, error: type[Exception] = ConfigError) -> str:
+    """A regular expression that compiles and matches module names in bounded time: at most MAX_PATTERN_LENGTH
+    characters, and no repetition of something that can itself match in several ways (`(a|a)+`, `(a+)+`), the
+    shape whose backtracking grows exponentially with the name (`(a|a)+$` took 38 s on a module name)."""
     if not isinstance(pattern, str):
         raise error(f"{what}: expected a string, got {pattern!r}")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise error(f"{what}: {pattern[:40]!r}… is {len(pattern)} characters, more than {MAX_PATTERN_LENGTH}")
     try:
+        parsed = _sre_parser().parse(pattern)
         re.compile(pattern)
     except re.error as exc:
         raise error(f"{what}: {pattern!r} is not a valid regular expression ({exc})") from None
+    if _ambiguous_repeat(list(parsed), inside_repeat=False):
+        raise error(f"{what}: {pattern!r} repeats a group holding a repetition or an alternative (as `(a|b)+` or "
+                    "`(a+)*`), which can take exponential time to match: write it without the outer repetition")
     return pattern
+
+
+def _sre_parser() -> Any:
+    """The `re` module's own parser (private: `re._parser` from Python 3.11, `sre_parse` before)."""
+    try:
+        from re import _parser  # type: ignore[attr-defined]
+    except ImportError:  # Python 3.10
+        import sre_parse as _parser
+    return _parser
+
+
+def _ambiguous_repeat(items: list[Any], inside_repeat: bool) -> bool:
+    """Whether parsed pattern `items` hold an unbounded repetition of a repetition or an alternation."""
+    constants = _sre_parser()  # it re-exports the opcodes
+    repeats = {constants.MAX_REPEAT, constants.MIN_REPEAT, getattr(constants, "POSSESSIVE_REPEAT", None)}
+    for op, av in items:
+        if op in repeats:
+            if inside_repeat:
+                return True
+            if _ambiguous_repeat(list(av[2]), inside_repeat or av[1] == constants.MAXREPEAT):
+                return True
+        elif op == constants.BRANCH:
+            if inside_repeat or any(_ambiguous_repeat(list(branch), False) for branch in av[1]):
+                return True
+        elif op == constants.SUBPATTERN and _ambiguous_repeat(list(av[-1]), inside_repeat):
+            return True
+        elif op in (constants.ASSERT, constants.ASSERT_NOT) and _ambiguous_repeat(list(av[1]), inside_repeat):
+            return True
+    return False
 
 
 def read_text(path: Path, error: type[Exception] = ConfigError) -> str:
@@ -249,13 +312,44 @@ def load_yaml_file(path: Path, error: type[Exception] = ConfigError) -> Any:
     return load_yaml(read_text(path, error), str(path))
 
 
+# nodes of a YAML document once its aliases are expanded: a config has hundreds; a "billion laughs" document
+# (nine aliases of nine aliases of ...) billions, which the checks and their error messages would walk for minutes
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes under `node` with every alias expanded, counted once per distinct node (memoised in `sizes`);
+    a YAML error when over MAX_YAML_NODES, or when an alias lies inside its own anchor (`open_nodes`)."""
+    import yaml
+
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise yaml.composer.ComposerError(None, None, "an alias used inside its own anchor (a recursive "
+                                          "structure)", node.start_mark)
+    open_nodes.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+    size = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    if size > MAX_YAML_NODES:
+        raise yaml.composer.ComposerError(None, None, f"its aliases expand to more than {MAX_YAML_NODES:,} values "
+                                          "(an alias bomb?): write the values out", node.start_mark)
+    open_nodes.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
 @functools.cache
 def _strict_loader() -> type:
     """The SafeLoader subclass of `load_yaml`, built on first use (PyYAML stays out of `lorafuse --help`)."""
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        pass
+        def get_single_node(self) -> Any:
+            node = super().get_single_node()
+            if node is not None:  # before anything is built from it: aliases share nodes, not their expansion
+                _expanded_size(node, {}, set())
+            return node
 
     def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_line: dict[Any, int] = {}

@@ -19,6 +19,17 @@ def match_pattern_key(patterns: list[str], module: str) -> str | None:
     return None
 
 
+def targeted(targets: object, module: str) -> bool:
+    """Whether PEFT wraps `module` for a config's `target_modules`, by PEFT's own rule: a string is a regex
+    matched against the whole name, a list matches a name or its last dotted parts; none (or `all-linear`,
+    expanded by PEFT before it saves) leaves the stored modules to say."""
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return isinstance(targets, (list, tuple)) and any(module == t or module.endswith(f".{t}") for t in targets)
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The fields of adapter_config.json that decide what the stored factors mean."""

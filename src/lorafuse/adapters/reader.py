@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from lorafuse.adapters.config import LoraSettings, parse_settings
+from lorafuse.adapters.config import LoraSettings, parse_settings, targeted
 from lorafuse.adapters.safetensors_io import SafetensorsFile
 from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import AdapterError
-from lorafuse.validate import check_name, is_safe_name, looks_like_hub_id, read_text, safe_name
+from lorafuse.validate import check_name, check_regex, is_safe_name, looks_like_hub_id, read_text, safe_name
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -26,7 +26,8 @@ BIN_NAME = "adapter_model.bin"
 TRAIN_RECORD = "lorafuse_train.json"
 PREFIX = "base_model.model."
 # `<module>.lora_A[.<adapter name>].weight`, or lora_embedding_A for embeddings (stored without `.weight`)
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?(\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.(?P<adapter>[^.]+))?(?P<w>\.weight)?$")
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,13 @@ class LoraAdapter:
     def _layout(self) -> tuple[dict[str, ModuleEntry], list[str]]:
         halves: dict[str, dict[str, str]] = {}
         extra: list[str] = []
+        names: set[str] = set()
         for key in self._keys():
             match = _LORA_KEY.match(key)
             if match is None:
                 extra.append(key)
                 continue
+            names.add(_adapter_name(match))
             module = match["module"].removeprefix(PREFIX)
             halves.setdefault(module, {})[match["kind"][-1]] = key
             halves[module]["embedding"] = "embedding" in match["kind"]
@@ -188,8 +191,24 @@ class LoraAdapter:
             modules[module] = ModuleEntry(h["A"], h["B"], bool(h["embedding"]))
         if not modules:
             raise AdapterError(f"{self.weights_path}: no LoRA tensors (lora_A/lora_B) found")
+        if len(names) > 1:  # one module's halves of two adapters would be read as one adapter's
+            raise AdapterError(f"{self.weights_path}: holds the factors of several adapters "
+                               f"({', '.join(sorted(names))}); save each adapter to its own directory")
         self._check_extra(extra)
+        self._check_targets(modules)
         return modules, extra
+
+    def _check_targets(self, modules: dict[str, ModuleEntry]) -> None:
+        """Every stored module must be one the config's target_modules names: PEFT loads only those and drops the
+        others' factors, so the adapter PEFT serves is not the one its file holds (and a merge keeping the short
+        list would drop them from every adapter)."""
+        targets = self.settings.raw.get("target_modules")
+        if isinstance(targets, str):  # a regex PEFT matches against every module name: bounded as ours are
+            check_regex(targets, f"{self.path / CONFIG_NAME}: target_modules", AdapterError)
+        for module in modules:
+            if not targeted(targets, module):
+                raise AdapterError(f"{self.path / CONFIG_NAME}: target_modules {targets!r} does not cover the stored "
+                                   f"module '{module}' (PEFT would drop its factors); list every stored module")
 
     def _check_extra(self, extra: list[str]) -> None:
         if extra and not self.settings.modules_to_save:
@@ -255,6 +274,15 @@ class LoraAdapter:
 
     def __repr__(self) -> str:
         return f"LoraAdapter({self.name!r}, {len(self.modules)} modules, r={self.settings.r})"
+
+
+def _adapter_name(match: re.Match[str]) -> str:
+    """The adapter name a LoRA key carries (`lora_A.<name>.weight`; PEFT's saved files drop it): "(none)" when
+    it carries none (`lora_A.weight`, where the regex reads `weight` as the name)."""
+    name = match["adapter"]
+    if name is None or (name == "weight" and match["w"] is None):
+        return "(none)"
+    return name
 
 
 def _all_finite(t: torch.Tensor) -> bool:

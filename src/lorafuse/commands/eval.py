@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="each task's own adapter: evaluated too, as the 100%% of its task")
     ref.add_argument("--reference-results", help="results JSON of the tasks' own adapters (or {task: accuracy})")
     p.add_argument("--output", help="write the results JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -66,10 +67,39 @@ def _check_adapter(path: str) -> None:
         LoraAdapter(path).check_dtypes()
 
 
+def _inputs(args: argparse.Namespace, tasks: list[str]) -> list[tuple[str, str]]:
+    """(what, path) of everything eval reads from the local disk: --output may be none of them, nor hold one."""
+    from pathlib import Path
+
+    from lorafuse.tasks import get_task
+    from lorafuse.validate import user_path
+
+    found = [(flag, path) for flag, path in (("--adapter", args.adapter), ("--data-dir", args.data_dir),
+                                              ("--heads-dir", args.heads_dir), ("--model", args.model),
+                                              ("--reference-results", args.reference_results))
+             if path and user_path(path).exists()]
+    found += [("--task-file", path) for path in args.task_file]
+    found += [(flag, path) for flag, items in (("--reference", args.reference), ("--heads", args.heads))
+              for path in pairs(items, flag).values()]
+    found += [(f"task '{t}' {split} file", str(Path(f))) for t in tasks for split, f in get_task(t).files.items()]
+    return found
+
+
+def _check_output(args: argparse.Namespace, tasks: list[str]) -> None:
+    """--output checked before the model loads: apart from every input, and an existing file only with
+    --overwrite (as every output lorafuse writes)."""
+    from lorafuse.atomic import check_output_file
+    from lorafuse.validate import check_apart
+
+    check_apart(args.output, _inputs(args, tasks), "--output")
+    check_output_file(args.output, args.overwrite)
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from lorafuse.atomic import write_output_file
     from lorafuse.errors import ConfigError
     from lorafuse.evaluation import Evaluator, load_task_head, markdown_table
     from lorafuse.provenance import stamp
@@ -82,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--tasks: give at least one task name")
     for name in tasks:
         get_task(name)  # unknown names fail here, before the model loads
+    if args.output:
+        _check_output(args, tasks)
     if args.adapter:
         _check_adapter(args.adapter)
     given = {**pairs(args.reference, "--reference"), **pairs(args.heads, "--heads")}
@@ -97,6 +129,5 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         record = {"model": args.model, "adapter": args.adapter, "split": args.split,
                   "formulation": ev.formulation_name, **result.to_dict(), **stamp()}
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        write_output_file(args.output, json.dumps(record, indent=2) + "\n", args.overwrite)
     return 0

@@ -61,9 +61,10 @@ def execute(config: Any, args: argparse.Namespace, stages: list[str] | None = No
 
     from lorafuse.experiment.report import results_table, summary_table
     from lorafuse.experiment.runner import ExperimentRunner
+    from lorafuse.validate import user_path
 
     config = with_executor(config, args)
-    out = Path(args.output or Path("runs") / config.name)
+    out = user_path(args.output or Path("runs") / config.name)  # as the overlap checks see it
     if args.threads:
         import torch
 

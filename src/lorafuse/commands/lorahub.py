@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from lorafuse.validate import check_apart
 
     check_apart(args.output, [*args.adapters, *([args.head] if args.head else [])], "-o")  # never delete an input
-    check_output(args.output, args.overwrite)
+    check_output(args.output, args.overwrite, "adapter")
     if args.task_file:
         load_task_file(args.task_file)
     settings = LoraHubSettings(args.budget, args.optimizer, args.bound, args.l1, args.composition, args.seed)

@@ -175,9 +175,9 @@ def _check_outputs(args: argparse.Namespace, kwargs: dict[str, Any]) -> list[str
     outputs = [args.output] + ([args.output_model] if args.output_model else [])
     if args.output_model:
         check_apart(args.output_model, [args.output], "--output-model")
-    for flag, out in zip(("-o", "--output-model"), outputs):
+    for flag, out, kind in zip(("-o", "--output-model"), outputs, ("adapter", "merged-model")):
         check_apart(out, _inputs(args, kwargs), flag)
-        check_output(out, args.overwrite)
+        check_output(out, args.overwrite, kind)
     return outputs
 
 

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from lorafuse.validate import check_apart
 
     check_apart(args.output, args.adapters, "-o")  # an overwrite must never delete an input
-    check_output(args.output, args.overwrite)
+    check_output(args.output, args.overwrite, "router")
     if args.task_file:
         load_task_file(args.task_file)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from lorafuse import __version__
-from lorafuse.atomic import fsync_dir, temporary_file
+from lorafuse.atomic import replace_file
 from lorafuse.validate import check_inside
 
 
@@ -73,21 +72,9 @@ class JobStore:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file beside `path`, fsync it, rename, fsync the directory: readers see the old file
-    or the new, never a part, and a finished job survives a power cut as well as a kill."""
+    """`lorafuse.atomic.replace_file` of `data` as JSON: a finished job survives a kill and a power cut whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temporary_file(path)  # `.<name>.tmp-<pid>@<host>-*`: the next run knows whether its writer died
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    replace_file(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 def read_json_or_none(path: Path) -> dict[str, Any] | None:

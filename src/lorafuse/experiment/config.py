@@ -7,6 +7,9 @@ as 4, 1 and True); numbers are finite; duplicate YAML keys are refused; names th
 from __future__ import annotations
 
 import itertools
+import math
+import random
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,6 +46,11 @@ class EvalSettings(_Strict):
     batch_size: int = Field(64, ge=1)
     max_length: int | None = Field(None, ge=8)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # see lorafuse.precision
+
+
+# grid points (or trials) one method may run: a search beyond this is a typo or needs `samples:`, and its points
+# are never all built (99 values of 4 parameters are 96 million points)
+MAX_SEARCH_POINTS = 10_000
 
 
 class MethodSpec(_Strict):
@@ -89,6 +97,15 @@ class MethodSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _bounded_search(self) -> MethodSpec:
+        size = self.grid_size()
+        runs = size if self.samples is None else self.samples if self.sampler == "tpe" else min(self.samples, size)
+        if runs > MAX_SEARCH_POINTS:
+            raise ValueError(f"search: {runs:,} {'trials' if self.sampler == 'tpe' else 'grid points'} (more than "
+                             f"{MAX_SEARCH_POINTS:,}); give `samples:` to draw fewer of them")
+        return self
+
+    @model_validator(mode="after")
     def _known_params(self) -> MethodSpec:
         from lorafuse.methods.registry import get_method
 
@@ -99,7 +116,7 @@ class MethodSpec(_Strict):
         for key, values in self.search.items():
             for value in values:
                 check_param_types(spec, {key: value}, where, "search.{}")
-        for point in self.grid():
+        for point in self.grid() if self.grid_size() <= MAX_SEARCH_POINTS else self.points():
             spec.parse_params({**self.params, **point})
         return self
 
@@ -120,6 +137,25 @@ class MethodSpec(_Strict):
         """Every combination of the searched values (one point, {}, when nothing is searched)."""
         keys = list(self.search)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.search[k] for k in keys))] or [{}]
+
+    def grid_size(self) -> int:
+        return math.prod(len(values) for values in self.search.values())
+
+    def grid_point(self, index: int) -> dict[str, Any]:
+        """Point `index` of `grid()`, built alone (itertools.product's order: the last key varies fastest)."""
+        point: dict[str, Any] = {}
+        for key in reversed(list(self.search)):
+            index, at = divmod(index, len(self.search[key]))
+            point[key] = self.search[key][at]
+        return {key: point[key] for key in self.search}
+
+    def points(self) -> list[dict[str, Any]]:
+        """The grid, or `samples` points of it drawn without replacement (seeded) when the spec asks for a random
+        search: drawn as indices, so the product is never built (the same points as sampling the built grid)."""
+        size = self.grid_size()
+        if self.samples is None or self.samples >= size:
+            return self.grid()
+        return [self.grid_point(i) for i in random.Random(self.sample_seed).sample(range(size), self.samples)]
 
 
 class LoraHubSettings(_Strict):
@@ -260,10 +296,18 @@ def _describe(exc: ValidationError, prefix: str = "") -> str:
             parts.append(f"unknown field '{loc}'")
         elif err["type"].endswith("_type") or err["type"] in ("finite_number", "literal_error"):
             hint = " (quote words YAML reads as booleans or numbers)" if err["type"] == "string_type" else ""
-            parts.append(f"{loc}: {err['msg']} (got {err['input']!r}){hint}")
+            parts.append(f"{loc}: {err['msg']} (got {_shown(err['input'])}){hint}")
         else:
             parts.append((f"{loc}: " if loc else "") + err["msg"].replace("Value error, ", ""))
     return "; ".join(parts)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value for an error message, cut: the message stays one readable line whatever the input holds."""
+    shorter = reprlib.Repr()  # keyword arguments only from Python 3.12
+    shorter.maxlevel, shorter.maxlist, shorter.maxdict, shorter.maxstring, shorter.maxother = 3, 4, 4, limit, limit
+    text = shorter.repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

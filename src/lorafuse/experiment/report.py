@@ -19,6 +19,10 @@ from lorafuse.experiment.analysis import analyse
 from lorafuse.experiment.cache import write_json_atomic
 from lorafuse.provenance import stamp
 
+# every file write_report may write (`lorafuse experiment --fresh` deletes a report folder holding only these)
+PLOTS = ("per_task_accuracy.png", "normalized_accuracy.png", "coefficient_sweeps.png")
+REPORT_FILES = frozenset({"results.json", "results.csv", "report.md", "report.html", *PLOTS})
+
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
@@ -428,7 +432,7 @@ def _per_task_heatmap(out: Path, ok: list[dict[str, Any]], tasks: list[str], sta
     for (r, c), v in np.ndenumerate(values):
         ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=FONT - 2, color="white" if v < mid else "black")
     ax.set_title("Test accuracy (%) per task, by method", fontsize=FONT + 1)
-    return _save(fig, out / "per_task_accuracy.png")
+    return _save(fig, out / PLOTS[0])
 
 
 def _normalized_bars(out: Path, ok: list[dict[str, Any]], statistics: dict[str, Any]) -> str:
@@ -443,7 +447,7 @@ def _normalized_bars(out: Path, ok: list[dict[str, Any]], statistics: dict[str, 
     if not rows:
         ax.text(0.5, 0.5, "no task's adapter beat its majority class: no normalized average", ha="center")
         ax.axis("off")
-        return _save(fig, out / "normalized_accuracy.png")
+        return _save(fig, out / PLOTS[1])
     values = [methods[j["name"]]["normalized_average"] for j in rows]
     intervals = [methods[j["name"]].get("interval") or [v, v] for j, v in zip(rows, values)]
     below = [_significantly_below(methods[j["name"]]) for j in rows]
@@ -471,7 +475,7 @@ def _normalized_bars(out: Path, ok: list[dict[str, Any]], statistics: dict[str, 
     trusted = ", ".join(statistics["trusted_tasks"])
     ax.set_title(f"Average normalized accuracy over {trusted}\n(bars: 95% paired-bootstrap intervals)",
                  fontsize=FONT)
-    return _save(fig, out / "normalized_accuracy.png")
+    return _save(fig, out / PLOTS[1])
 
 
 def _significantly_below(method: dict[str, Any]) -> bool:
@@ -515,7 +519,7 @@ def _sweep_panels(out: Path, sweeps: list[dict[str, Any]]) -> str:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle("Coefficient sweeps on validation (★ = chosen)", fontsize=FONT + 1)
-    return _save(fig, out / "coefficient_sweeps.png")
+    return _save(fig, out / PLOTS[2])
 
 
 def _save(fig: Any, path: Path) -> str:

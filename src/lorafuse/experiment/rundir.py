@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterable
@@ -110,13 +111,52 @@ def _reuse_or_empty(out: Path, fresh: bool) -> None:
         if (read_marker(out) or {}).get("kind") != RUN_KIND:
             write_marker(out)  # an earlier build's marker: upgraded, so that the one rule below applies
         try:
-            atomic.check_replaceable(out)  # the rule of --overwrite: nothing added to it but what a run writes
+            atomic.check_replaceable(out, RUN_KIND)  # the rule of --overwrite: nothing added but what a run writes
         except atomic.OutputError as exc:
             raise ConfigError(f"--fresh: {exc}") from None
+        added = unexpected_in_run(out)
+        if added:
+            raise ConfigError(f"--fresh: {out}: holds files lorafuse did not write ({', '.join(added[:3])}"
+                              f"{'…' if len(added) > 3 else ''}); not deleting it: move them or delete it yourself")
         try:
             shutil.rmtree(out)
         except OSError as exc:
             raise ConfigError(f"--fresh: cannot delete the run directory {out} ({exc})") from None
+
+
+# lorafuse's own hidden names in a run's folders: temporaries `.<name>.tmp-*`, set-aside outputs `.<name>.old-*`,
+# training checkpoints `.<name>.checkpoints`, job files of earlier builds `.<name>.<random>.tmp`
+_OWN_HIDDEN = re.compile(r"\..+\.(tmp-.+|old-.+|checkpoints|tmp)")
+
+
+def unexpected_in_run(out: Path) -> list[str]:
+    """Paths inside a run's folders that no run writes (a run's marker lists only its top-level names, and its
+    folders grow over many processes): job records are `jobs/*.json`, the report's files are known by name,
+    and adapters, fused adapters and routers are lorafuse outputs whose own markers record every path."""
+    found: list[str] = []
+    for folder in sorted(p for p in out.iterdir() if p.name in RUN_ENTRIES):
+        if read_marker(folder) is not None:  # an output of its own (router/)
+            found += [f"{folder.name}/{p}" for p in atomic.unexpected_paths(folder)]
+        elif folder.is_symlink() or not folder.is_dir():
+            found.append(folder.name)
+        else:
+            found += [f"{folder.name}/{p}" for entry in sorted(folder.iterdir()) for p in _unexpected_entry(entry)]
+    return found
+
+
+def _unexpected_entry(entry: Path) -> list[str]:
+    """What in `entry` (directly inside a run's folder) no run wrote, relative to that folder."""
+    if _OWN_HIDDEN.fullmatch(entry.name):
+        return []
+    if entry.parent.name == "jobs":
+        return [] if entry.is_file() and entry.suffix == ".json" else [entry.name]
+    if entry.parent.name == "report":
+        from lorafuse.experiment.report import REPORT_FILES
+
+        return [] if entry.is_file() and entry.name in REPORT_FILES else [entry.name]
+    if not atomic.is_lorafuse_output(entry):
+        return [entry.name]
+    return [f"{entry.name}/{p}" for p in atomic.unexpected_paths(entry)]
 
 
 def write_marker(out: Path) -> None:

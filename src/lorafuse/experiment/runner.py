@@ -9,7 +9,6 @@ missing jobs of a stage run through an executor (`lorafuse.experiment.executors`
 
 from __future__ import annotations
 
-import random
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -413,11 +412,8 @@ class ExperimentRunner:
     @staticmethod
     def settings(spec: MethodSpec) -> list[dict[str, Any]]:
         """The grid, or `samples` points of it drawn without replacement (seeded) when the spec asks for a
-        random search."""
-        grid = spec.grid()
-        if spec.samples is None or spec.samples >= len(grid):
-            return grid
-        return random.Random(spec.sample_seed).sample(grid, spec.samples)
+        random search (`MethodSpec.points`)."""
+        return spec.points()
 
     def _merge(self, spec: MethodSpec, point: dict[str, Any]) -> Any:
         from lorafuse.engine import merge

@@ -173,7 +173,7 @@ class Router:
                                        + (", mean-pooled" if self.granularity == "sentence" else ", per token")},
                   "method": "input-routed mixture of LoRA adapters (MoLE, Wu et al., ICLR 2024)",
                   **dict(extra or {}), **stamp()}
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, kind="router") as tmp:
             save_file({k: v.detach().contiguous() for k, v in self.gate.state_dict().items()}, str(tmp / GATE_FILE))
             (tmp / ROUTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return Path(out)
