@@ -220,4 +220,4 @@ def test_experiment_jobs_with_a_runner_stand_in(bert, tmp_path):
             assert all(r["test"]["correct"][task] for r in job["seed_runs"]), name
     assert job["cost"]["latency_ratio"] > 0 and job["cost"]["seeds"] == 2
     assert (tmp_path / "router" / "router_config.json").is_file()
-    assert (tmp_path / "router-seed1" / "router_config.json").is_file()
+    assert (tmp_path / "fused" / "router-seed1" / "router_config.json").is_file()

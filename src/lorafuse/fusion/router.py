@@ -316,7 +316,9 @@ def experiment_job(runner: Any) -> dict[str, Any]:
 
     runs, costs, dirs = [], [], []
     for i, seed in enumerate(runner.seeds(runner.config.router.seed)):
-        test, cost, out = _experiment_run(runner, seed, "router" if i == 0 else f"router-seed{seed}")
+        # the first seed's router at the run's top (router/); the others among the fused outputs, where a run's
+        # own outputs may lie (rundir.unexpected_in_run)
+        test, cost, out = _experiment_run(runner, seed, "router" if i == 0 else f"fused/router-seed{seed}")
         runs.append((seed, test))
         costs.append(cost)
         dirs.append(str(out))
