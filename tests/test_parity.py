@@ -406,3 +406,76 @@ def test_permuting_the_adapters_changes_nothing(paths, method, params, space):
     backward = merge(paths[::-1], method, weights=weights and weights[::-1], space=space, progress=False, **params)
     for module in MODULES:
         assert rel(backward.delta(module), forward.delta(module).double()) < 1e-5, module
+
+
+# -- newer low-rank-aware methods: CART, STAR, RobustMerge, WUDI, CtM ------------------------------------------------
+def cart_reference(x, lam=2.0, ratio=0.12, ceil=False):
+    """JH-GEECS/CART merging.py (CART): θ_avg = mean of the task vectors; each centred τ_t − θ_avg cut by a dense SVD
+    to its top k = max(1, int(ratio·min(m, n))) triplets (the Core Space code's get_cart_delta_w: ceil); the cut
+    parts summed, scaled by the prior λ and added to the mean."""
+    avg = x.mean(0)
+    dim = min(x.shape[1:])
+    k = math.ceil(ratio * dim) if ceil else max(1, int(ratio * dim))
+    total = torch.zeros_like(avg)
+    for t in x:
+        U, S, Vh = torch.linalg.svd(t - avg, full_matrices=False)
+        total += U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
+    return avg + lam * total
+
+
+def star_reference(x, eta=40.0, lam=1.0):
+    """IBM/STAR merger/STAR.py star (dense SVD; searchsorted of the nuclear-norm share, + 1; kept values rescaled
+    to the full nuclear norm), then simple_avg.weighted_merge with 1/T. A task without the module is all zeros:
+    the dense code's SVD of zeros gives zeros (we skip it; it still counts in 1/T)."""
+    out = torch.zeros_like(x[0])
+    for t in x:
+        if t.abs().max() == 0:
+            continue
+        U, S, Vh = torch.linalg.svd(t, full_matrices=False)
+        k = int(torch.searchsorted(torch.cumsum(S, 0), S.sum() * eta / 100)) + 1
+        kept = S[:k] * S.sum() / S[:k].sum()
+        out += U[:, :k] @ torch.diag(kept) @ Vh[:k] / x.shape[0]
+    return lam * out
+
+
+NEW_METHODS = {  # case → (method, parameters, space, reference on the weighted [T, m, n] blocks of that space)
+    "cart": ("cart", {}, "full", cart_reference),
+    "cart-params": ("cart", {"lambda": 0.7, "rank_ratio": 0.2}, "full", lambda x: cart_reference(x, 0.7, 0.2)),
+    "cart-core-ceil": ("cart", {"lambda": 1.5, "rank_ratio": 0.3, "rounding": "ceil"}, "core",
+                       lambda x: cart_reference(x, 1.5, 0.3, ceil=True)),
+    "star": ("star", {}, "full", star_reference),
+    "star-params": ("star", {"eta": 75.0, "lambda": 1.4}, "full", lambda x: star_reference(x, 75.0, 1.4)),
+}
+NEW_WORST: dict[str, float] = {}  # measured disagreements, printed at the end (pytest -s) for the report
+
+
+@pytest.mark.parametrize("case", list(NEW_METHODS))
+def test_new_method_matches_its_reference(paths, case):
+    method, params, space, reference = NEW_METHODS[case]
+    result = merge(paths, method, weights=WEIGHTS, space=space, rank=FULL, exact_svd=True, progress=False, **params)
+    w = torch.tensor(WEIGHTS, dtype=torch.float64).reshape(-1, 1, 1)
+    worst = 0.0
+    for module in MODULES:
+        blocks, rebuild = SPACES[space](paths, module)
+        worst = max(worst, rel(result.delta(module), rebuild(reference(blocks * w))))
+    print(f"\n{case}: worst relative disagreement {worst:.2e}")
+    assert worst < TOL, case
+
+
+@pytest.mark.parametrize(("method", "space"), [("star", "core"), ("star", "knots"), ("cart", "knots")])
+def test_new_methods_refuse_spaces_they_are_not_defined_in(paths, method, space):
+    with pytest.raises(ConfigError, match=f"method '{method}'"):
+        merge(paths, method, space=space, progress=False)
+
+
+NEW_ORDER_CASES = [(m, p, s) for m, p, s, _ in NEW_METHODS.values()]
+NEW_ORDER_CASES += [("cart", {"rank": 4}, "full"), ("star", {"rank": 3}, "full")]
+
+
+@pytest.mark.parametrize(("method", "params", "space"), NEW_ORDER_CASES,
+                         ids=[f"{m}-{s}-{i}" for i, (m, _, s) in enumerate(NEW_ORDER_CASES)])
+def test_permuting_the_adapters_changes_no_new_method(paths, method, params, space):
+    forward = merge(paths, method, weights=WEIGHTS, space=space, progress=False, **params)
+    backward = merge(paths[::-1], method, weights=WEIGHTS[::-1], space=space, progress=False, **params)
+    for module in MODULES:
+        assert rel(backward.delta(module), forward.delta(module).double()) < 1e-5, module
