@@ -438,6 +438,31 @@ def star_reference(x, eta=40.0, lam=1.0):
     return lam * out
 
 
+def robustmerge_reference(paths, module, weights, mask_ratio=0.2, att_ratio=0.2, fuse_weight=2.0):
+    """AuroraZengfh/RobustMerge llava/model/builder.py (load_and_merge_pretrained_model + clamp), on the factors:
+    per task and factor the entries ≥ the kthvalue(int(N·(1 − mask_ratio))) of |x|; per row of A the scale
+    Σ|A| / Σ|Ã| clamped below at its sorted[int(r·(1 − att_ratio))]; Â = f·ΣÃ, B̂ = f·Σ s·B̃ / Σ s (per column).
+    lorafuse's documented extensions: B carries its LoRA scale and the weight; mixed ranks matched by index, each
+    direction normalised over the tasks that have it; ΔW = B̂·Â."""
+    m, n = MIXED_MODULES[module]
+    present = [(f, w) for p, w in zip(paths, weights) if (f := factors(p, module)) is not None]
+    r = max(A.shape[0] for (_, A), _ in present)
+    A_sum, B_sum = torch.zeros(r, n, dtype=torch.float64), torch.zeros(m, r, dtype=torch.float64)
+    norm = torch.zeros(r, dtype=torch.float64)
+    for (B, A), w in present:
+        masks = []
+        for x in (A, B):
+            kth = x.abs().reshape(-1).kthvalue(int(x.numel() * (1 - mask_ratio))).values
+            masks.append(x.abs() >= kth)
+        s = A.abs().sum(-1) / (masks[0] * A).abs().sum(-1)
+        s = torch.clamp(s, torch.sort(s).values[int(s.numel() * (1 - att_ratio))], torch.sort(s).values[-1])
+        k = A.shape[0]
+        A_sum[:k] += masks[0] * A
+        B_sum[:, :k] += w * s * (masks[1] * B)
+        norm[:k] += s
+    return (fuse_weight * B_sum / norm) @ (fuse_weight * A_sum)
+
+
 NEW_METHODS = {  # case → (method, parameters, space, reference on the weighted [T, m, n] blocks of that space)
     "cart": ("cart", {}, "full", cart_reference),
     "cart-params": ("cart", {"lambda": 0.7, "rank_ratio": 0.2}, "full", lambda x: cart_reference(x, 0.7, 0.2)),
@@ -446,7 +471,20 @@ NEW_METHODS = {  # case → (method, parameters, space, reference on the weighte
     "star": ("star", {}, "full", star_reference),
     "star-params": ("star", {"eta": 75.0, "lambda": 1.4}, "full", lambda x: star_reference(x, 75.0, 1.4)),
 }
-NEW_WORST: dict[str, float] = {}  # measured disagreements, printed at the end (pytest -s) for the report
+FACTOR_METHODS = {  # case → (method, parameters, reference on the adapters' factors of one module)
+    "robustmerge": ("robustmerge", {}, robustmerge_reference),
+    "robustmerge-params": ("robustmerge", {"density": 0.5, "att_ratio": 0.5, "fuse_weight": 1.0},
+                           lambda p, m, w: robustmerge_reference(p, m, w, 0.5, 0.5, 1.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(FACTOR_METHODS))
+def test_factor_method_matches_its_reference(paths, case):
+    method, params, reference = FACTOR_METHODS[case]
+    result = merge(paths, method, weights=WEIGHTS, progress=False, **params)
+    worst = max(rel(result.delta(module), reference(paths, module, WEIGHTS)) for module in MODULES)
+    print(f"\n{case}: worst relative disagreement {worst:.2e}")
+    assert worst < TOL, case
 
 
 @pytest.mark.parametrize("case", list(NEW_METHODS))
@@ -462,14 +500,17 @@ def test_new_method_matches_its_reference(paths, case):
     assert worst < TOL, case
 
 
-@pytest.mark.parametrize(("method", "space"), [("star", "core"), ("star", "knots"), ("cart", "knots")])
+@pytest.mark.parametrize(("method", "space"), [("star", "core"), ("star", "knots"), ("cart", "knots"),
+                                               ("robustmerge", "core")])
 def test_new_methods_refuse_spaces_they_are_not_defined_in(paths, method, space):
     with pytest.raises(ConfigError, match=f"method '{method}'"):
         merge(paths, method, space=space, progress=False)
 
 
 NEW_ORDER_CASES = [(m, p, s) for m, p, s, _ in NEW_METHODS.values()]
-NEW_ORDER_CASES += [("cart", {"rank": 4}, "full"), ("star", {"rank": 3}, "full")]
+NEW_ORDER_CASES += [(m, p, "full") for m, p, _ in FACTOR_METHODS.values()]
+NEW_ORDER_CASES += [("cart", {"rank": 4}, "full"), ("star", {"rank": 3}, "full"),
+                    ("robustmerge", {"rank": 3}, "full")]
 
 
 @pytest.mark.parametrize(("method", "params", "space"), NEW_ORDER_CASES,

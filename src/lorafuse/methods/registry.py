@@ -125,4 +125,5 @@ BUILTIN_MODULES = (
     "lorafuse.methods.elementwise",
     "lorafuse.methods.spectral",
     "lorafuse.methods.truncated",
+    "lorafuse.methods.robustmerge",
 )

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from lorafuse.algebra.lowrank import CORE_DTYPE, WORK_DTYPE, LowRank, factor_svd, numerical_rank, stack_lowrank
+from lorafuse.algebra.lowrank import (
+    CORE_DTYPE,
+    WORK_DTYPE,
+    LowRank,
+    factor_svd,
+    numerical_rank,
+    stack_lowrank,
+)
 from lorafuse.methods.registry import MethodParams, register
 
 
