@@ -463,12 +463,30 @@ def robustmerge_reference(paths, module, weights, mask_ratio=0.2, att_ratio=0.2,
     return (fuse_weight * B_sum / norm) @ (fuse_weight * A_sum)
 
 
+def wudi_reference(x, steps=300, lr=1e-5):
+    """FusionBench fusion_bench/method/wudi/wudi.py wudi_merging (= the paper, and the authors' RoBERTa code with its
+    own lr): Adam (weight decay 0) from the sum, on Σ_t ‖(τ − τ_t)τ_tᵀ‖²/‖τ_t‖², autograd, dense, float64. A task
+    without the module is left out (its term is 0/0 there; lorafuse's documented choice)."""
+    tvs = torch.stack([t for t in x if t.abs().max() > 0])
+    tau = torch.nn.Parameter(tvs.sum(0).clone())
+    optimizer = torch.optim.Adam([tau], lr=lr, weight_decay=0)
+    norms = tvs.reshape(tvs.shape[0], -1).norm(dim=-1) ** 2
+    for _ in range(steps):
+        loss = (torch.matmul(tau.unsqueeze(0) - tvs, tvs.transpose(1, 2)).square() / norms[:, None, None]).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return tau.detach()
+
+
 NEW_METHODS = {  # case → (method, parameters, space, reference on the weighted [T, m, n] blocks of that space)
     "cart": ("cart", {}, "full", cart_reference),
     "cart-params": ("cart", {"lambda": 0.7, "rank_ratio": 0.2}, "full", lambda x: cart_reference(x, 0.7, 0.2)),
     "cart-core-ceil": ("cart", {"lambda": 1.5, "rank_ratio": 0.3, "rounding": "ceil"}, "core",
                        lambda x: cart_reference(x, 1.5, 0.3, ceil=True)),
     "star": ("star", {}, "full", star_reference),
+    "wudi": ("wudi", {}, "full", wudi_reference),
+    "wudi-fast": ("wudi", {"steps": 60, "lr": 2e-3}, "full", lambda x: wudi_reference(x, 60, 2e-3)),
     "star-params": ("star", {"eta": 75.0, "lambda": 1.4}, "full", lambda x: star_reference(x, 75.0, 1.4)),
 }
 FACTOR_METHODS = {  # case → (method, parameters, reference on the adapters' factors of one module)
@@ -501,7 +519,7 @@ def test_new_method_matches_its_reference(paths, case):
 
 
 @pytest.mark.parametrize(("method", "space"), [("star", "core"), ("star", "knots"), ("cart", "knots"),
-                                               ("robustmerge", "core")])
+                                               ("robustmerge", "core"), ("wudi", "core")])
 def test_new_methods_refuse_spaces_they_are_not_defined_in(paths, method, space):
     with pytest.raises(ConfigError, match=f"method '{method}'"):
         merge(paths, method, space=space, progress=False)
@@ -510,7 +528,7 @@ def test_new_methods_refuse_spaces_they_are_not_defined_in(paths, method, space)
 NEW_ORDER_CASES = [(m, p, s) for m, p, s, _ in NEW_METHODS.values()]
 NEW_ORDER_CASES += [(m, p, "full") for m, p, _ in FACTOR_METHODS.values()]
 NEW_ORDER_CASES += [("cart", {"rank": 4}, "full"), ("star", {"rank": 3}, "full"),
-                    ("robustmerge", {"rank": 3}, "full")]
+                    ("robustmerge", {"rank": 3}, "full"), ("wudi", {"rank": 4, "lr": 1e-3, "steps": 50}, "full")]
 
 
 @pytest.mark.parametrize(("method", "params", "space"), NEW_ORDER_CASES,

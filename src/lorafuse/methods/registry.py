@@ -126,4 +126,5 @@ BUILTIN_MODULES = (
     "lorafuse.methods.spectral",
     "lorafuse.methods.truncated",
     "lorafuse.methods.robustmerge",
+    "lorafuse.methods.wudi",
 )
