@@ -479,6 +479,59 @@ def wudi_reference(x, steps=300, lr=1e-5):
     return tau.detach()
 
 
+def ctm_reference(paths, module, weights, rank, iters, combine):
+    """CtM (no code: the paper as lorafuse's docstring reads it), dense and float64: the Tucker-2 of the unweighted
+    ΔW_t by HOSVD (top-`rank` left singular vectors of [ΔW_1 … ΔW_T] and of [ΔW_1ᵀ … ΔW_Tᵀ]) and `iters` HOOI
+    sweeps, each basis vector with lorafuse's sign convention; cores C_t = Uᵀ ΔW_t V merged by `combine` (the
+    element-wise references above, on the cores), ΔW = U·merged·Vᵀ."""
+    x = updates(paths, module)
+
+    def top(M):
+        return torch.linalg.svd(M, full_matrices=False)[0][:, :rank]
+
+    U, V = top(torch.cat(list(x), 1)), top(torch.cat([t.T for t in x], 1))
+    for _ in range(iters):
+        U = top(torch.cat([t @ V for t in x], 1))
+        V = top(torch.cat([t.T @ U for t in x], 1))
+    U, V = U * signed(U), V * signed(V)
+    cores = torch.stack([U.T @ t @ V for t in x])
+    return U @ combine(module, cores, weights) @ V.T
+
+
+CTM_CASES = {  # case → (parameters, rank, HOOI sweeps, combine(module, cores, weights))
+    "ta": ({"lambda": 0.8, "hooi_iters": 0}, None, 0, lambda m, c, w: weighted_sum(c, w, 0.8)),
+    "ta-hooi": ({}, 5, 10, lambda m, c, w: weighted_sum(c, w)),
+    "ties": ({"base": "ties", "density": 0.4, "lambda": 1.2}, 4, 10,
+             lambda m, c, w: ties_combine(magnitude({m: c}, 0.4, "module")[m], w, 1.2)),
+    "dare_ties": ({"base": "dare_ties", "drop_rate": 0.5, "seed": 2, "trim_density": 0.5, "majority": "frequency"},
+                  None, 10,
+                  lambda m, c, w: ties_combine(magnitude(dare_drop({m: c}, 0.5, 2, ["a", "b", "c"]), 0.5,
+                                                         "module")[m], w, 1.0, "frequency")),
+}
+
+
+@pytest.mark.parametrize("case", list(CTM_CASES))
+def test_ctm_matches_its_reference(paths, case):
+    params, rank, iters, combine = CTM_CASES[case]
+    result = merge(paths, "ctm", weights=WEIGHTS, rank=rank, progress=False, **params)
+    worst = 0.0
+    for module in MODULES:
+        r = rank or max(f[1].shape[0] for p in paths if (f := factors(p, module)) is not None)
+        assert result.modules[module].rank <= r
+        worst = max(worst, rel(result.delta(module), ctm_reference(paths, module, WEIGHTS, r, iters, combine)))
+    print(f"\nctm-{case}: worst relative disagreement {worst:.2e}")
+    assert worst < TOL, case
+
+
+def test_ctm_refuses_parameters_its_base_rule_does_not_take(paths):
+    with pytest.raises(ConfigError, match="drop_rate"):
+        merge(paths, "ctm", base="ties", drop_rate=0.5, progress=False)
+    with pytest.raises(ConfigError, match="density"):
+        merge(paths, "ctm", density=0.5, progress=False)
+    with pytest.raises(ConfigError, match="one density"):
+        merge(paths, "ctm", base="ties", densities=[0.2, 0.3, 0.2], progress=False)
+
+
 NEW_METHODS = {  # case → (method, parameters, space, reference on the weighted [T, m, n] blocks of that space)
     "cart": ("cart", {}, "full", cart_reference),
     "cart-params": ("cart", {"lambda": 0.7, "rank_ratio": 0.2}, "full", lambda x: cart_reference(x, 0.7, 0.2)),
@@ -519,7 +572,7 @@ def test_new_method_matches_its_reference(paths, case):
 
 
 @pytest.mark.parametrize(("method", "space"), [("star", "core"), ("star", "knots"), ("cart", "knots"),
-                                               ("robustmerge", "core"), ("wudi", "core")])
+                                               ("robustmerge", "core"), ("wudi", "core"), ("ctm", "core")])
 def test_new_methods_refuse_spaces_they_are_not_defined_in(paths, method, space):
     with pytest.raises(ConfigError, match=f"method '{method}'"):
         merge(paths, method, space=space, progress=False)
@@ -527,6 +580,7 @@ def test_new_methods_refuse_spaces_they_are_not_defined_in(paths, method, space)
 
 NEW_ORDER_CASES = [(m, p, s) for m, p, s, _ in NEW_METHODS.values()]
 NEW_ORDER_CASES += [(m, p, "full") for m, p, _ in FACTOR_METHODS.values()]
+NEW_ORDER_CASES += [("ctm", {**p, "rank": r}, "full") for p, r, _, _ in CTM_CASES.values()]
 NEW_ORDER_CASES += [("cart", {"rank": 4}, "full"), ("star", {"rank": 3}, "full"),
                     ("robustmerge", {"rank": 3}, "full"), ("wudi", {"rank": 4, "lr": 1e-3, "steps": 50}, "full")]
 

@@ -127,4 +127,5 @@ BUILTIN_MODULES = (
     "lorafuse.methods.truncated",
     "lorafuse.methods.robustmerge",
     "lorafuse.methods.wudi",
+    "lorafuse.methods.ctm",
 )
