@@ -592,3 +592,13 @@ def test_permuting_the_adapters_changes_no_new_method(paths, method, params, spa
     backward = merge(paths[::-1], method, weights=WEIGHTS[::-1], space=space, progress=False, **params)
     for module in MODULES:
         assert rel(backward.delta(module), forward.delta(module).double()) < 1e-5, module
+
+
+def test_ctm_draws_random_numbers_only_with_dare_ties():
+    """Experiments run a method over several seeds when it draws random numbers: CtM only with base dare_ties."""
+    from lorafuse.experiment.config import parse_config
+
+    config = parse_config({"name": "x", "model": "minilm", "tasks": ["rte"], "methods": [
+        {"method": "ctm"}, {"method": "ctm", "label": "ctm-ties", "params": {"base": "ties"}},
+        {"method": "ctm", "label": "ctm-dare", "params": {"base": "dare_ties"}}, {"method": "wudi"}]}, "cfg")
+    assert [m.stochastic for m in config.methods] == [False, False, True, False]

@@ -33,9 +33,9 @@ from pydantic import Field, model_validator
 from lorafuse.algebra.lowrank import CORE_DTYPE, WORK_DTYPE, LowRank
 from lorafuse.methods.registry import MethodParams, get_method, register
 
-BASE_FIELDS = {  # the parameters each base rule takes (beyond the method's own)
-    "task_arithmetic": {"lambda_"},
-    "ties": {"lambda_", "density", "majority", "denominator"},
+BASE_FIELDS = {  # the parameters each base rule takes (beyond the method's own; `seed`, as every element-wise rule)
+    "task_arithmetic": {"lambda_", "seed"},
+    "ties": {"lambda_", "density", "majority", "denominator", "seed"},
     "dare_ties": {"lambda_", "drop_rate", "rescale", "trim_density", "majority", "denominator", "seed"},
 }
 
@@ -51,7 +51,7 @@ class CtMParams(MethodParams):
     drop_rate: float = Field(0.9, ge=0.0, lt=1.0, description="dare_ties: probability of dropping an entry")
     rescale: bool = Field(True, description="dare_ties: rescale survivors by 1/(1 − drop_rate)")
     trim_density: float = Field(1.0, gt=0.0, le=1.0, description="dare_ties: trim after the drop (1: none)")
-    seed: int = Field(0, description="dare_ties: seed of the drops")
+    seed: int = Field(0, description="dare_ties: seed of the drops (taken, and unused, by the other rules)")
 
     @model_validator(mode="after")
     def _only_the_base_rules_parameters(self) -> CtMParams:
@@ -60,6 +60,10 @@ class CtMParams(MethodParams):
             names = ", ".join(sorted(type(self).model_fields[f].alias or f for f in extra))
             raise ValueError(f"base '{self.base}' takes no {names}")
         return self
+
+    @classmethod
+    def draws_random(cls, values: dict[str, Any]) -> bool:
+        return values.get("base", cls.model_fields["base"].default) == "dare_ties"
 
     def base_values(self) -> dict[str, Any]:
         """The base rule's own parameters, as its registered method takes them."""

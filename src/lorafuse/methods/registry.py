@@ -27,6 +27,12 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
     REFUSED: ClassVar[dict[str, str]] = {}
 
+    @classmethod
+    def draws_random(cls, values: dict[str, Any]) -> bool:
+        """Whether a merge with these parameter values draws random numbers (DARE's drop): then experiments run it
+        over several seeds."""
+        return "drop_rate" in cls.model_fields
+
 
 @dataclass(frozen=True)
 class MergeMethod:
