@@ -515,3 +515,199 @@ def test_breadcrumbs_authors_thresholds_rows_of_the_stored_weight(tmp_path, fan_
     sparse = breadcrumbs_authors({"m": stored}, 0.1, 0.5)["m"]
     reference = weighted_sum(sparse.transpose(1, 2) if fan_in_fan_out else sparse, WEIGHTS[:2])
     assert rel(result.delta("layer.0.c_attn"), reference) < TOL
+
+
+# -- newer low-rank-aware methods: CART, STAR, RobustMerge, WUDI, CtM ------------------------------------------------
+def cart_reference(x, lam=2.0, ratio=0.12, ceil=False):
+    """JH-GEECS/CART merging.py (CART): θ_avg = mean of the task vectors; each centred τ_t − θ_avg cut by a dense SVD
+    to its top k = max(1, int(ratio·min(m, n))) triplets (the Core Space code's get_cart_delta_w: ceil); the cut
+    parts summed, scaled by the prior λ and added to the mean."""
+    avg = x.mean(0)
+    dim = min(x.shape[1:])
+    k = math.ceil(ratio * dim) if ceil else max(1, int(ratio * dim))
+    total = torch.zeros_like(avg)
+    for t in x:
+        U, S, Vh = torch.linalg.svd(t - avg, full_matrices=False)
+        total += U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
+    return avg + lam * total
+
+
+def star_reference(x, eta=40.0, lam=1.0):
+    """IBM/STAR merger/STAR.py star (dense SVD; searchsorted of the nuclear-norm share, + 1; kept values rescaled
+    to the full nuclear norm), then simple_avg.weighted_merge with 1/T. A task without the module is all zeros:
+    the dense code's SVD of zeros gives zeros (we skip it; it still counts in 1/T)."""
+    out = torch.zeros_like(x[0])
+    for t in x:
+        if t.abs().max() == 0:
+            continue
+        U, S, Vh = torch.linalg.svd(t, full_matrices=False)
+        k = int(torch.searchsorted(torch.cumsum(S, 0), S.sum() * eta / 100)) + 1
+        kept = S[:k] * S.sum() / S[:k].sum()
+        out += U[:, :k] @ torch.diag(kept) @ Vh[:k] / x.shape[0]
+    return lam * out
+
+
+def robustmerge_reference(paths, module, weights, mask_ratio=0.2, att_ratio=0.2, fuse_weight=2.0):
+    """AuroraZengfh/RobustMerge llava/model/builder.py (load_and_merge_pretrained_model + clamp), on the factors:
+    per task and factor the entries ≥ the kthvalue(int(N·(1 − mask_ratio))) of |x|; per row of A the scale
+    Σ|A| / Σ|Ã| clamped below at its sorted[int(r·(1 − att_ratio))]; Â = f·ΣÃ, B̂ = f·Σ s·B̃ / Σ s (per column).
+    lorafuse's documented extensions: B carries its LoRA scale and the weight; mixed ranks matched by index, each
+    direction normalised over the tasks that have it; ΔW = B̂·Â."""
+    m, n = MIXED_MODULES[module]
+    present = [(f, w) for p, w in zip(paths, weights) if (f := factors(p, module)) is not None]
+    r = max(A.shape[0] for (_, A), _ in present)
+    A_sum, B_sum = torch.zeros(r, n, dtype=torch.float64), torch.zeros(m, r, dtype=torch.float64)
+    norm = torch.zeros(r, dtype=torch.float64)
+    for (B, A), w in present:
+        masks = []
+        for x in (A, B):
+            kth = x.abs().reshape(-1).kthvalue(int(x.numel() * (1 - mask_ratio))).values
+            masks.append(x.abs() >= kth)
+        s = A.abs().sum(-1) / (masks[0] * A).abs().sum(-1)
+        s = torch.clamp(s, torch.sort(s).values[int(s.numel() * (1 - att_ratio))], torch.sort(s).values[-1])
+        k = A.shape[0]
+        A_sum[:k] += masks[0] * A
+        B_sum[:, :k] += w * s * (masks[1] * B)
+        norm[:k] += s
+    return (fuse_weight * B_sum / norm) @ (fuse_weight * A_sum)
+
+
+def wudi_reference(x, steps=300, lr=1e-5):
+    """FusionBench fusion_bench/method/wudi/wudi.py wudi_merging (= the paper, and the authors' RoBERTa code with its
+    own lr): Adam (weight decay 0) from the sum, on Σ_t ‖(τ − τ_t)τ_tᵀ‖²/‖τ_t‖², autograd, dense, float64. A task
+    without the module is left out (its term is 0/0 there; lorafuse's documented choice)."""
+    tvs = torch.stack([t for t in x if t.abs().max() > 0])
+    tau = torch.nn.Parameter(tvs.sum(0).clone())
+    optimizer = torch.optim.Adam([tau], lr=lr, weight_decay=0)
+    norms = tvs.reshape(tvs.shape[0], -1).norm(dim=-1) ** 2
+    for _ in range(steps):
+        loss = (torch.matmul(tau.unsqueeze(0) - tvs, tvs.transpose(1, 2)).square() / norms[:, None, None]).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return tau.detach()
+
+
+def ctm_reference(paths, module, weights, rank, iters, combine):
+    """CtM (no code: the paper as lorafuse's docstring reads it), dense and float64: the Tucker-2 of the unweighted
+    ΔW_t by HOSVD (top-`rank` left singular vectors of [ΔW_1 … ΔW_T] and of [ΔW_1ᵀ … ΔW_Tᵀ]) and `iters` HOOI
+    sweeps, each basis vector with lorafuse's sign convention; cores C_t = Uᵀ ΔW_t V merged by `combine` (the
+    element-wise references above, on the cores), ΔW = U·merged·Vᵀ."""
+    x = updates(paths, module)
+
+    def top(M):
+        return torch.linalg.svd(M, full_matrices=False)[0][:, :rank]
+
+    U, V = top(torch.cat(list(x), 1)), top(torch.cat([t.T for t in x], 1))
+    for _ in range(iters):
+        U = top(torch.cat([t @ V for t in x], 1))
+        V = top(torch.cat([t.T @ U for t in x], 1))
+    U, V = U * signed(U), V * signed(V)
+    cores = torch.stack([U.T @ t @ V for t in x])
+    return U @ combine(module, cores, weights) @ V.T
+
+
+CTM_CASES = {  # case → (parameters, rank, HOOI sweeps, combine(module, cores, weights))
+    "ta": ({"lambda": 0.8, "hooi_iters": 0}, None, 0, lambda m, c, w: weighted_sum(c, w, 0.8)),
+    "ta-hooi": ({}, 5, 10, lambda m, c, w: weighted_sum(c, w)),
+    "ties": ({"base": "ties", "density": 0.4, "lambda": 1.2}, 4, 10,
+             lambda m, c, w: ties_combine(magnitude({m: c}, 0.4, "module")[m], w, 1.2)),
+    "dare_ties": ({"base": "dare_ties", "drop_rate": 0.5, "seed": 2, "trim_density": 0.5, "majority": "frequency"},
+                  None, 10,
+                  lambda m, c, w: ties_combine(magnitude(dare_drop({m: c}, 0.5, 2, ["a", "b", "c"]), 0.5,
+                                                         "module")[m], w, 1.0, "frequency")),
+}
+
+
+@pytest.mark.parametrize("case", list(CTM_CASES))
+def test_ctm_matches_its_reference(paths, case):
+    params, rank, iters, combine = CTM_CASES[case]
+    result = merge(paths, "ctm", weights=WEIGHTS, rank=rank, progress=False, **params)
+    worst = 0.0
+    for module in MODULES:
+        r = rank or max(f[1].shape[0] for p in paths if (f := factors(p, module)) is not None)
+        assert result.modules[module].rank <= r
+        worst = max(worst, rel(result.delta(module), ctm_reference(paths, module, WEIGHTS, r, iters, combine)))
+    print(f"\nctm-{case}: worst relative disagreement {worst:.2e}")
+    assert worst < TOL, case
+
+
+def test_ctm_refuses_parameters_its_base_rule_does_not_take(paths):
+    with pytest.raises(ConfigError, match="drop_rate"):
+        merge(paths, "ctm", base="ties", drop_rate=0.5, progress=False)
+    with pytest.raises(ConfigError, match="density"):
+        merge(paths, "ctm", density=0.5, progress=False)
+    with pytest.raises(ConfigError, match="one density"):
+        merge(paths, "ctm", base="ties", densities=[0.2, 0.3, 0.2], progress=False)
+
+
+NEW_METHODS = {  # case → (method, parameters, space, reference on the weighted [T, m, n] blocks of that space)
+    "cart": ("cart", {}, "full", cart_reference),
+    "cart-params": ("cart", {"lambda": 0.7, "rank_ratio": 0.2}, "full", lambda x: cart_reference(x, 0.7, 0.2)),
+    "cart-core-ceil": ("cart", {"lambda": 1.5, "rank_ratio": 0.3, "rounding": "ceil"}, "core",
+                       lambda x: cart_reference(x, 1.5, 0.3, ceil=True)),
+    "star": ("star", {}, "full", star_reference),
+    "wudi": ("wudi", {}, "full", wudi_reference),
+    "wudi-fast": ("wudi", {"steps": 60, "lr": 2e-3}, "full", lambda x: wudi_reference(x, 60, 2e-3)),
+    "star-params": ("star", {"eta": 75.0, "lambda": 1.4}, "full", lambda x: star_reference(x, 75.0, 1.4)),
+}
+FACTOR_METHODS = {  # case → (method, parameters, reference on the adapters' factors of one module)
+    "robustmerge": ("robustmerge", {}, robustmerge_reference),
+    "robustmerge-params": ("robustmerge", {"density": 0.5, "att_ratio": 0.5, "fuse_weight": 1.0},
+                           lambda p, m, w: robustmerge_reference(p, m, w, 0.5, 0.5, 1.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(FACTOR_METHODS))
+def test_factor_method_matches_its_reference(paths, case):
+    method, params, reference = FACTOR_METHODS[case]
+    result = merge(paths, method, weights=WEIGHTS, progress=False, **params)
+    worst = max(rel(result.delta(module), reference(paths, module, WEIGHTS)) for module in MODULES)
+    print(f"\n{case}: worst relative disagreement {worst:.2e}")
+    assert worst < TOL, case
+
+
+@pytest.mark.parametrize("case", list(NEW_METHODS))
+def test_new_method_matches_its_reference(paths, case):
+    method, params, space, reference = NEW_METHODS[case]
+    result = merge(paths, method, weights=WEIGHTS, space=space, rank=FULL, exact_svd=True, progress=False, **params)
+    w = torch.tensor(WEIGHTS, dtype=torch.float64).reshape(-1, 1, 1)
+    worst = 0.0
+    for module in MODULES:
+        blocks, rebuild = SPACES[space](paths, module)
+        worst = max(worst, rel(result.delta(module), rebuild(reference(blocks * w))))
+    print(f"\n{case}: worst relative disagreement {worst:.2e}")
+    assert worst < TOL, case
+
+
+@pytest.mark.parametrize(("method", "space"), [("star", "core"), ("star", "knots"), ("cart", "knots"),
+                                               ("robustmerge", "core"), ("wudi", "core"), ("ctm", "core")])
+def test_new_methods_refuse_spaces_they_are_not_defined_in(paths, method, space):
+    with pytest.raises(ConfigError, match=f"method '{method}'"):
+        merge(paths, method, space=space, progress=False)
+
+
+NEW_ORDER_CASES = [(m, p, s) for m, p, s, _ in NEW_METHODS.values()]
+NEW_ORDER_CASES += [(m, p, "full") for m, p, _ in FACTOR_METHODS.values()]
+NEW_ORDER_CASES += [("ctm", {**p, "rank": r}, "full") for p, r, _, _ in CTM_CASES.values()]
+NEW_ORDER_CASES += [("cart", {"rank": 4}, "full"), ("star", {"rank": 3}, "full"),
+                    ("robustmerge", {"rank": 3}, "full"), ("wudi", {"rank": 4, "lr": 1e-3, "steps": 50}, "full")]
+
+
+@pytest.mark.parametrize(("method", "params", "space"), NEW_ORDER_CASES,
+                         ids=[f"{m}-{s}-{i}" for i, (m, _, s) in enumerate(NEW_ORDER_CASES)])
+def test_permuting_the_adapters_changes_no_new_method(paths, method, params, space):
+    forward = merge(paths, method, weights=WEIGHTS, space=space, progress=False, **params)
+    backward = merge(paths[::-1], method, weights=WEIGHTS[::-1], space=space, progress=False, **params)
+    for module in MODULES:
+        assert rel(backward.delta(module), forward.delta(module).double()) < 1e-5, module
+
+
+def test_ctm_draws_random_numbers_only_with_dare_ties():
+    """Experiments run a method over several seeds when it draws random numbers: CtM only with base dare_ties."""
+    from lorafuse.experiment.config import parse_config
+
+    config = parse_config({"name": "x", "model": "minilm", "tasks": ["rte"], "methods": [
+        {"method": "ctm"}, {"method": "ctm", "label": "ctm-ties", "params": {"base": "ties"}},
+        {"method": "ctm", "label": "ctm-dare", "params": {"base": "dare_ties"}}, {"method": "wudi"}]}, "cfg")
+    assert [m.stochastic for m in config.methods] == [False, False, True, False]

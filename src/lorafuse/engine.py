@@ -363,6 +363,9 @@ def _check_per_adapter(spec: MergeMethod, params: MethodParams, weights: Sequenc
     if densities is not None and any(d is not None for d in densities) and "density" not in type(params).model_fields:
         hint = params.REFUSED.get("density", "it has no density parameter")
         raise ConfigError(f"method '{spec.name}' takes no per-adapter densities: {hint}")
+    if spec.kind == "module" and densities is not None and any(
+            d is not None and float(d) != getattr(params, "density", None) for d in densities):
+        raise ConfigError(f"method '{spec.name}' takes one density for all adapters (its `density` parameter)")
     if getattr(params, "rule", None) == "authors" and densities is not None and any(
             d is not None and float(d) != params.density for d in densities):  # type: ignore[attr-defined]
         raise ConfigError(f"method '{spec.name}': rule 'authors' takes one density for all adapters")
@@ -380,10 +383,8 @@ def _check_options(spec: MergeMethod, options: MergeOptions, densities: list[flo
     if options.modules_to_save not in MODULES_TO_SAVE_POLICIES:
         raise ConfigError(f"modules_to_save: '{options.modules_to_save}' is not one of "
                           f"{', '.join(MODULES_TO_SAVE_POLICIES)}")
-    if spec.kind == "module" and options.space not in ("full", "core"):
-        raise ConfigError(f"method '{spec.name}' works on whole updates: it runs in the 'full' or 'core' space, "
-                          f"not '{options.space}'")
     get_space(options.space)
+    spec.check_space(options.space)
 
 
 class _Engine:
@@ -436,7 +437,9 @@ class _Engine:
     def _module_update(self, module: str) -> LowRank | torch.Tensor:
         terms = self.stream.terms(module)
         # methods whose result a later cut would make arbitrary (a flat spectrum) take the rank as their budget
-        extra = {"rank": self.options.rank} if self.spec.takes_rank else {}
+        extra: dict[str, Any] = {"rank": self.options.rank} if self.spec.takes_rank else {}
+        if self.spec.takes_generators:  # seeded per adapter name and module: independent of the adapters' order
+            extra["generators"] = self._generators(module)
         if self.options.space == "core":  # the method sees each update as its (Σr)×(Σr) core
             from lorafuse.aligned import from_core, to_core
 

@@ -125,7 +125,8 @@ class MethodSpec(_Strict):
         """Whether the merge draws random numbers (DARE's random drop): then it runs over several seeds."""
         from lorafuse.methods.registry import get_method
 
-        return "drop_rate" in get_method(self.method).params.model_fields
+        params = get_method(self.method).params
+        return any(params.draws_random({**self.params, **point}) for point in self.grid())
 
     @property
     def name(self) -> str:

@@ -19,9 +19,7 @@ def check_space(method: Any, space: str) -> None:
     from lorafuse.spaces import get_space
 
     get_space(space)
-    if method.kind == "module" and space not in ("full", "core"):
-        raise ConfigError(f"method '{method.name}' works on whole updates: it runs in the 'full' or 'core' space, "
-                          f"not '{space}'")
+    method.check_space(space)
 
 
 # -- data ---------------------------------------------------------------------------------------------------------

@@ -27,6 +27,12 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
     REFUSED: ClassVar[dict[str, str]] = {}
 
+    @classmethod
+    def draws_random(cls, values: dict[str, Any]) -> bool:
+        """Whether a merge with these parameter values draws random numbers (DARE's drop): then experiments run it
+        over several seeds."""
+        return "drop_rate" in cls.model_fields
+
 
 @dataclass(frozen=True)
 class MergeMethod:
@@ -39,6 +45,19 @@ class MergeMethod:
     exact: bool = False
     uses_weights: bool = True  # False: per-adapter weights other than 1 are refused (e.g. `average`)
     takes_rank: bool = False  # the engine passes the requested output rank (`rank=`; None: the natural rank)
+    # the spaces the method is defined in; empty: its kind's (module: full and core; element-wise: every space)
+    spaces: tuple[str, ...] = ()
+    # the engine passes the module's seeded per-adapter generators (`generators=`, one per adapter, by name)
+    takes_generators: bool = False
+
+    def check_space(self, space: str) -> None:
+        """Refuse a space the method is not defined in (the space's existence is checked by lorafuse.spaces)."""
+        if self.spaces and space not in self.spaces:
+            allowed = " or ".join(f"'{s}'" for s in self.spaces)
+            raise ConfigError(f"method '{self.name}' is defined in the {allowed} space only, not '{space}'")
+        if self.kind == "module" and space not in ("full", "core"):
+            raise ConfigError(f"method '{self.name}' works on whole updates: it runs in the 'full' or 'core' space, "
+                              f"not '{space}'")
 
     def parse_params(self, values: dict[str, Any]) -> MethodParams:
         """Validate user parameters, naming an unknown one with the closest valid name."""
@@ -68,13 +87,16 @@ def register(
     exact: bool = False,
     uses_weights: bool = True,
     takes_rank: bool = False,
+    spaces: tuple[str, ...] = (),
+    takes_generators: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator adding a method to the registry."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in REGISTRY:
             raise ValueError(f"merge method '{name}' registered twice")
-        REGISTRY[name] = MergeMethod(name, kind, fn, params, summary, paper, exact, uses_weights, takes_rank)
+        REGISTRY[name] = MergeMethod(name, kind, fn, params, summary, paper, exact, uses_weights, takes_rank, spaces,
+                                     takes_generators)
         return fn
 
     return wrap
@@ -108,4 +130,8 @@ BUILTIN_MODULES = (
     "lorafuse.methods.linear",
     "lorafuse.methods.elementwise",
     "lorafuse.methods.spectral",
+    "lorafuse.methods.truncated",
+    "lorafuse.methods.robustmerge",
+    "lorafuse.methods.wudi",
+    "lorafuse.methods.ctm",
 )
