@@ -346,12 +346,7 @@ class Evaluator:
                 {names.get(i, str(i)): n for i, n in sorted(gold.items())})
 
     def _label_names(self, task: Task) -> dict[int, str]:
-        """Prediction index → label word: classify predicts shared slots, chat indexes the task's labels."""
-        if self.formulation_name == "classify":
-            from lorafuse.formulations import SLOT
-
-            return {SLOT[label]: label for label in task.labels}
-        return dict(enumerate(task.labels))
+        return label_names(self.formulation_name, task)
 
     def evaluate(self, adapter: AdapterLike = None, heads: Heads | None = None, fan_in_fan_out: bool = False,
                  tasks: Sequence[str] | None = None, split: str | None = None) -> EvalResult:
@@ -425,6 +420,16 @@ class Evaluator:
         if hasattr(adapter, "exact_modules") and hasattr(adapter, "heads"):  # a MergeResult: its exact result
             return adapter.exact_modules(), {**given, **adapter.heads}, bool(adapter.config.get("fan_in_fan_out"))
         return adapter, given, fan_in_fan_out
+
+
+def label_names(formulation: str, task: Task) -> dict[int, str]:
+    """Prediction (and target) index → label word: classify predicts shared slots, chat indexes the task's
+    labels."""
+    if formulation == "classify":
+        from lorafuse.formulations import SLOT
+
+        return {SLOT[label]: label for label in task.labels}
+    return dict(enumerate(task.labels))
 
 
 def load_reference(path: str | Path) -> dict[str, float]:
