@@ -85,6 +85,20 @@ class EvalResult:
                 "reference": self.reference, "predicted": self.predicted, "labels": self.labels,
                 "correct": self.correct, "precision": self.precision}
 
+    def interval(self, task: str) -> tuple[float, float]:
+        """The 95% Wilson interval of a task's accuracy (fractions)."""
+        from lorafuse.stats import wilson_interval
+
+        return wilson_interval(self.accuracy[task] * self.examples[task], self.examples[task])
+
+    def to_percent_dict(self) -> dict[str, Any]:
+        """`to_dict` for a person to read: every accuracy-like number in percent (accuracy and its 95% Wilson
+        interval, average, reference, normalized), said by `units`, as `markdown_table` prints them."""
+        pct = {t: 100 * a for t, a in self.accuracy.items()}
+        return {**self.to_dict(), "units": "percent", "accuracy": pct, "average": 100 * self.average,
+                "accuracy_interval": {t: [100 * x for x in self.interval(t)] for t in self.accuracy},
+                "reference": {t: 100 * r for t, r in self.reference.items()}}
+
 
 # -- applying adapters -------------------------------------------------------------------------------------
 def _submodule(model: torch.nn.Module, module: str) -> torch.nn.Module:
@@ -444,16 +458,26 @@ def load_reference(path: str | Path) -> dict[str, float]:
     table = data.get("reference") or data.get("accuracy", data) if isinstance(data, dict) else None
     if not isinstance(table, dict) or not all(isinstance(v, (int, float)) for v in table.values()):
         raise ConfigError(f"{path}: expected {{task: accuracy}} or a `lorafuse eval` results file")
+    if data.get("units") == "percent":  # `lorafuse eval --output`: 0.9 there is 0.9%, not 90%
+        return {t: float(v) / 100 for t, v in table.items()}
     return {t: float(v) / 100 if v > 1 else float(v) for t, v in table.items()}
 
 
+TABLE_KEY = ("percent; [95% Wilson interval of the accuracy]; (normalized: % of the task's own adapter)")
+
+
 def markdown_table(rows: Mapping[str, EvalResult], tasks: Sequence[str]) -> str:
-    """One row per evaluated model: accuracy per task (normalized in brackets), average."""
+    """One row per evaluated model: accuracy per task with its 95% Wilson interval (normalized in brackets),
+    average; all in percent (TABLE_KEY, the line under it, says so)."""
     head = "| model | " + " | ".join(tasks) + " | average | normalized avg |"
     lines = [head, "|" + "---|" * (len(tasks) + 3)]
     for name, r in rows.items():
-        cells = [f"{100 * r.accuracy[t]:.1f}" + (f" ({r.normalized[t]:.1f})" if t in r.normalized else "")
-                 for t in tasks]
-        norm = f"{r.normalized_average:.1f}" if r.normalized_average is not None else "–"
+        cells = [_accuracy_cell(r, t) + (f" ({r.normalized[t]:.1f})" if t in r.normalized else "") for t in tasks]
+        norm = f"{r.normalized_average:.1f}" if r.normalized_average is not None else "-"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * r.average:.1f} | {norm} |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", TABLE_KEY])
+
+
+def _accuracy_cell(r: EvalResult, task: str) -> str:
+    low, high = r.interval(task)
+    return f"{100 * r.accuracy[task]:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
