@@ -277,10 +277,11 @@ class Evaluator:
                  data_dir: str | Path | None = None, max_examples: int | None = None, batch_size: int = 32,
                  max_length: int | None = None, progress: bool = True, device: str | None = None,
                  dtype: str = "auto") -> None:
-        from lorafuse.models import default_device, resolve_model
+        from lorafuse.models import check_max_length, default_device, resolve_model
         from lorafuse.precision import resolve_precision
 
         info = resolve_model(model)
+        check_max_length(info.path, max_length)
         self.model_name, self.formulation_name = model, formulation or info.formulation
         self.tasks = [t if isinstance(t, Task) else get_task(t) for t in tasks]
         check_formulation(self.formulation_name, self.tasks)
@@ -451,10 +452,9 @@ def load_reference(path: str | Path) -> dict[str, float]:
     section if it has one, else its `accuracy`) or a plain {task: accuracy} mapping; percentages become
     fractions."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read reference results ({exc})") from None
+    from lorafuse.validate import load_json, read_text
+
+    data = load_json(read_text(path), f"{path} (reference results)")
     table = data.get("reference") or data.get("accuracy", data) if isinstance(data, dict) else None
     if not isinstance(table, dict) or not all(isinstance(v, (int, float)) for v in table.values()):
         raise ConfigError(f"{path}: expected {{task: accuracy}} or a `lorafuse eval` results file")

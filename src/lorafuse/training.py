@@ -22,7 +22,9 @@ so there the two agree only when the processes see equally many answer tokens.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -31,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -91,6 +93,7 @@ class TrainConfig:
 
 # Used where neither the config nor the model's recipe gives a value.
 DEFAULT_RECIPE: dict[str, float] = {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.06}
+MAX_COUNT = 2**31 - 1  # the largest rank, batch, step or length count training takes (a C int's)
 EVALUATIONS = 5  # validations per run when eval_steps is not given (each costs a pass over them)
 
 
@@ -275,11 +278,12 @@ def train_adapter(cfg: TrainConfig) -> Path:
     """Train one task's adapter; returns the output directory (PEFT adapter + lorafuse_train.json; a whole model
     directory with `full_finetune`). The output is written to a temporary directory and moved into place whole."""
     from lorafuse.evaluation import label_names
-    from lorafuse.models import resolve_model, resolve_targets
+    from lorafuse.models import check_max_length, resolve_model, resolve_targets
 
     check_train_config(cfg)
     out = check_output(cfg.output, cfg.overwrite)
     info = resolve_model(cfg.model)
+    check_max_length(info.path, cfg.max_length)
     cfg = resolve_recipe(cfg, dict(info.recipe))
     formulation_name = cfg.formulation or info.formulation
     task = get_task(cfg.task)
@@ -303,7 +307,8 @@ def train_adapter(cfg: TrainConfig) -> Path:
     _remove_stale_temporaries(out)
     trainer = _trainer(trained, formulation, task, rows, cfg, ckpt, [best.callback(), progress.callback()])
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt) if cfg.resume else None)
+    with _full_disk_named(ckpt):
+        result = trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt) if cfg.resume else None)
     train_seconds = time.perf_counter() - start - best.seconds  # validation timed apart
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes
         trainer.accelerator.wait_for_everyone()  # and the others return once the adapter is in place
@@ -311,7 +316,7 @@ def train_adapter(cfg: TrainConfig) -> Path:
     best.restore()
     trained.eval()
     progress.stage(f"writing {out}")
-    with atomic_output_dir(out, cfg.overwrite) as tmp:
+    with atomic_output_dir(out, cfg.overwrite) as tmp, _full_disk_named(tmp):
         trained.save_pretrained(tmp)
         if cfg.full_finetune:
             tokenizer.save_pretrained(tmp)
@@ -327,6 +332,39 @@ def train_adapter(cfg: TrainConfig) -> Path:
     shutil.rmtree(ckpt, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+DISK_FULL_WORDS = ("No space left on device", "StorageFull", "os error 28", "file write failed", "Disk quota")
+
+
+@contextlib.contextmanager
+def _full_disk_named(where: Path) -> Iterator[None]:
+    """A full disk while the Trainer writes a checkpoint (or PEFT the adapter) comes as torch.save's
+    RuntimeError ("file write failed") or safetensors' SafetensorError ("StorageFull"), not an OSError:
+    made one, ENOSPC naming the file or checkpoint, for the CLI's one-line error; a checkpoint cut short is
+    removed (the complete ones stay, for --resume)."""
+    try:
+        yield
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        path = _remove_partial_checkpoints(where) or Path(getattr(exc, "filename", None) or where)
+        raise OSError(errno.ENOSPC, "No space left on device; what it was writing is removed: free space, then "
+                      "rerun (with --resume to continue from the last complete checkpoint)", str(path)) from None
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return not isinstance(exc, OSError) and any(w in str(exc) for w in DISK_FULL_WORDS)
+
+
+def _remove_partial_checkpoints(ckpt: Path) -> Path | None:
+    """Remove the checkpoints a failed save left incomplete (see checkpoint_problem); the newest such one."""
+    partial = [p for p in sorted(ckpt.glob("checkpoint-*")) if p.is_dir() and checkpoint_problem(p) is not None]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial[-1] if partial else None
 
 
 def _eval_every(cfg: TrainConfig, n_rows: int) -> int:
@@ -406,7 +444,7 @@ def checkpoint_problem(path: Path) -> str | None:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return "no trainer_state.json"
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         return f"trainer_state.json unreadable: {type(exc).__name__}"
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         return "trainer_state.json has no global_step"
@@ -425,8 +463,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     for name in ("rank", "batch_size", "grad_accum", "max_examples", "max_eval_examples", "save_steps",
                  "logging_steps", "max_length"):
         value = getattr(cfg, name)
-        if value is not None:
-            strict_int(value, name, minimum=8 if name == "max_length" else 1)
+        if value is not None:  # past MAX_COUNT a count is a typo, and the model would fail to allocate it
+            strict_int(value, name, minimum=8 if name == "max_length" else 1, maximum=MAX_COUNT)
     for name in ("lr", "head_lr", "epochs", "alpha"):
         value = getattr(cfg, name)
         if value is not None or name not in ("lr", "head_lr"):  # None: the model's recipe

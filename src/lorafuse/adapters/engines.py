@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.adapters.config import match_pattern_key
+from lorafuse.validate import load_json, read_text
 from lorafuse.errors import AdapterError, ConfigError, did_you_mean
 
 ENGINES = ("vllm", "sglang", "lorax", "llamacpp", "peft")
@@ -154,10 +155,7 @@ def layout_from_dir(path: str | Path) -> AdapterLayout:
         raise AdapterError(f"{path}: missing adapter_config.json (not a PEFT adapter directory)")
     if not weights.is_file():
         raise AdapterError(f"{path}: missing adapter_model.safetensors")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    config = load_json(read_text(cfg_path, AdapterError), str(cfg_path), AdapterError)
     header = SafetensorsFile(weights)
     return AdapterLayout(config, {k: tuple(header.shape(k)) for k in header.keys()}, str(path))
 
