@@ -9,7 +9,6 @@ one forward pass each and no re-loading. Classification heads are swapped per ta
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field

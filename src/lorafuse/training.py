@@ -31,17 +31,18 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from lorafuse.atomic import atomic_output_dir, check_output
 from lorafuse.formulations import check_formulation, load_model, make_formulation
 from lorafuse.provenance import stamp
-from lorafuse.train_progress import TrainProgress
 from lorafuse.tasks.registry import Task, get_task
+from lorafuse.train_progress import TrainProgress
 from lorafuse.validate import check_apart
 
 TRAIN_RECORD = "lorafuse_train.json"

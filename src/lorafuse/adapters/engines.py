@@ -27,7 +27,6 @@ checked.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -38,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.adapters.config import match_pattern_key
-from lorafuse.validate import load_json, read_text
 from lorafuse.errors import AdapterError, ConfigError, did_you_mean
+from lorafuse.validate import load_json, read_text
 
 ENGINES = ("vllm", "sglang", "lorax", "llamacpp", "peft")
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices
