@@ -562,11 +562,11 @@ def test_eval_output_never_replaces_an_input(tmp_path, pair, capsys, fake_eval, 
 def test_eval_output_is_replaced_only_with_overwrite(tmp_path, pair, capsys, fake_eval):
     out = tmp_path / "results.json"
     assert main(eval_args(pair[0], fake_eval, out)) == 0
-    assert json.loads(out.read_text())["accuracy"] == {"rte": 0.5}
+    assert json.loads(out.read_text())["accuracy"] == {"rte": 50.0}
     out.write_text('{"mine": 1}\n')
     refused(eval_args(pair[0], fake_eval, out), capsys, tmp_path, "results.json", "output exists")
     assert main(eval_args(pair[0], fake_eval, out, "--overwrite")) == 0
-    assert json.loads(out.read_text())["accuracy"] == {"rte": 0.5}
+    assert json.loads(out.read_text())["accuracy"] == {"rte": 50.0}
     folder = tmp_path / "folder.json"
     folder.mkdir()
     refused(eval_args(pair[0], fake_eval, folder, "--overwrite"), capsys, tmp_path, "folder.json", "not a file")
@@ -700,3 +700,136 @@ def test_a_users_folder_named_like_a_temporary_is_never_removed(tmp_path, pair):
         os.utime(path, (0, 0))  # untouched for decades: the age rule alone would delete them
     assert main(merge_args(pair, tmp_path / "out")) == 0
     assert (folder / "thesis.tex").read_text() == "years of work" and file.read_text() == "mine"
+
+
+# -- round 3: inputs and environments that used to end in a traceback ----------------------------------------
+BIG = "9" * 5000  # past Python's 4,300-digit int conversion limit: a ValueError inside json/yaml
+DEEP = "[" * 100_000 + "]" * 100_000  # past the recursion limit: a RecursionError inside json
+
+
+@pytest.mark.parametrize("body,words", [
+    (f"merge_method: ties\nrank: {BIG}\n", ("m.yml", "4300 digits")),
+    ("merge_method: ties\nrank: 1.0e400\n", ("m.yml", "rank")),
+    (f"merge_method: ties\nparameters: {{lambda: {BIG[:4000]}}}\n", ("lambda", "not a finite number")),
+    ("merge_method: ties\nx: " + "[" * 3000 + "]" * 3000 + "\n", ("m.yml", "nested too deeply")),
+])
+def test_huge_numbers_and_deep_nesting_in_a_merge_yaml(tmp_path, pair, capsys, body, words):
+    config = tmp_path / "m.yml"
+    config.write_text(body + "models:\n  - {model: ./in/a0}\n  - {model: ./in/a1}\n")
+    line = refused(["merge", str(config), "-o", str(tmp_path / "out")], capsys, tmp_path, *words)
+    assert len(line) < 400  # a 4,000-digit number is not printed whole
+
+
+@pytest.mark.parametrize("value,words", [(BIG, "4300 digits"), (DEEP, "nested too deeply")])
+def test_huge_numbers_and_deep_nesting_in_adapter_config(tmp_path, pair, capsys, value, words):
+    config = pair[0] / "adapter_config.json"
+    config.write_text(config.read_text().rstrip().rstrip("}") + f', "extra": {value}}}')
+    for command in (merge_args(pair, tmp_path / "out"), ["inspect", str(pair[0])]):
+        refused(command, capsys, tmp_path, "a0/adapter_config.json", words)
+
+
+def _task_with_validation_line(tmp_path: Path, line: str) -> Path:
+    from tiny_models import write_task_files
+
+    task_file = write_task_files(tmp_path, "odd", ["entailment", "neutral"])
+    (tmp_path / "odd" / "validation.jsonl").write_text(line + "\n")
+    return task_file
+
+
+@pytest.mark.parametrize("line,words", [
+    ('{"premise": "\\ud800", "hypothesis": "h", "label": "neutral"}', ("field 'premise'", "lone surrogate")),
+    ('{"premise": "p", "hypothesis": "h", "label": "neutral", "n": ' + BIG + "}", ("4300 digits",)),
+    ('{"premise": ' + DEEP + "}", ("nested too deeply",)),
+])
+def test_unusable_data_lines_are_one_line_errors(tmp_path, capsys, line, words):
+    task_file = _task_with_validation_line(tmp_path, line)
+    refused(["train", "--task-file", str(task_file), "--task", "odd", "-o", str(tmp_path / "out")], capsys,
+            tmp_path, "validation.jsonl:1", *words)
+
+
+def test_max_length_above_the_models_limit_is_refused_up_front(tmp_path, capsys):
+    from tiny_models import tiny_bert, write_task_files
+
+    model = tiny_bert(tmp_path / "bert")  # max_position_embeddings 128
+    task_file = write_task_files(tmp_path, "fits", ["entailment", "neutral"])
+    common = ["--task-file", str(task_file), "--model", str(model), "--max-length", "1000"]
+    capsys.readouterr()  # the model's own saving bar
+    refused(["train", *common, "--task", "fits", "-o", str(tmp_path / "out")], capsys, tmp_path, "1000", "128",
+            "max_position_embeddings")
+    refused(["eval", *common, "--tasks", "fits"], capsys, tmp_path, "1000", "128")
+
+
+def _cli(*args: str, encoding: str | None = None, close_stdout: bool = False) -> tuple[int, str, str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    if encoding:
+        env["PYTHONIOENCODING"] = encoding
+    proc = subprocess.Popen([sys.executable, "-m", "lorafuse", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    if close_stdout:
+        proc.stdout.close()
+        return proc.wait(), "", proc.stderr.read().decode()
+    out, err = proc.communicate()
+    return proc.returncode, out.decode("ascii", "replace"), err.decode()
+
+
+def test_an_ascii_stdout_gets_replaced_characters_and_a_closed_one_no_traceback():
+    for args in (["--help"], ["merge", "--help"], ["merge", "--list-methods"]):
+        code, out, err = _cli(*args, encoding="ascii")
+        assert code == 0 and "Traceback" not in err and out.strip(), err
+    code, out, _ = _cli("merge", "--list-methods", encoding="ascii")
+    assert "?" in out  # Σ, λ and friends, replaced
+    code, _, err = _cli("merge", "--list-methods", close_stdout=True)  # `... | head -1`
+    assert code == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("broken", ["config.json", "model.safetensors"])
+def test_a_truncated_cached_smollm2_copy_is_re_created(tmp_path, monkeypatch, capsys, broken):
+    import lorafuse.models as models
+
+    monkeypatch.setenv("LORAFUSE_CACHE", str(tmp_path))
+    copy = tmp_path / "smollm2-135m-instruct-fp32"
+    copy.mkdir()
+    save_file({"w": torch.ones(64, 64)}, str(copy / "model.safetensors"))
+    (copy / "config.json").write_text('{"model_type": "llama"}')
+    assert models.smollm2_fp32_dir() == copy  # whole: used as it is
+    whole = (copy / broken).read_bytes()
+    (copy / broken).write_bytes(whole[: len(whole) // 2])
+    made = []
+    import importlib.metadata
+
+    gguf = namedtuple("Distribution", "locate_file")(lambda name: tmp_path / "m.gguf")  # no package needed
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: gguf)
+    monkeypatch.setattr(models, "_dequantize", lambda gguf, out: made.append(out))
+    assert models.smollm2_fp32_dir() == copy and made == [copy]
+    err = capsys.readouterr().err
+    assert "is broken" in err and broken in err and "re-creating" in err
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                 "data/0: file write failed"),  # torch.save's words for a full disk
+])
+def test_a_disk_that_fills_during_training(tmp_path, capsys, monkeypatch, failure):
+    from tiny_models import tiny_bert, write_task_files
+    from transformers import Trainer
+
+    model = tiny_bert(tmp_path / "bert")
+    task_file = write_task_files(tmp_path, "full", ["entailment", "neutral"])
+
+    def full(self, *args, **kwargs):  # the Trainer's checkpoint save, cut short by the disk
+        partial = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        partial.mkdir(parents=True)
+        (partial / "optimizer.pt").write_bytes(b"partial")
+        raise failure
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", full)
+    out = tmp_path / "out"
+    code = main(["train", "--task-file", str(task_file), "--task", "full", "--model", str(model), "-o", str(out),
+                 "--target-modules", "query", "value", "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("lorafuse train: error: ") and "checkpoint-" in line and "No space left" in line, err
+    assert not out.exists() and not list((tmp_path / ".out.checkpoints").glob("checkpoint-*"))
+    assert not list(tmp_path.glob(".out.tmp-*"))

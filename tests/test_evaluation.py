@@ -46,7 +46,7 @@ def test_normalized_accuracy_and_averages(tmp_path):
     assert r.normalized == pytest.approx({"a": 62.5, "b": 100.0})
     assert r.normalized_average == pytest.approx(81.25)
     assert r.to_dict()["reference"] == {"a": 0.8, "b": 0.9}
-    assert "50.0 (62.5)" in markdown_table({"fused": r}, ["a", "b"])
+    assert "50.0 [23.7, 76.3] (62.5)" in markdown_table({"fused": r}, ["a", "b"])  # 95% Wilson, 5 of 10
     (tmp_path / "r.json").write_text(json.dumps(r.to_dict()))
     assert load_reference(tmp_path / "r.json") == {"a": 0.8, "b": 0.9}  # its reference section
     (tmp_path / "p.json").write_text(json.dumps({"a": 80.0}))
@@ -264,3 +264,32 @@ def test_batches_follow_the_model_to_its_device(bert, yaml_tasks):  # noqa: F811
     ev.model.to("meta")
     moved = on_model_device(ev.model, batch.inputs)
     assert {v.device.type for v in moved.values()} == {"meta"} and batch.inputs["input_ids"].device.type == "cpu"
+
+
+def test_eval_json_and_table_agree_in_percent_and_a_reference_at_chance_is_flagged(
+        bert, yaml_tasks, classify_adapter, tmp_path, capsys):  # noqa: F811
+    """One unit everywhere a person reads (percent, said by `units`), the table's cells are the JSON's numbers
+    with their Wilson intervals, and a reference adapter that always predicts one label is called at chance."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    constant = tmp_path / "constant"
+    shutil.copytree(classify_adapter, constant)
+    tensors = load_file(str(constant / "adapter_model.safetensors"))
+    for key in [k for k in tensors if "classifier" in k]:  # zero weights, one bias on top: one label always
+        tensors[key] = torch.zeros_like(tensors[key]) if key.endswith("weight") else torch.tensor([5.0, 0.0, 0.0])
+    save_file(tensors, str(constant / "adapter_model.safetensors"))
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(bert), "--formulation", "classify", "--tasks", "cmp3", "--quiet",
+                 "--adapter", str(classify_adapter), "--reference", f"cmp3={constant}", "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(out.read_text())
+    assert data["units"] == "percent" and 1.0 < data["average"] <= 100.0
+    accuracy, (low, high) = data["accuracy"]["cmp3"], data["accuracy_interval"]["cmp3"]
+    assert data["average"] == pytest.approx(accuracy) and low <= accuracy <= high <= 100.0
+    assert f"{accuracy:.1f} [{low:.1f}, {high:.1f}] ({data['normalized']['cmp3']:.1f})" in captured.out
+    assert data["normalized"]["cmp3"] == pytest.approx(100 * accuracy / data["reference"]["cmp3"])
+    assert load_reference(out) == {"cmp3": pytest.approx(data["reference"]["cmp3"] / 100)}
+    warning = [line for line in captured.err.splitlines() if line.startswith("warning: reference adapter")]
+    assert len(warning) == 1 and "at chance" in warning[0] and re.search(r"p = [\d.]+", warning[0]), captured.err

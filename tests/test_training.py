@@ -170,3 +170,56 @@ def test_minilm_learns_scitail_from_a_few_hundred_examples(nli_data_dir, tmp_pat
     accuracy = ev.evaluate(out).accuracy["scitail"]
     labels = Counter(e.label for e in get_task("scitail").load("test", nli_data_dir, 200))
     assert accuracy > max(labels.values()) / 200 + 0.05
+
+
+def _train_cli(bert, tmp_path, name: str, *extra: str) -> list[str]:  # noqa: F811
+    from tiny_models import write_task_files
+
+    task_file = write_task_files(tmp_path, name, ["contradiction", "entailment", "neutral"], seed=5)
+    return ["train", "--task-file", str(task_file), "--task", name, "--model", str(bert), "-o",
+            str(tmp_path / f"{name}-adapter"), "--target-modules", "query", "value", "--epochs", "4",
+            "--batch-size", "8", "--rank", "4", *extra]
+
+
+def test_train_bar_shows_the_loss_and_validation_and_the_summary_adds_up(bert, tmp_path, capsys):  # noqa: F811
+    """The loss sits in the bar's postfix (no `{'loss': ...}` dict lines), a validation pass says so on the bar,
+    and the closing line's total is the wall time, split into training, validation and the rest."""
+    import re
+    import time
+
+    start = time.perf_counter()
+    assert main(_train_cli(bert, tmp_path, "barred", "--lr", "5e-3")) == 0
+    wall = time.perf_counter() - start
+    captured = capsys.readouterr()
+    both = captured.out + captured.err  # the stock bar wrote its dicts to stdout, under the bar on stderr
+    assert "{'loss'" not in both and "grad_norm" not in both, both
+    assert "loss=" in captured.err and "validating…" in captured.err
+    found = re.search(r"(\d+) s in all: training (\d+) s, validation (\d+) s, loading and writing (\d+) s",
+                      captured.out)
+    assert found, captured.out
+    total, *parts = map(int, found.groups())
+    assert abs(sum(parts) - total) <= 2 and abs(total - wall) <= 2 and parts[1] >= 0
+
+
+def test_quiet_train_prints_its_stages_and_warns_at_chance(bert, tmp_path, capsys):  # noqa: F811
+    """--quiet: no bar, but one line per stage; an adapter that learned nothing (learning rates near 0) is not
+    above the validation split's majority class, and the command says so."""
+    assert main(_train_cli(bert, tmp_path, "still", "--lr", "1e-12", "--head-lr", "1e-12", "--quiet")) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lorafuse train: ")]
+    assert [line.split(": ", 1)[1].split()[0] for line in lines][:2] == ["loading", "training"]
+    assert "training 24 steps" in err and "validating at step 5 of 24" in err and "writing" in lines[-1]
+    assert "it/s" not in err and "\r" not in err  # no bar
+    warning = [line for line in err.splitlines() if line.startswith("warning: validation accuracy")]
+    assert len(warning) == 1 and "not significantly above its majority class" in warning[0], err
+    record = read_record(tmp_path / "still-adapter")
+    assert sum(record["validation_labels"].values()) == record["validation_examples"] == 24
+
+
+def test_chance_warning_is_the_exact_binomial_test():
+    from lorafuse.commands.train import chance_warning
+
+    record = {"validation_examples": 100, "validation_labels": {"a": 60, "b": 40}}
+    assert chance_warning({**record, "validation_accuracy": 0.75}) is None  # p ≈ 0.001
+    assert "p = 0.54" in chance_warning({**record, "validation_accuracy": 0.60})
+    assert chance_warning({**record, "validation_accuracy": None}) is None

@@ -63,7 +63,7 @@ def read_marker(directory: str | Path) -> dict[str, Any] | None:
     """The marker's record, or None when there is none (or it is unreadable: then it is not ours)."""
     try:
         record = json.loads((Path(directory) / MARKER_NAME).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("kind"), str) else None
 

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # transformers 5 deprecation notices raised from inside PEFT/Trainer calls we do not control
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    _tolerant_stdout()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -73,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _tolerant_stdout() -> None:
+    """Output with λ, Σ or ≤ on a stdout that cannot encode them (PYTHONIOENCODING=ascii, a C locale) shows `?`
+    in their place rather than failing with UnicodeEncodeError; stderr already escapes them."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and (sys.stdout.errors or "strict") == "strict":
+        reconfigure(errors="replace")
 
 
 if __name__ == "__main__":

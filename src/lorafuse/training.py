@@ -22,13 +22,16 @@ so there the two agree only when the processes see equally many answer tokens.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from lorafuse.atomic import atomic_output_dir, check_output
 from lorafuse.formulations import check_formulation, load_model, make_formulation
 from lorafuse.provenance import stamp
 from lorafuse.tasks.registry import Task, get_task
+from lorafuse.train_progress import TrainProgress
 from lorafuse.validate import check_apart
 
 TRAIN_RECORD = "lorafuse_train.json"
@@ -83,12 +87,14 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    stage_lines: bool = False  # one line per stage on stderr, with or without the bar (the CLI's)
     logging_steps: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 # Used where neither the config nor the model's recipe gives a value.
 DEFAULT_RECIPE: dict[str, float] = {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.06}
+MAX_COUNT = 2**31 - 1  # the largest rank, batch, step or length count training takes (a C int's)
 EVALUATIONS = 5  # validations per run when eval_steps is not given (each costs a pass over them)
 
 
@@ -175,10 +181,12 @@ def _trainer(model: Any, formulation: Any, task: Task, rows: list[dict[str, Any]
     )
     trainer = FormulationTrainer(model=model, args=args, train_dataset=_Rows(rows), data_collator=collate,
                                  callbacks=callbacks)
-    if not cfg.progress:
-        from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
+    # both print each log dict ({'loss': ..., 'grad_norm': ...}) as a line; TrainProgress shows the loss in its
+    # bar's postfix instead (it is among `callbacks`)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     return trainer
 
 
@@ -188,9 +196,12 @@ class BestCheckpoint:
     A run resumed from a checkpoint starts its search afresh (the best state lives in memory)."""
 
     def __init__(self, model: Any, formulation: Any, task: Task, batches: list[Any], every: int,
-                 keep_best: bool = True) -> None:
+                 keep_best: bool = True, progress: TrainProgress | None = None, names: dict[int, str] | None = None
+                 ) -> None:
         self.model, self.formulation, self.task, self.batches = model, formulation, task, batches
         self.every, self.keep_best = every, keep_best
+        self.progress = progress or TrainProgress(bar=False)
+        self.names = names or {}  # target index → label word, for the gold label counts
         self.history: list[tuple[int, float]] = []
         self.seconds = 0.0  # spent validating (not training)
         self.best_step: int | None = None
@@ -212,18 +223,29 @@ class BestCheckpoint:
         self.model.train(was_training)
         return correct / max(total, 1)
 
-    def step(self, step: int, last: bool) -> None:
+    def step(self, step: int, max_steps: int) -> None:
+        last = step >= max_steps
         if not self.batches or not (last or (self.every and step % self.every == 0)):
             return
         if self.history and self.history[-1][0] == step:
             return
+        self.progress.validating(step, max_steps)
         start = time.perf_counter()
         accuracy = self.accuracy()
         self.seconds += time.perf_counter() - start
+        self.progress.validated(accuracy)
         self.history.append((step, round(accuracy, 5)))
         if accuracy > self.best_accuracy or not self.keep_best:  # ties keep the earlier step
             self.best_accuracy, self.best_step = accuracy, step
             self._best = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def gold_counts(self) -> dict[str, int]:
+        """How often each label is the gold one on the validation examples (its majority share is the bar an
+        adapter must clear)."""
+        from collections import Counter
+
+        counts = Counter(int(t) for b in self.batches for t in b.targets.tolist())
+        return {self.names.get(i, str(i)): n for i, n in sorted(counts.items())}
 
     def restore(self) -> None:
         if not self._best:
@@ -240,7 +262,7 @@ class BestCheckpoint:
 
         class _Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
-                tracker.step(state.global_step, state.global_step >= state.max_steps)
+                tracker.step(state.global_step, state.max_steps)
 
         return _Callback()
 
@@ -256,17 +278,21 @@ def _checkpointing_arg(arguments: Any, enabled: bool) -> dict[str, bool]:
 def train_adapter(cfg: TrainConfig) -> Path:
     """Train one task's adapter; returns the output directory (PEFT adapter + lorafuse_train.json; a whole model
     directory with `full_finetune`). The output is written to a temporary directory and moved into place whole."""
-    from lorafuse.models import resolve_model, resolve_targets
+    from lorafuse.evaluation import label_names
+    from lorafuse.models import check_max_length, resolve_model, resolve_targets
 
     check_train_config(cfg)
     out = check_output(cfg.output, cfg.overwrite, "adapter")
     info = resolve_model(cfg.model)
+    check_max_length(info.path, cfg.max_length)
     cfg = resolve_recipe(cfg, dict(info.recipe))
     formulation_name = cfg.formulation or info.formulation
     task = get_task(cfg.task)
     check_apart(out, _inputs(cfg, task), what="output")
     check_formulation(formulation_name, [task])
     _check_validation_split(task, cfg.data_dir)  # a malformed split is an error now, not "n/a" after training
+    progress = TrainProgress(lines=cfg.stage_lines, bar=cfg.progress)
+    progress.stage(f"loading {cfg.model} and the {task.name} data")
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(info.path, formulation_name, pooling=cfg.pooling)
     formulation = make_formulation(formulation_name, tokenizer, cfg.max_length, cfg.chat_loss)
@@ -276,19 +302,22 @@ def train_adapter(cfg: TrainConfig) -> Path:
     else:
         trained = _wrap(model, cfg, formulation_name, resolve_targets(info, cfg.target_modules))
     best = BestCheckpoint(trained, formulation, task, _validation_batches(formulation, task, cfg, formulation_name),
-                          _eval_every(cfg, len(rows)), keep_best=cfg.best_checkpoint)
+                          _eval_every(cfg, len(rows)), keep_best=cfg.best_checkpoint, progress=progress,
+                          names=label_names(formulation_name, task))
     ckpt = out.parent / f".{out.name}.checkpoints"
     _remove_stale_temporaries(out)
-    trainer = _trainer(trained, formulation, task, rows, cfg, ckpt, [best.callback()])
+    trainer = _trainer(trained, formulation, task, rows, cfg, ckpt, [best.callback(), progress.callback()])
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt) if cfg.resume else None)
+    with _full_disk_named(ckpt):
+        result = trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt) if cfg.resume else None)
     train_seconds = time.perf_counter() - start - best.seconds  # validation timed apart
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes
         trainer.accelerator.wait_for_everyone()  # and the others return once the adapter is in place
         return out
     best.restore()
     trained.eval()
-    with atomic_output_dir(out, cfg.overwrite, kind="adapter") as tmp:
+    progress.stage(f"writing {out}")
+    with atomic_output_dir(out, cfg.overwrite, kind="adapter") as tmp, _full_disk_named(tmp):
         trained.save_pretrained(tmp)
         if cfg.full_finetune:
             tokenizer.save_pretrained(tmp)
@@ -298,11 +327,45 @@ def train_adapter(cfg: TrainConfig) -> Path:
         record.update(_validation_record(best))
         (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")  # names the task for its head
         if not best.history and not cfg.full_finetune:
+            progress.stage("validating the written adapter")
             record.update(_validate(cfg, task, formulation_name, tmp))
             (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(ckpt, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+DISK_FULL_WORDS = ("No space left on device", "StorageFull", "os error 28", "file write failed", "Disk quota")
+
+
+@contextlib.contextmanager
+def _full_disk_named(where: Path) -> Iterator[None]:
+    """A full disk while the Trainer writes a checkpoint (or PEFT the adapter) comes as torch.save's
+    RuntimeError ("file write failed") or safetensors' SafetensorError ("StorageFull"), not an OSError:
+    made one, ENOSPC naming the file or checkpoint, for the CLI's one-line error; a checkpoint cut short is
+    removed (the complete ones stay, for --resume)."""
+    try:
+        yield
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        path = _remove_partial_checkpoints(where) or Path(getattr(exc, "filename", None) or where)
+        raise OSError(errno.ENOSPC, "No space left on device; what it was writing is removed: free space, then "
+                      "rerun (with --resume to continue from the last complete checkpoint)", str(path)) from None
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return not isinstance(exc, OSError) and any(w in str(exc) for w in DISK_FULL_WORDS)
+
+
+def _remove_partial_checkpoints(ckpt: Path) -> Path | None:
+    """Remove the checkpoints a failed save left incomplete (see checkpoint_problem); the newest such one."""
+    partial = [p for p in sorted(ckpt.glob("checkpoint-*")) if p.is_dir() and checkpoint_problem(p) is not None]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial[-1] if partial else None
 
 
 def _eval_every(cfg: TrainConfig, n_rows: int) -> int:
@@ -333,7 +396,7 @@ def _validation_record(best: BestCheckpoint) -> dict[str, Any]:
     if not best.history:
         return {}
     return {"validation_accuracy": best.best_accuracy, "validation_examples": sum(len(b.targets) for b in best.batches),
-            "best_step": best.best_step, "validation_history": best.history,
+            "validation_labels": best.gold_counts(), "best_step": best.best_step, "validation_history": best.history,
             "validation_seconds": round(best.seconds, 2),
             "checkpoint_rule": "best validation accuracy" if best.keep_best else "last"}
 
@@ -382,7 +445,7 @@ def checkpoint_problem(path: Path) -> str | None:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return "no trainer_state.json"
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         return f"trainer_state.json unreadable: {type(exc).__name__}"
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         return "trainer_state.json has no global_step"
@@ -401,8 +464,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     for name in ("rank", "batch_size", "grad_accum", "max_examples", "max_eval_examples", "save_steps",
                  "logging_steps", "max_length"):
         value = getattr(cfg, name)
-        if value is not None:
-            strict_int(value, name, minimum=8 if name == "max_length" else 1)
+        if value is not None:  # past MAX_COUNT a count is a typo, and the model would fail to allocate it
+            strict_int(value, name, minimum=8 if name == "max_length" else 1, maximum=MAX_COUNT)
     for name in ("lr", "head_lr", "epochs", "alpha"):
         value = getattr(cfg, name)
         if value is not None or name not in ("lr", "head_lr"):  # None: the model's recipe
@@ -461,7 +524,8 @@ def _validate(cfg: TrainConfig, task: Task, formulation: str, adapter_dir: Path)
     except (DataError, ConfigError):
         return {"validation_accuracy": None, "validation_examples": 0}
     result = ev.evaluate(adapter_dir)
-    return {"validation_accuracy": result.accuracy[task.name], "validation_examples": result.examples[task.name]}
+    return {"validation_accuracy": result.accuracy[task.name], "validation_examples": result.examples[task.name],
+            "validation_labels": result.labels.get(task.name, {})}
 
 
 def _pooling_of(model_path: str) -> str:
@@ -497,7 +561,7 @@ def _record(cfg: TrainConfig, task: Task, formulation: str, model_path: str, n: 
         "task": task.name, "labels": list(task.labels), "model": cfg.model, "model_path": model_path,
         "formulation": formulation, "train_examples": n,
         "data_sha256": _fingerprints(task, cfg.data_dir),
-        "hyperparameters": {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress")},
+        "hyperparameters": {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress", "stage_lines")},
         "train_loss": float(result.training_loss), "train_steps": int(result.global_step),
         "loss_history": losses, "device": "cuda" if torch.cuda.is_available() else "cpu",
         "precision": train_precision(cfg).to_dict(),

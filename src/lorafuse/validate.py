@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import json
 import math
 import numbers
 import os
@@ -152,18 +153,34 @@ def finite_number(value: object, what: str, error: type[Exception] = ConfigError
     """A real number (int or float, never bool or str) that is finite."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise error(f"{what}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise error(f"{what}: {value!r} is not a finite number")
+    if not _finite(value):
+        raise error(f"{what}: {_short(value)} is not a finite number")
     return float(value)
 
 
+def _finite(value: numbers.Real) -> bool:
+    """math.isfinite, for an int too large for a float too (OverflowError there): not finite as a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _short(value: object) -> str:
+    """A value for an error line: a 4,000-digit integer is not printed whole."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}…({len(text)} characters)"
+
+
 def strict_int(value: object, what: str, minimum: int | None = None,
-               error: type[Exception] = ConfigError) -> int:
-    """An int (never bool, never a float such as 4.5 or 4.0), at least `minimum`."""
+               error: type[Exception] = ConfigError, maximum: int | None = None) -> int:
+    """An int (never bool, never a float such as 4.5 or 4.0), at least `minimum` and at most `maximum`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise error(f"{what}: expected an integer, got {value!r}")
+        raise error(f"{what}: expected an integer, got {_short(value)}")
     if minimum is not None and value < minimum:
-        raise error(f"{what}: must be ≥ {minimum} (got {value})")
+        raise error(f"{what}: must be ≥ {minimum} (got {_short(value)})")
+    if maximum is not None and value > maximum:
+        raise error(f"{what}: must be ≤ {maximum} (got {_short(value)})")
     return int(value)
 
 
@@ -217,7 +234,7 @@ def _matches(value: object, annotation: Any) -> bool:
     if annotation is int:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if annotation is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and _finite(value)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return isinstance(value, annotation) or value in {m.value for m in annotation}
     if annotation is str:
@@ -296,15 +313,38 @@ def read_text(path: Path, error: type[Exception] = ConfigError) -> str:
         raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+def load_json(text: str | bytes, source: str, error: type[Exception] = ConfigError) -> Any:
+    """JSON whose every failure is one line naming `source`: a syntax error, an integer longer than Python's
+    4,300-digit conversion limit (a ValueError, not a JSONDecodeError) and nesting deeper than the recursion
+    limit (a RecursionError) alike."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{source}: not valid JSON ({exc})") from None
+    except ValueError as exc:  # int("1" * 5000)
+        raise error(f"{source}: not usable JSON ({_first_sentence(exc)})") from None
+    except RecursionError:
+        raise error(f"{source}: not usable JSON (nested too deeply)") from None
+
+
+def _first_sentence(exc: Exception) -> str:
+    return str(exc).split(";")[0]
+
+
 def load_yaml(text: str, source: str) -> Any:
     """YAML (safe subset) read strictly: duplicate mapping keys are refused (PyYAML keeps the last one silently)
-    and `1e-3` is a number, as in YAML 1.2. Errors name `source` and the line."""
+    and `1e-3` is a number, as in YAML 1.2. Errors name `source` and the line; so do integers past Python's
+    4,300-digit conversion limit and nesting past the recursion limit (no traceback)."""
     import yaml
 
     try:
         return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except ValueError as exc:  # the int constructor's digit limit
+        raise ConfigError(f"{source}: not usable YAML ({_first_sentence(exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not usable YAML (nested too deeply)") from None
 
 
 def load_yaml_file(path: Path, error: type[Exception] = ConfigError) -> Any:

@@ -27,7 +27,6 @@ checked.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -39,6 +38,7 @@ from typing import Any
 
 from lorafuse.adapters.config import match_pattern_key
 from lorafuse.errors import AdapterError, ConfigError, did_you_mean
+from lorafuse.validate import load_json, read_text
 
 ENGINES = ("vllm", "sglang", "lorax", "llamacpp", "peft")
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices
@@ -154,10 +154,7 @@ def layout_from_dir(path: str | Path) -> AdapterLayout:
         raise AdapterError(f"{path}: missing adapter_config.json (not a PEFT adapter directory)")
     if not weights.is_file():
         raise AdapterError(f"{path}: missing adapter_model.safetensors")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    config = load_json(read_text(cfg_path, AdapterError), str(cfg_path), AdapterError)
     header = SafetensorsFile(weights)
     return AdapterLayout(config, {k: tuple(header.shape(k)) for k in header.keys()}, str(path))
 

@@ -18,7 +18,15 @@ from lorafuse.adapters.config import LoraSettings, parse_settings, targeted
 from lorafuse.adapters.safetensors_io import SafetensorsFile
 from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import AdapterError
-from lorafuse.validate import check_name, check_regex, is_safe_name, looks_like_hub_id, read_text, safe_name
+from lorafuse.validate import (
+    check_name,
+    check_regex,
+    is_safe_name,
+    load_json,
+    looks_like_hub_id,
+    read_text,
+    safe_name,
+)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -86,10 +94,7 @@ class LoraAdapter:
         path = self.path / CONFIG_NAME
         if not path.is_file():
             raise AdapterError(f"{self.path}: missing {CONFIG_NAME} (not a PEFT adapter directory)")
-        try:
-            cfg = json.loads(read_text(path, AdapterError))
-        except json.JSONDecodeError as exc:
-            raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
+        cfg = load_json(read_text(path, AdapterError), str(path), AdapterError)
         if not isinstance(cfg, dict):
             raise AdapterError(f"{path}: expected a JSON object")
         return cfg
@@ -126,7 +131,7 @@ class LoraAdapter:
         path = self.path / TRAIN_RECORD
         try:
             record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, past the int digit limit, nested too deeply
             return {}
         return record if isinstance(record, dict) else {}
 

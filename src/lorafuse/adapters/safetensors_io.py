@@ -87,7 +87,10 @@ def _parse_header(fh: Any, size: int) -> tuple[dict[str, dict[str, Any]], dict[s
     (length,) = struct.unpack("<Q", prefix)
     if length > min(_MAX_HEADER, size - 8):
         raise ValueError(f"header length {length} exceeds the file")
-    header = json.loads(fh.read(length))
+    try:
+        header = json.loads(fh.read(length))
+    except RecursionError:
+        raise ValueError("the header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

@@ -1,12 +1,17 @@
 """`lorafuse eval`: accuracy per task of a base model, a single adapter or a fused one; normalized accuracy
 against each task's own adapter (accuracy ÷ own accuracy × 100, as KnOTS reports it); the cross-task average.
-JSON and a Markdown table."""
+A Markdown table (each accuracy with its 95% Wilson interval) and JSON, both in percent (the JSON says so in
+`"units": "percent"`); a --reference adapter at chance (not above its majority class) is warned about."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from lorafuse.validate import positive_int
+
+if TYPE_CHECKING:
+    from lorafuse.evaluation import EvalResult
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,8 +59,23 @@ def _references(args: argparse.Namespace, ev, heads: dict) -> dict[str, float]:
 
     own = load_reference(args.reference_results) if args.reference_results else {}
     for task, directory in pairs(args.reference, "--reference").items():
-        own[task] = ev.evaluate(directory, heads=heads, tasks=[task]).accuracy[task]
+        result = ev.evaluate(directory, heads=heads, tasks=[task])
+        own[task] = result.accuracy[task]
+        _warn_at_chance(result, task, directory)
     return own
+
+
+def _warn_at_chance(result: EvalResult, task: str, directory: str) -> None:
+    """A reference adapter not significantly above its majority class (the experiment report's exact binomial
+    test) makes normalized accuracy against it meaningless; say so."""
+    import sys
+
+    from lorafuse.experiment.analysis import at_chance, chance_text, majority_share
+
+    chance = at_chance(result.accuracy[task], result.examples[task], majority_share(result.to_dict(), task))
+    if chance is not None:
+        print(f"warning: reference adapter {directory} ({task}) is at chance: {chance_text(chance)}; normalized "
+              f"accuracy against it means little", file=sys.stderr)
 
 
 def _check_adapter(path: str) -> None:
@@ -128,6 +148,6 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table({Path(args.adapter).name if args.adapter else "base": result}, tasks))
     if args.output:
         record = {"model": args.model, "adapter": args.adapter, "split": args.split,
-                  "formulation": ev.formulation_name, **result.to_dict(), **stamp()}
+                  "formulation": ev.formulation_name, **result.to_percent_dict(), **stamp()}
         write_output_file(args.output, json.dumps(record, indent=2) + "\n", args.overwrite)
     return 0

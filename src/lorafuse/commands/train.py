@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 from lorafuse.validate import finite_float, positive_int
 
@@ -50,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import os
+    import time
+
+    start = time.perf_counter()  # the summary's total is the command's wall time
 
     from lorafuse.errors import ConfigError
     from lorafuse.tasks import get_task, list_tasks, load_task_file
@@ -78,13 +83,39 @@ def run(args: argparse.Namespace) -> int:
                       max_examples=args.max_examples, max_length=args.max_length, seed=args.seed,
                       data_dir=args.data_dir, gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,
                       save_steps=args.save_steps, resume=args.resume, overwrite=args.overwrite,
-                      progress=not args.quiet)
+                      progress=not args.quiet, stage_lines=True)
     out = train_adapter(cfg)
     if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` the first process reports
         return 0
     record = json.loads((out / TRAIN_RECORD).read_text())
+    print(summary(out, record, time.perf_counter() - start))
+    warning = chance_warning(record)
+    if warning:
+        print(warning, file=sys.stderr)
+    return 0
+
+
+def summary(out: object, record: dict[str, Any], wall: float) -> str:
+    """The closing line: what was written, its validation accuracy, and the wall time split into training,
+    validation and the rest (the parts add up to the total a person timed)."""
     val = record.get("validation_accuracy")
     best = f" (best at step {record['best_step']})" if record.get("best_step") is not None else ""
-    print(f"wrote {out}: {record['train_steps']} steps in {record['train_seconds']:.0f} s, validation accuracy "
-          + (f"{100 * val:.1f}%{best}" if val is not None else "n/a (no validation split)"))
-    return 0
+    accuracy = f"{100 * val:.1f}%{best}" if val is not None else "n/a (no validation split)"
+    training, validation = record["train_seconds"], record.get("validation_seconds", 0.0)
+    rest = max(0.0, wall - training - validation)
+    return (f"wrote {out}: {record['train_steps']} steps, validation accuracy {accuracy}; {wall:.0f} s in all: "
+            f"training {training:.0f} s, validation {validation:.0f} s, loading and writing {rest:.0f} s")
+
+
+def chance_warning(record: dict[str, Any]) -> str | None:
+    """A warning when the validation accuracy is not significantly above the validation split's majority class
+    (the exact one-sided binomial test the experiment report uses to leave a task out)."""
+    from lorafuse.experiment.analysis import at_chance, chance_text, majority_share
+
+    val, n = record.get("validation_accuracy"), record.get("validation_examples")
+    if val is None or not n:
+        return None
+    chance = at_chance(val, n, majority_share({"labels": {"v": record.get("validation_labels")}}, "v"))
+    if chance is None:
+        return None
+    return f"warning: validation accuracy {chance_text(chance)}: the adapter may not have learned the task"

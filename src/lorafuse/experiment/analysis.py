@@ -88,13 +88,28 @@ def trusted_tasks(individual: dict[str, Any] | None, tasks: Sequence[str]) -> tu
         if share is None or not n:
             kept.append(t)
             continue
-        accuracy = individual["accuracy"][t]
-        above, p = stats.above_majority(round(accuracy * n), n, share, ALPHA)
-        if above:
+        chance = at_chance(individual["accuracy"][t], n, share)
+        if chance is None:
             kept.append(t)
         else:
-            left_out[t] = {"accuracy": accuracy, "majority_share": share, "examples": n, "p_value": p}
+            left_out[t] = chance
     return kept, left_out
+
+
+def at_chance(accuracy: float, n: int, share: float | None) -> dict[str, Any] | None:
+    """None when an accuracy on n examples is significantly above the majority class's share (exact one-sided
+    binomial test at ALPHA) or there is nothing to test against; else the test's numbers (`chance_text` words
+    them). `train` and `eval` warn with it, as the report leaves such a task out."""
+    if share is None or not n:
+        return None
+    above, p = stats.above_majority(round(accuracy * n), n, share, ALPHA)
+    return None if above else {"accuracy": accuracy, "majority_share": share, "examples": n, "p_value": p}
+
+
+def chance_text(r: dict[str, Any]) -> str:
+    """An `at_chance` result in words."""
+    return (f"{100 * r['accuracy']:.1f}% on {r['examples']} examples is not significantly above its majority class "
+            f"({100 * r['majority_share']:.1f}%; exact one-sided binomial test p = {r['p_value']:.2g})")
 
 
 # -- per-example correctness ----------------------------------------------------------------------------------

@@ -81,6 +81,6 @@ def read_json_or_none(path: Path) -> dict[str, Any] | None:
     """A JSON object from `path`, or None when the file is unreadable, not JSON or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None

@@ -187,8 +187,9 @@ class Router:
         try:
             config = json.loads((path / ROUTER_CONFIG).read_text())
             entries, gate = config["adapters"], config["gate"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise AdapterError(f"{path / ROUTER_CONFIG}: not a readable router config ({exc})") from exc
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise AdapterError(f"{path / ROUTER_CONFIG}: not a readable router config "
+                               f"({type(exc).__name__})") from None
         router = cls.from_adapters([e["path"] for e in entries], gate["in_features"], [e["name"] for e in entries],
                                    gate.get("granularity", "sentence"))
         for entry, digest in zip(entries, router.sha256):

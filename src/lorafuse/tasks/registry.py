@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from lorafuse.errors import ConfigError, LorafuseError, did_you_mean
-from lorafuse.validate import check_name, load_yaml_file
+from lorafuse.validate import check_name, load_json, load_yaml_file
 
 SPLITS = ("train", "validation", "test")
 
@@ -141,19 +141,27 @@ def read_jsonl(path: Path, labels: tuple[str, ...], fields: Fields = Fields()) -
 
 
 def _parse_line(line: str, path: Path, lineno: int, labels: tuple[str, ...], fields: Fields) -> Example:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    row = load_json(line, f"{path}:{lineno}", DataError)
     if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object")
     for key in (fields.premise, fields.hypothesis, fields.label):
         if not isinstance(row.get(key), str):
             raise DataError(f"{path}:{lineno}: field '{key}' missing or not a string")
+        _check_unicode(row[key], f"{path}:{lineno}: field '{key}'")
     label = row[fields.label]
     if label not in labels:
         raise DataError(f"{path}:{lineno}: unknown label '{label}'{did_you_mean(label, labels)}")
     return Example(row[fields.premise], row[fields.hypothesis], label, str(row.get("id", f"{path.stem}-{lineno}")))
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """JSON's `\\ud800` escapes decode to lone surrogates, which no tokenizer or UTF-8 writer accepts (a
+    UnicodeEncodeError deep in training or evaluation): refused here, naming the line and field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{where}: not valid Unicode text (lone surrogate {text[exc.start]!a} at character "
+                        f"{exc.start})") from None
 
 
 def load_from_hub(hub: HubSource, split: str, labels: tuple[str, ...]) -> list[Example]:
