@@ -33,6 +33,7 @@ from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.methods.thresholds import StreamingQuantile, top_limits
+from lorafuse.models import portable_name
 from lorafuse.provenance import stamp
 from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
 from lorafuse.validate import check_param_types, cut_name, finite_number, strict_bool, strict_int
@@ -168,7 +169,9 @@ def check_compatible(adapters: Sequence[LoraAdapter], base_model: str | None = N
 
 
 def _same_model(a: str, b: str) -> bool:
-    return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
+    from lorafuse.models import same_model  # short name, Hub id and local copy of an embedded model are one
+
+    return same_model(a, b)
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -558,9 +561,10 @@ class _Engine:
                         "dense_truncation": self._truncation_rule(),
                         "modules_to_save": self.options.modules_to_save, "dtype": str(self.options.dtype),
                         "rank_patterns": self.options.rank_patterns},
-            "inputs": [{"name": a.name, "source": a.source, "path": str(a.path), "weights_file": a.weights_path.name,
+            "inputs": [{"name": a.name, "source": portable_name(a.source), "path": portable_name(a.source), "weights_file": a.weights_path.name,
                         "sha256": a.sha256, "weight": w, "density": d, "r": a.settings.r,
-                        "lora_alpha": a.settings.lora_alpha, "use_rslora": a.settings.use_rslora}
+                        "lora_alpha": a.settings.lora_alpha, "use_rslora": a.settings.use_rslora,
+                        **_trained_on(a)}
                        for a, w, d in zip(self.adapters, self.weights, self.densities)],
             "output": {"modules": len(merged), "ranks": sorted({u.rank for u in merged.values()})},
             "retained_energy": {
@@ -570,6 +574,18 @@ class _Engine:
             },
             **stamp(),
         }
+
+
+def _trained_on(adapter: LoraAdapter) -> dict[str, Any]:
+    """What an input's lorafuse_train.json says a classify head needs outside lorafuse (its task's labels and
+    the pooling it was trained with), for the fused adapter's card; {} for adapters trained elsewhere."""
+    record = adapter.train_record
+    keys = ("task", "labels", "formulation", "pooling")
+    found = {k: record[k] for k in keys if isinstance(record.get(k), (str, list))}
+    labels = found.get("labels", [])
+    if found.get("formulation") != "classify" or not all(isinstance(x, str) for x in labels):
+        return {}  # a record trained elsewhere or edited by hand: the card then shows no label mask
+    return found
 
 
 def _trim_scope(params: MethodParams, space: str) -> str:
