@@ -39,8 +39,8 @@ def outputs(tmp_path_factory):
             train_adapter(TrainConfig(task=name, model="stbert", output=f"adapters/{name}", epochs=3, lr=5e-3,
                                       batch_size=8, rank=4, target_modules=["query", "value"], progress=False,
                                       dropout=0.0))
-        result = merge([f"adapters/{n}" for n in TASKS], "task_arithmetic", modules_to_save="per_task",
-                       progress=False)
+        # the default modules_to_save (auto) keeps each lorafuse-trained classify adapter's head: per_task
+        result = merge([f"adapters/{n}" for n in TASKS], "task_arithmetic", progress=False)
         result.save("fused")
         yield root
     finally:
@@ -65,6 +65,30 @@ def test_no_output_names_an_absolute_path(outputs, tmp_path_factory):
     fused = json.loads((outputs / "fused/lorafuse_merge.json").read_text())
     assert [i["path"] for i in fused["inputs"]] == ["adapters/outside3", "adapters/outside2"]
     assert "base_model: stbert" in (outputs / "fused/README.md").read_text()
+    assert fused["options"]["modules_to_save"] == "auto" and fused["options"]["modules_to_save_applied"] == "per_task"
+    assert sorted(p.name for p in (outputs / "fused/task_heads").iterdir()) == [f"{n}.safetensors" for n in
+                                                                               sorted(TASKS)]
+
+
+def test_merge_yaml_names_embedded_base_by_short_name_and_paths_resolve_next_to_it(tmp_path, monkeypatch, capsys):
+    from adapter_factory import write_adapter
+
+    from lorafuse.cli import main
+    from lorafuse.models import HUB_IDS
+
+    modules = {"bert.encoder.layer.0.attention.self.query": (8, 8)}
+    for i in range(2):
+        write_adapter(tmp_path / "cfg" / f"a{i}", modules, seed=i, base_model=HUB_IDS["minilm"])
+    config = tmp_path / "cfg" / "merge.yml"
+    config.write_text("merge_method: average\nbase_model: minilm\nmodels:\n  - model: a0\n  - model: ./a1\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", str(config), "-o", "fused"]) == 0
+    assert json.loads((tmp_path / "fused/adapter_config.json").read_text())["base_model_name_or_path"] == \
+        HUB_IDS["minilm"]
+    # mergekit resolves against the working directory: a path that exists only from there is refused, saying so
+    config.write_text("merge_method: average\nmodels:\n  - model: cfg/a0\n  - model: cfg/a1\n")
+    assert main(["merge", str(config), "-o", "fused2"]) == 1
+    assert "resolves a merge YAML's relative paths against the YAML's folder" in capsys.readouterr().err
 
 
 def test_embedded_models_are_named_by_hub_id_and_accepted_by_any_name(tmp_path):

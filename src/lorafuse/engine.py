@@ -38,7 +38,9 @@ from lorafuse.provenance import stamp
 from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
 from lorafuse.validate import check_param_types, cut_name, finite_number, strict_bool, strict_int
 
-MODULES_TO_SAVE_POLICIES = ("error", "per_task", "average", "drop")
+# auto (the default): per_task when every adapter with modules_to_save is a lorafuse-trained classify adapter (its
+# head belongs to its task), else error (a user must say what the heads mean)
+MODULES_TO_SAVE_POLICIES = ("auto", "error", "per_task", "average", "drop")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class MergeOptions:
     rank: int | None = None  # output rank; None: each result's natural rank (dense results: min(Σr, m, n))
     space: str = "full"
     exact_svd: bool = False  # dense truncation by full SVD instead of randomized
-    modules_to_save: str = "error"
+    modules_to_save: str = "auto"
     dtype: torch.dtype | None = None  # output dtype; default: the adapters' dtype
     progress: bool = True
     rank_patterns: bool = False  # per-module ranks in rank_pattern instead of one zero-padded rank
@@ -303,7 +305,7 @@ def merge(
     rank: int | None = None,
     space: str = "full",
     exact_svd: bool = False,
-    modules_to_save: str = "error",
+    modules_to_save: str = "auto",
     dtype: torch.dtype | str | None = None,
     allow_bin: bool = False,
     progress: bool = True,
@@ -515,14 +517,14 @@ class _Engine:
 
     def _modules_to_save(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         with_extra = [a for a in self.adapters if a.extra_keys]
-        policy = self.options.modules_to_save
+        policy = self.heads_policy = _heads_policy(self.options.modules_to_save, with_extra)
         if not with_extra or policy == "drop":
             return {}, {}
         if policy == "error":
             raise ConfigError(
                 f"{with_extra[0].path}: adapter has modules_to_save ({', '.join(with_extra[0].settings.modules_to_save)}"
-                "); choose what to do with them: modules_to_save = per_task (keep each adapter's, in "
-                f"{HEADS_DIR}/), average, or drop")
+                "), and it is not a lorafuse-trained classify adapter; choose what to do with them: modules_to_save = "
+                f"per_task (keep each adapter's, in {HEADS_DIR}/), average, or drop")
         per_task = {a.name: {k: _checked_head(a, k) for k in a.extra_keys} for a in with_extra}
         if policy == "per_task":
             # PEFT's SEQ_CLS/TOKEN_CLS loading requires the head in the adapter file: the first task's is stored
@@ -559,7 +561,9 @@ class _Engine:
             "options": {"rank": self.options.rank, "space": self.options.space, "exact_svd": self.options.exact_svd,
                         "trim_scope": self.trim_scope if self.spec.kind == "elementwise" else None,
                         "dense_truncation": self._truncation_rule(),
-                        "modules_to_save": self.options.modules_to_save, "dtype": str(self.options.dtype),
+                        "modules_to_save": self.options.modules_to_save,
+                        "modules_to_save_applied": getattr(self, "heads_policy", self.options.modules_to_save),
+                        "dtype": str(self.options.dtype),
                         "rank_patterns": self.options.rank_patterns},
             "inputs": [{"name": a.name, "source": portable_name(a.source), "path": portable_name(a.source), "weights_file": a.weights_path.name,
                         "sha256": a.sha256, "weight": w, "density": d, "r": a.settings.r,
@@ -574,6 +578,14 @@ class _Engine:
             },
             **stamp(),
         }
+
+
+def _heads_policy(policy: str, with_extra: list[LoraAdapter]) -> str:
+    """`auto` made concrete: per_task when every adapter with modules_to_save is a lorafuse-trained classify
+    adapter (`lorafuse train` stores its task's head there), else error."""
+    if policy != "auto":
+        return policy
+    return "per_task" if with_extra and all(_trained_on(a) for a in with_extra) else "error"
 
 
 def _trained_on(adapter: LoraAdapter) -> dict[str, Any]:
