@@ -69,8 +69,9 @@ def test_config_keeps_task_type_and_heads_carry_format(fused):
     assert torch.equal(plain.classifier.weight, heads["task1"]["base_model.model.classifier.weight"])
 
 
-def test_auto_peft_model_loads_the_classification_output(fused):
+def test_auto_peft_model_loads_the_classification_output(fused, monkeypatch):
     result, out, base, heads = fused
+    monkeypatch.chdir(out.parent)  # the adapters named their base by its final name, `base`
     model = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(out)).eval()
     ids = torch.randint(1, 100, (2, 7))
     with torch.no_grad():  # the stored head is the first task's (the card says so)
@@ -84,7 +85,10 @@ def test_model_card_snippet_loads_each_head(fused, task, monkeypatch):
     card = (out / "README.md").read_text()
     assert "task_heads/task0.safetensors" in card and "task_heads/task1.safetensors" in card
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    code = re.sub(r'^task = "[^"]*"', f'task = "{task}"', code, flags=re.M)
+    code = re.sub(r"^task = '[^']*'", f"task = {task!r}", code, flags=re.M)
+    # the card names the base as the adapters recorded it (its final name, never this machine's path)
+    assert re.search(r"^base_id = 'base'", code, re.M)
+    code = re.sub(r"^base_id = '[^']*'", f"base_id = {str(out.parent / 'base')!r}", code, flags=re.M)
     monkeypatch.chdir(out)  # the snippet reads "a local copy of this directory"
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)

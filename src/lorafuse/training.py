@@ -319,10 +319,11 @@ def train_adapter(cfg: TrainConfig) -> Path:
     progress.stage(f"writing {out}")
     with atomic_output_dir(out, cfg.overwrite, kind="adapter") as tmp, _full_disk_named(tmp):
         trained.save_pretrained(tmp)
+        _portable_base_name(tmp, info.recorded_name)
         if cfg.full_finetune:
             tokenizer.save_pretrained(tmp)
             _copy_pooling_config(info.path, tmp, cfg.pooling)
-        record = _record(cfg, task, formulation_name, info.path, len(rows), result, train_seconds,
+        record = _record(cfg, task, formulation_name, info, len(rows), result, train_seconds,
                          trainer.state.log_history)
         record.update(_validation_record(best))
         (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")  # names the task for its head
@@ -330,6 +331,8 @@ def train_adapter(cfg: TrainConfig) -> Path:
             progress.stage("validating the written adapter")
             record.update(_validate(cfg, task, formulation_name, tmp))
             (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if not cfg.full_finetune:
+            _write_card(tmp, record)
     shutil.rmtree(ckpt, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return out
@@ -553,20 +556,57 @@ def train_precision(cfg: TrainConfig) -> Any:
     return resolve_precision(cfg.dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _record(cfg: TrainConfig, task: Task, formulation: str, model_path: str, n: int, result: Any,
+def _write_card(directory: Path, record: dict[str, Any]) -> None:
+    """A real model card in place of PEFT's template (~40 "[More Information Needed]")."""
+    from lorafuse.adapters.cards import train_card
+
+    config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    (directory / "README.md").write_text(train_card(record, config), encoding="utf-8")
+
+
+def _portable_base_name(directory: Path, name: str) -> None:
+    """PEFT records the base model as it was loaded (this machine's absolute path): record `name` instead (an
+    embedded model's Hub id, a user's path as given or its final name), in adapter_config.json and, for a full
+    fine-tune, config.json's `_name_or_path`."""
+    for file, key in (("adapter_config.json", "base_model_name_or_path"), ("config.json", "_name_or_path")):
+        path = directory / file
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            if key in config:
+                config[key] = name
+                path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _portable_hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as run, with the paths in it recorded portably (see `models.portable_name`)."""
+    from lorafuse.models import portable_name
+
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress", "stage_lines")}
+    for key in ("model", "data_dir"):
+        if params.get(key):
+            params[key] = portable_name(params[key])
+    return params
+
+
+def _record(cfg: TrainConfig, task: Task, formulation: str, info: Any, n: int, result: Any,
             seconds: float, log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the adapter was trained on and how (the experiment runner and `load_task_head` read `task`)."""
+    """What the adapter was trained on and how (the experiment runner and `load_task_head` read `task`). Paths
+    are recorded portably: `model_path` is the Hub id of an embedded model, else the model as given (a relative
+    path) or its final name, never this machine's directories."""
+    from lorafuse.models import portable_name
+
     losses = [round(float(h["loss"]), 5) for h in log_history if "loss" in h]
     return {
-        "task": task.name, "labels": list(task.labels), "model": cfg.model, "model_path": model_path,
+        "task": task.name, "labels": list(task.labels), "model": portable_name(cfg.model),
+        "model_path": info.recorded_name,
         "formulation": formulation, "train_examples": n,
         "data_sha256": _fingerprints(task, cfg.data_dir),
-        "hyperparameters": {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress", "stage_lines")},
+        "hyperparameters": _portable_hyperparameters(cfg),
         "train_loss": float(result.training_loss), "train_steps": int(result.global_step),
         "loss_history": losses, "device": "cuda" if torch.cuda.is_available() else "cpu",
         "precision": train_precision(cfg).to_dict(),
         "train_seconds": round(seconds, 2),
         "train_examples_per_second": round(n * cfg.epochs / seconds, 2)
         if seconds > 0 else None,
-        "pooling": cfg.pooling or (_pooling_of(model_path) if formulation == "classify" else None), **stamp(),
+        "pooling": cfg.pooling or (_pooling_of(info.path) if formulation == "classify" else None), **stamp(),
     }

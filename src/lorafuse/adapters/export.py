@@ -25,9 +25,15 @@ _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer
 
 
 def resolve_model_dir(base: str | Path) -> Path:
+    """A base model's local directory: a path, an embedded model (`minilm`, `smollm2` or their Hub ids), or a
+    Hub id fetched."""
+    from lorafuse.models import embedded_name, resolve_model
+
     path = Path(base).expanduser()
     if path.is_dir():
         return path
+    if embedded_name(str(base)) is not None:
+        return Path(resolve_model(str(base)).path)
     if path.exists() or not looks_like_hub_id(str(base), bare=True):
         raise AdapterError(f"{base}: no such base model directory")
     from huggingface_hub import snapshot_download

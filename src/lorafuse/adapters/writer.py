@@ -48,6 +48,10 @@ def fused_config(
     else:
         r, pattern = max(ranks.values()), {}
     cfg: dict[str, Any] = {k: template[k] for k in _CARRIED if k in template}
+    if isinstance(cfg.get("base_model_name_or_path"), str):  # never an absolute path of the machine that wrote it
+        from lorafuse.models import portable_name
+
+        cfg["base_model_name_or_path"] = portable_name(cfg["base_model_name_or_path"])
     if not modules_to_save and cfg.get("task_type") in _TASKS_WITH_HEADS:
         # PEFT wraps a SEQ_CLS/TOKEN_CLS model's head as modules_to_save and then requires its weights in the
         # file (a KeyError otherwise): an adapter with no head at all is a plain LoRA on the backbone.
@@ -191,19 +195,27 @@ Parameters: `{json.dumps(provenance.get("parameters", {}))}`; options: `{json.du
 
 Load it with `PeftModel.from_pretrained(base_model, "<this directory>")`; rank r={config.get("r")} ({ranks}).
 Full provenance: `{PROVENANCE_NAME}`.
-{heads_section(config, heads or {})}"""
+{heads_section(config, heads or {}, provenance)}"""
 
 
-def heads_section(config: Mapping[str, Any], heads: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
-    """The card's part on per-task heads: which files, and a snippet that loads the fused adapter with one of
-    them into a plain transformers model (tests run it as written)."""
+def heads_section(config: Mapping[str, Any], heads: Mapping[str, Mapping[str, torch.Tensor]],
+                  provenance: Mapping[str, Any] | None = None) -> str:
+    """The card's part on per-task heads: which files, and a plain transformers + PEFT snippet that loads the
+    fused adapter with one of them, with the task's label mask and the inputs' pooling (tests run it as
+    written)."""
+    from lorafuse.adapters.cards import classify_snippet, slot_labels
+
     if not heads:
         return ""
     first = next(iter(heads))
-    labels = {name: _num_labels(tensors) for name, tensors in heads.items()}
-    listing = "\n".join(f"- `{HEADS_DIR}/{name}.safetensors` ({labels[name]} labels)" for name in heads)
+    trained = {i.get("name"): i for i in (provenance or {}).get("inputs", [])}
+    labels = {name: slot_labels(trained.get(name, {}).get("labels")) for name in heads}
+    pooling = next((i["pooling"] for i in trained.values() if i.get("pooling")), None)
+    listing = "\n".join(f"- `{HEADS_DIR}/{name}.safetensors` ({_num_labels(tensors)} labels)"
+                        for name, tensors in heads.items())
     stored = (f"\nThe adapter itself carries `{first}`'s head as its `modules_to_save` (PEFT's {config['task_type']} "
-              "format needs one): `PeftModel.from_pretrained` alone gives that task's head.\n"
+              "format needs one): `PeftModel.from_pretrained` alone, or `AutoPeftModelForSequenceClassification"
+              f".from_pretrained(\".\", num_labels=3)`, gives that task's head.\n"
               if config.get("modules_to_save") else "")
     base = config.get("base_model_name_or_path") or "<base model>"
     return f"""
@@ -213,21 +225,9 @@ Each task keeps its own classification head (never merged), under the plain tran
 
 {listing}
 {stored}
-```python
-from peft import PeftModel
-from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification
+With transformers and PEFT alone (the same predictions as `lorafuse eval`):
 
-adapter = "."  # a local copy of this directory
-task = "{first}"  # or any task listed above
-base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels={labels[first]})
-model = PeftModel.from_pretrained(base, adapter).merge_and_unload()  # a plain transformers model with the fused update
-head = load_file(f"{{adapter}}/{HEADS_DIR}/{{task}}.safetensors")
-missing, unexpected = model.load_state_dict(head, strict=False)
-assert not unexpected and not set(head) & set(missing)
-model.eval()
-```
-"""
+{classify_snippet(base, labels, first, pooling, heads_dir=HEADS_DIR)}"""
 
 
 def _next_vllm_rank(r: int) -> int:

@@ -34,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                             "dense element-wise results min(Σr, m, n))")
     o.add_argument("--space", help="space of element-wise methods: full, knots, core")
     o.add_argument("--exact-svd", action="store_true", default=None, help="exact SVD instead of randomized")
-    o.add_argument("--modules-to-save", choices=["error", "per_task", "average", "drop"],
-                   help="what to do with modules_to_save tensors (e.g. classification heads)")
+    o.add_argument("--modules-to-save", choices=["auto", "error", "per_task", "average", "drop"],
+                   help="what to do with modules_to_save tensors (classification heads); default auto: per_task for "
+                        "adapters made by `lorafuse train` (each task keeps its head), else an error asking")
     o.add_argument("--rank-patterns", action="store_true", default=None,
                    help="store each module at its own rank with rank_pattern/alpha_pattern (PEFT only; default: one "
                         "rank, lower-rank modules zero-padded, which every engine loads)")
