@@ -151,7 +151,10 @@ def check_compatible(adapters: Sequence[LoraAdapter], base_model: str | None = N
                 f"{first.settings.fan_in_fan_out} of {first.path}")
         for attr, label in (("base_model", "base model"), ("task_type", "task_type")):
             mine, theirs = getattr(first.settings, attr), getattr(adapter.settings, attr)
-            if mine and theirs and mine != theirs:  # an unnamed base or task type matches any
+            # an unnamed base or task type matches any; base models compare as models (a path recorded by its final
+            # name, a short name, a Hub id and a local copy of one embedded model are the same)
+            same = _same_model(mine, theirs) if attr == "base_model" and mine and theirs else mine == theirs
+            if mine and theirs and not same:
                 raise IncompatibleAdaptersError(
                     f"{adapter.path}: {label} '{theirs}' differs from '{mine}' of {first.path}")
     if base_model and first.settings.base_model and not _same_model(base_model, first.settings.base_model):
