@@ -1,4 +1,4 @@
-"""Every `lorafuse ...` command in README.md's fenced shell blocks parses with lorafuse's own argparse parser (its
+"""Every `lorafuse ...` command in the fenced shell blocks of README.md and docs/*.md parses with lorafuse's own argparse parser (its
 subcommand and every flag as written; paths need not exist), and the Python merge example's default takes the
 heads of adapters made by `lorafuse train`."""
 
@@ -12,7 +12,9 @@ import pytest
 
 from lorafuse.cli import build_parser
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 LAUNCHERS = (r"^(?:\.venv/bin/)?lorafuse\s", r"-m lorafuse\s")
 
 
@@ -20,7 +22,8 @@ def readme_commands() -> list[str]:
     """The lorafuse command lines of the ```bash blocks: continuations joined, comments cut, `a && b` split,
     `accelerate launch ... -m lorafuse` reduced to its lorafuse part."""
     commands = []
-    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", README.read_text(), re.S):
+    text = "\n".join(doc.read_text() for doc in DOCS)
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"(^|\s)#.*$", "", line).strip()
             for part in line.split("&&"):
