@@ -373,3 +373,16 @@ def test_an_experiment_on_given_adapters_trains_nothing_and_names_them_by_hash(s
 
     with pytest.raises(ConfigError, match=r"adapters\.nope: not one of the experiment's tasks"):
         parse_config({**raw, "adapters": {"nope": given["xa"]}}, "test")
+
+
+def test_a_report_of_a_run_in_progress_says_what_has_not_run(setup):
+    """`--only-stage report` over a run whose fuse stage has not finished: a partial report naming the missing
+    jobs (a run that spans sessions commits one)."""
+    root, raw = setup
+    out = root / "partial"
+    run({**raw, "methods": raw["methods"][:1]}, out, cache_dir=root / "cache")
+    runner, results = run(raw, out, cache_dir=root / "cache", stages=["report"])
+    assert results["not_run"] == ["task_arithmetic", "ties@knots"]
+    assert [j["name"] for j in results["jobs"]][-1] == "average"
+    md = (out / "report" / "report.md").read_text()
+    assert "**A partial report**: 2 configured job(s) have not run yet (task_arithmetic, ties@knots)" in md

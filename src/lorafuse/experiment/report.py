@@ -64,7 +64,7 @@ def write_report(out: Path, config: Any, state: Any) -> dict[str, Any]:
     results = {"experiment": config.name, "config": config.model_dump(), "tasks": config.tasks,
                "adapters": {t: str(p) for t, p in state.adapters.items()}, "training": list(state.training),
                "warnings": warnings, "statistics": statistics,
-               "jobs": jobs, "stage_seconds": dict(state.stage_seconds),
+               "jobs": jobs, "not_run": list(getattr(state, "not_run", [])), "stage_seconds": dict(state.stage_seconds),
                "stage_compute_seconds": compute_seconds(state.training, jobs), **stamp(), "machine": machine()}
     write_json_atomic(out / "results.json", results)
     _write_csv(out / "results.csv", jobs, config.tasks, statistics)
@@ -344,6 +344,10 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
              f"lorafuse {results['versions'].get('lorafuse')}; {results['created']}.", "",
              ]
     statistics, warnings = results["statistics"], results["warnings"]
+    if results.get("not_run"):
+        parts += [f"**A partial report**: {len(results['not_run'])} configured job(s) have not run yet "
+                  f"({', '.join(results['not_run'])}); every number below is final for the jobs that have, and "
+                  "rankings, the best method and its ties cover only those.", ""]
     found = findings(jobs, statistics)
     if found:
         parts += ["## What this run shows", ""] + found + [""]

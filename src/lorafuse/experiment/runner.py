@@ -40,6 +40,7 @@ class RunState:
     jobs: list[dict[str, Any]] = field(default_factory=list)  # reference, fused and data-driven results
     stage_seconds: dict[str, float] = field(default_factory=dict)  # this invocation's wall time per stage
     executed: list[str] = field(default_factory=list)  # what actually ran (not loaded from the cache)
+    not_run: list[str] = field(default_factory=list)  # configured jobs of unselected stages with no result yet
 
 
 class ExperimentRunner:
@@ -433,6 +434,8 @@ class ExperimentRunner:
         if done is not None or stage not in self.stages:
             if done is None and required:
                 raise ExperimentError(f"job '{job_id}' of stage '{stage}' has not run (select that stage)")
+            if done is None:
+                self.state.not_run.append(label or name)  # the report says it is partial
             self._advance(done is not None)
             return done
         return Job(job_id, stage, label or name, call, args, **split)
