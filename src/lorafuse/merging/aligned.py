@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafuse.algebra.lowrank import CORE_DTYPE, WORK_DTYPE, LowRank, numerical_rank
-from lorafuse.spaces import Projection, register_space
+from lorafuse.merging.algebra.lowrank import CORE_DTYPE, WORK_DTYPE, LowRank, numerical_rank
+from lorafuse.merging.spaces import Projection, register_space
 
 KNOTS_TOL = 1e-5  # relative cut of the joint spectrum (see the module docstring)
 
@@ -168,7 +168,7 @@ def _singular_basis(factors: Sequence[torch.Tensor], dtype: torch.dtype = WORK_D
 
 def core_basis(terms: Sequence[LowRank], dtype: torch.dtype = WORK_DTYPE) -> CoreBasis:
     """The Core Space bases and pieces, computed in `dtype` (float64 for spectral methods, whose ranks must see
-    the inputs' rounding only: see lorafuse.methods.spectral)."""
+    the inputs' rounding only: see lorafuse.merging.methods.spectral)."""
     Qb, Pb, Rb = _singular_basis([t.B for t in terms], dtype)
     Qa, Pa, Ra = _singular_basis([t.A.T for t in terms], dtype)
     return CoreBasis(Qb, Pb, Rb, Qa, Pa, Ra)

@@ -32,7 +32,7 @@ class ModelInfo:
     path: str
     formulation: str  # default formulation
     target_modules: tuple[str, ...]
-    # Training defaults measured for this model (lr, head_lr, warmup; see lorafuse.training.resolve_recipe).
+    # Training defaults measured for this model (lr, head_lr, warmup; see lorafuse.model.training.resolve_recipe).
     recipe: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     # What outputs record as the base model: the Hub id of an embedded model, else `portable_name(name)`
     hub_id: str | None = None

@@ -2,7 +2,7 @@
 [T, ...]) and rebuilds a merged block into an update: dense ΔW (full) or factors (aligned spaces).
 
 `full`: the dense ΔW_t themselves; the merged dense update comes back to low rank by a truncated SVD.
-Aligned spaces (`knots`, `core`) live in lorafuse.aligned and register here on import.
+Aligned spaces (`knots`, `core`) live in lorafuse.merging.aligned and register here on import.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import ConfigError, did_you_mean
+from lorafuse.merging.algebra.lowrank import LowRank
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ SpaceFn = Callable[[Sequence[LowRank]], Projection]
 # mergekit trim each tensor; the KnOTS code trims all modules' blocks together; the Core Space code each module.
 REFERENCE_TRIM_SCOPE = {"full": "module", "knots": "global", "core": "module"}
 SPACES: dict[str, SpaceFn] = {}
-_OPTIONAL_SPACE_MODULES = ("lorafuse.aligned",)
+_OPTIONAL_SPACE_MODULES = ("lorafuse.merging.aligned",)
 
 
 def register_space(name: str) -> Callable[[SpaceFn], SpaceFn]:

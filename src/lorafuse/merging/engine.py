@@ -27,15 +27,15 @@ from lorafuse.adapters.writer import (
     write_adapter_dir,
     write_adapter_files,
 )
-from lorafuse.algebra.dense import ENERGY_RTOL, MAX_POWER_ITERATIONS, DenseUpdate, dense_truncated_svd
-from lorafuse.algebra.lowrank import CORE_DTYPE, LowRank, truncate
 from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
-from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
-from lorafuse.methods.thresholds import StreamingQuantile, top_limits
-from lorafuse.models import portable_name
+from lorafuse.merging.algebra.dense import ENERGY_RTOL, MAX_POWER_ITERATIONS, DenseUpdate, dense_truncated_svd
+from lorafuse.merging.algebra.lowrank import CORE_DTYPE, LowRank, truncate
+from lorafuse.merging.methods.registry import MergeMethod, MethodParams, get_method
+from lorafuse.merging.methods.thresholds import StreamingQuantile, top_limits
+from lorafuse.merging.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
+from lorafuse.model.models import portable_name
 from lorafuse.provenance import stamp
-from lorafuse.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
 from lorafuse.validate import check_param_types, cut_name, finite_number, strict_bool, strict_int
 
 # auto (the default): per_task when every adapter with modules_to_save is a lorafuse-trained classify adapter (its
@@ -174,7 +174,9 @@ def check_compatible(adapters: Sequence[LoraAdapter], base_model: str | None = N
 
 
 def _same_model(a: str, b: str) -> bool:
-    from lorafuse.models import same_model  # short name, Hub id and local copy of an embedded model are one
+    from lorafuse.model.models import (
+        same_model,  # short name, Hub id and local copy of an embedded model are one
+    )
 
     return same_model(a, b)
 
@@ -218,7 +220,7 @@ class _Thresholds:
 
     def __init__(self, method: MergeMethod, params: MethodParams, densities: list[float], scope: str,
                  generators: Callable[[str], list[torch.Generator]]) -> None:
-        from lorafuse.methods.elementwise import keep_rule
+        from lorafuse.merging.methods.elementwise import keep_rule
 
         self.recipe = method.fn.recipe  # type: ignore[attr-defined]
         self.params = params
@@ -229,7 +231,7 @@ class _Thresholds:
         self.fixed: torch.Tensor | None = None
 
     def _input(self, module: str, blocks: torch.Tensor) -> torch.Tensor:
-        from lorafuse.methods.elementwise import threshold_input
+        from lorafuse.merging.methods.elementwise import threshold_input
 
         return threshold_input(blocks, self.recipe, self.params, self.generators(module))
 
@@ -254,7 +256,7 @@ class _Thresholds:
                             ).reshape(len(per_task), self.width, 2)
 
     def for_module(self, module: str, blocks: torch.Tensor) -> torch.Tensor:
-        from lorafuse.methods.primitives import top_limit
+        from lorafuse.merging.methods.primitives import top_limit
 
         if self.fixed is not None or not any(self.rules):
             return self.fixed if self.fixed is not None else self._table([[] for _ in self.rules])
@@ -271,7 +273,7 @@ class _Thresholds:
         def values(t: int) -> Iterator[torch.Tensor]:
             if not self.recipe.trim_after_drop:
                 return rows.task_values(t)
-            from lorafuse.methods.elementwise import drop
+            from lorafuse.merging.methods.elementwise import drop
 
             g = self.generators(module)[t]  # fresh per pass: the same draws as the merge's, band by band
             return (drop(band.unsqueeze(0), self.params, [g])[0] for band in rows.task_values(t))
@@ -279,7 +281,7 @@ class _Thresholds:
         def sample(t: int) -> torch.Tensor:
             if not self.recipe.trim_after_drop:
                 return rows.task_sample(t)
-            from lorafuse.methods.elementwise import drop
+            from lorafuse.merging.methods.elementwise import drop
 
             # only brackets the threshold (exactness does not depend on it): an independent drop of the sample
             return drop(rows.task_sample(t).unsqueeze(0), self.params, [torch.Generator().manual_seed(t)])[0]
@@ -449,7 +451,7 @@ class _Engine:
         if self.spec.takes_generators:  # seeded per adapter name and module: independent of the adapters' order
             extra["generators"] = self._generators(module)
         if self.options.space == "core":  # the method sees each update as its (Σr)×(Σr) core
-            from lorafuse.aligned import from_core, to_core
+            from lorafuse.merging.aligned import from_core, to_core
 
             # float64 bases: a spectral method's ranks see the inputs' rounding only (a cancelling sum is 0)
             cores, UB, VA = to_core(terms, CORE_DTYPE)

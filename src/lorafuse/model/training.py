@@ -10,7 +10,7 @@ The recipe (each default measured in `benchmarks/results/recipe_ablation.md`):
 - batches of similar length (length-grouped sampling) padded to their own longest row;
 - validation accuracy every `eval_steps`: the adapter written is the best one seen (`best_step` in the record),
   not the last one (`best_checkpoint=False` keeps the last);
-- chat: the verbalizer loss by default (`chat_loss`, see `lorafuse.formulations`).
+- chat: the verbalizer loss by default (`chat_loss`, see `lorafuse.model.formulations`).
 `full_finetune=True` trains every weight instead of a LoRA (the same data, budget and head; the reference a
 LoRA is judged against in `benchmarks/single_task.py`) and writes a whole model directory.
 
@@ -39,10 +39,10 @@ from typing import Any
 import torch
 
 from lorafuse.atomic import atomic_output_dir, check_output
-from lorafuse.formulations import check_formulation, load_model, make_formulation
+from lorafuse.model.formulations import check_formulation, load_model, make_formulation
+from lorafuse.model.train_progress import TrainProgress
 from lorafuse.provenance import stamp
 from lorafuse.tasks.registry import Task, get_task
-from lorafuse.train_progress import TrainProgress
 from lorafuse.validate import check_apart
 
 TRAIN_RECORD = "lorafuse_train.json"
@@ -51,7 +51,7 @@ TRAIN_RECORD = "lorafuse_train.json"
 @dataclass
 class TrainConfig:
     """Everything `lorafuse train` takes; `train_adapter(TrainConfig(...))` is the Python entry point.
-    `formulation` and `target_modules` default to the model's (see `lorafuse.models`); `target_modules` may be
+    `formulation` and `target_modules` default to the model's (see `lorafuse.model.models`); `target_modules` may be
     module names, one regex, or `all` (every linear projection: Llama's 7)."""
 
     task: str
@@ -68,7 +68,7 @@ class TrainConfig:
     # classify head input: None (the model's own), `model` or `mean`; anything but None is for ablations: the
     # Evaluator reads every model with its own pooling
     pooling: str | None = None
-    chat_loss: str = "verbalizer"  # or `generative` (see lorafuse.formulations)
+    chat_loss: str = "verbalizer"  # or `generative` (see lorafuse.model.formulations)
     eval_steps: int | None = None  # validate every N steps (None: EVALUATIONS times a run); 0: never
     best_checkpoint: bool = True  # write the best adapter by validation accuracy, not the last
     group_by_length: bool = True
@@ -82,7 +82,7 @@ class TrainConfig:
     seed: int = 0
     data_dir: str | None = None
     gradient_checkpointing: bool = False
-    dtype: str = "auto"  # bfloat16: mixed precision, fp32 masters (lorafuse.precision); auto: by the hardware
+    dtype: str = "auto"  # bfloat16: mixed precision, fp32 masters (lorafuse.model.precision); auto: by the hardware
     save_steps: int | None = None  # checkpoint every N steps (default: every epoch), for --resume
     resume: bool = False
     overwrite: bool = False
@@ -130,7 +130,7 @@ def _trainer(model: Any, formulation: Any, task: Task, rows: list[dict[str, Any]
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from lorafuse.formulations import Batch
+    from lorafuse.model.formulations import Batch
 
     lengths = [_row_length(r) for r in rows]
 
@@ -278,8 +278,8 @@ def _checkpointing_arg(arguments: Any, enabled: bool) -> dict[str, bool]:
 def train_adapter(cfg: TrainConfig) -> Path:
     """Train one task's adapter; returns the output directory (PEFT adapter + lorafuse_train.json; a whole model
     directory with `full_finetune`). The output is written to a temporary directory and moved into place whole."""
-    from lorafuse.evaluation import label_names
-    from lorafuse.models import check_max_length, resolve_model, resolve_targets
+    from lorafuse.model.evaluation import label_names
+    from lorafuse.model.models import check_max_length, resolve_model, resolve_targets
 
     check_train_config(cfg)
     out = check_output(cfg.output, cfg.overwrite, "adapter")
@@ -479,7 +479,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         if value is not None or name != "warmup":
             if not 0.0 <= finite_number(value, name) < 1.0:
                 raise ConfigError(f"{name}: must be in [0, 1) (got {value!r})")
-    from lorafuse.precision import check_dtype
+    from lorafuse.model.precision import check_dtype
 
     check_dtype(cfg.dtype)
 
@@ -517,7 +517,7 @@ def _check_validation_split(task: Task, data_dir: str | None) -> None:
 def _validate(cfg: TrainConfig, task: Task, formulation: str, adapter_dir: Path) -> dict[str, Any]:
     """Validation accuracy of the freshly written adapter (None when the task has no validation split)."""
     from lorafuse.errors import ConfigError
-    from lorafuse.evaluation import Evaluator
+    from lorafuse.model.evaluation import Evaluator
     from lorafuse.tasks.registry import DataError
 
     try:  # a local split was read before training (_check_validation_split): what fails here is its absence
@@ -532,7 +532,7 @@ def _validate(cfg: TrainConfig, task: Task, formulation: str, adapter_dir: Path)
 
 
 def _pooling_of(model_path: str) -> str:
-    from lorafuse.formulations import model_pooling
+    from lorafuse.model.formulations import model_pooling
 
     return model_pooling(model_path)
 
@@ -551,7 +551,7 @@ def _fingerprints(task: Task, data_dir: str | None) -> dict[str, str]:
 
 def train_precision(cfg: TrainConfig) -> Any:
     """The dtype training computes in (mixed precision when bf16) on the device the Trainer picks."""
-    from lorafuse.precision import resolve_precision
+    from lorafuse.model.precision import resolve_precision
 
     return resolve_precision(cfg.dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -579,7 +579,7 @@ def _portable_base_name(directory: Path, name: str) -> None:
 
 def _portable_hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
     """The config as run, with the paths in it recorded portably (see `models.portable_name`)."""
-    from lorafuse.models import portable_name
+    from lorafuse.model.models import portable_name
 
     params = {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress", "stage_lines")}
     for key in ("model", "data_dir"):
@@ -593,7 +593,7 @@ def _record(cfg: TrainConfig, task: Task, formulation: str, info: Any, n: int, r
     """What the adapter was trained on and how (the experiment runner and `load_task_head` read `task`). Paths
     are recorded portably: `model_path` is the Hub id of an embedded model, else the model as given (a relative
     path) or its final name, never this machine's directories."""
-    from lorafuse.models import portable_name
+    from lorafuse.model.models import portable_name
 
     losses = [round(float(h["loss"]), 5) for h in log_history if "loss" in h]
     return {

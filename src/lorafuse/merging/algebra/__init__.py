@@ -1,7 +1,7 @@
 """Low-rank algebra on LoRA updates ΔW = B·A: exact sums, SVDs from the factors, dense fallbacks."""
 
-from lorafuse.algebra.dense import dense_truncated_svd
-from lorafuse.algebra.lowrank import (
+from lorafuse.merging.algebra.dense import dense_truncated_svd
+from lorafuse.merging.algebra.lowrank import (
     FactorSVD,
     LowRank,
     factor_svd,

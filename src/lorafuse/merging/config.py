@@ -79,7 +79,7 @@ class MergeConfig(BaseModel):
         return value
 
     def merge_kwargs(self, base_dir: Path | None = None) -> dict[str, Any]:
-        """Keyword arguments for `lorafuse.engine.merge`, adapter paths resolved against the config's folder."""
+        """Keyword arguments for `lorafuse.merging.engine.merge`, adapter paths resolved against the config's folder."""
         params = dict(self.parameters)
         engine = {k: params.pop(k) for k in ENGINE_OPTIONS if k in params}
         engine.update({k: getattr(self, k) for k in ENGINE_OPTIONS if getattr(self, k) is not None})
@@ -128,7 +128,7 @@ def load_merge_config(path: str | Path) -> MergeConfig:
 def _check_refused(config: MergeConfig, path: Path) -> None:
     """Parameters the method would read with another meaning than other tools give them (DARE's `density`),
     named with the file and the field."""
-    from lorafuse.methods.registry import get_method
+    from lorafuse.merging.methods.registry import get_method
 
     try:
         spec = get_method(config.merge_method)

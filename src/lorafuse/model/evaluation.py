@@ -19,9 +19,11 @@ import torch
 
 from lorafuse.adapters.reader import PREFIX, LoraAdapter
 from lorafuse.adapters.writer import HEADS_DIR
-from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import AdapterError, ConfigError
-from lorafuse.formulations import Batch, check_formulation, load_model, make_formulation
+from lorafuse.merging.algebra.lowrank import LowRank
+from lorafuse.model.apply import MasterWeights, _submodule, applied, head_loaded  # noqa: F401 (re-exported)
+from lorafuse.model.formulations import Batch, check_formulation, load_model, make_formulation
+from lorafuse.model.kinds import installable, load_fused
 from lorafuse.tasks.registry import Task, get_task
 
 Updates = Mapping[str, LowRank]
@@ -40,7 +42,7 @@ class EvalResult:
     predicted: dict[str, dict[str, int]] = field(default_factory=dict)  # task → label → times predicted
     labels: dict[str, dict[str, int]] = field(default_factory=dict)  # task → gold label → examples
     correct: dict[str, str] = field(default_factory=dict)  # task → per-example correctness (stats.pack_bits)
-    precision: dict[str, str] = field(default_factory=dict)  # the dtype it ran in and why (lorafuse.precision)
+    precision: dict[str, str] = field(default_factory=dict)  # the dtype it ran in and why (lorafuse.model.precision)
 
     def correct_flags(self, task: str) -> Any:
         """Per-example correctness of `task` (a numpy bool array, in the split's file order)."""
@@ -99,82 +101,7 @@ class EvalResult:
                 "reference": {t: 100 * r for t, r in self.reference.items()}}
 
 
-# -- applying adapters -------------------------------------------------------------------------------------
-def _submodule(model: torch.nn.Module, module: str) -> torch.nn.Module:
-    """The model's module for an adapter path; tolerates a wrapper prefix present on one side only."""
-    parts = module.split(".")
-    for start in range(len(parts)):
-        try:
-            return model.get_submodule(".".join(parts[start:]))
-        except AttributeError:
-            continue
-    raise AdapterError(f"module '{module}' of the adapter is not in the model (an adapter for another base?)")
-
-
-class MasterWeights:
-    """fp32 copies of a model's weights taken before it is cast to a lower precision: an update is added to the
-    fp32 master and only the sum is rounded (lorafuse.precision), and removing it restores the rounded master."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self._copies = {id(p): p.detach().float().clone() for p in model.parameters()
-                        if p.is_floating_point() and p.ndim >= 2}
-
-    def of(self, weight: torch.Tensor) -> torch.Tensor | None:
-        return self._copies.get(id(weight))
-
-
-@contextmanager
-def applied(model: torch.nn.Module, updates: Updates, fan_in_fan_out: bool = False,
-            masters: MasterWeights | None = None) -> Iterator[None]:
-    """Temporarily W ← W + ΔW for every module of `updates` (exact; originals restored on exit). With `masters`
-    (a reduced-precision model) W + ΔW is formed from the fp32 master, then rounded to the weight's dtype."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for name, update in updates.items():
-                weight = _submodule(model, name).weight
-                delta = update.dense().to(weight.device)
-                delta = delta.T if fan_in_fan_out else delta
-                if delta.shape != weight.shape:
-                    raise AdapterError(f"module '{name}': update {tuple(delta.shape)} does not fit weight "
-                                       f"{tuple(weight.shape)} (an adapter for another base model?)")
-                master = masters.of(weight) if masters is not None else None
-                if master is None:
-                    saved.append((weight, weight.detach().clone()))
-                    weight.add_(delta.to(weight.dtype))
-                else:
-                    saved.append((weight, master))
-                    weight.copy_(master.to(weight.device) + delta.float())
-        yield
-    finally:
-        with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
-
-
-@contextmanager
-def head_loaded(model: torch.nn.Module, head: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
-    """Temporarily load a task's classification head (keys as PEFT stores modules_to_save)."""
-    if not head:
-        yield
-        return
-    state = {k.removeprefix(PREFIX): v for k, v in head.items()}
-    params = dict(model.named_parameters())
-    missing = [k for k in state if k not in params]
-    if missing:
-        raise AdapterError(f"head tensors {missing[:2]} do not match the model's parameters")
-    saved = {k: params[k].detach().clone() for k in state}
-    with torch.no_grad():
-        for k, v in state.items():
-            params[k].copy_(v.to(params[k].dtype))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, v in saved.items():
-                params[k].copy_(v)
-
-
+# -- heads and updates of an adapter ----------------------------------------------------------------------
 def load_task_head(task: str, adapter: str | Path | None = None,
                    heads: Mapping[str, str | Path | Mapping[str, torch.Tensor]] | None = None,
                    heads_dir: str | Path | None = None) -> dict[str, torch.Tensor] | None:
@@ -276,8 +203,8 @@ class Evaluator:
                  data_dir: str | Path | None = None, max_examples: int | None = None, batch_size: int = 32,
                  max_length: int | None = None, progress: bool = True, device: str | None = None,
                  dtype: str = "auto") -> None:
-        from lorafuse.models import check_max_length, default_device, resolve_model
-        from lorafuse.precision import resolve_precision
+        from lorafuse.model.models import check_max_length, default_device, resolve_model
+        from lorafuse.model.precision import resolve_precision
 
         info = resolve_model(model)
         check_max_length(info.path, max_length)
@@ -368,13 +295,11 @@ class Evaluator:
         fused or router), None for the base model, an `InMemoryAdapter` or (tensors, LoraConfig) pair,
         {module: LowRank} updates, or a MergeResult. `heads` gives per-task classification heads (tensors, or
         the task's own adapter directory) where the adapter has none of its own (see `load_task_head`)."""
-        from lorafuse.fusion.router import Router, is_router
-
         if tasks is not None:
             return self.subset(tasks).evaluate(adapter, heads, fan_in_fan_out, split=split)
-        if isinstance(adapter, (str, Path)) and is_router(adapter):
-            adapter = Router.load(adapter)
-        if isinstance(adapter, Router):
+        if isinstance(adapter, (str, Path)):
+            adapter = load_fused(adapter)  # a directory of a registered kind (a router's): loaded; else the path
+        if installable(adapter):
             with adapter.installed(self.model):  # classify: each task's adapter brings its own head
                 return self.evaluate(None, {**(heads or {}), **adapter.heads}, split=split)
         updates, heads, fan_in_fan_out = self._resolve(adapter, heads, fan_in_fan_out)
@@ -440,7 +365,7 @@ def label_names(formulation: str, task: Task) -> dict[int, str]:
     """Prediction (and target) index → label word: classify predicts shared slots, chat indexes the task's
     labels."""
     if formulation == "classify":
-        from lorafuse.formulations import SLOT
+        from lorafuse.model.formulations import SLOT
 
         return {SLOT[label]: label for label in task.labels}
     return dict(enumerate(task.labels))
