@@ -1,0 +1,5 @@
+"""Deprecated: moved to `lorafuse.model.precision` (this alias goes in lorafuse 0.3.0)."""
+
+from lorafuse._moved import moved
+
+moved(__name__, "lorafuse.model.precision")
