@@ -59,8 +59,8 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*RHOEND")  # scipy's COBYLA inside nevergrad's NGOpt portfolio
-    from lorafuse.evaluation import Evaluator, own_head
     from lorafuse.experiment.report import machine
+    from lorafuse.model.evaluation import Evaluator, own_head
 
     adapters = find_adapters(args)
     start = time.perf_counter()
@@ -111,7 +111,7 @@ def find_adapters(args: argparse.Namespace) -> dict[str, Path]:
         sys.exit(f"no adapter for {missing} under {args.adapters_dir} (run `lorafuse experiment nli5-minilm --output "
                  "benchmarks/work/nli5-minilm` or pass --train-missing)")
     for task in missing:
-        from lorafuse.training import TrainConfig, train_adapter
+        from lorafuse.model.training import TrainConfig, train_adapter
 
         out = ROOT / "benchmarks" / "work" / "data_driven" / "adapters" / task
         found[task] = out if (out / "lorafuse_train.json").is_file() else train_adapter(TrainConfig(
@@ -122,7 +122,7 @@ def find_adapters(args: argparse.Namespace) -> dict[str, Path]:
 
 def average_merge(ev: Any, adapters: dict[str, Path], heads: dict, tasks: list[str]) -> dict[str, Any]:
     """The data-free reference point: the plain average of all adapters, each task scored with its own head."""
-    from lorafuse.engine import merge
+    from lorafuse.merging.engine import merge
 
     fused = merge([adapters[t] for t in tasks], "average", modules_to_save="drop", progress=False)
     return {"accuracy": ev.evaluate(fused.modules, heads=heads).accuracy}
@@ -198,8 +198,8 @@ def latencies(ev: Any, router: Any, adapters: dict[str, Path], heads: dict, args
               ) -> dict[str, Any]:
     """ms per example, batched (32, all test inputs of the first task) and one at a time, routed vs one merged
     adapter (its update folded into the weights: the cost of the base model)."""
-    from lorafuse.evaluation import adapter_updates
     from lorafuse.fusion.router import latency
+    from lorafuse.model.evaluation import adapter_updates
 
     first = args.tasks[0]
     single = ev.subset([first])
@@ -223,7 +223,7 @@ def _one_at_a_time(ev: Any, task: str, n: int) -> Any:
 
 
 def _row(batch: Any, i: int) -> Any:
-    from lorafuse.formulations import Batch
+    from lorafuse.model.formulations import Batch
 
     keep = batch.inputs["attention_mask"][i].bool()
     return Batch({k: v[i:i + 1][:, keep] for k, v in batch.inputs.items()}, batch.targets[i:i + 1])

@@ -27,8 +27,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from lorafuse.evaluation import Evaluator
     from lorafuse.experiment.report import machine
+    from lorafuse.model.evaluation import Evaluator
 
     ev = Evaluator(args.model, [args.task], split="test", data_dir=args.data_dir, max_examples=args.examples,
                    batch_size=32, max_length=128, progress=False)

@@ -78,7 +78,7 @@ def ensure_adapters(layers: int) -> list[Path]:
 
 # -- cases (each runs in a child process) -------------------------------------------------------------------
 def case_lorafuse(layers: int, method: str, **params: Any) -> dict[str, Any]:
-    from lorafuse.engine import merge
+    from lorafuse.merging.engine import merge
 
     dirs = adapter_dirs(layers)
     out = _fresh(WORK / "out" / f"{method}-{params.get('space', 'full')}-L{layers}")
@@ -180,10 +180,10 @@ def case_truncation_accuracy(layers: int) -> dict[str, Any]:
     import torch
 
     from lorafuse.adapters.reader import LoraAdapter
-    from lorafuse.algebra.dense import dense_truncated_svd
-    from lorafuse.engine import _Thresholds
-    from lorafuse.methods.registry import get_method
-    from lorafuse.spaces import DenseRows
+    from lorafuse.merging.algebra.dense import dense_truncated_svd
+    from lorafuse.merging.engine import _Thresholds
+    from lorafuse.merging.methods.registry import get_method
+    from lorafuse.merging.spaces import DenseRows
 
     adapters = [LoraAdapter(d) for d in adapter_dirs(layers)]
     spec = get_method("ties")
@@ -209,7 +209,7 @@ def case_truncation_accuracy(layers: int) -> dict[str, Any]:
 def _aligned_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("lorafuse.aligned") is not None
+    return importlib.util.find_spec("lorafuse.merging.aligned") is not None
 
 
 CASES: dict[str, dict[str, Any]] = {
@@ -450,7 +450,7 @@ def main() -> None:
             if args.layers and layers != args.layers:
                 continue
             if spec.get("aligned") and not _aligned_available():
-                rows.append({"case": case, "layers": layers, "skipped": "lorafuse.aligned not available"})
+                rows.append({"case": case, "layers": layers, "skipped": "lorafuse.merging.aligned not available"})
                 continue
             if spec.get("peft_case") and args.skip_peft:
                 old = next((r for r in previous.get("rows", []) if r["case"] == case and r["layers"] == layers), None)

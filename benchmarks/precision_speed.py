@@ -1,5 +1,5 @@
 """Evaluation and training throughput in fp32 against bf16, in the same run, on this machine's CPU: what
-`dtype: auto` (lorafuse.precision) decides from. Results: benchmarks/results/precision_speed.{md,json}.
+`dtype: auto` (lorafuse.model.precision) decides from. Results: benchmarks/results/precision_speed.{md,json}.
 
     python benchmarks/precision_speed.py                       # MiniLM and SmolLM2, evaluation and training
     python benchmarks/precision_speed.py --models minilm --threads 2
@@ -9,7 +9,7 @@ Evaluation runs through `Evaluator`'s own batches and `formulation.predict` on r
 - bf16 weights: `Evaluator(dtype="bfloat16")` (fp32 masters, weights cast; what lorafuse runs);
 - bf16 autocast: fp32 weights inside `torch.autocast` (for comparison only: a weight changed in place inside one
   autocast region can go unseen, so lorafuse never evaluates this way).
-Each also reports the share of predictions equal to fp32's. Training runs `lorafuse.training`'s Trainer on the
+Each also reports the share of predictions equal to fp32's. Training runs `lorafuse.model.training`'s Trainer on the
 same MNLI train pairs in fp32 and in bf16 mixed precision (`TrainConfig(dtype=...)`), one epoch, no validation.
 Each case runs `--repeats` times alternately; the best is kept (on a shared machine the least disturbed). The CPU
 model, its flags relevant to bf16 and the load average are recorded with the results."""
@@ -33,7 +33,7 @@ SIZES = {"minilm": {"eval": 512, "batch": 128, "train": 256, "train_batch": 16, 
 def machine() -> dict[str, Any]:
     import torch
 
-    from lorafuse.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model, resolve_precision
+    from lorafuse.model.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model, resolve_precision
 
     flags = cpu_flags()
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
@@ -47,7 +47,7 @@ def eval_case(model: str, mode: str, n: int, batch: int, length: int, repeats: i
     """Best examples/s of one evaluation mode over `repeats` passes, and its predictions."""
     import torch
 
-    from lorafuse.evaluation import Evaluator
+    from lorafuse.model.evaluation import Evaluator
 
     ev = Evaluator(model, ["mnli"], split="test", data_dir=str(DATA), max_examples=n, batch_size=batch,
                    max_length=length, progress=False, dtype="bfloat16" if mode == "bf16 weights" else "float32")
@@ -74,14 +74,14 @@ def _random_head(ev: Any) -> dict[str, Any]:
 def _maybe_head(ev: Any, head: dict[str, Any] | None) -> Any:
     from contextlib import nullcontext
 
-    from lorafuse.evaluation import head_loaded
+    from lorafuse.model.evaluation import head_loaded
 
     return head_loaded(ev.model, head) if head else nullcontext()
 
 
 def train_case(model: str, dtype: str, n: int, batch: int, length: int, work: Path) -> float:
     """Training examples/s of one epoch over n MNLI train pairs (validation off)."""
-    from lorafuse.training import TRAIN_RECORD, TrainConfig, train_adapter
+    from lorafuse.model.training import TRAIN_RECORD, TrainConfig, train_adapter
 
     out = work / f"{model}-{dtype}"
     train_adapter(TrainConfig(task="mnli", model=model, output=str(out), data_dir=str(DATA), epochs=1,

@@ -1,5 +1,5 @@
 """The MiniLM (classify) training recipe, one change at a time, on MNLI: which defaults make a LoRA adapter learn
-within a CPU budget. Every default in `lorafuse.models.MINILM_RECIPE` and `lorafuse.formulations.model_pooling`
+within a CPU budget. Every default in `lorafuse.model.models.MINILM_RECIPE` and `lorafuse.model.formulations.model_pooling`
 is the winner of a row here. Results: benchmarks/results/recipe_ablation.{md,json}.
 
     python benchmarks/recipe_ablation.py --configs main mean head ...   # one process per core, 1 thread each
@@ -49,7 +49,7 @@ BUDGET = {"task": "mnli", "max_examples": 2000, "epochs": 1.0, "batch_size": 16,
 
 
 def run(name: str, data_dir: str) -> dict[str, Any]:
-    from lorafuse.training import TRAIN_RECORD, TrainConfig, train_adapter
+    from lorafuse.model.training import TRAIN_RECORD, TrainConfig, train_adapter
 
     _, changes = CONFIGS[name]
     out = WORK / name
@@ -114,7 +114,7 @@ CONCLUSIONS = """
 - **Mean pooling** (the model's own, from its `1_Pooling/config.json`) is the largest single change: +4.4 points
   at the new learning rates (`new` against `new-cls`: 52.2 against 47.8, the [CLS] row peaking early at step 64),
   and it already helps at main's rates (`mean`: 49.0, 65 steps at the prior instead of 105). Default: the model's
-  own pooling (`lorafuse.formulations.model_pooling`).
+  own pooling (`lorafuse.model.formulations.model_pooling`).
 - **Learning rates**: lr 1e-3 with the head at 1e-2 (`new`) leaves the prior after 10 steps and ends at loss 1.026
   against main's 1.092; lr 2e-3 is no better (52.0, `new-lr2e-3`); the head at the LoRA's rate is 1.8 points
   lower (`new-head1e-3`, within the noise, but slower off the prior: 35 steps). Default: lr 1e-3, head lr 1e-2.

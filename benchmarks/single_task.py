@@ -69,8 +69,8 @@ def binomial_p_value(correct: int, n: int, p0: float) -> float:
 
 
 def run_job(args: argparse.Namespace, job: str) -> dict[str, Any]:
+    from lorafuse.model.training import TRAIN_RECORD, TrainConfig, train_adapter
     from lorafuse.tasks import get_task
-    from lorafuse.training import TRAIN_RECORD, TrainConfig, train_adapter
 
     kind, task, seed = job.split(":")
     out = WORK / args.run / f"{kind}-{task}-{seed}"
@@ -133,7 +133,7 @@ _EVALUATORS: dict[str, Any] = {}
 def evaluate(args: argparse.Namespace, kind: str, task: str, out: Path) -> tuple[float, int, dict[str, int]]:
     """Test accuracy on the complete split: a LoRA adapter through one Evaluator per task (base loaded and the
     split tokenized once per process), a fully fine-tuned model through its own."""
-    from lorafuse.evaluation import Evaluator
+    from lorafuse.model.evaluation import Evaluator
 
     common = dict(split="test", data_dir=args.data_dir, max_examples=args.max_test, batch_size=args.eval_batch_size,
                   max_length=args.max_length, progress=False)
@@ -431,9 +431,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     # Everything imported up front: editing the tree during a long run then cannot change what it runs.
-    import lorafuse.evaluation  # noqa: F401
     import lorafuse.fusion.router  # noqa: F401
-    import lorafuse.training  # noqa: F401
+    import lorafuse.model.evaluation  # noqa: F401
+    import lorafuse.model.training  # noqa: F401
 
     for job in args.jobs:
         row = run_job(args, job)

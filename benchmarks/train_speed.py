@@ -1,4 +1,4 @@
-"""Training throughput of `lorafuse.training` (the Hugging Face Trainer with the formulation's loss, length-grouped
+"""Training throughput of `lorafuse.model.training` (the Hugging Face Trainer with the formulation's loss, length-grouped
 batches, dynamic padding) beside a bare loop over the same batches: forward, loss, backward, AdamW step, nothing
 else. Target: the Trainer at ≥ 0.8 of the bare loop. Results: benchmarks/results/train_speed.{md,json}.
 
@@ -26,9 +26,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "train_speed"
 def setup(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, Any, list[dict[str, Any]], Any]:
     import torch
 
-    from lorafuse import training
-    from lorafuse.formulations import load_model, make_formulation
-    from lorafuse.models import resolve_model, resolve_targets
+    from lorafuse.model import training
+    from lorafuse.model.formulations import load_model, make_formulation
+    from lorafuse.model.models import resolve_model, resolve_targets
     from lorafuse.tasks import get_task
 
     info = resolve_model(args.model)
@@ -47,7 +47,7 @@ def setup(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, Any, list[dict
 
 def trainer_seconds(cfg: Any, model: Any, formulation: Any, rows: list[dict[str, Any]], task: Any,
                     tmp: Path) -> tuple[float, list[Any]]:
-    from lorafuse import training
+    from lorafuse.model import training
 
     trainer = training._trainer(model, formulation, task, rows, cfg, tmp / "ck")
     batches = list(trainer.get_train_dataloader())  # the same sampler and collate the Trainer uses
@@ -59,8 +59,8 @@ def trainer_seconds(cfg: Any, model: Any, formulation: Any, rows: list[dict[str,
 def bare_seconds(model: Any, formulation: Any, batches: list[Any], task: Any, cfg: Any) -> float:
     import torch
 
-    from lorafuse.formulations import Batch
-    from lorafuse.training import _is_head
+    from lorafuse.model.formulations import Batch
+    from lorafuse.model.training import _is_head
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not _is_head(n)], "lr": cfg.lr},
@@ -116,7 +116,7 @@ def main() -> None:
     runs = json.loads(path.read_text()) if path.is_file() else {}
     runs[f"{args.model}/{args.task}"] = row
     path.write_text(json.dumps(runs, indent=2) + "\n")
-    lines = ["# Training throughput: lorafuse.training beside a bare loop of the same batches", "",
+    lines = ["# Training throughput: lorafuse.model.training beside a bare loop of the same batches", "",
              "1 torch thread; best of the repeats (alternating); validation off. The bare loop: forward, the "
              "formulation's loss, backward, AdamW step over the batches the Trainer's own dataloader yields.", "",
              "| model | task | examples | batch | trainer ex/s | bare ex/s | ratio | load avg | date |",

@@ -34,7 +34,7 @@ def yaml_tasks(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def classify_adapter(bert, yaml_tasks, tmp_path_factory) -> Path:
     """A classify adapter of the tiny BERT trained briefly on cmp3 (its head stored in modules_to_save)."""
-    from lorafuse.training import TrainConfig, train_adapter
+    from lorafuse.model.training import TrainConfig, train_adapter
 
     return train_adapter(TrainConfig(task="cmp3", model=str(bert), formulation="classify", epochs=2, lr=5e-3,
                                      batch_size=8, rank=4, output=str(tmp_path_factory.mktemp("ad") / "cmp3"),

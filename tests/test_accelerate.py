@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from tiny_models import tiny_bert, write_task_files
 
 import lorafuse
+from lorafuse.model.training import TRAIN_RECORD, TrainConfig, train_adapter
 from lorafuse.tasks import load_task_file
-from lorafuse.training import TRAIN_RECORD, TrainConfig, train_adapter
 
 pytest.importorskip("accelerate")
 SRC = Path(lorafuse.__file__).resolve().parents[1]

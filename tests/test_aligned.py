@@ -13,10 +13,10 @@ from adapter_factory import (
 )
 
 from lorafuse.adapters.reader import LoraAdapter
-from lorafuse.algebra.lowrank import LowRank
-from lorafuse.aligned import core_space, knots_decomposition, knots_space, to_core
-from lorafuse.engine import merge
-from lorafuse.methods.registry import get_method
+from lorafuse.merging.algebra.lowrank import LowRank
+from lorafuse.merging.aligned import core_space, knots_decomposition, knots_space, to_core
+from lorafuse.merging.engine import merge
+from lorafuse.merging.methods.registry import get_method
 
 MODULES = MIXED_MODULES
 FULL = 64  # an output rank above every Σr here: no truncation

@@ -9,8 +9,8 @@ import torch
 from adapter_factory import llama_modules, write_adapter
 from safetensors.torch import load_file, save_file
 
-from lorafuse.engine import merge
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError, OutputExistsError
+from lorafuse.merging.engine import merge
 
 MODULES = llama_modules(1, ("self_attn.q_proj", "mlp.down_proj"))
 

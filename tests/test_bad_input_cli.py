@@ -229,8 +229,8 @@ def test_merge_yaml_in_bad_utf8(tmp_path, pair, capsys):
 
 
 def test_python_api_refuses_nan_weights_and_lambda(pair):
-    from lorafuse.engine import merge
     from lorafuse.errors import ConfigError
+    from lorafuse.merging.engine import merge
 
     with pytest.raises(ConfigError, match="weights of .*a0: nan is not a finite number"):
         merge(pair, "linear", weights=[float("nan"), 1.0], progress=False)
@@ -400,12 +400,12 @@ def test_data_driven_outputs_never_replace_an_input(tmp_path, pair, capsys, comm
 
 def test_output_model_space_is_checked_before_the_merge(tmp_path, pair, capsys, monkeypatch):
     import lorafuse.atomic
-    import lorafuse.engine
+    import lorafuse.merging.engine
 
     base = _base_model(tmp_path / "tiny-llama")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(lorafuse.atomic.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
-    monkeypatch.setattr(lorafuse.engine._Engine, "run", lambda self: pytest.fail("merged before the check"))
+    monkeypatch.setattr(lorafuse.merging.engine._Engine, "run", lambda self: pytest.fail("merged before the check"))
     refused(merge_args(pair, tmp_path / "out", "--base-model", str(base), "--output-model", str(tmp_path / "model")),
             capsys, tmp_path, "model", "needs", "100 B free")
 
@@ -427,22 +427,22 @@ def test_read_only_output_folder_is_found_before_the_merge(tmp_path, pair, capsy
     """As root, permissions cannot make a folder read-only here: the probe meets the error a read-only disk
     raises."""
     import lorafuse.atomic
-    import lorafuse.engine
+    import lorafuse.merging.engine
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(lorafuse.atomic.tempfile, "mkstemp", read_only)
-    monkeypatch.setattr(lorafuse.engine._Engine, "run", lambda self: pytest.fail("merged before the check"))
+    monkeypatch.setattr(lorafuse.merging.engine._Engine, "run", lambda self: pytest.fail("merged before the check"))
     refused(merge_args(pair, tmp_path / "out"), capsys, tmp_path, "out", "Read-only file system")
 
 
 def test_eval_refuses_a_nan_adapter_before_the_model_loads(tmp_path, pair, capsys, monkeypatch):
-    import lorafuse.evaluation
+    import lorafuse.model.evaluation
 
     path = pair[0] / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "lora_alpha": float("nan")}))
-    monkeypatch.setattr(lorafuse.evaluation, "Evaluator", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(lorafuse.model.evaluation, "Evaluator", lambda *a, **k: pytest.fail("the model was loaded"))
     refused(["eval", "--tasks", "rte", "--adapter", str(pair[0])], capsys, tmp_path, "lora_alpha",
             "not a finite number")
 
@@ -529,16 +529,16 @@ class _FakeEvaluator:
         pass
 
     def evaluate(self, adapter=None, heads=None, tasks=None):
-        from lorafuse.evaluation import EvalResult
+        from lorafuse.model.evaluation import EvalResult
 
         return EvalResult(accuracy={"rte": 0.5}, examples={"rte": 2})
 
 
 @pytest.fixture()
 def fake_eval(tmp_path, monkeypatch) -> Path:
-    import lorafuse.evaluation
+    import lorafuse.model.evaluation
 
-    monkeypatch.setattr(lorafuse.evaluation, "Evaluator", _FakeEvaluator)
+    monkeypatch.setattr(lorafuse.model.evaluation, "Evaluator", _FakeEvaluator)
     data = tmp_path / "data"
     (data / "rte").mkdir(parents=True)
     (data / "rte" / "test.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "entailment"}\n')
@@ -784,7 +784,7 @@ def test_an_ascii_stdout_gets_replaced_characters_and_a_closed_one_no_traceback(
 
 @pytest.mark.parametrize("broken", ["config.json", "model.safetensors"])
 def test_a_truncated_cached_smollm2_copy_is_re_created(tmp_path, monkeypatch, capsys, broken):
-    import lorafuse.models as models
+    import lorafuse.model.models as models
 
     monkeypatch.setenv("LORAFUSE_CACHE", str(tmp_path))
     copy = tmp_path / "smollm2-135m-instruct-fp32"

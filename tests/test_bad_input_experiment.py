@@ -464,7 +464,7 @@ def _checkpoint(root: Path, step: int, state: str | None, weights: bool = True) 
 
 
 def test_broken_checkpoints_are_skipped_saying_so(tmp_path, capsys):
-    from lorafuse.training import _last_checkpoint
+    from lorafuse.model.training import _last_checkpoint
 
     good = _checkpoint(tmp_path, 2, json.dumps({"global_step": 2}))
     _checkpoint(tmp_path, 4, None)  # killed during the save: no trainer_state.json yet
@@ -553,7 +553,7 @@ TRAIN_UNTIL_KILLED = """
 import sys, time
 from pathlib import Path
 from transformers import TrainerCallback
-import lorafuse.training as training
+import lorafuse.model.training as training
 from lorafuse.cli import main
 
 class Pause(TrainerCallback):

@@ -13,7 +13,8 @@ import torch
 from adapter_factory import write_adapter
 from tiny_models import tiny_bert
 
-from lorafuse.adapters.engines import check_adapter, check_layout, layout_from_dir
+from lorafuse.adapters.check import check_adapter
+from lorafuse.adapters.engines import check_layout, layout_from_dir
 from lorafuse.cli import main
 
 pytest.importorskip("peft")

@@ -100,8 +100,8 @@ def test_hub_ids_are_downloaded(tmp_path, monkeypatch):
 def test_example_configs_validate():
     from pathlib import Path
 
-    from lorafuse.mergeconfig import load_merge_config
-    from lorafuse.methods.registry import get_method
+    from lorafuse.merging.config import load_merge_config
+    from lorafuse.merging.methods.registry import get_method
 
     examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yml"))
     assert examples

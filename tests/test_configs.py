@@ -54,7 +54,7 @@ def test_cpu_configs_stay_within_their_budget():
 def test_the_real_data_reports_configs():
     """knots6-minilm and nli4-smollm2: the chosen settings on the complete test splits, every stochastic method
     over >= 3 seeds, LoraHub and the router; knots6-minilm runs every data-free method in every space it has."""
-    from lorafuse.methods.registry import list_methods
+    from lorafuse.merging.methods.registry import list_methods
 
     knots, smol = load_config("knots6-minilm"), load_config("nli4-smollm2")
     assert knots.tasks == ["snli", "mnli", "sick", "qnli", "rte", "scitail"] and knots.formulation == "classify"

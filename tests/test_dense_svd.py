@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafuse.algebra.dense import dense_truncated_svd
-from lorafuse.methods.primitives import disjoint_mean, elect_sign, kth_largest, magnitude_mask
+from lorafuse.merging.algebra.dense import dense_truncated_svd
+from lorafuse.merging.methods.primitives import disjoint_mean, elect_sign, kth_largest, magnitude_mask
 
 
 def _ties_merge(m: int = 384, n: int = 256, r: int = 8, tasks: int = 4, density: float = 0.2):

@@ -21,10 +21,10 @@ from engine_loaders import (
     sglang_load,
     vllm_load,
 )
-from lorafuse.adapters.engines import check_adapter
+from lorafuse.adapters.check import check_adapter
 from lorafuse.adapters.serving import fit_for_engine
 from lorafuse.cli import main
-from lorafuse.engine import merge
+from lorafuse.merging.engine import merge
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")

@@ -13,7 +13,7 @@ from tiny_models import write_task_files
 from fixtures_models import bert, classify_adapter, llama, read_record, yaml_tasks  # noqa: F401
 from lorafuse.cli import main
 from lorafuse.errors import AdapterError, ConfigError
-from lorafuse.evaluation import (
+from lorafuse.model.evaluation import (
     EvalResult,
     Evaluator,
     InMemoryAdapter,
@@ -128,7 +128,7 @@ def test_chat_long_pair_loses_its_premise_end_not_the_template(llama):  # noqa: 
     fits (its start goes)."""
     from transformers import AutoTokenizer
 
-    from lorafuse.formulations import Chat
+    from lorafuse.model.formulations import Chat
 
     tok = AutoTokenizer.from_pretrained(str(llama))
     task = Task("long", ("entailment", "not_entailment"), files={})
@@ -239,7 +239,7 @@ def test_eval_command_reference_and_results(bert, yaml_tasks, classify_adapter, 
 
 
 def test_device_choice_and_errors(monkeypatch):
-    from lorafuse.models import default_device
+    from lorafuse.model.models import default_device
 
     monkeypatch.delenv("LORAFUSE_DEVICE", raising=False)
     assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -255,7 +255,7 @@ def test_device_choice_and_errors(monkeypatch):
 def test_batches_follow_the_model_to_its_device(bert, yaml_tasks):  # noqa: F811
     """Batches are collated on the host; the formulation moves them to wherever the model lives (here the meta
     device: a stand-in for a GPU on a CPU-only machine)."""
-    from lorafuse.formulations import on_model_device
+    from lorafuse.model.formulations import on_model_device
 
     ev = Evaluator(str(bert), ["cmp3"], formulation="classify", data_dir=yaml_tasks, progress=False, device="cpu")
     assert ev.device == "cpu" and next(ev.model.parameters()).device.type == "cpu"

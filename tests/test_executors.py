@@ -130,14 +130,14 @@ def test_a_killed_worker_has_its_job_rerun(setup, executor, tmp_path):
     root, raw = setup
 
     def dies(cfg):
-        import lorafuse.training
+        import lorafuse.model.training
 
         log = tmp_path / f"attempts-{cfg.task}"
         with open(log, "a") as fh:
             fh.write(f"{os.getpid()}\n")
         if cfg.task == "xb" or len(log.read_text().split()) == 1:
             os.kill(os.getpid(), 9)
-        return lorafuse.training.train_adapter(cfg)
+        return lorafuse.model.training.train_adapter(cfg)
 
     fresh = {**raw, "train": {**raw["train"], "seed": 3}}
     executor.close()  # frees the cluster's 2 CPU slots (the module's executor starts its workers again if asked)

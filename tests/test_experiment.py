@@ -13,8 +13,8 @@ import pytest
 import yaml
 from tiny_models import tiny_bert
 
-import lorafuse.engine
-import lorafuse.training
+import lorafuse.merging.engine
+import lorafuse.model.training
 from lorafuse.experiment.config import parse_config
 from lorafuse.experiment.runner import ExperimentError, ExperimentRunner
 
@@ -65,7 +65,7 @@ def setup(tmp_path_factory):
 def counts(monkeypatch):
     """How often training and merging really happen."""
     calls = {"train": 0, "merge": 0}
-    train, merge = lorafuse.training.train_adapter, lorafuse.engine.merge
+    train, merge = lorafuse.model.training.train_adapter, lorafuse.merging.engine.merge
 
     def counting_train(cfg):
         calls["train"] += 1
@@ -75,8 +75,8 @@ def counts(monkeypatch):
         calls["merge"] += 1
         return merge(*args, **kwargs)
 
-    monkeypatch.setattr(lorafuse.training, "train_adapter", counting_train)
-    monkeypatch.setattr(lorafuse.engine, "merge", counting_merge)
+    monkeypatch.setattr(lorafuse.model.training, "train_adapter", counting_train)
+    monkeypatch.setattr(lorafuse.merging.engine, "merge", counting_merge)
     return calls
 
 
@@ -242,7 +242,7 @@ def test_only_stage_and_a_failed_training(setup, counts, tmp_path):
     def trainer(cfg):
         if cfg.task == "xb":
             raise RuntimeError("out of memory")
-        return lorafuse.training.train_adapter(cfg)
+        return lorafuse.model.training.train_adapter(cfg)
 
     fresh = {**raw, "train": {**raw["train"], "seed": 1}}
     with pytest.raises(ExperimentError, match="xb: RuntimeError: out of memory"):

@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from tiny_models import tiny_bert, tiny_llama, write_task_files
 
 from lorafuse.errors import ConfigError
-from lorafuse.evaluation import Evaluator, adapter_updates, applied, head_loaded, own_head
 from lorafuse.fusion.lorahub import (
     FewShotObjective,
     LoraHubSettings,
@@ -24,8 +23,9 @@ from lorafuse.fusion.lorahub import (
     lorahub,
     save_lorahub,
 )
+from lorafuse.model.evaluation import Evaluator, adapter_updates, applied, head_loaded, own_head
+from lorafuse.model.training import TrainConfig, train_adapter
 from lorafuse.tasks import get_task, load_task_file
-from lorafuse.training import TrainConfig, train_adapter
 
 BERT_MODULES = {f"bert.encoder.layer.{i}.attention.self.{n}": (32, 32) for i in range(2) for n in ("query", "value")}
 LLAMA_MODULES = {f"model.layers.{i}.self_attn.{n}": (32 if n == "q_proj" else 16, 32)

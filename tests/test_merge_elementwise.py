@@ -6,8 +6,8 @@ import pytest
 import torch
 from adapter_factory import dense_update, llama_modules, write_adapter
 
-from lorafuse.engine import merge
-from lorafuse.methods.thresholds import StreamingQuantile
+from lorafuse.merging.engine import merge
+from lorafuse.merging.methods.thresholds import StreamingQuantile
 
 MODULES = llama_modules(layers=2, names=("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"))
 FULL_RANK = 64  # ≥ every module's min dimension: truncation is lossless, so the merged dense update is compared
@@ -135,9 +135,9 @@ def test_rows_sample_brackets_skewed_low_rank_updates_in_one_pass(monkeypatch):
     """A low-rank update whose rows and columns have very different scales (as real B's and A's do) makes a grid
     sample's entries correlated; the sample of independent positions still brackets the exact threshold, so each
     task's values are read once, and the threshold equals a full sort's."""
-    import lorafuse.methods.thresholds as thresholds
-    from lorafuse.algebra.lowrank import LowRank
-    from lorafuse.spaces import DenseRows
+    import lorafuse.merging.methods.thresholds as thresholds
+    from lorafuse.merging.algebra.lowrank import LowRank
+    from lorafuse.merging.spaces import DenseRows
 
     gen = torch.Generator().manual_seed(0)
     m, n, r = 3000, 700, 4

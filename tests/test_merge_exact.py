@@ -6,8 +6,8 @@ import pytest
 import torch
 from adapter_factory import dense_update, llama_modules, write_adapter
 
-from lorafuse.algebra.lowrank import LowRank, factor_svd, stack_lowrank, truncate
-from lorafuse.engine import merge
+from lorafuse.merging.algebra.lowrank import LowRank, factor_svd, stack_lowrank, truncate
+from lorafuse.merging.engine import merge
 
 MODULES = llama_modules(layers=2)
 

@@ -26,8 +26,8 @@ TASKS = {"outside3": ["contradiction", "entailment", "neutral"], "outside2": ["e
 def outputs(tmp_path_factory):
     """From a working directory under tmp: a tiny sentence-transformers BERT given as a relative path, two
     classify adapters trained on it, and their per_task fusion."""
-    from lorafuse.engine import merge
-    from lorafuse.training import TrainConfig, train_adapter
+    from lorafuse.merging.engine import merge
+    from lorafuse.model.training import TrainConfig, train_adapter
 
     root = tmp_path_factory.mktemp("outside")
     before = os.getcwd()
@@ -74,7 +74,7 @@ def test_merge_yaml_names_embedded_base_by_short_name_and_paths_resolve_next_to_
     from adapter_factory import write_adapter
 
     from lorafuse.cli import main
-    from lorafuse.models import HUB_IDS
+    from lorafuse.model.models import HUB_IDS
 
     modules = {"bert.encoder.layer.0.attention.self.query": (8, 8)}
     for i in range(2):
@@ -94,8 +94,8 @@ def test_merge_yaml_names_embedded_base_by_short_name_and_paths_resolve_next_to_
 def test_embedded_models_are_named_by_hub_id_and_accepted_by_any_name(tmp_path):
     from adapter_factory import write_adapter
 
-    from lorafuse.engine import merge
-    from lorafuse.models import HUB_IDS, portable_name, resolve_model, same_model
+    from lorafuse.merging.engine import merge
+    from lorafuse.model.models import HUB_IDS, portable_name, resolve_model, same_model
 
     assert portable_name("minilm") == HUB_IDS["minilm"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert portable_name("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -134,8 +134,8 @@ def _test_pairs(root: Path, task: str) -> tuple[list[str], list[str], list[str]]
 
 def _eval_labels(root: Path, adapter: str, task: str) -> list[str]:
     """`lorafuse eval`'s predictions (its Evaluator, fp32) as label words."""
-    from lorafuse.evaluation import Evaluator
-    from lorafuse.formulations import SLOT
+    from lorafuse.model.evaluation import Evaluator
+    from lorafuse.model.formulations import SLOT
 
     ev = Evaluator("stbert", [task], split="test", dtype="float32", progress=False)
     ev.evaluate(adapter)

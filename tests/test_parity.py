@@ -18,8 +18,8 @@ import torch
 from adapter_factory import MIXED_MODULES, mixed_adapters
 from safetensors.torch import load_file
 
-from lorafuse.engine import merge
 from lorafuse.errors import ConfigError
+from lorafuse.merging.engine import merge
 
 MODULES = list(MIXED_MODULES)
 WEIGHTS = [1.3, -0.6, 0.8]
@@ -479,7 +479,7 @@ def _quantised_adapters(root, count=2, rank=2):
 def test_magnitude_ties_keep_exactly_int_d_n(tmp_path, monkeypatch, method, params, scope, space):
     """Quantised updates tie hundreds of entries at the threshold: exactly int(d·N) are kept per task and scope
     (ties broken by position, as a stable sort), where every tied entry used to be kept."""
-    import lorafuse.methods.elementwise as elementwise
+    import lorafuse.merging.methods.elementwise as elementwise
 
     calls: list[tuple[torch.Tensor, int]] = []  # per merge call (one per module here): kept per task, N per task
     original = elementwise.combine

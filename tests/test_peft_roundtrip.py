@@ -10,7 +10,7 @@ import pytest
 import torch
 from adapter_factory import llama_modules, write_adapter
 
-from lorafuse.engine import merge
+from lorafuse.merging.engine import merge
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -1,4 +1,4 @@
-"""Compute dtype (lorafuse.precision): `auto` follows the hardware (simulated through $LORAFUSE_CPU_FLAGS), bf16 and
+"""Compute dtype (lorafuse.model.precision): `auto` follows the hardware (simulated through $LORAFUSE_CPU_FLAGS), bf16 and
 fp32 evaluation agree, and every path that changes weights sees each change in bf16: evaluating A then B gives
 bit for bit what B alone gives, in evaluation, LoraHub's objective and the router; each result records its dtype."""
 
@@ -12,8 +12,8 @@ from adapter_factory import write_adapter
 from tiny_models import tiny_bert, tiny_llama, write_task_files
 
 from lorafuse.errors import ConfigError
-from lorafuse.evaluation import Evaluator, applied, own_head
-from lorafuse.precision import FLAGS_ENV, resolve_precision
+from lorafuse.model.evaluation import Evaluator, applied, own_head
+from lorafuse.model.precision import FLAGS_ENV, resolve_precision
 from lorafuse.tasks import get_task, load_task_file
 
 BERT_MODULES = {f"bert.encoder.layer.{i}.attention.self.{n}": (32, 32) for i in range(2) for n in ("query", "value")}
@@ -77,7 +77,7 @@ def _weights(ev: Evaluator) -> dict[str, torch.Tensor]:
 
 
 def test_bf16_evaluation_a_then_b_equals_b_alone_bit_for_bit(world):
-    from lorafuse.evaluation import adapter_updates
+    from lorafuse.model.evaluation import adapter_updates
 
     _, model, (a, b) = world
     ev = Evaluator(str(model), ["prec3"], split="validation", formulation="classify", progress=False,
@@ -103,7 +103,7 @@ def test_bf16_evaluation_a_then_b_equals_b_alone_bit_for_bit(world):
 def test_bf16_merged_weight_is_formed_in_fp32_then_rounded(world):
     """A small update that bf16 weight arithmetic (W_bf16 + ΔW in bf16) would lose is kept: the weight equals
     round(W_fp32 + ΔW)."""
-    from lorafuse.algebra.lowrank import LowRank
+    from lorafuse.merging.algebra.lowrank import LowRank
 
     _, model, _ = world
     ev = Evaluator(str(model), ["prec3"], split="validation", formulation="classify", progress=False,
@@ -152,7 +152,7 @@ def test_bf16_router_sees_which_adapter_it_routes_to(tmp_path):
 
 
 def test_head_swap_in_bf16_restores_the_model(world):
-    from lorafuse.evaluation import head_loaded
+    from lorafuse.model.evaluation import head_loaded
 
     _, model, adapters = world
     ev = Evaluator(str(model), ["prec3"], split="validation", formulation="classify", progress=False,

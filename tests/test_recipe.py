@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fixtures_models import bert, llama, read_record  # noqa: F401
+from lorafuse.model.training import TrainConfig, train_adapter
 from lorafuse.tasks import get_task, load_task_file
-from lorafuse.training import TrainConfig, train_adapter
 
 LABELS3 = ["contradiction", "entailment", "neutral"]
 
@@ -41,7 +41,7 @@ def sentence_bert(tmp_path_factory):
                                                               ("chat", "llama", 12)])
 def test_default_recipe_learns_a_simple_function_of_the_input(request, keyword_task, tmp_path, formulation,
                                                               model_fixture, epochs):
-    from lorafuse.evaluation import Evaluator
+    from lorafuse.model.evaluation import Evaluator
 
     model = request.getfixturevalue(model_fixture)
     out = train_adapter(TrainConfig(task="kw3", model=str(model), formulation=formulation, output=str(tmp_path / "a"),
@@ -56,7 +56,7 @@ def test_default_recipe_learns_a_simple_function_of_the_input(request, keyword_t
 
 
 def test_the_adapter_written_is_the_best_seen_on_validation(bert, keyword_task, tmp_path):  # noqa: F811
-    from lorafuse.evaluation import Evaluator
+    from lorafuse.model.evaluation import Evaluator
 
     common = dict(task="kw3", model=str(bert), formulation="classify", data_dir=str(keyword_task), epochs=2,
                   batch_size=8, lr=2e-2, head_lr=5e-2, eval_steps=2, progress=False)
@@ -76,7 +76,7 @@ def test_the_adapter_written_is_the_best_seen_on_validation(bert, keyword_task, 
 
 
 def test_verbalizer_loss_is_the_cross_entropy_of_the_k_way_decision(llama, keyword_task):  # noqa: F811
-    from lorafuse.formulations import load_model, make_formulation
+    from lorafuse.model.formulations import load_model, make_formulation
 
     model, tokenizer = load_model(str(llama), "chat")
     task = get_task("kw3")
@@ -117,7 +117,7 @@ def test_mean_pooling_where_the_model_says_so(bert, tmp_path):  # noqa: F811
     (padding-invariant); without it, the architecture's own [CLS] pooler."""
     import shutil
 
-    from lorafuse.formulations import load_model, make_formulation, model_pooling
+    from lorafuse.model.formulations import load_model, make_formulation, model_pooling
 
     assert model_pooling(str(bert)) == "model"
     st = tmp_path / "st"
@@ -147,9 +147,9 @@ def test_mean_pooling_where_the_model_says_so(bert, tmp_path):  # noqa: F811
 
 
 def test_the_head_learns_at_its_own_rate(bert, keyword_task, tmp_path):  # noqa: F811
-    import lorafuse.training as training
-    from lorafuse.formulations import load_model, make_formulation
-    from lorafuse.models import resolve_model, resolve_targets
+    import lorafuse.model.training as training
+    from lorafuse.model.formulations import load_model, make_formulation
+    from lorafuse.model.models import resolve_model, resolve_targets
 
     cfg = training.resolve_recipe(TrainConfig(task="kw3", model=str(bert), lr=1e-3, head_lr=3e-2, batch_size=4,
                                               target_modules=["query"], progress=False), {})

@@ -263,7 +263,7 @@ def test_the_terminal_prints_the_warnings(known, capsys, monkeypatch):
 
 def test_update_sketch_finds_the_same_update(tmp_path):
     """Task arithmetic at λ = 1/T is `average`: the sketches agree to rounding; TIES' update differs."""
-    from lorafuse.engine import merge
+    from lorafuse.merging.engine import merge
 
     paths = [write_adapter(tmp_path / f"a{i}", llama_modules(1), seed=i) for i in range(3)]
     average = update_sketch(merge(paths, "average", progress=False).modules)

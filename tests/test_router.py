@@ -15,9 +15,9 @@ from tiny_models import tiny_llama, write_task_files
 
 from lorafuse.cli import main
 from lorafuse.errors import AdapterError, ConfigError
-from lorafuse.evaluation import Evaluator, adapter_updates, applied, head_loaded, own_head
 from lorafuse.fusion.lorahub import compose, load_factors
 from lorafuse.fusion.router import Router, load_router, pooled_features, train_end_to_end, train_gate
+from lorafuse.model.evaluation import Evaluator, adapter_updates, applied, head_loaded, own_head
 from lorafuse.tasks import get_task, load_task_file
 from test_lorahub import LLAMA_MODULES, bert_world, noise_adapters
 

@@ -15,9 +15,9 @@ from adapter_factory import (
 )
 
 from lorafuse.adapters.reader import LoraAdapter
-from lorafuse.engine import merge
 from lorafuse.errors import ConfigError
-from lorafuse.methods.spectral import iso_cts_sizes, nearest_orthogonal
+from lorafuse.merging.engine import merge
+from lorafuse.merging.methods.spectral import iso_cts_sizes, nearest_orthogonal
 
 MODULES = MIXED_MODULES
 FULL = 64

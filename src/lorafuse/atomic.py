@@ -206,7 +206,7 @@ def is_abandoned(temporary: str | Path) -> bool:
     file's name, names a dead process of this host) or, when its writer cannot be asked (another host, an empty
     directory), it has been untouched for longer than STALE_AFTER_S. A user's file or folder that merely has
     such a name is never removed, nor a temporary of a live process of this host. (The rule of atomic_outputs
-    and of `lorafuse experiment`'s run directories, and of lorafuse.training's output.)"""
+    and of `lorafuse experiment`'s run directories, and of lorafuse.model.training's output.)"""
     temporary = Path(temporary)
     if temporary.is_dir() and not temporary.is_symlink():
         marker = read_marker(temporary)

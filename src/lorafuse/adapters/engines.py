@@ -479,22 +479,3 @@ def _not_positive(value: Any) -> bool:
         return float(value) < 1
     except (TypeError, ValueError):
         return False  # a missing or malformed r is the config-fields rule's finding
-
-
-ALL_ENGINES = ENGINES + ("transformers",)  # transformers: its PEFT integration (`model.load_adapter`), live only
-
-
-def check_adapter(path: str | Path, engine: str, max_lora_rank: int | None = None,
-                  base_model: str | None = None) -> Verdict:
-    """`lorafuse check DIR --engine E`: whether `engine` loads the adapter in DIR and computes PEFT's ΔW. PEFT and
-    transformers also load it for real (`lorafuse.adapters.live`) and compare each module's ΔW with the files'."""
-    layout = layout_from_dir(path)
-    if engine not in ALL_ENGINES:
-        raise ConfigError(f"unknown engine '{engine}'{did_you_mean(engine, ALL_ENGINES)}")
-    verdict = check_layout(layout, "peft" if engine == "transformers" else engine, max_lora_rank)
-    if engine not in ("peft", "transformers") or not verdict.ok:
-        return verdict  # a layout PEFT's rules refuse is not loaded (the rules say why)
-    from lorafuse.adapters.live import live_findings
-
-    return Verdict(engine, verdict.source, verdict.max_lora_rank,
-                   verdict.findings + live_findings(path, layout, engine, base_model))

@@ -18,7 +18,7 @@ from lorafuse.errors import AdapterError
 from lorafuse.validate import looks_like_hub_id
 
 if TYPE_CHECKING:
-    from lorafuse.engine import MergeResult
+    from lorafuse.merging.engine import MergeResult
 
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model", "chat_template.jinja")
@@ -27,7 +27,7 @@ _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer
 def resolve_model_dir(base: str | Path) -> Path:
     """A base model's local directory: a path, an embedded model (`minilm`, `smollm2` or their Hub ids), or a
     Hub id fetched."""
-    from lorafuse.models import embedded_name, resolve_model
+    from lorafuse.model.models import embedded_name, resolve_model
 
     path = Path(base).expanduser()
     if path.is_dir():

@@ -16,8 +16,8 @@ import torch
 
 from lorafuse.adapters.config import LoraSettings, parse_settings, targeted
 from lorafuse.adapters.safetensors_io import SafetensorsFile
-from lorafuse.algebra.lowrank import LowRank
 from lorafuse.errors import AdapterError
+from lorafuse.merging.algebra.lowrank import LowRank
 from lorafuse.validate import (
     check_name,
     check_regex,

@@ -18,8 +18,8 @@ from lorafuse.adapters.engines import (
     layout_of,
 )
 from lorafuse.adapters.writer import stored_rank
-from lorafuse.algebra.lowrank import LowRank, truncate
 from lorafuse.errors import ConfigError
+from lorafuse.merging.algebra.lowrank import LowRank, truncate
 
 
 def engine_rank_limit(engine: str, max_lora_rank: int | None) -> int | None:

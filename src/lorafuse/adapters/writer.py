@@ -21,8 +21,8 @@ import torch
 
 from lorafuse.adapters.reader import CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from lorafuse.adapters.safetensors_io import save_safetensors
-from lorafuse.algebra.lowrank import LowRank, factor_svd
 from lorafuse.atomic import atomic_output_dir
+from lorafuse.merging.algebra.lowrank import LowRank, factor_svd
 from lorafuse.validate import child_path
 
 PROVENANCE_NAME = "lorafuse_merge.json"
@@ -49,7 +49,7 @@ def fused_config(
         r, pattern = max(ranks.values()), {}
     cfg: dict[str, Any] = {k: template[k] for k in _CARRIED if k in template}
     if isinstance(cfg.get("base_model_name_or_path"), str):  # never an absolute path of the machine that wrote it
-        from lorafuse.models import portable_name
+        from lorafuse.model.models import portable_name
 
         cfg["base_model_name_or_path"] = portable_name(cfg["base_model_name_or_path"])
     if not modules_to_save and cfg.get("task_type") in _TASKS_WITH_HEADS:

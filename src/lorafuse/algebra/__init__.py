@@ -1,12 +1,5 @@
-"""Low-rank algebra on LoRA updates ΔW = B·A: exact sums, SVDs from the factors, dense fallbacks."""
+"""Deprecated: moved to `lorafuse.merging.algebra` (this alias goes in lorafuse 0.3.0)."""
 
-from lorafuse.algebra.dense import dense_truncated_svd
-from lorafuse.algebra.lowrank import (
-    FactorSVD,
-    LowRank,
-    factor_svd,
-    stack_lowrank,
-    truncate,
-)
+from lorafuse._moved import moved
 
-__all__ = ["FactorSVD", "LowRank", "dense_truncated_svd", "factor_svd", "stack_lowrank", "truncate"]
+moved(__name__, "lorafuse.merging.algebra")

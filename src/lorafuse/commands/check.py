@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-# lorafuse.adapters.engines.ALL_ENGINES (no import: heavy modules stay out of --help)
+# lorafuse.adapters.check.ALL_ENGINES (no import: heavy modules stay out of --help)
 ENGINE_CHOICES = ("vllm", "sglang", "lorax", "llamacpp", "peft", "transformers")
 
 
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafuse.adapters.engines import check_adapter
+    from lorafuse.adapters.check import check_adapter
 
     verdicts = [check_adapter(args.adapter, engine, args.max_lora_rank, args.base_model)
                 for engine in args.engine or ENGINE_CHOICES]

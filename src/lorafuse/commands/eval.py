@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from lorafuse.validate import positive_int
 
 if TYPE_CHECKING:
-    from lorafuse.evaluation import EvalResult
+    from lorafuse.model.evaluation import EvalResult
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def pairs(items: list[str], flag: str) -> dict[str, str]:
 
 def _references(args: argparse.Namespace, ev, heads: dict) -> dict[str, float]:
     """Own-adapter accuracy per task: from --reference-results, then --reference adapters evaluated here."""
-    from lorafuse.evaluation import load_reference
+    from lorafuse.model.evaluation import load_reference
 
     own = load_reference(args.reference_results) if args.reference_results else {}
     for task, directory in pairs(args.reference, "--reference").items():
@@ -119,9 +119,10 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    import lorafuse.fusion.router  # noqa: F401 (registers the router kind: --adapter ROUTER_DIR)
     from lorafuse.atomic import write_output_file
     from lorafuse.errors import ConfigError
-    from lorafuse.evaluation import Evaluator, load_task_head, markdown_table
+    from lorafuse.model.evaluation import Evaluator, load_task_head, markdown_table
     from lorafuse.provenance import stamp
     from lorafuse.tasks import get_task, load_task_file
 

@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from lorafuse.atomic import check_output
-    from lorafuse.evaluation import Evaluator, own_head
     from lorafuse.fusion.lorahub import LoraHubSettings, lorahub, save_lorahub
+    from lorafuse.model.evaluation import Evaluator, own_head
     from lorafuse.tasks import get_task, load_task_file
     from lorafuse.validate import check_apart
 

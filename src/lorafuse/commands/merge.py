@@ -62,7 +62,7 @@ def _parse_value(text: str, item: str) -> Any:
 
 def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Merge the YAML config (if any) with the flags; flags take precedence."""
-    from lorafuse.mergeconfig import RESERVED, load_merge_config
+    from lorafuse.merging.config import RESERVED, load_merge_config
 
     kwargs: dict[str, Any] = {}
     if args.config:
@@ -104,7 +104,7 @@ Choices where the references differ (the methods' docstrings give the details):
 
 
 def _list_methods() -> int:
-    from lorafuse.methods.registry import list_methods
+    from lorafuse.merging.methods.registry import list_methods
 
     for m in list_methods():
         tag = "exact" if m.exact else m.kind
@@ -116,8 +116,8 @@ def _list_methods() -> int:
 def run(args: argparse.Namespace) -> int:
     if args.list_methods:
         return _list_methods()
-    from lorafuse.engine import merge
-    from lorafuse.mergeconfig import dump_merge_config
+    from lorafuse.merging.config import dump_merge_config
+    from lorafuse.merging.engine import merge
 
     if not args.output:
         raise ConfigError("no output directory: pass -o/--output DIR")

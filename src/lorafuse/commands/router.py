@@ -33,9 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorafuse.atomic import check_output
     from lorafuse.errors import ConfigError
-    from lorafuse.evaluation import Evaluator, adapter_heads
     from lorafuse.fusion import loss_batches
     from lorafuse.fusion.router import Router, train_end_to_end, train_gate
+    from lorafuse.model.evaluation import Evaluator, adapter_heads
     from lorafuse.tasks import load_task_file
     from lorafuse.validate import check_apart
 

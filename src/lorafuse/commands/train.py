@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         from lorafuse.validate import check_regex
 
         check_regex(args.target_modules[0], "--target-modules")  # before the model loads
-    from lorafuse.training import TRAIN_RECORD, TrainConfig, train_adapter
+    from lorafuse.model.training import TRAIN_RECORD, TrainConfig, train_adapter
 
     cfg = TrainConfig(task=args.task, model=args.model, output=args.output, formulation=args.formulation,
                       rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=args.target_modules,

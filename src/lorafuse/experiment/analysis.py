@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lorafuse import stats
+from lorafuse.stats import mean_split, over_seeds  # noqa: F401 (used here and re-exported)
 
 COLLAPSE_SHARE = 0.9  # a fused model predicting one label this often has collapsed (unless the task's adapter does)
 ALPHA = 0.05
@@ -33,34 +34,6 @@ PRECISION_AGREEMENT = 0.99  # below this share of predictions equal to fp32's, a
 
 def evaluated(job: dict[str, Any]) -> bool:
     return job.get("status") == "ok" and "test" in job
-
-
-def mean_split(splits: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The mean over seeds of several evaluations of one split (accuracy, normalized accuracy and their averages;
-    prediction counts summed). Per-example correctness stays with each seed's own record."""
-    first = splits[0]
-    mean = {"accuracy": {t: float(np.mean([s["accuracy"][t] for s in splits])) for t in first["accuracy"]},
-            "examples": first.get("examples", {}), "reference": first.get("reference", {}),
-            "labels": first.get("labels", {})}
-    mean["normalized"] = {t: float(np.mean([s["normalized"][t] for s in splits])) for t in first.get("normalized", {})}
-    mean["average"] = float(np.mean([s["average"] for s in splits]))
-    navg = [s.get("normalized_average") for s in splits]
-    mean["normalized_average"] = float(np.mean(navg)) if None not in navg else None
-    predicted: dict[str, dict[str, int]] = {}
-    for s in splits:
-        for t, counts in s.get("predicted", {}).items():
-            for label, n in counts.items():
-                predicted.setdefault(t, {})[label] = predicted.setdefault(t, {}).get(label, 0) + n
-    mean["predicted"] = predicted
-    return mean
-
-
-def over_seeds(runs: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-    """A stochastic method's test results over seeds: the mean in `test`, each seed's own in `seed_runs`."""
-    if len(runs) == 1:
-        return {"test": runs[0][1], "seeds": [runs[0][0]]}
-    return {"test": mean_split([r for _, r in runs]), "seeds": [s for s, _ in runs],
-            "seed_runs": [{"seed": s, "test": r} for s, r in runs]}
 
 
 def normalized_over(split: dict[str, Any], tasks: Sequence[str]) -> float | None:

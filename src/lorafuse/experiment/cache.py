@@ -39,7 +39,7 @@ def train_dtype(requested: str) -> str:
     """The dtype training runs in here for `requested` (the Trainer's device: the GPU when there is one)."""
     import torch
 
-    from lorafuse.precision import resolve_precision
+    from lorafuse.model.precision import resolve_precision
 
     return resolve_precision(requested, "cuda" if torch.cuda.is_available() else "cpu").dtype
 

@@ -29,7 +29,7 @@ class TrainSettings(_Strict):
     alpha: float = 16.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | None = None
-    lr: float | None = Field(None, gt=0.0)  # None: the model's recipe (lorafuse.models)
+    lr: float | None = Field(None, gt=0.0)  # None: the model's recipe (lorafuse.model.models)
     epochs: float = Field(2.0, gt=0.0)
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -37,7 +37,7 @@ class TrainSettings(_Strict):
     max_length: int | None = Field(None, ge=8)
     seed: int = 0
     gradient_checkpointing: bool = False
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # see lorafuse.precision
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # see lorafuse.model.precision
 
 
 class EvalSettings(_Strict):
@@ -45,7 +45,7 @@ class EvalSettings(_Strict):
     max_test: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
     max_length: int | None = Field(None, ge=8)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # see lorafuse.precision
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # see lorafuse.model.precision
 
 
 # grid points (or trials) one method may run: a search beyond this is a typo or needs `samples:`, and its points
@@ -77,7 +77,7 @@ class MethodSpec(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, name: str) -> str:
-        from lorafuse.methods.registry import get_method
+        from lorafuse.merging.methods.registry import get_method
 
         get_method(name)
         return name
@@ -107,7 +107,7 @@ class MethodSpec(_Strict):
 
     @model_validator(mode="after")
     def _known_params(self) -> MethodSpec:
-        from lorafuse.methods.registry import get_method
+        from lorafuse.merging.methods.registry import get_method
 
         spec = get_method(self.method)
         check_space(spec, self.space)
@@ -123,7 +123,7 @@ class MethodSpec(_Strict):
     @property
     def stochastic(self) -> bool:
         """Whether the merge draws random numbers (DARE's random drop): then it runs over several seeds."""
-        from lorafuse.methods.registry import get_method
+        from lorafuse.merging.methods.registry import get_method
 
         params = get_method(self.method).params
         return any(params.draws_random({**self.params, **point}) for point in self.grid())

@@ -22,35 +22,12 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from lorafuse.errors import ConfigError
-
-Call = tuple[str, tuple[Any, ...]]  # a runner method (or "module:function" taking the runner) and its arguments
-
-
-@dataclass(frozen=True)
-class Job:
-    """One unit of work of a stage. `call` names what computes its result; `record` holds fields every result
-    of it carries, failed or not; `parts`, when given, are independent pieces an executor may spread over its
-    workers (each `part` call returns a value), after which `finish` receives `args + (values, part_seconds)`.
-    An executor that does not split runs `call` alone, which does the whole job."""
-
-    job_id: str
-    stage: str
-    label: str
-    call: str
-    args: tuple[Any, ...] = ()
-    record: dict[str, Any] = field(default_factory=dict)
-    executed_as: str = ""
-    parts: tuple[Call, ...] = ()
-    finish: str | None = None
-
-    @property
-    def trace_name(self) -> str:
-        return self.executed_as or self.job_id
+from lorafuse.experiment.jobs import Call, ExperimentError, Job, resolve_call  # noqa: F401 (Call, Job re-exported)
 
 
 class Executor(Protocol):
@@ -87,17 +64,6 @@ def make_executor(settings: Any) -> Executor:
     raise ConfigError(f"executor.kind: unknown executor '{settings.kind}' (local, ray)")
 
 
-def resolve_call(runner: Any, name: str) -> Callable[..., Any]:
-    """A runner method by name, or `module:function` called with the runner first."""
-    if ":" not in name:
-        return getattr(runner, name)
-    import functools
-    import importlib
-
-    module, function = name.split(":", 1)
-    return functools.partial(getattr(importlib.import_module(module), function), runner)
-
-
 def run_part(runner: Any, part: Call) -> dict[str, Any]:
     """One piece of a split job; its failure is returned (the job that owns it is then recorded as failed)."""
     start = time.perf_counter()
@@ -132,6 +98,7 @@ class Target:
     stages: tuple[str, ...]
     trainer: Callable[..., Path] | None
     state: dict[str, Any]  # the adapters and reference accuracies of the stages before
+    runner_type: Callable[..., Any]  # the driver's runner class, rebuilt on the worker
 
 
 class EvalWorker:
@@ -151,10 +118,8 @@ class EvalWorker:
 
     def _runner(self, target: Target) -> Any:
         if target.run_id != self.run_id:
-            from lorafuse.experiment.runner import ExperimentRunner
-
             target.config.check_tasks()  # registers the tasks of a task file in this process
-            self.runner = ExperimentRunner(target.config, target.out, progress=False, cache_dir=target.cache_dir,
+            self.runner = target.runner_type(target.config, target.out, progress=False, cache_dir=target.cache_dir,
                                            stages=target.stages, trainer=target.trainer)
             self.run_id = target.run_id
         adapters = {t: Path(p) for t, p in target.state["adapters"].items()}
@@ -228,7 +193,7 @@ class RayExecutor:
         config, out, cache = portable_config(runner.config), runner.out.resolve(), runner.adapter_root.parent.resolve()
         # a worker's loaded evaluators stay valid while these are the same (the trainer: the same object here)
         run_id = stable_hash([config.model_dump(), str(out), str(cache), runner.stages, id(runner._trainer)])
-        return Target(run_id, config, str(out), str(cache), tuple(runner.stages), runner._trainer, state)
+        return Target(run_id, config, str(out), str(cache), tuple(runner.stages), runner._trainer, state, type(runner))
 
     def pids(self) -> list[int]:
         """The process id of each worker (for tests and monitoring)."""
@@ -308,6 +273,4 @@ def _finishing(job: Job) -> Job:
 
 
 def _all_workers_lost() -> Exception:
-    from lorafuse.experiment.runner import ExperimentError
-
     return ExperimentError("every Ray worker died and none could be restarted (see the Ray logs)")

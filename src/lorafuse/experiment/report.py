@@ -278,7 +278,7 @@ def _order_text(methods: dict[str, Any], lo: str, hi: str) -> str:
 
 
 def precision_line(jobs: list[dict[str, Any]]) -> str:
-    """The dtype evaluation ran in and why (lorafuse.precision), from the reference job."""
+    """The dtype evaluation ran in and why (lorafuse.model.precision), from the reference job."""
     ref = next((j for j in jobs if j.get("name") == "individual" and j.get("status") == "ok"), None)
     p = ((ref or {}).get("test") or {}).get("precision") or {}
     if not p:

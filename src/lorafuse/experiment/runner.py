@@ -16,19 +16,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lorafuse.errors import ConfigError, LorafuseError
+from lorafuse.errors import ConfigError
 from lorafuse.experiment.cache import JobStore, adapter_key, stable_hash
 from lorafuse.experiment.config import ExperimentConfig, MethodSpec
-from lorafuse.experiment.executors import Executor, Job, make_executor, resolve_call
+from lorafuse.experiment.executors import Executor, make_executor
+from lorafuse.experiment.jobs import ExperimentError, Job, resolve_call
+from lorafuse.experiment.selection import NEUTRAL  # noqa: F401 (NEUTRAL re-exported)
+from lorafuse.experiment.selection import point_score as _score
 from lorafuse.validate import check_inside
 
 STAGES = ("train", "reference", "fuse", "data-driven", "report")
 TRAIN_RECORD = "lorafuse_train.json"
-EVAL_PROTOCOL = 2  # 2: fused results evaluated exactly (dense element-wise results before the cut to rank Σr)  # written last by lorafuse.training, inside the atomic output directory
-
-
-class ExperimentError(LorafuseError):
-    """A stage cannot go on (an adapter failed to train, or a prerequisite stage has not run)."""
+EVAL_PROTOCOL = 2  # 2: fused results evaluated exactly (dense element-wise results before the cut to rank Σr)  # written last by lorafuse.model.training, inside the atomic output directory
 
 
 @dataclass
@@ -45,7 +44,7 @@ class RunState:
 
 class ExperimentRunner:
     """Runs one experiment config into a run directory (`jobs/`, `fused/`, `report/`; `adapters/` unless a
-    shared `cache_dir` is given). `trainer` replaces `lorafuse.training.train_adapter` (tests, custom training).
+    shared `cache_dir` is given). `trainer` replaces `lorafuse.model.training.train_adapter` (tests, custom training).
     `stages` restricts the work to some stages; the others only read what earlier runs left in the cache.
     `executor` runs the missing jobs of each stage (default: the config's `executor:`, local unless it says ray)."""
 
@@ -205,7 +204,7 @@ class ExperimentRunner:
         return check_inside(self.adapter_root / f"{task}-{key[:10]}", self.adapter_root, "adapter directory")
 
     def _train_config(self, task: str, path: Path) -> Any:
-        from lorafuse.training import TrainConfig
+        from lorafuse.model.training import TrainConfig
 
         return TrainConfig(task=task, model=self.config.model, output=str(path), formulation=self.config.formulation,
                            data_dir=self.config.data_dir, overwrite=True, resume=True, progress=self.progress,
@@ -231,7 +230,8 @@ class ExperimentRunner:
     def evaluator(self, split: str) -> Any:
         """One loaded model and tokenized split per run, shared by every job that evaluates on it."""
         if split not in self._evaluators:
-            from lorafuse.evaluation import Evaluator
+            import lorafuse.fusion.router  # noqa: F401 (registers the router kind with the evaluator)
+            from lorafuse.model.evaluation import Evaluator
 
             e = self.config.eval
             self._evaluators[split] = Evaluator(
@@ -244,13 +244,13 @@ class ExperimentRunner:
     def own_heads(self) -> dict[str, dict[str, Any]]:
         """Each task's classification head from its own adapter (empty in the chat formulation)."""
         if self._heads is None:
-            from lorafuse.evaluation import own_head
+            from lorafuse.model.evaluation import own_head
 
             self._heads = {t: h for t, p in self.state.adapters.items() if (h := own_head(p))}
         return self._heads
 
     def _individual(self) -> dict[str, Any]:
-        from lorafuse.evaluation import EvalResult
+        from lorafuse.model.evaluation import EvalResult
 
         out: dict[str, Any] = {"name": "individual", "kind": "reference"}
         for split in ("validation", "test"):
@@ -265,7 +265,7 @@ class ExperimentRunner:
     def _precision_check(self, reduced: dict[str, Any]) -> dict[str, Any]:
         """The individual adapters on validation in fp32 too: the share of predictions equal to the reduced
         dtype's and each task's accuracy difference (analysis warns below PRECISION_AGREEMENT)."""
-        from lorafuse.evaluation import Evaluator
+        from lorafuse.model.evaluation import Evaluator
 
         ev, e = self.evaluator("validation"), self.config.eval
         reduced_predictions = {t: list(p) for t, p in ev.last_predictions.items()}
@@ -417,7 +417,7 @@ class ExperimentRunner:
         return spec.points()
 
     def _merge(self, spec: MethodSpec, point: dict[str, Any]) -> Any:
-        from lorafuse.engine import merge
+        from lorafuse.merging.engine import merge
 
         tasks = list(self.state.adapters)
         return merge([self.state.adapters[t] for t in tasks], spec.method, names=tasks, space=spec.space,
@@ -446,8 +446,8 @@ class ExperimentRunner:
     def _eval_key(self) -> dict[str, Any]:
         """The evaluation settings as they run here: the dtype resolved on this machine (an `auto` run on a bf16
         machine is not an fp32 result), and the protocol (fused results evaluated exactly, before any cut)."""
-        from lorafuse.models import default_device
-        from lorafuse.precision import resolve_precision
+        from lorafuse.model.models import default_device
+        from lorafuse.model.precision import resolve_precision
 
         settings = self.config.eval.model_dump()
         settings["dtype"] = resolve_precision(settings["dtype"], default_device()).dtype
@@ -529,13 +529,13 @@ class ExperimentRunner:
             self._bar.refresh()
 
     def _formulation(self) -> str:
-        from lorafuse.models import resolve_model
+        from lorafuse.model.models import resolve_model
 
         return self.config.formulation or resolve_model(self.config.model).formulation
 
 
 def _train_adapter(cfg: Any) -> Path:
-    from lorafuse.training import train_adapter
+    from lorafuse.model.training import train_adapter
 
     return train_adapter(cfg)
 
@@ -565,19 +565,6 @@ def _spec_key(spec: MethodSpec) -> dict[str, Any]:
     """A method's part of its job key; the default sampler is left out so that keys made before there was a
     choice of sampler still match."""
     return spec.model_dump(exclude={"sampler"} if spec.sampler == "random" else None)
-
-
-# each parameter's value at which a method is plain task arithmetic (λ·Σ ΔW_t): the tie-break's origin
-NEUTRAL = {"lambda": 1.0, "density": 1.0, "drop_rate": 0.0, "trim_density": 1.0, "alpha": 1.0, "gamma": 0.0}
-
-
-def _score(point: dict[str, Any]) -> tuple[float, float]:
-    """What a search maximises: the point's selection score (see `ExperimentRunner._selection_score`); among
-    equal scores, the setting that changes task arithmetic least (the smallest Σ |value − its neutral value| over
-    the parameters in NEUTRAL), whatever the grid's order."""
-    change = sum(abs(float(v) - NEUTRAL[k]) for k, v in point["params"].items()
-                 if k in NEUTRAL and isinstance(v, (int, float)) and not isinstance(v, bool))
-    return point["score"], -change
 
 
 def _slug(name: str) -> str:

@@ -59,7 +59,7 @@ def run_trial(runner: Any, spec: Any, slot: int) -> dict[str, Any]:
     """Ask the study for a setting, merge and evaluate it on validation, tell the study its score."""
     from optuna.distributions import CategoricalDistribution
 
-    from lorafuse.experiment.runner import _score
+    from lorafuse.experiment.selection import point_score as _score
 
     seed = int(hashlib.sha256(f"{spec.sample_seed}-{slot}".encode()).hexdigest()[:8], 16)
     study = _study(runner, spec, seed)

@@ -15,8 +15,8 @@ __all__ = ["check_data", "check_disjoint", "check_experiment", "check_space", "f
 
 
 def check_space(method: Any, space: str) -> None:
-    """The space exists and the method can run in it (the rule of lorafuse.engine._check_options)."""
-    from lorafuse.spaces import get_space
+    """The space exists and the method can run in it (the rule of lorafuse.merging.engine._check_options)."""
+    from lorafuse.merging.spaces import get_space
 
     get_space(space)
     method.check_space(space)
@@ -69,8 +69,8 @@ def check_experiment(config: Any, stages: Sequence[str], formulation: Any) -> No
     """Everything an experiment can check before it trains: tasks known (after its task file), the data
     directory and a local model present, the formulation able to express every task (`formulation()` gives its name), and every
     split the stages read present, parseable, non-empty and labelled with the task's labels."""
-    from lorafuse.formulations import check_formulation
-    from lorafuse.models import resolve_model
+    from lorafuse.model.formulations import check_formulation
+    from lorafuse.model.models import resolve_model
     from lorafuse.tasks import get_task
 
     config.check_tasks()

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from lorafuse.adapters.reader import LoraAdapter
-from lorafuse.algebra.lowrank import LowRank, stack_lowrank
 from lorafuse.atomic import atomic_output_dir
 from lorafuse.errors import AdapterError, ConfigError, did_you_mean
 from lorafuse.fusion import loss_batches
-from lorafuse.methods.registry import MethodParams, register
+from lorafuse.merging.algebra.lowrank import LowRank, stack_lowrank
+from lorafuse.merging.methods.registry import MethodParams, register
 
 PAPER = "Huang et al., LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition, COLM 2024"
 SLOT_ADAPTER = "lorafuse_lorahub"
@@ -195,7 +195,7 @@ class LoraSlots:
     def __init__(self, model: torch.nn.Module, factors: Mapping[str, Sequence[LowRank]], composition: str) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        from lorafuse.evaluation import _submodule
+        from lorafuse.model.apply import _submodule
 
         self.model = model
         self.slots = {m: _Slot(terms, composition) for m, terms in factors.items()}
@@ -258,7 +258,7 @@ class FewShotObjective:
     def __enter__(self) -> FewShotObjective:
         from contextlib import ExitStack
 
-        from lorafuse.evaluation import head_loaded
+        from lorafuse.model.apply import head_loaded
 
         self._stack = ExitStack()
         self._slots = self._stack.enter_context(lora_slots(self.model, self.factors, self.composition))
@@ -326,7 +326,7 @@ def save_lorahub(result: LoraHubResult, adapters: Sequence[str | Path], out: str
                  head: Mapping[str, torch.Tensor] | None = None, overwrite: bool = False) -> Path:
     """The composed adapter in PEFT's format through the merge engine (provenance recorded), with the target
     task's head in task_heads/ and the weights and search trace in lorahub.json."""
-    from lorafuse.engine import merge
+    from lorafuse.merging.engine import merge
 
     method = "lorahub_factors" if result.settings.composition == "factors" else "linear"
     fused = merge(adapters, method, weights=result.weights, modules_to_save="drop", progress=False)
@@ -343,7 +343,7 @@ def experiment_job(runner: Any, shots: int) -> dict[str, Any]:
     """LoraHub per task on a `shots`-example sample of its validation split; each task's test accuracy with its
     own learned weights (and its own head, in the classify formulation). Runs once per seed of the experiment
     (the sample and the search both depend on it): `test` is the mean over seeds, `seed_runs` each seed's."""
-    from lorafuse.experiment.analysis import over_seeds
+    from lorafuse.stats import over_seeds
 
     runs, weights, seconds, problems = [], {}, 0.0, []
     for seed in runner.seeds(runner.config.lorahub.seed):
@@ -364,7 +364,7 @@ def _experiment_run(runner: Any, shots: int, seed: int) -> tuple[dict[str, Any],
     whose search returned no composition (`LoraHubResult.problems`)."""
     import random
 
-    from lorafuse.evaluation import EvalResult
+    from lorafuse.model.evaluation import EvalResult
     from lorafuse.tasks import get_task
 
     cfg = runner.config.lorahub

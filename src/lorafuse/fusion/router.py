@@ -24,6 +24,7 @@ import torch
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.atomic import atomic_output_dir
 from lorafuse.errors import AdapterError, ConfigError
+from lorafuse.model.kinds import register_kind
 from lorafuse.provenance import stamp
 
 ROUTER_CONFIG = "router_config.json"
@@ -42,7 +43,7 @@ def backbone_of(model: Any) -> Any:
 def _features(backbone: Any, inputs: Mapping[str, Any], granularity: str) -> torch.Tensor:
     """Last hidden state, mean-pooled over real tokens ([B, H]) or per token ([B, L, H]). Positions come from the
     attention mask so left- and right-padded batches give the same features."""
-    from lorafuse.formulations import on_model_device
+    from lorafuse.model.formulations import on_model_device
 
     keep = on_model_device(backbone, {k: v for k, v in inputs.items()
                                       if k in ("input_ids", "attention_mask", "token_type_ids") and v is not None})
@@ -128,7 +129,7 @@ class Router:
     def installed(self, model: Any) -> Iterator[Router]:
         """Route every forward of `model`: a gate pass of the backbone with the mixture off, then the mixture in
         each adapted layer. Gradients reach the gate when enabled (end-to-end training), never the features."""
-        from lorafuse.evaluation import _submodule
+        from lorafuse.model.apply import _submodule
 
         state: dict[str, Any] = {"g": None, "off": False}
 
@@ -221,6 +222,9 @@ def load_router(model: Any, router_dir: str | Path) -> Iterator[Router]:
         yield router
 
 
+register_kind("router", is_router, Router.load, Router)  # the Evaluator takes a router (or its directory) this way
+
+
 # -- training ------------------------------------------------------------------------------------------------------
 def train_gate(router: Router, model: Any, batches_per_task: Sequence[Sequence[Any]], epochs: int = 200,
                lr: float = 1e-2, seed: int = 0) -> dict[str, float]:
@@ -270,7 +274,7 @@ def train_end_to_end(router: Router, model: Any, formulation: Any, tasks: Sequen
     task's batch at a time with its head loaded; start from `train_gate`'s solution."""
     import random
 
-    from lorafuse.evaluation import head_loaded
+    from lorafuse.model.apply import head_loaded
 
     steps = [(t, b) for t, batches in enumerate(batches_per_task) for b in batches]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -313,7 +317,7 @@ def latency(evaluator: Any, adapter: Any, heads: Mapping[str, Any] | None = None
 def experiment_job(runner: Any) -> dict[str, Any]:
     """Train the gate on each task's train split, evaluate the routed mixture on test, and time it against one
     merged adapter; once per seed of the experiment (`test`: the mean over seeds, `seed_runs`: each seed's)."""
-    from lorafuse.experiment.analysis import over_seeds
+    from lorafuse.stats import over_seeds
 
     runs, costs, dirs = [], [], []
     for i, seed in enumerate(runner.seeds(runner.config.router.seed)):

@@ -1,5 +1,5 @@
-"""Merge methods, one registry: `get_method(name)`, `list_methods()`, `register(...)`."""
+"""Deprecated: moved to `lorafuse.merging.methods` (this alias goes in lorafuse 0.3.0)."""
 
-from lorafuse.methods.registry import MergeMethod, MethodParams, get_method, list_methods, register
+from lorafuse._moved import moved
 
-__all__ = ["MergeMethod", "MethodParams", "get_method", "list_methods", "register"]
+moved(__name__, "lorafuse.merging.methods")

@@ -298,6 +298,12 @@ def load_task_file(path: str | Path) -> list[Task]:
 
 
 _BUILTIN_LOADED: list[bool] = []
+_BUILTIN_SETS: list[Callable[[], None]] = []  # generated task sets (lorafuse.tasks adds the demo's synthetic suite)
+
+
+def add_builtin_set(register: Callable[[], None]) -> None:
+    """A set of built-in tasks registered (by `register()`) after builtin.yaml's, on first use of the registry."""
+    _BUILTIN_SETS.append(register)
 
 
 def _load_builtin() -> None:
@@ -309,9 +315,8 @@ def _load_builtin() -> None:
     for name, spec in yaml.safe_load(text).items():
         if name not in _REGISTRY:
             register_task(task_from_dict(name, spec))
-    from lorafuse.tasks import synthetic
-
-    synthetic.register_all()
+    for register in _BUILTIN_SETS:
+        register()
 
 
 def get_task(name: str) -> Task:

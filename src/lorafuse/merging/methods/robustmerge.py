@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from lorafuse.algebra.lowrank import WORK_DTYPE, LowRank
-from lorafuse.methods.registry import MethodParams, register
+from lorafuse.merging.algebra.lowrank import WORK_DTYPE, LowRank
+from lorafuse.merging.methods.registry import MethodParams, register
 
 
 class RobustMergeParams(MethodParams):

@@ -9,7 +9,7 @@ flip or zero the divisor) or over their count (`denominator: count`, PEFT's disj
 both are the TIES paper's disjoint mean. PEFT elects on the unweighted values and weights afterwards, which lets
 a negatively weighted entry take the sign opposite to the elected one; we do not follow it there.
 
-Trim scope. `trim_scope` unset follows the space's reference (lorafuse.spaces.REFERENCE_TRIM_SCOPE): per module in
+Trim scope. `trim_scope` unset follows the space's reference (lorafuse.merging.spaces.REFERENCE_TRIM_SCOPE): per module in
 `full` (PEFT, mergekit) and `core` (the Core Space code), over the whole adapter in `knots` (the KnOTS code).
 
 Ties. Every 'keep the k largest' keeps exactly k entries: of the values tied at the threshold (quantised adapters)
@@ -27,8 +27,8 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from lorafuse.methods import primitives as P
-from lorafuse.methods.registry import MethodParams, register
+from lorafuse.merging.methods import primitives as P
+from lorafuse.merging.methods.registry import MethodParams, register
 
 
 class Sparsify(str, enum.Enum):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafuse.algebra.lowrank import FactorSVD, LowRank
+from lorafuse.merging.algebra.lowrank import FactorSVD, LowRank
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from lorafuse.algebra.lowrank import (
+from lorafuse.merging.algebra.lowrank import (
     CORE_DTYPE,
     WORK_DTYPE,
     FactorSVD,
@@ -38,7 +38,7 @@ from lorafuse.algebra.lowrank import (
     numerical_rank,
     stack_lowrank,
 )
-from lorafuse.methods.registry import MethodParams, register
+from lorafuse.merging.methods.registry import MethodParams, register
 
 ISO_PAPER = ("Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
              "Subspaces, ICML 2025")

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from lorafuse.algebra.lowrank import CORE_DTYPE, WORK_DTYPE, LowRank
-from lorafuse.methods.registry import MethodParams, get_method, register
+from lorafuse.merging.algebra.lowrank import CORE_DTYPE, WORK_DTYPE, LowRank
+from lorafuse.merging.methods.registry import MethodParams, get_method, register
 
 BASE_FIELDS = {  # the parameters each base rule takes (beyond the method's own; `seed`, as every element-wise rule)
     "task_arithmetic": {"lambda_", "seed"},
@@ -91,8 +91,8 @@ def merge_cores(x: torch.Tensor, weights: Sequence[float], params: CtMParams,
     w = torch.tensor(list(weights), dtype=x.dtype)
     if params.base == "task_arithmetic":
         return params.lambda_ * torch.tensordot(w, x, dims=1)
-    from lorafuse.methods.elementwise import keep_rule, threshold_input
-    from lorafuse.methods.primitives import top_limit
+    from lorafuse.merging.methods.elementwise import keep_rule, threshold_input
+    from lorafuse.merging.methods.primitives import top_limit
 
     spec = get_method(params.base)
     base = spec.parse_params(params.base_values())
@@ -127,7 +127,7 @@ def merge_cores(x: torch.Tensor, weights: Sequence[float], params: CtMParams,
 def ctm(terms: Sequence[LowRank], weights: Sequence[float], params: CtMParams, rank: int | None = None,
         generators: list[torch.Generator] | None = None) -> LowRank:
     """U·merge(C_1 … C_T)·Vᵀ (see the module docstring)."""
-    from lorafuse.aligned import canonical_signs, core_basis
+    from lorafuse.merging.aligned import canonical_signs, core_basis
 
     m, n = terms[0].shape
     R = sum(t.rank for t in terms)

@@ -5,7 +5,7 @@ passes give the exact k-th largest |x|: a fine histogram of log2|x| finds the bi
 of that one bin are gathered and sorted.
 
 Each threshold comes with a tie count (τ, ties): the k largest are the entries above τ plus `ties` of those equal
-to τ, so that tied values (quantised adapters) keep exactly k (lorafuse.methods.primitives.top_mask).
+to τ, so that tied values (quantised adapters) keep exactly k (lorafuse.merging.methods.primitives.top_mask).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class StreamingQuantile:
 
     def limits(self) -> list[tuple[float, int]]:
         """(τ, ties) per count: the k-th largest |x| and how many entries equal to it the k largest include (see
-        lorafuse.methods.primitives.top_mask)."""
+        lorafuse.merging.methods.primitives.top_mask)."""
         out = []
         for (b, rank), values in zip(self._targets, self._gathered):
             if b < 0:

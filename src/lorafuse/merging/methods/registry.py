@@ -1,5 +1,5 @@
 """One registry of merge methods. A method is a small typed function plus a pydantic parameter model; the
-engine (lorafuse.engine) streams modules through it.
+engine (lorafuse.merging.engine) streams modules through it.
 
 Two kinds:
 - `module`: receives one module's updates as factors (list of LowRank, weights) and returns a LowRank (exact
@@ -51,7 +51,7 @@ class MergeMethod:
     takes_generators: bool = False
 
     def check_space(self, space: str) -> None:
-        """Refuse a space the method is not defined in (the space's existence is checked by lorafuse.spaces)."""
+        """Refuse a space the method is not defined in (the space's existence is checked by lorafuse.merging.spaces)."""
         if self.spaces and space not in self.spaces:
             allowed = " or ".join(f"'{s}'" for s in self.spaces)
             raise ConfigError(f"method '{self.name}' is defined in the {allowed} space only, not '{space}'")
@@ -127,11 +127,11 @@ def _load_builtin_methods() -> None:
 
 # Modules whose import registers methods; optional ones are skipped when absent.
 BUILTIN_MODULES = (
-    "lorafuse.methods.linear",
-    "lorafuse.methods.elementwise",
-    "lorafuse.methods.spectral",
-    "lorafuse.methods.truncated",
-    "lorafuse.methods.robustmerge",
-    "lorafuse.methods.wudi",
-    "lorafuse.methods.ctm",
+    "lorafuse.merging.methods.linear",
+    "lorafuse.merging.methods.elementwise",
+    "lorafuse.merging.methods.spectral",
+    "lorafuse.merging.methods.truncated",
+    "lorafuse.merging.methods.robustmerge",
+    "lorafuse.merging.methods.wudi",
+    "lorafuse.merging.methods.ctm",
 )

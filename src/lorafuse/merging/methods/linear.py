@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from lorafuse.algebra.lowrank import LowRank, stack_lowrank
-from lorafuse.methods.registry import MethodParams, register
+from lorafuse.merging.algebra.lowrank import LowRank, stack_lowrank
+from lorafuse.merging.methods.registry import MethodParams, register
 
 
 class NoParams(MethodParams):

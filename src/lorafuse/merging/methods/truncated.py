@@ -1,6 +1,6 @@
 """Per-task truncated SVDs, from the factors: CART (centred task vectors, low rank) and STAR (spectral truncation
 and rescaling). No m×n SVD: every task's matrix is a product of thin factors, and its SVD comes from QRs of those
-factors and an SVD of a small core (lorafuse.algebra.lowrank).
+factors and an SVD of a small core (lorafuse.merging.algebra.lowrank).
 
 Both methods work on the weighted task values y_t = w_t·ΔW_t (negative weights allowed), like every method here;
 with unit weights they are the papers' task vectors.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from lorafuse.algebra.lowrank import (
+from lorafuse.merging.algebra.lowrank import (
     CORE_DTYPE,
     WORK_DTYPE,
     LowRank,
@@ -22,7 +22,7 @@ from lorafuse.algebra.lowrank import (
     numerical_rank,
     stack_lowrank,
 )
-from lorafuse.methods.registry import MethodParams, register
+from lorafuse.merging.methods.registry import MethodParams, register
 
 
 def _zero(m: int, n: int) -> LowRank:

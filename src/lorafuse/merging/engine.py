@@ -1,0 +1,642 @@
+"""The merge engine: streams modules one at a time through a registered method and collects the fused adapter.
+
+`merge()` is the Python API behind `lorafuse merge`; it returns a `MergeResult` with `.save(dir)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafuse.adapters.config import targeted
+from lorafuse.adapters.reader import LoraAdapter
+from lorafuse.adapters.writer import (
+    HEADS_DIR,
+    adapter_state_dict,
+    at_least_rank_one,
+    fused_config,
+    stored_rank,
+    within_shape_rank,
+    write_adapter_dir,
+    write_adapter_files,
+)
+from lorafuse.atomic import check_writable
+from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
+from lorafuse.merging.algebra.dense import ENERGY_RTOL, MAX_POWER_ITERATIONS, DenseUpdate, dense_truncated_svd
+from lorafuse.merging.algebra.lowrank import CORE_DTYPE, LowRank, truncate
+from lorafuse.merging.methods.registry import MergeMethod, MethodParams, get_method
+from lorafuse.merging.methods.thresholds import StreamingQuantile, top_limits
+from lorafuse.merging.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
+from lorafuse.model.models import portable_name
+from lorafuse.provenance import stamp
+from lorafuse.validate import check_param_types, cut_name, finite_number, strict_bool, strict_int
+
+# auto (the default): per_task when every adapter with modules_to_save is a lorafuse-trained classify adapter (its
+# head belongs to its task), else error (a user must say what the heads mean)
+MODULES_TO_SAVE_POLICIES = ("auto", "error", "per_task", "average", "drop")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Engine settings shared by every method."""
+
+    rank: int | None = None  # output rank; None: each result's natural rank (dense results: min(Σr, m, n))
+    space: str = "full"
+    exact_svd: bool = False  # dense truncation by full SVD instead of randomized
+    modules_to_save: str = "auto"
+    dtype: torch.dtype | None = None  # output dtype; default: the adapters' dtype
+    progress: bool = True
+    rank_patterns: bool = False  # per-module ranks in rank_pattern instead of one zero-padded rank
+    keep_exact: bool = False  # also hold each truncated module's exact result (MergeResult.exact)
+
+
+@dataclass
+class MergeResult:
+    """A fused adapter held as factors (scaling 1), ready to save in PEFT's format."""
+
+    modules: dict[str, LowRank]
+    config: dict[str, Any]
+    provenance: dict[str, Any]
+    dtype: torch.dtype
+    embeddings: set[str] = field(default_factory=set)
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    extra_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # with keep_exact: each truncated module's result before the cut (a DenseUpdate or the full LowRank)
+    exact: dict[str, LowRank | DenseUpdate] = field(default_factory=dict)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """The fused dense update of one module (out×in), as saved."""
+        return self.modules[module].dense()
+
+    def exact_modules(self) -> dict[str, LowRank | DenseUpdate]:
+        """Every module's update before any truncation (the method's exact result, where `keep_exact` held
+        it; elsewhere nothing was cut and the saved factors are exact)."""
+        return {m: self.exact.get(m, u) for m, u in self.modules.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = adapter_state_dict(self.modules, self.embeddings, self.dtype, stored_rank(self.config))
+        state.update(self.extra_state)
+        return state
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        check_writable(path, self.nbytes())
+        # padded to the config's one rank and cast one tensor at a time while writing
+        lora = adapter_state_dict(self.modules, self.embeddings, rank=stored_rank(self.config))
+        dtypes = dict.fromkeys(lora, self.dtype)
+        return write_adapter_dir(path, {**lora, **self.extra_state}, self.config, self.provenance, self.heads,
+                                 overwrite, dtypes)
+
+    def write_files(self, directory: Path) -> None:
+        """The files of `save`, into an existing (temporary) directory (for outputs committed together)."""
+        lora = adapter_state_dict(self.modules, self.embeddings, rank=stored_rank(self.config))
+        write_adapter_files(directory, {**lora, **self.extra_state}, self.config, self.provenance, self.heads,
+                            dict.fromkeys(lora, self.dtype))
+
+    def nbytes(self) -> int:
+        """The size of the saved tensors (factors in the output dtype, heads, extra state)."""
+        rank = stored_rank(self.config)  # modules are stored zero-padded to the config's one rank
+        factors = sum((u.A.shape[1] + u.B.shape[0]) * max(rank or 0, u.A.shape[0]) * self.dtype.itemsize
+                      for u in self.modules.values())
+        tensors = [*self.extra_state.values(), *(t for head in self.heads.values() for t in head.values())]
+        return factors + sum(t.numel() * t.element_size() for t in tensors)
+
+
+# -- loading and checks ------------------------------------------------------------------------------------
+def load_adapters(
+    sources: Sequence[str | Path | LoraAdapter], names: Sequence[str] | None = None, allow_bin: bool = False
+) -> list[LoraAdapter]:
+    if isinstance(sources, (str, bytes, Path)) or not isinstance(sources, Sequence):
+        raise ConfigError(f"adapters: expected a list of adapter directories or Hub ids, got {sources!r}")
+    if not sources:
+        raise ConfigError("no adapters given")
+    if names is not None and (isinstance(names, (str, bytes)) or not isinstance(names, Sequence)):
+        raise ConfigError(f"names: expected a list of names, got {names!r}")
+    if names is not None and len(names) != len(sources):
+        raise ConfigError(f"{len(names)} names for {len(sources)} adapters")
+    adapters = [
+        s if isinstance(s, LoraAdapter) else LoraAdapter(s, name=names[i] if names else None, allow_bin=allow_bin)
+        for i, s in enumerate(sources)
+    ]
+    for adapter in adapters:
+        adapter.check_dtypes()
+    _make_names_unique(adapters)
+    return adapters
+
+
+def _make_names_unique(adapters: list[LoraAdapter]) -> None:
+    """`x`, `x-2`, `x-3`, ...; cut to leave room for the suffix, so each stays a plain name (it names a file)."""
+    seen: dict[str, int] = {}
+    for adapter in adapters:
+        count = seen.get(adapter.name, 0)
+        seen[adapter.name] = count + 1
+        if count:
+            suffix = f"-{count + 1}"
+            adapter.name = cut_name(adapter.name, room=len(suffix)) + suffix
+
+
+def check_compatible(adapters: Sequence[LoraAdapter], base_model: str | None = None) -> list[str]:
+    """All adapters must share base model, orientation and module shapes; returns the union of modules."""
+    first = adapters[0]
+    for adapter in adapters[1:]:
+        if adapter.settings.fan_in_fan_out != first.settings.fan_in_fan_out:  # a value: False differs from True
+            raise IncompatibleAdaptersError(
+                f"{adapter.path}: fan_in_fan_out {adapter.settings.fan_in_fan_out} differs from "
+                f"{first.settings.fan_in_fan_out} of {first.path}")
+        for attr, label in (("base_model", "base model"), ("task_type", "task_type")):
+            mine, theirs = getattr(first.settings, attr), getattr(adapter.settings, attr)
+            # an unnamed base or task type matches any; base models compare as models (a path recorded by its final
+            # name, a short name, a Hub id and a local copy of one embedded model are the same)
+            same = _same_model(mine, theirs) if attr == "base_model" and mine and theirs else mine == theirs
+            if mine and theirs and not same:
+                raise IncompatibleAdaptersError(
+                    f"{adapter.path}: {label} '{theirs}' differs from '{mine}' of {first.path}")
+    if base_model and first.settings.base_model and not _same_model(base_model, first.settings.base_model):
+        raise IncompatibleAdaptersError(
+            f"base_model '{base_model}' differs from the adapters' '{first.settings.base_model}'")
+    shapes: dict[str, tuple[tuple[int, int], LoraAdapter]] = {}
+    for adapter in adapters:
+        for module in adapter.modules:
+            shape = adapter.module_shape(module)
+            if module in shapes and shapes[module][0] != shape:
+                other = shapes[module][1]
+                raise IncompatibleAdaptersError(
+                    f"module '{module}': shape {shape} in {adapter.path} but {shapes[module][0]} in {other.path} "
+                    "(adapters of different base models?)")
+            shapes.setdefault(module, (shape, adapter))
+    return sorted(shapes, key=_natural_key)
+
+
+def _same_model(a: str, b: str) -> bool:
+    from lorafuse.model.models import (
+        same_model,  # short name, Hub id and local copy of an embedded model are one
+    )
+
+    return same_model(a, b)
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+# -- the engine ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Dense:
+    """A module's merged update as a full matrix, with the inputs' row space (stacked A's) that seeds its
+    truncation (see algebra.dense)."""
+
+    matrix: torch.Tensor
+    row_space: torch.Tensor | None = None
+
+
+class _ModuleStream:
+    """Reads one module's updates across adapters; a missing module is an exact zero of rank 0."""
+
+    def __init__(self, adapters: Sequence[LoraAdapter], shapes: dict[str, tuple[int, int]]) -> None:
+        self.adapters = adapters
+        self.shapes = shapes
+
+    def terms(self, module: str) -> list[LowRank]:
+        m, n = self.shapes[module]
+        return [a.update(module) if module in a.modules else LowRank(torch.zeros(m, 0), torch.zeros(0, n))
+                for a in self.adapters]
+
+
+def _generators(seed: int, names: Sequence[str], module: str) -> list[torch.Generator]:
+    """One generator per (adapter, module): DARE's drops do not depend on adapter order or module order."""
+    return [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{n}:{module}".encode())) for n in names]
+
+
+class _Thresholds:
+    """Per-task trim thresholds for element-wise methods, per module or global over the adapter. `generators`
+    gives a module's fresh DARE generators: DARE-TIES trims the dropped values, so its thresholds are taken on the
+    very draws the merge makes."""
+
+    def __init__(self, method: MergeMethod, params: MethodParams, densities: list[float], scope: str,
+                 generators: Callable[[str], list[torch.Generator]]) -> None:
+        from lorafuse.merging.methods.elementwise import keep_rule
+
+        self.recipe = method.fn.recipe  # type: ignore[attr-defined]
+        self.params = params
+        self.rules = [keep_rule(params, self.recipe, d) for d in densities]
+        self.width = max((len(r(1)) for r in self.rules if r), default=0)  # thresholds per task
+        self.global_scope = scope == "global" and any(self.rules)
+        self.generators = generators
+        self.fixed: torch.Tensor | None = None
+
+    def _input(self, module: str, blocks: torch.Tensor) -> torch.Tensor:
+        from lorafuse.merging.methods.elementwise import threshold_input
+
+        return threshold_input(blocks, self.recipe, self.params, self.generators(module))
+
+    def fit_global(self, projections: Any) -> None:
+        """Two streaming passes over all modules' blocks (`projections` yields (module, projection) pairs)."""
+        quantiles = [StreamingQuantile(r or (lambda _: [])) for r in self.rules]
+        for module, proj in projections("global trim: histogram"):
+            for q, block in zip(quantiles, self._input(module, proj.blocks)):
+                q.observe(block)
+        for q in quantiles:
+            q.plan()
+        for module, proj in projections("global trim: threshold"):
+            for q, block in zip(quantiles, self._input(module, proj.blocks)):
+                q.gather(block)
+        self.fixed = self._table([q.limits() for q in quantiles])
+
+    def _table(self, per_task: list[list[tuple[float, int]]]) -> torch.Tensor:
+        """[T, width, 2]: per task and count its (τ, ties) limit. One table serves one trim scope: its tie budgets
+        are consumed as the scope's chunks are masked (bands in row order; modules in self.modules order, the
+        order of the global passes), so ties are kept by position (see primitives.top_mask)."""
+        return torch.tensor([list(v) + [(0.0, 0)] * (self.width - len(v)) for v in per_task], dtype=torch.float64
+                            ).reshape(len(per_task), self.width, 2)
+
+    def for_module(self, module: str, blocks: torch.Tensor) -> torch.Tensor:
+        from lorafuse.merging.methods.primitives import top_limit
+
+        if self.fixed is not None or not any(self.rules):
+            return self.fixed if self.fixed is not None else self._table([[] for _ in self.rules])
+        values = self._input(module, blocks)
+        return self._table([[top_limit(b, k) for k in rule(b.numel())] if rule else []
+                            for b, rule in zip(values, self.rules)])
+
+    def for_rows(self, module: str, rows: DenseRows) -> torch.Tensor:
+        """Per-module thresholds of a full-space module produced in bands (exact, one pass per task)."""
+        if self.fixed is not None:
+            return self.fixed
+        total = rows.shape[0] * rows.shape[1]
+
+        def values(t: int) -> Iterator[torch.Tensor]:
+            if not self.recipe.trim_after_drop:
+                return rows.task_values(t)
+            from lorafuse.merging.methods.elementwise import drop
+
+            g = self.generators(module)[t]  # fresh per pass: the same draws as the merge's, band by band
+            return (drop(band.unsqueeze(0), self.params, [g])[0] for band in rows.task_values(t))
+
+        def sample(t: int) -> torch.Tensor:
+            if not self.recipe.trim_after_drop:
+                return rows.task_sample(t)
+            from lorafuse.merging.methods.elementwise import drop
+
+            # only brackets the threshold (exactness does not depend on it): an independent drop of the sample
+            return drop(rows.task_sample(t).unsqueeze(0), self.params, [torch.Generator().manual_seed(t)])[0]
+
+        def task_thresholds(t: int) -> list[tuple[float, int]]:
+            rule = self.rules[t]
+            return top_limits(lambda: values(t), total, rule, sample(t)) if rule else []
+
+        # Tasks are independent, and the counting pass is numpy (one core, GIL released): one thread per core.
+        return self._table(list(_pool().map(task_thresholds, range(len(self.rules)))))
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="lorafuse-trim")
+
+
+def merge(
+    adapters: Sequence[str | Path | LoraAdapter],
+    method: str = "task_arithmetic",
+    *,
+    weights: Sequence[float] | None = None,
+    densities: Sequence[float | None] | None = None,
+    names: Sequence[str] | None = None,
+    base_model: str | None = None,
+    rank: int | None = None,
+    space: str = "full",
+    exact_svd: bool = False,
+    modules_to_save: str = "auto",
+    dtype: torch.dtype | str | None = None,
+    allow_bin: bool = False,
+    progress: bool = True,
+    rank_patterns: bool = False,
+    keep_exact: bool = False,
+    **params: Any,
+) -> MergeResult:
+    """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...).
+    The saved adapter stores every module at one rank (zero-padded, no rank_pattern) unless `rank_patterns`.
+    `keep_exact` also holds each truncated module's exact result in memory (`MergeResult.exact_modules`: what an
+    experiment evaluates; dense element-wise results cost one m×n matrix a module)."""
+    spec = get_method(method)
+    check_param_types(spec, params, f"method '{spec.name}'")
+    parsed = spec.parse_params(params)
+    rank = None if rank is None else strict_int(rank, "rank", minimum=1)
+    exact_svd = strict_bool(exact_svd, "exact_svd")
+    for value, field_name in ((space, "space"), (modules_to_save, "modules_to_save")):
+        if not isinstance(value, str):
+            raise ConfigError(f"{field_name}: expected a string, got {value!r}")
+    loaded = load_adapters(adapters, names, allow_bin)
+    options = MergeOptions(rank, space, exact_svd, modules_to_save, _as_dtype(dtype) or loaded[0].dtype(), progress,
+                           rank_patterns, strict_bool(keep_exact, "keep_exact"))
+    _check_per_adapter(spec, parsed, weights, densities)
+    weights = _per_adapter(weights, loaded, "weights", 1.0)
+    densities = _per_adapter(densities, loaded, "densities", getattr(parsed, "density", 1.0))
+    _check_options(spec, options, densities)
+    modules = check_compatible(loaded, base_model)
+    engine = _Engine(spec, parsed, loaded, modules, weights, densities, options)
+    return engine.run()
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    if not isinstance(dtype, str) or dtype not in names:
+        raise ConfigError(f"unknown dtype '{dtype}' (valid: {', '.join(names)})")
+    return names[dtype]
+
+
+def _per_adapter(values: Sequence[Any] | None, adapters: list[LoraAdapter], field_name: str,
+                 default: float) -> list[float]:
+    if values is None:
+        return [float(default)] * len(adapters)
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):  # lists, tuples, arrays
+        raise ConfigError(f"{field_name}: expected a list of numbers, got {values!r}")
+    if len(values) != len(adapters):
+        raise ConfigError(f"{field_name}: {len(values)} values for {len(adapters)} adapters")
+    return [float(default) if v is None else finite_number(v, f"{field_name} of {a.source}")
+            for v, a in zip(values, adapters)]
+
+
+def _check_per_adapter(spec: MergeMethod, params: MethodParams, weights: Sequence[float] | None,
+                       densities: Sequence[float | None] | None) -> None:
+    """Refuse per-adapter values a method would ignore."""
+    if not spec.uses_weights and weights is not None and any(w is not None and float(w) != 1.0 for w in weights):
+        raise ConfigError(f"method '{spec.name}' takes no weights (it is the plain mean); for a weighted mean use "
+                          "'linear' with normalize: true")
+    if densities is not None and any(d is not None for d in densities) and "density" not in type(params).model_fields:
+        hint = params.REFUSED.get("density", "it has no density parameter")
+        raise ConfigError(f"method '{spec.name}' takes no per-adapter densities: {hint}")
+    if spec.kind == "module" and densities is not None and any(
+            d is not None and float(d) != getattr(params, "density", None) for d in densities):
+        raise ConfigError(f"method '{spec.name}' takes one density for all adapters (its `density` parameter)")
+    if getattr(params, "rule", None) == "authors" and densities is not None and any(
+            d is not None and float(d) != params.density for d in densities):  # type: ignore[attr-defined]
+        raise ConfigError(f"method '{spec.name}': rule 'authors' takes one density for all adapters")
+    if getattr(params, "rule", None) == "authors" and getattr(params, "trim_scope", None) == "global":
+        raise ConfigError(f"method '{spec.name}': rule 'authors' thresholds each row, so trim_scope 'global' does "
+                          "not apply (use rule 'mergekit' for a global band)")
+
+
+def _check_options(spec: MergeMethod, options: MergeOptions, densities: list[float]) -> None:
+    for d in densities:
+        if not 0.0 < d <= 1.0:
+            raise ConfigError(f"density {d} is outside (0, 1]")
+    if options.rank is not None and options.rank < 1:
+        raise ConfigError(f"rank must be ≥ 1 (got {options.rank})")
+    if options.modules_to_save not in MODULES_TO_SAVE_POLICIES:
+        raise ConfigError(f"modules_to_save: '{options.modules_to_save}' is not one of "
+                          f"{', '.join(MODULES_TO_SAVE_POLICIES)}")
+    get_space(options.space)
+    spec.check_space(options.space)
+
+
+class _Engine:
+    def __init__(self, spec: MergeMethod, params: MethodParams, adapters: list[LoraAdapter], modules: list[str],
+                 weights: list[float], densities: list[float], options: MergeOptions) -> None:
+        self.spec, self.params, self.adapters, self.modules = spec, params, adapters, modules
+        self.weights, self.densities, self.options = weights, densities, options
+        shapes = {m: next(a.module_shape(m) for a in adapters if m in a.modules) for m in modules}
+        self.stream = _ModuleStream(adapters, shapes)
+        self.names = [a.name for a in adapters]
+        self.trim_scope = _trim_scope(params, options.space)
+        self.energy: dict[str, float] = {}
+        self.exact: dict[str, LowRank | DenseUpdate] = {}
+        for adapter in adapters:  # the provenance's hashes, computed beside the merge
+            adapter.start_hashing()
+
+    def run(self) -> MergeResult:
+        heads, extra = self._modules_to_save()  # first: small, and its errors need no merge to be found
+        merged = {m: at_least_rank_one(within_shape_rank(u)) for m, u in self._merge_all().items()}
+        _check_finite(merged, self.options.dtype)
+        return MergeResult(
+            modules=merged,
+            config=self._config(merged, extra),
+            provenance=self._provenance(merged),
+            dtype=self.options.dtype,
+            embeddings={m for m in merged if any(m in a.modules and a.modules[m].embedding for a in self.adapters)},
+            heads=heads,
+            extra_state=extra,
+            exact=self.exact,
+        )
+
+    def _progress(self, items: Sequence[str], desc: str) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, unit="module", disable=not self.options.progress, leave=False)
+
+    def _merge_all(self) -> dict[str, LowRank]:
+        if self.spec.kind == "module":
+            return {m: self._finish(m, self._module_update(m))
+                    for m in self._progress(self.modules, f"merge ({self.spec.name})")}
+        thresholds = _Thresholds(self.spec, self.params, self.densities, self.trim_scope, self._generators)
+        if thresholds.global_scope:
+            thresholds.fit_global(lambda desc: ((m, self._project(m)) for m in self._progress(self.modules, desc)))
+        return {m: self._finish(m, self._elementwise_update(m, thresholds))
+                for m in self._progress(self.modules, f"merge ({self.spec.name}, {self.options.space} space)")}
+
+    def _generators(self, module: str) -> list[torch.Generator]:
+        return _generators(getattr(self.params, "seed", 0), self.names, module)
+
+    def _module_update(self, module: str) -> LowRank | torch.Tensor:
+        terms = self.stream.terms(module)
+        # methods whose result a later cut would make arbitrary (a flat spectrum) take the rank as their budget
+        extra: dict[str, Any] = {"rank": self.options.rank} if self.spec.takes_rank else {}
+        if self.spec.takes_generators:  # seeded per adapter name and module: independent of the adapters' order
+            extra["generators"] = self._generators(module)
+        if self.options.space == "core":  # the method sees each update as its (Σr)×(Σr) core
+            from lorafuse.merging.aligned import from_core, to_core
+
+            # float64 bases: a spectral method's ranks see the inputs' rounding only (a cancelling sum is 0)
+            cores, UB, VA = to_core(terms, CORE_DTYPE)
+            return from_core(self.spec.fn(cores, self.weights, self.params, **extra), UB, VA)
+        return self.spec.fn(terms, self.weights, self.params, **extra)
+
+    def _project(self, module: str) -> Projection:
+        return get_space(self.options.space)(self.stream.terms(module))
+
+    def _elementwise_update(self, module: str, thresholds: _Thresholds) -> LowRank | _Dense:
+        if self.options.space == "full":
+            return self._elementwise_full(module, thresholds)
+        proj = self._project(module)
+        blocks = proj.blocks.float()
+        merged = self.spec.fn(blocks, torch.tensor(self.weights, dtype=blocks.dtype),
+                              thresholds.for_module(module, blocks), self.params, self._generators(module))
+        return proj.rebuild(merged)
+
+    def _elementwise_full(self, module: str, thresholds: _Thresholds) -> _Dense:
+        """The full space a band of rows at a time: the same entries as the stacked dense blocks (element-wise
+        methods are separable once thresholds are known; DARE's generators are drawn in row order, so its masks are
+        those of one draw over the whole module), in memory of one m×n result plus a band."""
+        terms = self.stream.terms(module)
+        stored = self._stored_layout()
+        rows = DenseRows([LowRank(t.A.T, t.B.T) for t in terms] if stored else terms)
+        limits = thresholds.for_rows(module, rows)
+        weights = torch.tensor(self.weights, dtype=torch.float32)
+        generators = self._generators(module)
+        merged = torch.empty(rows.shape)
+        for start, stop in rows.bands():
+            merged[start:stop] = self.spec.fn(rows.band(start, stop), weights, limits, self.params, generators)
+        return _Dense(merged.T.contiguous() if stored else merged, torch.cat([t.A for t in terms]).float())
+
+    def _stored_layout(self) -> bool:
+        """Whether the full space must run on the stored weights' layout ΔWᵀ (in×out) instead of ΔW: a per-row rule
+        (Breadcrumbs' rule=authors) on fan_in_fan_out adapters (GPT-2's Conv1D stores W as in×out, so the authors'
+        rows of the weight are columns of ΔW = B·A)."""
+        return getattr(self.params, "rule", None) == "authors" and self.adapters[0].settings.fan_in_fan_out
+
+    def _finish(self, module: str, update: LowRank | torch.Tensor | _Dense) -> LowRank:
+        """Bring a module's result to the output rank, recording the energy kept where it was truncated.
+
+        Without a rank nothing low-rank is cut: a result keeps its natural rank (≤ Σr, e.g. KnOTS's k, Core Space's
+        R, Iso-C's numerical rank). A dense result (element-wise methods in the full space) is full rank and
+        comes back at min(Σr, m, n), the rank of its inputs together."""
+        rank = self.options.rank
+        if isinstance(update, torch.Tensor):
+            update = _Dense(update)
+        if isinstance(update, _Dense):
+            natural = min(self._input_rank(module), *update.matrix.shape)
+            out, kept = dense_truncated_svd(update.matrix, rank or max(1, natural), exact=self.options.exact_svd,
+                                            seed=zlib.crc32(module.encode()), row_space=update.row_space)
+            self.energy[module] = kept
+            if self.options.keep_exact:
+                self.exact[module] = DenseUpdate(update.matrix)
+            return out
+        if rank is None:  # only numerically zero directions go (e.g. rows of a KnOTS block that TIES zeroed)
+            return update if self.spec.exact else truncate(update, None)[0]
+        out, kept = truncate(update, rank)
+        self.energy[module] = kept
+        if self.options.keep_exact and kept < 1.0:
+            self.exact[module] = update
+        return out
+
+    def _input_rank(self, module: str) -> int:
+        """Σr of a module over the adapters that have it."""
+        return sum(a.module_rank(module) for a in self.adapters if module in a.modules)
+
+    def _modules_to_save(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        with_extra = [a for a in self.adapters if a.extra_keys]
+        policy = self.heads_policy = _heads_policy(self.options.modules_to_save, with_extra)
+        if not with_extra or policy == "drop":
+            return {}, {}
+        if policy == "error":
+            raise ConfigError(
+                f"{with_extra[0].path}: adapter has modules_to_save ({', '.join(with_extra[0].settings.modules_to_save)}"
+                "), and it is not a lorafuse-trained classify adapter; choose what to do with them: modules_to_save = "
+                f"per_task (keep each adapter's, in {HEADS_DIR}/), average, or drop")
+        per_task = {a.name: {k: _checked_head(a, k) for k in a.extra_keys} for a in with_extra}
+        if policy == "per_task":
+            # PEFT's SEQ_CLS/TOKEN_CLS loading requires the head in the adapter file: the first task's is stored
+            # there too (the model card says so), every task's in task_heads/.
+            return per_task, dict(next(iter(per_task.values())))
+        return {}, _average_tensors(per_task, with_extra)
+
+    def _config(self, merged: dict[str, LowRank], extra: dict[str, torch.Tensor]) -> dict[str, Any]:
+        first = self.adapters[0]
+        same_modules = all(set(a.modules) == set(first.modules) for a in self.adapters)
+        targets = first.settings.raw.get("target_modules") if same_modules else None
+        if not isinstance(targets, (list, str)) or not all(targeted(targets, m) for m in merged):
+            targets = list(merged)  # PEFT loads only the modules target_modules names: it must name every one
+        saved = sorted({m for a in self.adapters for m in a.settings.modules_to_save}) if extra else None
+        return fused_config(first.settings.raw, {m: u.rank for m, u in merged.items()}, targets, saved,
+                            self.options.rank_patterns)
+
+    def _truncation_rule(self) -> str | None:
+        """How dense results (element-wise methods in the full space) were brought back to low rank."""
+        if self.spec.kind != "elementwise" or self.options.space != "full":
+            return None
+        if self.options.exact_svd:
+            return "exact SVD"
+        return (f"best rank-k by subspace iteration from the inputs' row space, width 2k + 8, until the kept energy "
+                f"converges to {ENERGY_RTOL:g} (at most {MAX_POWER_ITERATIONS} iterations); exact SVD when the "
+                "rank is near full")
+
+    def _provenance(self, merged: dict[str, LowRank]) -> dict[str, Any]:
+        energies = list(self.energy.values())
+        return {
+            "tool": "lorafuse merge",
+            "method": {"name": self.spec.name, "paper": self.spec.paper, "exact": self.spec.exact},
+            "parameters": self.params.model_dump(mode="json", by_alias=True),
+            "options": {"rank": self.options.rank, "space": self.options.space, "exact_svd": self.options.exact_svd,
+                        "trim_scope": self.trim_scope if self.spec.kind == "elementwise" else None,
+                        "dense_truncation": self._truncation_rule(),
+                        "modules_to_save": self.options.modules_to_save,
+                        "modules_to_save_applied": getattr(self, "heads_policy", self.options.modules_to_save),
+                        "dtype": str(self.options.dtype),
+                        "rank_patterns": self.options.rank_patterns},
+            "inputs": [{"name": a.name, "source": portable_name(a.source), "path": portable_name(a.source), "weights_file": a.weights_path.name,
+                        "sha256": a.sha256, "weight": w, "density": d, "r": a.settings.r,
+                        "lora_alpha": a.settings.lora_alpha, "use_rslora": a.settings.use_rslora,
+                        **_trained_on(a)}
+                       for a, w, d in zip(self.adapters, self.weights, self.densities)],
+            "output": {"modules": len(merged), "ranks": sorted({u.rank for u in merged.values()})},
+            "retained_energy": {
+                "min": min(energies) if energies else None,
+                "mean": sum(energies) / len(energies) if energies else None,
+                "per_module": self.energy,
+            },
+            **stamp(),
+        }
+
+
+def _heads_policy(policy: str, with_extra: list[LoraAdapter]) -> str:
+    """`auto` made concrete: per_task when every adapter with modules_to_save is a lorafuse-trained classify
+    adapter (`lorafuse train` stores its task's head there), else error."""
+    if policy != "auto":
+        return policy
+    return "per_task" if with_extra and all(_trained_on(a) for a in with_extra) else "error"
+
+
+def _trained_on(adapter: LoraAdapter) -> dict[str, Any]:
+    """What an input's lorafuse_train.json says a classify head needs outside lorafuse (its task's labels and
+    the pooling it was trained with), for the fused adapter's card; {} for adapters trained elsewhere."""
+    record = adapter.train_record
+    keys = ("task", "labels", "formulation", "pooling")
+    found = {k: record[k] for k in keys if isinstance(record.get(k), (str, list))}
+    labels = found.get("labels", [])
+    if found.get("formulation") != "classify" or not all(isinstance(x, str) for x in labels):
+        return {}  # a record trained elsewhere or edited by hand: the card then shows no label mask
+    return found
+
+
+def _trim_scope(params: MethodParams, space: str) -> str:
+    """The trim scope asked for, else the space's reference (full and core: per module; knots: global)."""
+    scope = getattr(params, "trim_scope", None)
+    if scope is None:
+        return REFERENCE_TRIM_SCOPE.get(space, "module")
+    return scope.value if hasattr(scope, "value") else str(scope)
+
+
+def _checked_head(adapter: LoraAdapter, key: str) -> torch.Tensor:
+    """A modules_to_save tensor (a classification head), floating point and finite like the factors."""
+    tensor = adapter.tensor(key)
+    if not tensor.dtype.is_floating_point or not bool(torch.isfinite(tensor).all()):
+        raise AdapterError(f"{adapter.weights_path}: modules_to_save tensor '{key}' is {tensor.dtype} or has "
+                           "NaN/Inf entries; heads must be finite floating point")
+    return tensor
+
+
+def _check_finite(merged: dict[str, LowRank], dtype: torch.dtype) -> None:
+    """The last guard before anything is written: finite inputs and coefficients can still overflow (weights of
+    1e39, or values past float16's 65504 once cast to the output dtype)."""
+    for module, update in merged.items():
+        for name, factor in (("lora_A", update.A), ("lora_B", update.B)):
+            if not bool(torch.isfinite(factor.to(dtype)).all()):
+                raise ConfigError(f"module '{module}': the fused {name} has NaN or Inf entries in {dtype} "
+                                  "(weights or lambda too large for the output dtype?); nothing was written")
+
+
+def _average_tensors(per_task: dict[str, dict[str, torch.Tensor]], adapters: list[LoraAdapter]) -> dict[str, torch.Tensor]:
+    keys = set(next(iter(per_task.values())))
+    for adapter in adapters:
+        if set(per_task[adapter.name]) != keys:
+            raise IncompatibleAdaptersError(f"{adapter.path}: its modules_to_save tensors differ from the others' "
+                                            "and cannot be averaged")
+    return {k: torch.stack([t[k].float() for t in per_task.values()]).mean(0).to(next(iter(per_task.values()))[k].dtype)
+            for k in sorted(keys)}
