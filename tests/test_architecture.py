@@ -157,3 +157,17 @@ def test_old_paths_are_warning_aliases_and_methods_register_once():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parents[1], env=env)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_router_directory_is_never_read_as_a_plain_adapter(tmp_path, monkeypatch):
+    """Without the router's kind registered, evaluating its directory is a clear error, not a silent misread."""
+    import pytest
+
+    from lorafuse.errors import ConfigError
+    from lorafuse.model import kinds
+
+    monkeypatch.setattr(kinds, "_KINDS", {})
+    (tmp_path / "router_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="import lorafuse.fusion.router first"):
+        kinds.load_fused(tmp_path)
+    assert kinds.load_fused(tmp_path / "plain") == tmp_path / "plain"

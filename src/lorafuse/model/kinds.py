@@ -23,6 +23,8 @@ class FusedKind:
 
 
 _KINDS: dict[str, FusedKind] = {}
+# files that mark a kind's directory, and the module that registers the kind: for a clear error, not an import
+UNREGISTERED_HINTS = {"router_config.json": "lorafuse.fusion.router"}
 
 
 def register_kind(name: str, detect: Callable[[Path], bool], load: Callable[[Path], Any], type_: type) -> None:
@@ -36,6 +38,12 @@ def load_fused(path: str | Path) -> Any:
     for kind in _KINDS.values():
         if kind.detect(path):
             return kind.load(path)
+    for marker, module in UNREGISTERED_HINTS.items():
+        if (Path(path) / marker).is_file():  # never read a router's directory as a plain adapter
+            from lorafuse.errors import ConfigError
+
+            raise ConfigError(f"{path}: a directory of a kind not registered in this process ({marker}); "
+                              f"import {module} first (lorafuse's commands and experiments do)")
     return path
 
 
