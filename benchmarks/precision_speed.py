@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
+    at_start = machine()  # the load average before this run adds its own
     rows: list[dict[str, Any]] = []
     for model in args.models:
         size = SIZES[model]
@@ -114,7 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for dtype, speed in train.items():
                 rows.append({"model": model, "work": "training", "mode": dtype, "examples": size["train"],
                              "examples_per_second": round(speed, 2), "vs_fp32": round(speed / train["float32"], 2)})
-    return {"machine": machine(), "threads": args.threads, "repeats": args.repeats, "rows": rows}
+    return {"machine": at_start, "threads": args.threads, "repeats": args.repeats, "rows": rows,
+            "finished": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -2,7 +2,7 @@
 
 `auto` takes bf16 only where the hardware computes it natively: a GPU that supports it, or a CPU whose flags show
 AMX-BF16 or AVX512-BF16. Elsewhere bf16 is emulated and slower than fp32: on an Intel Xeon without either flag
-(Ice Lake, 1 thread, MiniLM on MNLI test batches) bf16 weights ran at 0.41× and bf16 autocast at 0.38× of fp32
+(1 thread, MiniLM and SmolLM2 on MNLI) bf16 evaluation ran at 0.42–0.81× and bf16 training at 0.28–0.30× of fp32
 (benchmarks/results/precision_speed.md). Every result records the dtype it ran in and why (`Precision.to_dict`).
 
 Exactness rules that every bf16 path here follows:
