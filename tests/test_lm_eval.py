@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from adapter_factory import llama_modules, write_adapter
-from tiny_models import tiny_llama, write_task_files
+from tiny_models import tiny_bert, tiny_llama, write_task_files
 
 from lorafuse.cli import main
 from lorafuse.formulations import Chat
@@ -80,6 +80,9 @@ def test_exported_prompts_are_lorafuses(setup, tmp_path, capsys):
     # an existing output is refused without --overwrite, replaced with it
     assert export(setup, out) == 1 and "output exists" in capsys.readouterr().err
     assert export(setup, out, "--overwrite") == 0 and len(rows(out, "tri")) == 24
+    assert main(["export-lm-eval", "--tasks", "tri", "--model", str(tiny_bert(tmp_path / "bert")), "-o",
+                 str(tmp_path / "enc")]) == 1
+    assert "encoder" in capsys.readouterr().err and not (tmp_path / "enc").exists()
 
 
 def test_truncation_and_plain_prompts(setup, tmp_path):

@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
     check_apart(args.output, inputs, "-o")
     out = check_output(args.output, args.overwrite, "lm-eval-tasks")
     info = resolve_model(args.model)
+    if info.formulation != "chat":
+        raise ConfigError(f"--model {args.model}: an encoder (lorafuse's classify formulation); lm-eval's "
+                          "multiple_choice scores a causal language model's chat prompts (e.g. --model smollm2)")
     check_max_length(info.path, args.max_length)
     chat = Chat(AutoTokenizer.from_pretrained(info.path), args.max_length or 256)
     exported = {}
