@@ -22,8 +22,8 @@ tokens' log-likelihoods and can pick another label. Tokenization at the prompt/a
 (prompt and answer tokenized together, then split), lorafuse's is the prompt's and the answer's tokens
 concatenated; with a tokenizer that merges across that boundary the two can differ by a token.
 
-Run the exported tasks WITHOUT `--apply_chat_template` (the prompts already hold the template) and without
-few-shot examples. The YAMLs name their JSONL by absolute path: move OUT and export again (or edit
+Run the exported tasks WITHOUT `--apply_chat_template` (the prompts already hold the template; lm-eval's
+warning that an instruct model runs without it is expected) and without few-shot examples. The YAMLs name their JSONL by absolute path: move OUT and export again (or edit
 `data_files`)."""
 
 from __future__ import annotations
