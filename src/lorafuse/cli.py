@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "demo": "run the offline demo experiment on the embedded MiniLM",
     "lorahub": "learn per-adapter weights for a target task from a few examples (LoraHub)",
     "router": "train an input-routed mixture of adapters",
+    "export-lm-eval": "write lm-evaluation-harness tasks (YAML + JSONL) with lorafuse's chat prompts",
 }
 
 

@@ -160,16 +160,23 @@ class Chat:
         `only_first` truncation does): the template, the hypothesis and the question stay whole. Cutting the
         prompt's start instead dropped the system turn and the premise's first words (22% of RTE's training
         pairs exceed 160 tokens with SmolLM2's template)."""
+        _, ids = self.fitted_example(task, ex, room)
+        return ids[-room:]  # a hypothesis too long on its own: its start goes too
+
+    def fitted_example(self, task: Task, ex: Example, room: int) -> tuple[Example, list[int]]:
+        """The example as `fitted_prompt` prompts it (its premise cut to fit `room` tokens, or whole) and that
+        prompt's tokens; more than `room` of them only when a hypothesis is too long on its own."""
         ids = self._prompt_ids(task, ex)
         if len(ids) <= room:
-            return ids
+            return ex, ids
         premise = self.tokenizer(ex.premise, add_special_tokens=False)["input_ids"]
         keep = len(premise) - (len(ids) - room)
         while len(ids) > room and keep > 0:
             # a cut premise re-tokenizes in context to a token or two more or less: cut, measure, cut again
-            ids = self._prompt_ids(task, replace(ex, premise=self.tokenizer.decode(premise[:keep]).rstrip()))
+            ex = replace(ex, premise=self.tokenizer.decode(premise[:keep]).rstrip())
+            ids = self._prompt_ids(task, ex)
             keep -= max(1, len(ids) - room)
-        return ids[-room:]  # a hypothesis too long on its own: its start goes too
+        return ex, ids
 
     def collate(self, rows: list[dict[str, Any]], with_answer: bool = False) -> Batch:
         """Left-padded so the scored position is the last of every row: prompt + the labels' shared start for
