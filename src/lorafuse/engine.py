@@ -30,6 +30,7 @@ from lorafuse.algebra.dense import ENERGY_RTOL, MAX_POWER_ITERATIONS, DenseUpdat
 from lorafuse.algebra.lowrank import CORE_DTYPE, LowRank, truncate
 from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
+from lorafuse.methods.primitives import Draws, dare_key
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.methods.thresholds import StreamingQuantile, top_limits
 from lorafuse.provenance import stamp
@@ -197,18 +198,19 @@ class _ModuleStream:
                 for a in self.adapters]
 
 
-def _generators(seed: int, names: Sequence[str], module: str) -> list[torch.Generator]:
-    """One generator per (adapter, module): DARE's drops do not depend on adapter order or module order."""
-    return [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{n}:{module}".encode())) for n in names]
+def _generators(seed: int, names: Sequence[str], module: str) -> Draws:
+    """DARE's counter-based draws of one module, a key per (adapter name, module): its drops depend on neither the
+    adapters' order nor the modules' (see primitives.Draws)."""
+    return Draws(tuple(dare_key(seed, n, module) for n in names))
 
 
 class _Thresholds:
     """Per-task trim thresholds for element-wise methods, per module or global over the adapter. `generators`
-    gives a module's fresh DARE generators: DARE-TIES trims the dropped values, so its thresholds are taken on the
-    very draws the merge makes."""
+    gives a module's DARE draws: DARE-TIES trims the dropped values, so its thresholds are taken on the very draws
+    the merge makes."""
 
     def __init__(self, method: MergeMethod, params: MethodParams, densities: list[float], scope: str,
-                 generators: Callable[[str], list[torch.Generator]]) -> None:
+                 generators: Callable[[str], Draws]) -> None:
         from lorafuse.methods.elementwise import keep_rule
 
         self.recipe = method.fn.recipe  # type: ignore[attr-defined]
@@ -264,8 +266,10 @@ class _Thresholds:
                 return rows.task_values(t)
             from lorafuse.methods.elementwise import drop
 
-            g = self.generators(module)[t]  # fresh per pass: the same draws as the merge's, band by band
-            return (drop(band.unsqueeze(0), self.params, [g])[0] for band in rows.task_values(t))
+            draws = self.generators(module).task(t)  # counter-based: the same draws as the merge's, band by band
+            n = rows.shape[1]
+            return (drop(band.unsqueeze(0), self.params, draws.at(start * n))[0]
+                    for band, (start, _) in zip(rows.task_values(t), rows.bands()))
 
         def sample(t: int) -> torch.Tensor:
             if not self.recipe.trim_after_drop:
@@ -273,7 +277,7 @@ class _Thresholds:
             from lorafuse.methods.elementwise import drop
 
             # only brackets the threshold (exactness does not depend on it): an independent drop of the sample
-            return drop(rows.task_sample(t).unsqueeze(0), self.params, [torch.Generator().manual_seed(t)])[0]
+            return drop(rows.task_sample(t).unsqueeze(0), self.params, Draws((t,)))[0]
 
         def task_thresholds(t: int) -> list[tuple[float, int]]:
             rule = self.rules[t]
@@ -429,7 +433,7 @@ class _Engine:
         return {m: self._finish(m, self._elementwise_update(m, thresholds))
                 for m in self._progress(self.modules, f"merge ({self.spec.name}, {self.options.space} space)")}
 
-    def _generators(self, module: str) -> list[torch.Generator]:
+    def _generators(self, module: str) -> Draws:
         return _generators(getattr(self.params, "seed", 0), self.names, module)
 
     def _module_update(self, module: str) -> LowRank | torch.Tensor:
@@ -458,8 +462,8 @@ class _Engine:
 
     def _elementwise_full(self, module: str, thresholds: _Thresholds) -> _Dense:
         """The full space a band of rows at a time: the same entries as the stacked dense blocks (element-wise
-        methods are separable once thresholds are known; DARE's generators are drawn in row order, so its masks are
-        those of one draw over the whole module), in memory of one m×n result plus a band."""
+        methods are separable once thresholds are known; DARE's generator is counter-based, so its masks are those of
+        one draw over the whole module), in memory of one m×n result plus a band."""
         terms = self.stream.terms(module)
         stored = self._stored_layout()
         rows = DenseRows([LowRank(t.A.T, t.B.T) for t in terms] if stored else terms)
@@ -468,7 +472,8 @@ class _Engine:
         generators = self._generators(module)
         merged = torch.empty(rows.shape)
         for start, stop in rows.bands():
-            merged[start:stop] = self.spec.fn(rows.band(start, stop), weights, limits, self.params, generators)
+            merged[start:stop] = self.spec.fn(rows.band(start, stop), weights, limits, self.params,
+                                              generators.at(start * rows.shape[1]))
         return _Dense(merged.T.contiguous() if stored else merged, torch.cat([t.A for t in terms]).float())
 
     def _stored_layout(self) -> bool:
