@@ -26,7 +26,15 @@ from lorafuse.adapters.writer import (
     write_adapter_dir,
     write_adapter_files,
 )
-from lorafuse.algebra.dense import ENERGY_RTOL, MAX_POWER_ITERATIONS, DenseUpdate, dense_truncated_svd
+from lorafuse.algebra.dense import (
+    ENERGY_RTOL,
+    MAX_KRYLOV_BLOCKS,
+    DenseUpdate,
+    RangeStart,
+    dense_truncated_svd,
+    needs_exact,
+    range_start,
+)
 from lorafuse.algebra.lowrank import CORE_DTYPE, LowRank, truncate
 from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
@@ -183,6 +191,7 @@ class _Dense:
 
     matrix: torch.Tensor
     row_space: torch.Tensor | None = None
+    start: RangeStart | None = None  # the range finder's test block and matrix·block, formed with the matrix
 
 
 class _ModuleStream:
@@ -470,11 +479,29 @@ class _Engine:
         limits = thresholds.for_rows(module, rows)
         weights = torch.tensor(self.weights, dtype=torch.float32)
         generators = self._generators(module)
+        row_space = torch.cat([t.A for t in terms]).float()
+        omega = None if stored else self._range_start(module, rows.shape, row_space)
+        product = None if omega is None else torch.empty(rows.shape[0], omega.shape[1])
         merged = torch.empty(rows.shape)
         for start, stop in rows.bands():
-            merged[start:stop] = self.spec.fn(rows.band(start, stop), weights, limits, self.params,
-                                              generators.at(start * rows.shape[1]))
-        return _Dense(merged.T.contiguous() if stored else merged, torch.cat([t.A for t in terms]).float())
+            band = merged[start:stop]
+            band.copy_(self.spec.fn(rows.band(start, stop), weights, limits, self.params,
+                                    generators.at(start * rows.shape[1])))
+            if omega is not None:  # the range finder's first pass, while the band is in cache
+                torch.matmul(band, omega, out=product[start:stop])
+        start = None if omega is None else RangeStart(omega, product)
+        return _Dense(merged.T.contiguous() if stored else merged, row_space, start)
+
+    def _cut_rank(self, module: str, shape: tuple[int, ...]) -> int:
+        """The rank a dense result is cut to: `rank`, else min(Σr, m, n)."""
+        return self.options.rank or max(1, min(self._input_rank(module), *shape))
+
+    def _range_start(self, module: str, shape: tuple[int, ...], row_space: torch.Tensor) -> torch.Tensor | None:
+        """The test block of the dense truncation's range finder, where it will run (not an exact SVD)."""
+        rank = self._cut_rank(module, shape)
+        if self.options.exact_svd or needs_exact(shape, rank, row_space=row_space):
+            return None
+        return range_start(shape, rank, seed=zlib.crc32(module.encode()), row_space=row_space)
 
     def _stored_layout(self) -> bool:
         """Whether the full space must run on the stored weights' layout ΔWᵀ (in×out) instead of ΔW: a per-row rule
@@ -492,9 +519,9 @@ class _Engine:
         if isinstance(update, torch.Tensor):
             update = _Dense(update)
         if isinstance(update, _Dense):
-            natural = min(self._input_rank(module), *update.matrix.shape)
-            out, kept = dense_truncated_svd(update.matrix, rank or max(1, natural), exact=self.options.exact_svd,
-                                            seed=zlib.crc32(module.encode()), row_space=update.row_space)
+            out, kept = dense_truncated_svd(update.matrix, self._cut_rank(module, update.matrix.shape),
+                                            exact=self.options.exact_svd, seed=zlib.crc32(module.encode()),
+                                            row_space=update.row_space, start=update.start)
             self.energy[module] = kept
             if self.options.keep_exact:
                 self.exact[module] = DenseUpdate(update.matrix)
@@ -544,9 +571,9 @@ class _Engine:
             return None
         if self.options.exact_svd:
             return "exact SVD"
-        return (f"best rank-k by subspace iteration from the inputs' row space, width 2k + 8, until the kept energy "
-                f"converges to {ENERGY_RTOL:g} (at most {MAX_POWER_ITERATIONS} iterations); exact SVD when the "
-                "rank is near full")
+        return (f"best rank-k by a block Krylov range finder from the inputs' row space, blocks of width 2k + 8, "
+                f"until the kept energy converges to {ENERGY_RTOL:g} (at most {MAX_KRYLOV_BLOCKS} blocks); exact SVD "
+                "when the rank is near full")
 
     def _provenance(self, merged: dict[str, LowRank]) -> dict[str, Any]:
         energies = list(self.energy.values())
