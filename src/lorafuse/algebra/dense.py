@@ -17,6 +17,8 @@ recorded in the provenance either way."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +105,25 @@ def range_start(shape: tuple[int, ...], rank: int, oversample: int = 8, seed: in
     if missing > 0:
         gen = torch.Generator().manual_seed(seed)
         parts.append(torch.randn(n, missing, generator=gen, dtype=torch.float32))
-    return torch.linalg.qr(torch.cat(parts, dim=1).to(device))[0]
+    with serial():
+        return torch.linalg.qr(torch.cat(parts, dim=1).to(device))[0]
+
+
+@contextlib.contextmanager
+def serial() -> Iterator[None]:
+    """Run the enclosed torch/LAPACK calls on one thread. The range finder's small factorisations (QRs of n×w
+    blocks, w×w eigenproblems, the final m×W SVD) are a chain of tiny parallel regions: on 2 cores shared with
+    other work, threads waiting for a descheduled peer made them 30–700× slower than on one thread (a 4096×64 QR:
+    396 ms against 3 ms; a 192×192 eigvalsh: 1.2 s against 1.7 ms). Only the passes over M stay parallel."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _block_krylov(M: torch.Tensor, start: RangeStart, rank: int, n_iter: int | None
@@ -116,30 +136,34 @@ def _block_krylov(M: torch.Tensor, start: RangeStart, rank: int, n_iter: int | N
     passes against 12–14), and the first pass is the engine's, fused with forming M. None where the basis would
     fill the smaller side of M before converging (then a full SVD costs no more)."""
     Zs, Ys = [start.omega], [start.product]
-    gram = _gram_update(None, Ys, [])
-    energy, gains = _top_energy(gram, rank), []
+    with serial():
+        gram = _gram_update(None, Ys, [])
+        energy, gains = _top_energy(gram, rank), []
     limit = min(M.shape)
     for _ in range(MAX_KRYLOV_BLOCKS if n_iter is None else n_iter):
         width = sum(z.shape[1] for z in Zs)
         if width + Zs[0].shape[1] > limit:  # the basis would fill the space: a full SVD is as cheap
             return None
-        V = torch.cat(Zs, dim=1)
         W = M.T @ Ys[-1]
-        for _ in range(2):  # block Gram-Schmidt, twice: orthogonal to working precision
-            W = W - V @ (V.T @ W)
-        Z = torch.linalg.qr(W)[0]
-        Z = torch.linalg.qr(Z - V @ (V.T @ Z))[0]
+        with serial():
+            V = torch.cat(Zs, dim=1)
+            for _ in range(2):  # block Gram-Schmidt, twice: orthogonal to working precision
+                W = W - V @ (V.T @ W)
+            Z = torch.linalg.qr(W)[0]
+            Z = torch.linalg.qr(Z - V @ (V.T @ Z))[0]
         Zs.append(Z)
         Ys.append(M @ Z)
-        gram = _gram_update(gram, Ys[:-1], [Ys[-1]])
-        new = _top_energy(gram, rank)
+        with serial():
+            gram = _gram_update(gram, Ys[:-1], [Ys[-1]])
+            new = _top_energy(gram, rank)
         gains.append(new - energy)
         energy = new
         if n_iter is None and _converged(gains, energy):
             break
-    V, Y = torch.cat(Zs, dim=1), torch.cat(Ys, dim=1)
-    U, S, Xh = torch.linalg.svd(Y, full_matrices=False)  # M·V = U·S·Xᵀ, so M·(V·X) = U·S
-    return U, S, Xh @ V.T
+    with serial():
+        V, Y = torch.cat(Zs, dim=1), torch.cat(Ys, dim=1)
+        U, S, Xh = torch.linalg.svd(Y, full_matrices=False)  # M·V = U·S·Xᵀ, so M·(V·X) = U·S
+        return U, S, Xh @ V.T
 
 
 def _gram_update(gram: torch.Tensor | None, old: list[torch.Tensor], new: list[torch.Tensor]) -> torch.Tensor:
