@@ -192,3 +192,41 @@ def test_dare_generator_is_splitmix64_counter_based():
     assert abs(float(mask.mean()) - 0.1) < 0.005 and not torch.equal(mask[0], mask[1])
     band = bernoulli_keep_mask(x[:, 100:160], 0.1, Draws((5, 6), 100 * 500))
     assert torch.equal(band, mask[:, 100:160])
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICE_CASES = [
+    ("ties", {"density": 0.3}, "full"), ("ties", {"density": 0.3, "trim_scope": "global"}, "full"),
+    ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.5}, "full"), ("dare_linear", {"drop_rate": 0.3}, "full"),
+    ("magnitude_prune", {"density": 0.4}, "full"), ("breadcrumbs", {}, "full"), ("ties", {"density": 0.3}, "knots"),
+    ("dare_ties", {"drop_rate": 0.5}, "core"), ("task_arithmetic", {}, "full"), ("linear", {}, "full"),
+    ("cat", {}, "full"), ("tsv", {}, "full"), ("iso_c", {}, "full"), ("ties", {"density": 0.3}, "core"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("method", "params", "space"), DEVICE_CASES)
+def test_device_path_matches_the_cpu(adapters, monkeypatch, device, method, params, space):
+    """`device` runs each module's work there (streamed, results back on the CPU) with the CPU's result within 1e-5.
+    On the CPU the device path is run with device="cpu" and the accelerator's torch counting of thresholds forced."""
+    from lorafuse.methods import thresholds
+
+    reference = merge(adapters, method, rank=8, space=space, progress=False, device="cpu", **params)
+    monkeypatch.setattr(thresholds, "count_on_device", lambda chunk: True)
+    result = merge(adapters, method, rank=8, space=space, progress=False, device=device, **params)
+    assert result.provenance["options"]["device"] == device
+    for module in MODULES:
+        assert result.modules[module].B.device.type == "cpu"
+        assert close(merged_dense(result, module), merged_dense(reference, module)), module
+
+
+def test_device_option_from_yaml_and_default(monkeypatch):
+    from lorafuse.mergeconfig import MergeConfig
+    from lorafuse.models import default_device
+
+    config = MergeConfig(merge_method="ties", models=[{"model": "x"}], device="cpu")
+    assert config.merge_kwargs()["device"] == "cpu"
+    assert MergeConfig(merge_method="ties", models=[{"model": "x"}], parameters={"device": "cpu"}
+                       ).merge_kwargs()["device"] == "cpu"
+    monkeypatch.delenv("LORAFUSE_DEVICE", raising=False)
+    assert default_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -60,6 +60,7 @@ class MergeOptions:
     progress: bool = True
     rank_patterns: bool = False  # per-module ranks in rank_pattern instead of one zero-padded rank
     keep_exact: bool = False  # also hold each truncated module's exact result (MergeResult.exact)
+    device: str = "cpu"  # where each module's work runs (streamed one module at a time; results come back to the CPU)
 
 
 @dataclass
@@ -197,14 +198,19 @@ class _Dense:
 class _ModuleStream:
     """Reads one module's updates across adapters; a missing module is an exact zero of rank 0."""
 
-    def __init__(self, adapters: Sequence[LoraAdapter], shapes: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, adapters: Sequence[LoraAdapter], shapes: dict[str, tuple[int, int]],
+                 device: str = "cpu") -> None:
         self.adapters = adapters
         self.shapes = shapes
+        self.device = torch.device(device)
 
     def terms(self, module: str) -> list[LowRank]:
         m, n = self.shapes[module]
-        return [a.update(module) if module in a.modules else LowRank(torch.zeros(m, 0), torch.zeros(0, n))
-                for a in self.adapters]
+        terms = [a.update(module) if module in a.modules else LowRank(torch.zeros(m, 0), torch.zeros(0, n))
+                 for a in self.adapters]
+        if self.device.type == "cpu":
+            return terms
+        return [LowRank(t.B.to(self.device), t.A.to(self.device)) for t in terms]
 
 
 def _generators(seed: int, names: Sequence[str], module: str) -> Draws:
@@ -318,12 +324,15 @@ def merge(
     progress: bool = True,
     rank_patterns: bool = False,
     keep_exact: bool = False,
+    device: str | None = None,
     **params: Any,
 ) -> MergeResult:
     """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...).
     The saved adapter stores every module at one rank (zero-padded, no rank_pattern) unless `rank_patterns`.
     `keep_exact` also holds each truncated module's exact result in memory (`MergeResult.exact_modules`: what an
-    experiment evaluates; dense element-wise results cost one m×n matrix a module)."""
+    experiment evaluates; dense element-wise results cost one m×n matrix a module). `device`: where each module's
+    work runs (default: the GPU when there is one, as evaluation, see lorafuse.models.default_device); modules are
+    streamed to it one at a time and the results come back to the CPU."""
     spec = get_method(method)
     check_param_types(spec, params, f"method '{spec.name}'")
     parsed = spec.parse_params(params)
@@ -334,7 +343,7 @@ def merge(
             raise ConfigError(f"{field_name}: expected a string, got {value!r}")
     loaded = load_adapters(adapters, names, allow_bin)
     options = MergeOptions(rank, space, exact_svd, modules_to_save, _as_dtype(dtype) or loaded[0].dtype(), progress,
-                           rank_patterns, strict_bool(keep_exact, "keep_exact"))
+                           rank_patterns, strict_bool(keep_exact, "keep_exact"), _device(device))
     _check_per_adapter(spec, parsed, weights, densities)
     weights = _per_adapter(weights, loaded, "weights", 1.0)
     densities = _per_adapter(densities, loaded, "densities", getattr(parsed, "density", 1.0))
@@ -342,6 +351,14 @@ def merge(
     modules = check_compatible(loaded, base_model)
     engine = _Engine(spec, parsed, loaded, modules, weights, densities, options)
     return engine.run()
+
+
+def _device(device: str | None) -> str:
+    from lorafuse.models import default_device
+
+    if device is not None and not isinstance(device, str):
+        raise ConfigError(f"device: expected a string (cpu, cuda, cuda:1), got {device!r}")
+    return default_device(device)
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -404,7 +421,8 @@ class _Engine:
         self.spec, self.params, self.adapters, self.modules = spec, params, adapters, modules
         self.weights, self.densities, self.options = weights, densities, options
         shapes = {m: next(a.module_shape(m) for a in adapters if m in a.modules) for m in modules}
-        self.stream = _ModuleStream(adapters, shapes)
+        self.stream = _ModuleStream(adapters, shapes, options.device)
+        self.device = torch.device(options.device)
         self.names = [a.name for a in adapters]
         self.trim_scope = _trim_scope(params, options.space)
         self.energy: dict[str, float] = {}
@@ -439,6 +457,7 @@ class _Engine:
         thresholds = _Thresholds(self.spec, self.params, self.densities, self.trim_scope, self._generators)
         if thresholds.global_scope:
             thresholds.fit_global(lambda desc: ((m, self._project(m)) for m in self._progress(self.modules, desc)))
+            thresholds.fixed = thresholds.fixed.to(self.device)  # one table: its tie budgets are consumed in place
         return {m: self._finish(m, self._elementwise_update(m, thresholds))
                 for m in self._progress(self.modules, f"merge ({self.spec.name}, {self.options.space} space)")}
 
@@ -465,8 +484,9 @@ class _Engine:
             return self._elementwise_full(module, thresholds)
         proj = self._project(module)
         blocks = proj.blocks.float()
-        merged = self.spec.fn(blocks, torch.tensor(self.weights, dtype=blocks.dtype),
-                              thresholds.for_module(module, blocks), self.params, self._generators(module))
+        merged = self.spec.fn(blocks, torch.tensor(self.weights, dtype=blocks.dtype, device=blocks.device),
+                              thresholds.for_module(module, blocks).to(blocks.device), self.params,
+                              self._generators(module))
         return proj.rebuild(merged)
 
     def _elementwise_full(self, module: str, thresholds: _Thresholds) -> _Dense:
@@ -476,13 +496,13 @@ class _Engine:
         terms = self.stream.terms(module)
         stored = self._stored_layout()
         rows = DenseRows([LowRank(t.A.T, t.B.T) for t in terms] if stored else terms)
-        limits = thresholds.for_rows(module, rows)
-        weights = torch.tensor(self.weights, dtype=torch.float32)
+        limits = thresholds.for_rows(module, rows).to(self.device)
+        weights = torch.tensor(self.weights, dtype=torch.float32, device=self.device)
         generators = self._generators(module)
         row_space = torch.cat([t.A for t in terms]).float()
         omega = None if stored else self._range_start(module, rows.shape, row_space)
-        product = None if omega is None else torch.empty(rows.shape[0], omega.shape[1])
-        merged = torch.empty(rows.shape)
+        product = None if omega is None else torch.empty(rows.shape[0], omega.shape[1], device=self.device)
+        merged = torch.empty(rows.shape, device=self.device)
         for start, stop in rows.bands():
             band = merged[start:stop]
             band.copy_(self.spec.fn(rows.band(start, stop), weights, limits, self.params,
@@ -501,7 +521,7 @@ class _Engine:
         rank = self._cut_rank(module, shape)
         if self.options.exact_svd or needs_exact(shape, rank, row_space=row_space):
             return None
-        return range_start(shape, rank, seed=zlib.crc32(module.encode()), row_space=row_space)
+        return range_start(shape, rank, seed=zlib.crc32(module.encode()), row_space=row_space, device=self.device)
 
     def _stored_layout(self) -> bool:
         """Whether the full space must run on the stored weights' layout ΔWᵀ (in×out) instead of ΔW: a per-row rule
@@ -515,6 +535,10 @@ class _Engine:
         Without a rank nothing low-rank is cut: a result keeps its natural rank (≤ Σr, e.g. KnOTS's k, Core Space's
         R, Iso-C's numerical rank). A dense result (element-wise methods in the full space) is full rank and
         comes back at min(Σr, m, n), the rank of its inputs together."""
+        out = self._finish_on_device(module, update)
+        return out if out.B.device.type == "cpu" else LowRank(out.B.cpu(), out.A.cpu())
+
+    def _finish_on_device(self, module: str, update: LowRank | torch.Tensor | _Dense) -> LowRank:
         rank = self.options.rank
         if isinstance(update, torch.Tensor):
             update = _Dense(update)
@@ -524,14 +548,14 @@ class _Engine:
                                             row_space=update.row_space, start=update.start)
             self.energy[module] = kept
             if self.options.keep_exact:
-                self.exact[module] = DenseUpdate(update.matrix)
+                self.exact[module] = DenseUpdate(update.matrix.cpu())
             return out
         if rank is None:  # only numerically zero directions go (e.g. rows of a KnOTS block that TIES zeroed)
             return update if self.spec.exact else truncate(update, None)[0]
         out, kept = truncate(update, rank)
         self.energy[module] = kept
         if self.options.keep_exact and kept < 1.0:
-            self.exact[module] = update
+            self.exact[module] = update if update.B.device.type == "cpu" else LowRank(update.B.cpu(), update.A.cpu())
         return out
 
     def _input_rank(self, module: str) -> int:
@@ -582,6 +606,7 @@ class _Engine:
             "method": {"name": self.spec.name, "paper": self.spec.paper, "exact": self.spec.exact},
             "parameters": self.params.model_dump(mode="json", by_alias=True),
             "options": {"rank": self.options.rank, "space": self.options.space, "exact_svd": self.options.exact_svd,
+                        "device": self.options.device,
                         "trim_scope": self.trim_scope if self.spec.kind == "elementwise" else None,
                         "dense_truncation": self._truncation_rule(),
                         "modules_to_save": self.options.modules_to_save, "dtype": str(self.options.dtype),

@@ -141,7 +141,7 @@ def elect_sign(x: torch.Tensor, rule: str = "total", weights: torch.Tensor | Non
     ('total') or of their signs ('frequency') is ≥ 0, else −1. A tie (a zero sum) elects +1, as PEFT and mergekit
     do; an entry every task trimmed is 0 in all of them, so no task agrees with either sign there. Computed
     without forming the y_t: Σ y_t = Σ w_t·x_t and Σ sign(y_t) = Σ sign(w_t)·sign(x_t) are GEMVs."""
-    ones = torch.ones(x.shape[0], dtype=x.dtype)
+    ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
     weights = ones if weights is None else weights.to(x.dtype)
     if rule == "total":
         votes = weighted_sum(x, weights)
@@ -160,7 +160,7 @@ def disjoint_mean(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor 
 
     y_t agrees iff x_t·sign(w_t)·elected > 0, so the positive part of that product is |x_t| on agreeing entries
     and 0 elsewhere, and an agreeing y_t is elected·|w_t|·|x_t|: every sum is a GEMV over the task axis."""
-    weights = torch.ones(x.shape[0], dtype=x.dtype) if weights is None else weights.to(x.dtype)
+    weights = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if weights is None else weights.to(x.dtype)
     agreeing = (x * elected.unsqueeze(0)).mul_(per_task(torch.sign(weights), x)).clamp_(min=0)
     total = weighted_sum(agreeing, weights.abs()).mul_(elected)
     kept = torch.sign(agreeing)
@@ -177,7 +177,7 @@ def row_band_mask(x: torch.Tensor, gamma: float, density: float) -> torch.Tensor
     n = x.shape[-1]
     top, keep = int(gamma * n), int(density * n)
     order = x.abs().argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=x.device).expand_as(order))
     return ((ranks >= top) & (ranks < top + keep)).to(x.dtype)
 
 
