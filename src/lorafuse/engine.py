@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -34,10 +35,12 @@ from lorafuse.algebra.dense import (
     dense_truncated_svd,
     needs_exact,
     range_start,
+    serial,
 )
 from lorafuse.algebra.lowrank import CORE_DTYPE, LowRank, truncate
 from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
+from lorafuse.methods.elementwise import Sparsify
 from lorafuse.methods.primitives import Draws, dare_key
 from lorafuse.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.methods.thresholds import StreamingQuantile, top_limits
@@ -503,12 +506,17 @@ class _Engine:
         omega = None if stored else self._range_start(module, rows.shape, row_space)
         product = None if omega is None else torch.empty(rows.shape[0], omega.shape[1], device=self.device)
         merged = torch.empty(rows.shape, device=self.device)
-        for start, stop in rows.bands():
-            band = merged[start:stop]
-            band.copy_(self.spec.fn(rows.band(start, stop), weights, limits, self.params,
-                                    generators.at(start * rows.shape[1])))
-            if omega is not None:  # the range finder's first pass, while the band is in cache
-                torch.matmul(band, omega, out=product[start:stop])
+        # DARE's masks are numpy on the trim pool's threads; between torch's parallel regions OpenMP's idle worker
+        # spins, taking the core those threads need (5x slower on the shared 2-core machine): torch runs on one
+        # thread there, the masks on all.
+        drawing = self.spec.fn.recipe.sparsify is Sparsify.RANDOM and self.device.type == "cpu"  # type: ignore[attr-defined]
+        with serial() if drawing else contextlib.nullcontext():
+            for start, stop in rows.bands():
+                band = merged[start:stop]
+                band.copy_(self.spec.fn(rows.band(start, stop), weights, limits, self.params,
+                                        generators.at(start * rows.shape[1])))
+                if omega is not None:  # the range finder's first pass, while the band is in cache
+                    torch.matmul(band, omega, out=product[start:stop])
         start = None if omega is None else RangeStart(omega, product)
         return _Dense(merged.T.contiguous() if stored else merged, row_space, start)
 
