@@ -197,7 +197,6 @@ def test_knots_dare_matches_dense_reference(mixed, method):
     terms = [LoraAdapter(p).update(module) for p in mixed]
     proj = knots_space(terms)
     from dare_reference import keep_mask
-
     from lorafuse.methods.primitives import Draws
 
     merged = spec.fn(proj.blocks, torch.ones(3), torch.zeros(3, 0), params, Draws((10, 11, 12)))

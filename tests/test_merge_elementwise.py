@@ -81,7 +81,7 @@ def test_magnitude_prune_and_breadcrumbs(adapters):
 def test_dare_matches_reference_with_same_masks(adapters):
     """DARE (Yu et al. 2024): drop with probability p, rescale 1/(1-p); masks from the documented counter-based
     generator (tests/dare_reference.py ports it independently)."""
-    from dare_reference import key_of, keep_mask
+    from dare_reference import keep_mask, key_of
 
     p = 0.6
     lin = merge(adapters, "dare_linear", drop_rate=p, seed=3, rank=FULL_RANK, exact_svd=True, progress=False)
@@ -177,7 +177,6 @@ def test_dare_generator_is_splitmix64_counter_based():
     """Known answer (SplitMix64 from state 1234567: 6457827717110365317, 3203168211198807973, ...), any band drawn
     on its own equals the same slice of one whole draw, and the keep rate is 1 − p."""
     from dare_reference import words
-
     from lorafuse.methods.primitives import Draws, bernoulli_keep_mask, uniform_words
 
     first = [int(w) for w in uniform_words(1234567, 0, 4)]

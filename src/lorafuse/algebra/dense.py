@@ -25,6 +25,7 @@ import torch
 
 from lorafuse.algebra.lowrank import FactorSVD, LowRank
 
+
 @dataclass(frozen=True)
 class DenseUpdate:
     """A module's exact update held as its full matrix (an element-wise result before any truncation), with the
