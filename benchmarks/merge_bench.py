@@ -247,8 +247,10 @@ NOTES = {
     "the inputs' row space (see the truncation row), and the bracket comes from entries at independent random "
     "positions (a rows × columns grid of a low-rank update is correlated, and missed the bracket for one task in "
     "four on gate_proj, forcing a second pass): that last change alone took 2 layers from 21.1 s to 13.2 s.",
-    "dare_ties": "DARE's masks are drawn band by band from each task's seeded generator, in row order: the same "
-    "masks as one draw over the whole module. Drawing them (a single-threaded generator) is most of its time.",
+    "dare_ties": "DARE's masks come from a counter-based generator (SplitMix64 keyed by adapter name and module, "
+    "word i for entry i): each band is drawn on its own, one task per thread, with the same masks as one draw over "
+    "the whole module; torch runs on one thread during the bands (OpenMP's spinning idle worker otherwise takes "
+    "the mask threads' core).",
     "truncation_accuracy": "rank-16 energy kept by lorafuse's randomized truncation of the dense TIES result, as "
     "a fraction of the exact SVD's (1.0 = optimal); seconds = the two default truncations only. The range finder "
     "starts from the inputs' row space (the stacked A's) with 1 power iteration; the textbook random start with 4 "

@@ -196,10 +196,12 @@ def test_knots_dare_matches_dense_reference(mixed, method):
     module = "model.layers.0.self_attn.q_proj"
     terms = [LoraAdapter(p).update(module) for p in mixed]
     proj = knots_space(terms)
-    gens = lambda: [torch.Generator().manual_seed(10 + t) for t in range(3)]  # noqa: E731
-    merged = spec.fn(proj.blocks, torch.ones(3), torch.zeros(3, 0), params, gens())
+    from dare_reference import keep_mask
+    from lorafuse.merging.methods.primitives import Draws
+
+    merged = spec.fn(proj.blocks, torch.ones(3), torch.zeros(3, 0), params, Draws((10, 11, 12)))
     U, blocks = knots_dense(dense_tvs(mixed, module))
-    masks = torch.stack([(torch.rand(b.shape, generator=g) < 0.5).double() for b, g in zip(blocks, gens())])
+    masks = torch.stack([keep_mask(10 + t, tuple(b.shape), 0.5).double() for t, b in enumerate(blocks)])
     dropped = blocks * masks / 0.5
     ref = ties_blocks(dropped) if method == "dare_ties" else dropped.sum(0)
     assert rel(proj.rebuild(merged).dense(), U @ ref) < 1e-4

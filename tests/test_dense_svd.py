@@ -73,10 +73,11 @@ def _subspace_energy(out, M: torch.Tensor) -> float:
 @pytest.mark.parametrize("k", [8, 16, 40])
 def test_truncation_of_a_dare_merge_is_the_best_rank_k(drop_rate: float, k: int) -> None:
     """The README promises the best rank-k: the converged iteration is within 1e-6 of the optimal energy (a full
-    float64 SVD); one power iteration, the former default, kept 0.976–0.985 of it at drop rate 0.9."""
+    float64 SVD); the start block alone (no Krylov step) keeps less than 0.99 of it at drop rate 0.9, as one power
+    iteration, a former default, did (0.976–0.985)."""
     M, row_space = _dare_merge(drop_rate)
     best = _optimal_energy(M, k)
     out, _ = dense_truncated_svd(M, k, row_space=row_space)
     assert _subspace_energy(out, M) >= best * (1 - 1e-6)
-    one, _ = dense_truncated_svd(M, k, row_space=row_space, n_iter=1)
+    one, _ = dense_truncated_svd(M, k, row_space=row_space, n_iter=0)
     assert drop_rate < 0.9 or _subspace_energy(one, M) < best * 0.99

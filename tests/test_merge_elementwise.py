@@ -79,8 +79,9 @@ def test_magnitude_prune_and_breadcrumbs(adapters):
 
 
 def test_dare_matches_reference_with_same_masks(adapters):
-    """DARE (Yu et al. 2024): drop with probability p, rescale 1/(1-p); masks from the documented seeding."""
-    import zlib
+    """DARE (Yu et al. 2024): drop with probability p, rescale 1/(1-p); masks from the documented counter-based
+    generator (tests/dare_reference.py ports it independently)."""
+    from dare_reference import keep_mask, key_of
 
     p = 0.6
     lin = merge(adapters, "dare_linear", drop_rate=p, seed=3, rank=FULL_RANK, exact_svd=True, progress=False)
@@ -88,8 +89,7 @@ def test_dare_matches_reference_with_same_masks(adapters):
     names = [a.name for a in adapters]
     for module in MODULES:
         x = tv(adapters, module)
-        gens = [torch.Generator().manual_seed(zlib.crc32(f"3:{n}:{module}".encode())) for n in names]
-        keep = torch.stack([torch.rand(x[0].shape, generator=g) < 1 - p for g in gens])
+        keep = torch.stack([keep_mask(key_of(3, n, module), tuple(x[0].shape), p) for n in names])
         dropped = x * keep / (1 - p)
         assert close(merged_dense(lin, module), dropped.sum(0))
         assert close(merged_dense(tie, module), ties_reference(dropped, 1.0, 1.0))
@@ -171,3 +171,61 @@ def test_keep_exact_holds_the_uncut_result_that_evaluation_reads(adapters, metho
 def test_keep_exact_of_an_exact_method_holds_nothing_extra(adapters):
     result = merge(adapters, "task_arithmetic", progress=False, keep_exact=True)
     assert result.exact == {} and result.exact_modules() == result.modules
+
+
+def test_dare_generator_is_splitmix64_counter_based():
+    """Known answer (SplitMix64 from state 1234567: 6457827717110365317, 3203168211198807973, ...), any band drawn
+    on its own equals the same slice of one whole draw, and the keep rate is 1 − p."""
+    from dare_reference import words
+    from lorafuse.merging.methods.primitives import Draws, bernoulli_keep_mask, uniform_words
+
+    first = [int(w) for w in uniform_words(1234567, 0, 4)]
+    assert first[0] + (first[1] << 32) == 6457827717110365317
+    assert first[2] + (first[3] << 32) == 3203168211198807973
+    assert first == words(1234567, 4)
+    whole = uniform_words(99, 0, 100_001)
+    for start, count in ((0, 7), (3, 40_000), (65_537, 34_464), (99_999, 2)):
+        assert (uniform_words(99, start, count) == whole[start:start + count]).all()
+    x = torch.ones(2, 300, 500)
+    mask = bernoulli_keep_mask(x, 0.1, Draws((5, 6)))
+    assert abs(float(mask.mean()) - 0.1) < 0.005 and not torch.equal(mask[0], mask[1])
+    band = bernoulli_keep_mask(x[:, 100:160], 0.1, Draws((5, 6), 100 * 500))
+    assert torch.equal(band, mask[:, 100:160])
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICE_CASES = [
+    ("ties", {"density": 0.3}, "full"), ("ties", {"density": 0.3, "trim_scope": "global"}, "full"),
+    ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.5}, "full"), ("dare_linear", {"drop_rate": 0.3}, "full"),
+    ("magnitude_prune", {"density": 0.4}, "full"), ("breadcrumbs", {}, "full"), ("ties", {"density": 0.3}, "knots"),
+    ("dare_ties", {"drop_rate": 0.5}, "core"), ("task_arithmetic", {}, "full"), ("linear", {}, "full"),
+    ("cat", {}, "full"), ("tsv", {}, "full"), ("iso_c", {}, "full"), ("ties", {"density": 0.3}, "core"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("method", "params", "space"), DEVICE_CASES)
+def test_device_path_matches_the_cpu(adapters, monkeypatch, device, method, params, space):
+    """`device` runs each module's work there (streamed, results back on the CPU) with the CPU's result within 1e-5.
+    On the CPU the device path is run with device="cpu" and the accelerator's torch counting of thresholds forced."""
+    from lorafuse.merging.methods import thresholds
+
+    reference = merge(adapters, method, rank=8, space=space, progress=False, device="cpu", **params)
+    monkeypatch.setattr(thresholds, "count_on_device", lambda chunk: True)
+    result = merge(adapters, method, rank=8, space=space, progress=False, device=device, **params)
+    assert result.provenance["options"]["device"] == device
+    for module in MODULES:
+        assert result.modules[module].B.device.type == "cpu"
+        assert close(merged_dense(result, module), merged_dense(reference, module)), module
+
+
+def test_device_option_from_yaml_and_default(monkeypatch):
+    from lorafuse.merging.config import MergeConfig
+    from lorafuse.model.models import default_device
+
+    config = MergeConfig(merge_method="ties", models=[{"model": "x"}], device="cpu")
+    assert config.merge_kwargs()["device"] == "cpu"
+    assert MergeConfig(merge_method="ties", models=[{"model": "x"}], parameters={"device": "cpu"}
+                       ).merge_kwargs()["device"] == "cpu"
+    monkeypatch.delenv("LORAFUSE_DEVICE", raising=False)
+    assert default_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 
 import pytest
 import torch
@@ -163,11 +162,14 @@ def breadcrumbs_authors(blocks, gamma, density):
 
 def dare_drop(blocks, p, seed, names, rescale=True):
     """DARE (MergeLM mask_input_with_mask_rate): drop with probability p, divide by 1 − p. The masks come from
-    lorafuse's documented seeding (one generator per adapter name and module, uniforms in row-major order)."""
+    lorafuse's documented counter-based generator (a SplitMix64 word per entry, keyed by adapter name and module;
+    ported independently in tests/dare_reference.py)."""
+    from dare_reference import keep_mask, key_of
+
     out = {}
     for m, b in blocks.items():
-        gens = [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}:{m}".encode())) for name in names]
-        keep = torch.stack([(torch.rand(b[t].shape, generator=g) < 1 - p).double() for t, g in enumerate(gens)])
+        keep = torch.stack([keep_mask(key_of(seed, name, m), tuple(b[t].shape), p).double()
+                            for t, name in enumerate(names)])
         out[m] = b * keep / ((1 - p) if rescale else 1.0)
     return out
 

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                             "dense element-wise results min(Σr, m, n))")
     o.add_argument("--space", help="space of element-wise methods: full, knots, core")
     o.add_argument("--exact-svd", action="store_true", default=None, help="exact SVD instead of randomized")
+    o.add_argument("--device", help="where each module's work runs: cpu, cuda, cuda:1 (default: the GPU when there "
+                                    "is one, else the CPU; $LORAFUSE_DEVICE)")
     o.add_argument("--modules-to-save", choices=["auto", "error", "per_task", "average", "drop"],
                    help="what to do with modules_to_save tensors (classification heads); default auto: per_task for "
                         "adapters made by `lorafuse train` (each task keeps its head), else an error asking")
@@ -72,7 +74,7 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
              "drop_rate": args.drop_rate, "trim_scope": args.trim_scope, "seed": args.seed, "rank": args.rank,
              "space": args.space, "exact_svd": args.exact_svd, "modules_to_save": args.modules_to_save,
              "dtype": args.dtype, "base_model": args.base_model, "allow_bin": args.allow_bin or None,
-             "rank_patterns": args.rank_patterns}
+             "rank_patterns": args.rank_patterns, "device": args.device}
     kwargs.update({k: v for k, v in flags.items() if v is not None})
     for item in args.param:
         key, sep, value = item.partition("=")

@@ -50,7 +50,7 @@ KNOTS_TOL = 1e-5  # relative cut of the joint spectrum (see the module docstring
 def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
     """±1 per column of `vectors` making its entry of largest magnitude positive (a fixed sign for SVD bases)."""
     if vectors.numel() == 0:
-        return torch.ones(vectors.shape[1], dtype=vectors.dtype)
+        return torch.ones(vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
     picked = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True))[0]
     return torch.where(picked < 0, -1.0, 1.0).to(vectors.dtype)
 
@@ -90,7 +90,7 @@ class KnotsBasis:
 
     def blocks(self) -> torch.Tensor:
         """[T, k, n]: each task's S·V_tᵀ, written in place (no stacking copy)."""
-        out = torch.empty(len(self.A), self.S.numel(), self.A[0].shape[1], dtype=self.B.dtype)
+        out = torch.empty(len(self.A), self.S.numel(), self.A[0].shape[1], dtype=self.B.dtype, device=self.B.device)
         for t, (c, a) in enumerate(zip(self.coefficients, self.A)):
             torch.matmul(c, a, out=out[t])
         return out

@@ -10,7 +10,7 @@
     dtype: bfloat16
 
 Precedence: method defaults < global `parameters` < per-model `parameters`. Engine options (rank, space,
-exact_svd, modules_to_save) may sit in `parameters` or at the top level. Types are strict (`rank: true` is not 1,
+exact_svd, modules_to_save, rank_patterns, device) may sit in `parameters` or at the top level. Types are strict (`rank: true` is not 1,
 `exact_svd: "false"` is not false), numbers finite, duplicate keys refused, and `parameters` holds method and
 engine parameters only (`parameters: {method: ...}` does not override `merge_method`).
 """
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorafuse.errors import ConfigError, did_you_mean
 from lorafuse.validate import finite_number, load_yaml_file, name_problem
 
-ENGINE_OPTIONS = ("rank", "space", "exact_svd", "modules_to_save", "rank_patterns")
+ENGINE_OPTIONS = ("rank", "space", "exact_svd", "modules_to_save", "rank_patterns", "device")
 PER_MODEL_PARAMETERS = ("weight", "density")
 # merge() arguments that have their own place in the config (or on the command line), never in `parameters`
 RESERVED = ("method", "merge_method", "adapters", "models", "model", "names", "name", "weights", "densities",
@@ -68,6 +68,7 @@ class MergeConfig(BaseModel):
     exact_svd: bool | None = None
     modules_to_save: str | None = None
     rank_patterns: bool | None = None
+    device: str | None = None  # cpu, cuda, cuda:1; default: the GPU when there is one
 
     @field_validator("parameters")
     @classmethod

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -29,8 +30,19 @@ from lorafuse.adapters.writer import (
 )
 from lorafuse.atomic import check_writable
 from lorafuse.errors import AdapterError, ConfigError, IncompatibleAdaptersError
-from lorafuse.merging.algebra.dense import ENERGY_RTOL, MAX_POWER_ITERATIONS, DenseUpdate, dense_truncated_svd
+from lorafuse.merging.algebra.dense import (
+    ENERGY_RTOL,
+    MAX_KRYLOV_BLOCKS,
+    DenseUpdate,
+    RangeStart,
+    dense_truncated_svd,
+    needs_exact,
+    range_start,
+    serial,
+)
 from lorafuse.merging.algebra.lowrank import CORE_DTYPE, LowRank, truncate
+from lorafuse.merging.methods.elementwise import Sparsify
+from lorafuse.merging.methods.primitives import Draws, dare_key
 from lorafuse.merging.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.merging.methods.thresholds import StreamingQuantile, top_limits
 from lorafuse.merging.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
@@ -55,6 +67,7 @@ class MergeOptions:
     progress: bool = True
     rank_patterns: bool = False  # per-module ranks in rank_pattern instead of one zero-padded rank
     keep_exact: bool = False  # also hold each truncated module's exact result (MergeResult.exact)
+    device: str = "cpu"  # where each module's work runs (streamed one module at a time; results come back to the CPU)
 
 
 @dataclass
@@ -193,33 +206,40 @@ class _Dense:
 
     matrix: torch.Tensor
     row_space: torch.Tensor | None = None
+    start: RangeStart | None = None  # the range finder's test block and matrix·block, formed with the matrix
 
 
 class _ModuleStream:
     """Reads one module's updates across adapters; a missing module is an exact zero of rank 0."""
 
-    def __init__(self, adapters: Sequence[LoraAdapter], shapes: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, adapters: Sequence[LoraAdapter], shapes: dict[str, tuple[int, int]],
+                 device: str = "cpu") -> None:
         self.adapters = adapters
         self.shapes = shapes
+        self.device = torch.device(device)
 
     def terms(self, module: str) -> list[LowRank]:
         m, n = self.shapes[module]
-        return [a.update(module) if module in a.modules else LowRank(torch.zeros(m, 0), torch.zeros(0, n))
-                for a in self.adapters]
+        terms = [a.update(module) if module in a.modules else LowRank(torch.zeros(m, 0), torch.zeros(0, n))
+                 for a in self.adapters]
+        if self.device.type == "cpu":
+            return terms
+        return [LowRank(t.B.to(self.device), t.A.to(self.device)) for t in terms]
 
 
-def _generators(seed: int, names: Sequence[str], module: str) -> list[torch.Generator]:
-    """One generator per (adapter, module): DARE's drops do not depend on adapter order or module order."""
-    return [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{n}:{module}".encode())) for n in names]
+def _generators(seed: int, names: Sequence[str], module: str) -> Draws:
+    """DARE's counter-based draws of one module, a key per (adapter name, module): its drops depend on neither the
+    adapters' order nor the modules' (see primitives.Draws)."""
+    return Draws(tuple(dare_key(seed, n, module) for n in names))
 
 
 class _Thresholds:
     """Per-task trim thresholds for element-wise methods, per module or global over the adapter. `generators`
-    gives a module's fresh DARE generators: DARE-TIES trims the dropped values, so its thresholds are taken on the
-    very draws the merge makes."""
+    gives a module's DARE draws: DARE-TIES trims the dropped values, so its thresholds are taken on the very draws
+    the merge makes."""
 
     def __init__(self, method: MergeMethod, params: MethodParams, densities: list[float], scope: str,
-                 generators: Callable[[str], list[torch.Generator]]) -> None:
+                 generators: Callable[[str], Draws]) -> None:
         from lorafuse.merging.methods.elementwise import keep_rule
 
         self.recipe = method.fn.recipe  # type: ignore[attr-defined]
@@ -275,8 +295,10 @@ class _Thresholds:
                 return rows.task_values(t)
             from lorafuse.merging.methods.elementwise import drop
 
-            g = self.generators(module)[t]  # fresh per pass: the same draws as the merge's, band by band
-            return (drop(band.unsqueeze(0), self.params, [g])[0] for band in rows.task_values(t))
+            draws = self.generators(module).task(t)  # counter-based: the same draws as the merge's, band by band
+            n = rows.shape[1]
+            return (drop(band.unsqueeze(0), self.params, draws.at(start * n))[0]
+                    for band, (start, _) in zip(rows.task_values(t), rows.bands()))
 
         def sample(t: int) -> torch.Tensor:
             if not self.recipe.trim_after_drop:
@@ -284,7 +306,7 @@ class _Thresholds:
             from lorafuse.merging.methods.elementwise import drop
 
             # only brackets the threshold (exactness does not depend on it): an independent drop of the sample
-            return drop(rows.task_sample(t).unsqueeze(0), self.params, [torch.Generator().manual_seed(t)])[0]
+            return drop(rows.task_sample(t).unsqueeze(0), self.params, Draws((t,)))[0]
 
         def task_thresholds(t: int) -> list[tuple[float, int]]:
             rule = self.rules[t]
@@ -316,12 +338,15 @@ def merge(
     progress: bool = True,
     rank_patterns: bool = False,
     keep_exact: bool = False,
+    device: str | None = None,
     **params: Any,
 ) -> MergeResult:
     """Fuse LoRA adapters with a registered method. `params` are the method's own (lambda, density, ...).
     The saved adapter stores every module at one rank (zero-padded, no rank_pattern) unless `rank_patterns`.
     `keep_exact` also holds each truncated module's exact result in memory (`MergeResult.exact_modules`: what an
-    experiment evaluates; dense element-wise results cost one m×n matrix a module)."""
+    experiment evaluates; dense element-wise results cost one m×n matrix a module). `device`: where each module's
+    work runs (default: the GPU when there is one, as evaluation, see lorafuse.models.default_device); modules are
+    streamed to it one at a time and the results come back to the CPU."""
     spec = get_method(method)
     check_param_types(spec, params, f"method '{spec.name}'")
     parsed = spec.parse_params(params)
@@ -332,7 +357,7 @@ def merge(
             raise ConfigError(f"{field_name}: expected a string, got {value!r}")
     loaded = load_adapters(adapters, names, allow_bin)
     options = MergeOptions(rank, space, exact_svd, modules_to_save, _as_dtype(dtype) or loaded[0].dtype(), progress,
-                           rank_patterns, strict_bool(keep_exact, "keep_exact"))
+                           rank_patterns, strict_bool(keep_exact, "keep_exact"), _device(device))
     _check_per_adapter(spec, parsed, weights, densities)
     weights = _per_adapter(weights, loaded, "weights", 1.0)
     densities = _per_adapter(densities, loaded, "densities", getattr(parsed, "density", 1.0))
@@ -340,6 +365,14 @@ def merge(
     modules = check_compatible(loaded, base_model)
     engine = _Engine(spec, parsed, loaded, modules, weights, densities, options)
     return engine.run()
+
+
+def _device(device: str | None) -> str:
+    from lorafuse.model.models import default_device
+
+    if device is not None and not isinstance(device, str):
+        raise ConfigError(f"device: expected a string (cpu, cuda, cuda:1), got {device!r}")
+    return default_device(device)
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -403,7 +436,8 @@ class _Engine:
         self.spec, self.params, self.adapters, self.modules = spec, params, adapters, modules
         self.weights, self.densities, self.options = weights, densities, options
         shapes = {m: next(a.module_shape(m) for a in adapters if m in a.modules) for m in modules}
-        self.stream = _ModuleStream(adapters, shapes)
+        self.stream = _ModuleStream(adapters, shapes, options.device)
+        self.device = torch.device(options.device)
         self.names = [a.name for a in adapters]
         self.trim_scope = _trim_scope(params, options.space)
         self.energy: dict[str, float] = {}
@@ -438,10 +472,11 @@ class _Engine:
         thresholds = _Thresholds(self.spec, self.params, self.densities, self.trim_scope, self._generators)
         if thresholds.global_scope:
             thresholds.fit_global(lambda desc: ((m, self._project(m)) for m in self._progress(self.modules, desc)))
+            thresholds.fixed = thresholds.fixed.to(self.device)  # one table: its tie budgets are consumed in place
         return {m: self._finish(m, self._elementwise_update(m, thresholds))
                 for m in self._progress(self.modules, f"merge ({self.spec.name}, {self.options.space} space)")}
 
-    def _generators(self, module: str) -> list[torch.Generator]:
+    def _generators(self, module: str) -> Draws:
         return _generators(getattr(self.params, "seed", 0), self.names, module)
 
     def _module_update(self, module: str) -> LowRank | torch.Tensor:
@@ -466,24 +501,49 @@ class _Engine:
             return self._elementwise_full(module, thresholds)
         proj = self._project(module)
         blocks = proj.blocks.float()
-        merged = self.spec.fn(blocks, torch.tensor(self.weights, dtype=blocks.dtype),
-                              thresholds.for_module(module, blocks), self.params, self._generators(module))
+        merged = self.spec.fn(blocks, torch.tensor(self.weights, dtype=blocks.dtype, device=blocks.device),
+                              thresholds.for_module(module, blocks).to(blocks.device), self.params,
+                              self._generators(module))
         return proj.rebuild(merged)
 
     def _elementwise_full(self, module: str, thresholds: _Thresholds) -> _Dense:
         """The full space a band of rows at a time: the same entries as the stacked dense blocks (element-wise
-        methods are separable once thresholds are known; DARE's generators are drawn in row order, so its masks are
-        those of one draw over the whole module), in memory of one m×n result plus a band."""
+        methods are separable once thresholds are known; DARE's generator is counter-based, so its masks are those of
+        one draw over the whole module), in memory of one m×n result plus a band."""
         terms = self.stream.terms(module)
         stored = self._stored_layout()
         rows = DenseRows([LowRank(t.A.T, t.B.T) for t in terms] if stored else terms)
-        limits = thresholds.for_rows(module, rows)
-        weights = torch.tensor(self.weights, dtype=torch.float32)
+        limits = thresholds.for_rows(module, rows).to(self.device)
+        weights = torch.tensor(self.weights, dtype=torch.float32, device=self.device)
         generators = self._generators(module)
-        merged = torch.empty(rows.shape)
-        for start, stop in rows.bands():
-            merged[start:stop] = self.spec.fn(rows.band(start, stop), weights, limits, self.params, generators)
-        return _Dense(merged.T.contiguous() if stored else merged, torch.cat([t.A for t in terms]).float())
+        row_space = torch.cat([t.A for t in terms]).float()
+        omega = None if stored else self._range_start(module, rows.shape, row_space)
+        product = None if omega is None else torch.empty(rows.shape[0], omega.shape[1], device=self.device)
+        merged = torch.empty(rows.shape, device=self.device)
+        # DARE's masks are numpy on the trim pool's threads; between torch's parallel regions OpenMP's idle worker
+        # spins, taking the core those threads need (5x slower on the shared 2-core machine): torch runs on one
+        # thread there, the masks on all.
+        drawing = self.spec.fn.recipe.sparsify is Sparsify.RANDOM and self.device.type == "cpu"  # type: ignore[attr-defined]
+        with serial() if drawing else contextlib.nullcontext():
+            for start, stop in rows.bands():
+                band = merged[start:stop]
+                band.copy_(self.spec.fn(rows.band(start, stop), weights, limits, self.params,
+                                        generators.at(start * rows.shape[1])))
+                if omega is not None:  # the range finder's first pass, while the band is in cache
+                    torch.matmul(band, omega, out=product[start:stop])
+        start = None if omega is None else RangeStart(omega, product)
+        return _Dense(merged.T.contiguous() if stored else merged, row_space, start)
+
+    def _cut_rank(self, module: str, shape: tuple[int, ...]) -> int:
+        """The rank a dense result is cut to: `rank`, else min(Σr, m, n)."""
+        return self.options.rank or max(1, min(self._input_rank(module), *shape))
+
+    def _range_start(self, module: str, shape: tuple[int, ...], row_space: torch.Tensor) -> torch.Tensor | None:
+        """The test block of the dense truncation's range finder, where it will run (not an exact SVD)."""
+        rank = self._cut_rank(module, shape)
+        if self.options.exact_svd or needs_exact(shape, rank, row_space=row_space):
+            return None
+        return range_start(shape, rank, seed=zlib.crc32(module.encode()), row_space=row_space, device=self.device)
 
     def _stored_layout(self) -> bool:
         """Whether the full space must run on the stored weights' layout ΔWᵀ (in×out) instead of ΔW: a per-row rule
@@ -497,23 +557,27 @@ class _Engine:
         Without a rank nothing low-rank is cut: a result keeps its natural rank (≤ Σr, e.g. KnOTS's k, Core Space's
         R, Iso-C's numerical rank). A dense result (element-wise methods in the full space) is full rank and
         comes back at min(Σr, m, n), the rank of its inputs together."""
+        out = self._finish_on_device(module, update)
+        return out if out.B.device.type == "cpu" else LowRank(out.B.cpu(), out.A.cpu())
+
+    def _finish_on_device(self, module: str, update: LowRank | torch.Tensor | _Dense) -> LowRank:
         rank = self.options.rank
         if isinstance(update, torch.Tensor):
             update = _Dense(update)
         if isinstance(update, _Dense):
-            natural = min(self._input_rank(module), *update.matrix.shape)
-            out, kept = dense_truncated_svd(update.matrix, rank or max(1, natural), exact=self.options.exact_svd,
-                                            seed=zlib.crc32(module.encode()), row_space=update.row_space)
+            out, kept = dense_truncated_svd(update.matrix, self._cut_rank(module, update.matrix.shape),
+                                            exact=self.options.exact_svd, seed=zlib.crc32(module.encode()),
+                                            row_space=update.row_space, start=update.start)
             self.energy[module] = kept
             if self.options.keep_exact:
-                self.exact[module] = DenseUpdate(update.matrix)
+                self.exact[module] = DenseUpdate(update.matrix.cpu())
             return out
         if rank is None:  # only numerically zero directions go (e.g. rows of a KnOTS block that TIES zeroed)
             return update if self.spec.exact else truncate(update, None)[0]
         out, kept = truncate(update, rank)
         self.energy[module] = kept
         if self.options.keep_exact and kept < 1.0:
-            self.exact[module] = update
+            self.exact[module] = update if update.B.device.type == "cpu" else LowRank(update.B.cpu(), update.A.cpu())
         return out
 
     def _input_rank(self, module: str) -> int:
@@ -553,9 +617,9 @@ class _Engine:
             return None
         if self.options.exact_svd:
             return "exact SVD"
-        return (f"best rank-k by subspace iteration from the inputs' row space, width 2k + 8, until the kept energy "
-                f"converges to {ENERGY_RTOL:g} (at most {MAX_POWER_ITERATIONS} iterations); exact SVD when the "
-                "rank is near full")
+        return (f"best rank-k by a block Krylov range finder from the inputs' row space, blocks of width 2k + 8, "
+                f"until the kept energy converges to {ENERGY_RTOL:g} (at most {MAX_KRYLOV_BLOCKS} blocks); exact SVD "
+                "when the rank is near full")
 
     def _provenance(self, merged: dict[str, LowRank]) -> dict[str, Any]:
         energies = list(self.energy.values())
@@ -564,6 +628,7 @@ class _Engine:
             "method": {"name": self.spec.name, "paper": self.spec.paper, "exact": self.spec.exact},
             "parameters": self.params.model_dump(mode="json", by_alias=True),
             "options": {"rank": self.options.rank, "space": self.options.space, "exact_svd": self.options.exact_svd,
+                        "device": self.options.device,
                         "trim_scope": self.trim_scope if self.spec.kind == "elementwise" else None,
                         "dense_truncation": self._truncation_rule(),
                         "modules_to_save": self.options.modules_to_save,

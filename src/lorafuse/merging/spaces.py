@@ -72,7 +72,8 @@ class DenseRows:
         self.A = [t.A.to(torch.float32) for t in terms]
         self.shape = terms[0].shape
         self.rows = max(1, BAND_ENTRIES // max(1, self.shape[1]))
-        self._buffer = torch.empty(len(terms), min(self.rows, self.shape[0]), self.shape[1])
+        self.device = self.B[0].device
+        self._buffer = torch.empty(len(terms), min(self.rows, self.shape[0]), self.shape[1], device=self.device)
 
     def __len__(self) -> int:
         return len(self.B)
@@ -93,7 +94,7 @@ class DenseRows:
     def task_values(self, t: int) -> Iterator[torch.Tensor]:
         """Task t's ΔW band by band (each yielded view is overwritten by the next). Each call has its own buffer,
         so several tasks can be read at once from different threads."""
-        out = torch.empty(min(self.rows, self.shape[0]), self.shape[1])
+        out = torch.empty(min(self.rows, self.shape[0]), self.shape[1], device=self.device)
         for start, stop in self.bands():
             yield self.task_band(t, start, stop, out[: stop - start])
 
@@ -106,6 +107,6 @@ class DenseRows:
         and each miss costs a second pass)."""
         gen = torch.Generator().manual_seed(seed)
         m, n = self.shape
-        rows = torch.randint(m, (_SAMPLE_ENTRIES,), generator=gen)
-        cols = torch.randint(n, (_SAMPLE_ENTRIES,), generator=gen)
+        rows = torch.randint(m, (_SAMPLE_ENTRIES,), generator=gen).to(self.device)
+        cols = torch.randint(n, (_SAMPLE_ENTRIES,), generator=gen).to(self.device)
         return (self.B[t][rows] * self.A[t][:, cols].T).sum(dim=1)

@@ -53,7 +53,7 @@ def stack_lowrank(terms: Sequence[LowRank], weights: Sequence[float] | None = No
     weights = [1.0] * len(terms) if weights is None else list(weights)
     if len(weights) != len(terms):
         raise ValueError(f"{len(weights)} weights for {len(terms)} terms")
-    B = torch.empty(terms[0].B.shape[0], sum(t.rank for t in terms), dtype=WORK_DTYPE)
+    B = torch.empty(terms[0].B.shape[0], sum(t.rank for t in terms), dtype=WORK_DTYPE, device=terms[0].B.device)
     start = 0
     for t, w in zip(terms, weights):  # scaled straight into place: one pass over each B
         torch.mul(t.B.to(WORK_DTYPE), float(w), out=B[:, start:start + t.rank])

@@ -85,36 +85,29 @@ def tucker2(cores: Sequence[torch.Tensor], r: int, iters: int) -> tuple[torch.Te
 
 
 def merge_cores(x: torch.Tensor, weights: Sequence[float], params: CtMParams,
-                generators: list[torch.Generator] | None) -> torch.Tensor:
+                generators: Any) -> torch.Tensor:
     """The base rule on the [T, r, r] cores: λ·Σ w_t C_t, or the registered ties / dare_ties on them with per-task
     thresholds of this module (DARE-TIES's taken on the very drops the merge makes)."""
     w = torch.tensor(list(weights), dtype=x.dtype)
     if params.base == "task_arithmetic":
         return params.lambda_ * torch.tensordot(w, x, dims=1)
     from lorafuse.merging.methods.elementwise import keep_rule, threshold_input
-    from lorafuse.merging.methods.primitives import top_limit
+    from lorafuse.merging.methods.primitives import Draws, top_limit
 
     spec = get_method(params.base)
     base = spec.parse_params(params.base_values())
     recipe = spec.fn.recipe  # type: ignore[attr-defined]
-    states = [g.get_state() for g in generators] if generators else [torch.Generator().get_state()] * len(x)
-
-    def fresh() -> list[torch.Generator]:
-        out = []
-        for state in states:
-            g = torch.Generator()
-            g.set_state(state)
-            out.append(g)
-        return out
+    # counter-based draws (primitives.Draws): the thresholds and the merge see the very same drops
+    draws = generators if generators is not None else Draws(tuple(range(len(x))))
 
     rule = keep_rule(base, recipe, getattr(base, "density", 1.0))
     if rule is None:
         thresholds = torch.zeros(len(x), 0, 2, dtype=torch.float64)
     else:  # [T, width, 2]: per task its (τ, ties) limits, as the engine's threshold tables
-        values = threshold_input(x, recipe, base, fresh())
+        values = threshold_input(x, recipe, base, draws)
         limits = [[top_limit(v, k) for k in rule(v.numel())] for v in values]
         thresholds = torch.tensor(limits, dtype=torch.float64).reshape(len(limits), -1, 2)
-    return spec.fn(x, w, thresholds, base, fresh())
+    return spec.fn(x, w, thresholds, base, draws)
 
 
 @register(
@@ -125,7 +118,7 @@ def merge_cores(x: torch.Tensor, weights: Sequence[float], params: CtMParams,
           "(arXiv 2606.03723); no code found, written from the paper",
 )
 def ctm(terms: Sequence[LowRank], weights: Sequence[float], params: CtMParams, rank: int | None = None,
-        generators: list[torch.Generator] | None = None) -> LowRank:
+        generators: Any = None) -> LowRank:
     """U·merge(C_1 … C_T)·Vᵀ (see the module docstring)."""
     from lorafuse.merging.aligned import canonical_signs, core_basis
 

@@ -123,22 +123,23 @@ def keep_rule(params: ElementwiseParams, recipe: Recipe, density: float) -> Coun
     return None
 
 
-def drop(x: torch.Tensor, params: ElementwiseParams, generators: list[torch.Generator]) -> torch.Tensor:
-    """DARE's drop: each entry kept with probability 1 − p, survivors rescaled by 1/(1 − p) unless rescale=false."""
+def drop(x: torch.Tensor, params: ElementwiseParams, generators: P.Draws) -> torch.Tensor:
+    """DARE's drop: each entry kept with probability 1 − p, survivors rescaled by 1/(1 − p) unless rescale=false
+    (`generators`: the counter-based draws of x's tasks, see primitives.Draws)."""
     keep = 1.0 - params.drop_rate  # type: ignore[attr-defined]
     scale = 1.0 / keep if params.rescale else 1.0  # type: ignore[attr-defined]
-    return x * P.bernoulli_keep_mask(x, keep, generators) * scale
+    return P.bernoulli_keep_mask(x, keep, generators).mul_(x).mul_(scale)
 
 
 def threshold_input(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams,
-                    generators: list[torch.Generator]) -> torch.Tensor:
-    """The values a method's thresholds are taken on: the dropped values for DARE-TIES's trim, else x itself.
-    `generators` must be fresh ones (the same draws the merge will make)."""
+                    generators: P.Draws) -> torch.Tensor:
+    """The values a method's thresholds are taken on: the dropped values for DARE-TIES's trim, else x itself
+    (the same draws the merge makes: the generator is counter-based)."""
     return drop(x, params, generators) if recipe.trim_after_drop else x
 
 
 def sparsify(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams, thresholds: torch.Tensor,
-             generators: list[torch.Generator]) -> torch.Tensor:
+             generators: P.Draws) -> torch.Tensor:
     """Zero the entries each task drops; thresholds is [T, n_thresholds, 2]: per count its (τ, ties) limit, whose
     tie budget `P.top_mask` consumes in place (so a scope's chunks must come in position order)."""
     if recipe.sparsify is Sparsify.MAGNITUDE:
@@ -167,7 +168,7 @@ def combine(x: torch.Tensor, weights: torch.Tensor, recipe: Recipe, params: Elem
 def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary: str, paper: str,
             doc: str) -> None:
     def merge_blocks(x: torch.Tensor, weights: torch.Tensor, thresholds: torch.Tensor,
-                     params: ElementwiseParams, generators: list[torch.Generator]) -> torch.Tensor:
+                     params: ElementwiseParams, generators: P.Draws) -> torch.Tensor:
         return combine(sparsify(x, recipe, params, thresholds, generators), weights, recipe, params)
 
     merge_blocks.recipe = recipe  # type: ignore[attr-defined]  # the engine reads it to plan thresholds

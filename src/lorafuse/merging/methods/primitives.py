@@ -3,6 +3,11 @@ blocks (one row per task); thresholds are per task."""
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 
@@ -25,6 +30,8 @@ def top_mask(x: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
     place: a scope's chunks (bands of a module, modules of an adapter) share one table."""
     mag = x.abs()
     tau = per_task(limits[:, 0], x)
+    if not bool((limits[:, 1] > 0).any()):  # no tie left to keep (the usual case past τ's own entry): one pass
+        return mag.gt_(tau)
     tied = mag.eq(tau)
     mask = mag.gt_(tau)
     if bool(tied.any()):
@@ -40,11 +47,92 @@ def _keep_first_ties(mask: torch.Tensor, tied: torch.Tensor, budget: torch.Tenso
     budget.sub_(torch.minimum(flat.sum(1).to(budget.dtype), budget))
 
 
-def bernoulli_keep_mask(x: torch.Tensor, keep_prob: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """DARE's random drop: 1 with probability keep_prob, else 0; one seeded generator per task, drawn in
-    row-major order (so drawing a module band by band gives the same mask as drawing it whole)."""
-    masks = [torch.rand(row.shape, generator=g, dtype=torch.float32) for row, g in zip(x, generators)]
-    return torch.stack([u.lt_(keep_prob) for u in masks]).to(x.dtype)
+# -- DARE's drop masks: a counter-based generator --------------------------------------------------------------
+_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64's constants
+_WORDS_PER_CHUNK = 1 << 15  # 64-bit words per numpy chunk (256 KiB of temporaries: in cache)
+
+
+def dare_key(seed: int, name: str, module: str) -> int:
+    """The 64-bit key of one (adapter, module)'s DARE mask: the first 8 bytes, little-endian, of
+    SHA-256(f"{seed}:{name}:{module}"). By name, so the masks do not depend on the adapters' or the modules' order."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}:{module}".encode()).digest()[:8], "little")
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Where DARE's uniforms come from: per task a 64-bit key, and the flat row-major index (`offset`) in the
+    module of the first entry of the block at hand. Entry i of a module draws the 32-bit word
+
+        z = SplitMix64(key + (⌊i/2⌋ + 1)·0x9E3779B97F4A7C15 mod 2⁶⁴),   word_i = (z >> 32·(i mod 2)) mod 2³²
+
+    (SplitMix64's finaliser: z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27; z *= 0x94D049BB133111EB;
+    z ^= z >> 31; all mod 2⁶⁴) and is kept iff word_i < ⌊(1 − p)·2³²⌋. A counter-based generator: any band of any
+    module is drawn on its own (in parallel), with the same mask as one draw of the whole module."""
+
+    keys: tuple[int, ...]
+    offset: int = 0
+
+    def at(self, offset: int) -> Draws:
+        return Draws(self.keys, offset)
+
+    def task(self, t: int) -> Draws:
+        return Draws((self.keys[t],), self.offset)
+
+
+def uniform_words(key: int, offset: int, count: int) -> np.ndarray:
+    """word_i (see `Draws`) for i in [offset, offset + count), as uint32."""
+    first, last = offset // 2, (offset + count + 1) // 2  # the 64-bit counters covering the range
+    out = np.empty(2 * (last - first), np.uint32)
+    gamma, mix1, mix2 = np.uint64(_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
+    base = np.uint64(key % 2**64)
+    for start in range(first, last, _WORDS_PER_CHUNK):
+        stop = min(start + _WORDS_PER_CHUNK, last)
+        z = np.arange(start + 1, stop + 1, dtype=np.uint64)
+        np.multiply(z, gamma, out=z)
+        np.add(z, base, out=z)
+        y = np.right_shift(z, np.uint64(30))
+        np.bitwise_xor(z, y, out=z)
+        np.multiply(z, mix1, out=z)
+        np.right_shift(z, np.uint64(27), out=y)
+        np.bitwise_xor(z, y, out=z)
+        np.multiply(z, mix2, out=z)
+        np.right_shift(z, np.uint64(31), out=y)
+        np.bitwise_xor(z, y, out=z)
+        out[2 * (start - first): 2 * (stop - first)] = z.view("<u4")  # low word first
+    skip = offset - 2 * first
+    return out[skip: skip + count]
+
+
+def keep_threshold(keep_prob: float) -> int:
+    """⌊keep_prob·2³²⌋: a word below it is kept."""
+    return int(keep_prob * 2.0**32)
+
+
+def bernoulli_keep_mask(x: torch.Tensor, keep_prob: float, draws: Draws) -> torch.Tensor:
+    """DARE's random drop: 1 with probability keep_prob, else 0, from the counter-based generator of `Draws` (one
+    key per task of the [T, ...] stack x, whose entries start at draws.offset of their module). Tasks are drawn on
+    parallel threads (numpy releases the GIL)."""
+    limit = keep_threshold(keep_prob)
+    if limit >= 2**32:
+        return torch.ones_like(x)
+    count = x[0].numel()
+    out = np.empty((len(draws.keys), count), dtype=np.float32)
+
+    def task(t: int) -> None:  # numpy end to end, written in place: no torch op (OpenMP region) per task
+        np.less(uniform_words(draws.keys[t], draws.offset, count), np.uint32(limit), out=out[t])
+
+    if len(draws.keys) > 1:
+        list(_pool().map(task, range(len(draws.keys))))
+    else:
+        task(0)
+    return torch.from_numpy(out).reshape(x.shape).to(device=x.device, dtype=x.dtype)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="lorafuse-dare")
 
 
 def weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -57,7 +145,7 @@ def elect_sign(x: torch.Tensor, rule: str = "total", weights: torch.Tensor | Non
     ('total') or of their signs ('frequency') is ≥ 0, else −1. A tie (a zero sum) elects +1, as PEFT and mergekit
     do; an entry every task trimmed is 0 in all of them, so no task agrees with either sign there. Computed
     without forming the y_t: Σ y_t = Σ w_t·x_t and Σ sign(y_t) = Σ sign(w_t)·sign(x_t) are GEMVs."""
-    ones = torch.ones(x.shape[0], dtype=x.dtype)
+    ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
     weights = ones if weights is None else weights.to(x.dtype)
     if rule == "total":
         votes = weighted_sum(x, weights)
@@ -76,7 +164,7 @@ def disjoint_mean(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor 
 
     y_t agrees iff x_t·sign(w_t)·elected > 0, so the positive part of that product is |x_t| on agreeing entries
     and 0 elsewhere, and an agreeing y_t is elected·|w_t|·|x_t|: every sum is a GEMV over the task axis."""
-    weights = torch.ones(x.shape[0], dtype=x.dtype) if weights is None else weights.to(x.dtype)
+    weights = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if weights is None else weights.to(x.dtype)
     agreeing = (x * elected.unsqueeze(0)).mul_(per_task(torch.sign(weights), x)).clamp_(min=0)
     total = weighted_sum(agreeing, weights.abs()).mul_(elected)
     kept = torch.sign(agreeing)
@@ -93,7 +181,7 @@ def row_band_mask(x: torch.Tensor, gamma: float, density: float) -> torch.Tensor
     n = x.shape[-1]
     top, keep = int(gamma * n), int(density * n)
     order = x.abs().argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=x.device).expand_as(order))
     return ((ranks >= top) & (ranks < top + keep)).to(x.dtype)
 
 

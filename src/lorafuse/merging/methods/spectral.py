@@ -86,8 +86,8 @@ def _orthogonalised(parts: Sequence[Triplets]) -> Triplets:
     return nearest_orthogonal(torch.cat(Us, 1)), torch.cat(Ss), nearest_orthogonal(torch.cat(Vs, 1))
 
 
-def _zero(m: int, n: int) -> LowRank:
-    return LowRank(torch.zeros(m, 0), torch.zeros(0, n))
+def _zero(m: int, n: int, device: torch.device | str = "cpu") -> LowRank:
+    return LowRank(torch.zeros(m, 0, device=device), torch.zeros(0, n, device=device))
 
 
 @register(
@@ -132,7 +132,7 @@ def iso_c(terms: Sequence[LowRank], weights: Sequence[float], params: IsoParams,
     float64), not above a fraction of the sum's own σ_max: a sum that cancels (ΔW and −ΔW) is exactly 0, where
     the relative rule would flatten its rounding noise into a full-size update."""
     U, S, V = _top(_task_sum(terms, weights, CORE_DTYPE), rank, noise_floor(terms, weights, CORE_DTYPE))
-    return _flat(U, S, V, params.alpha) if S.numel() else _zero(*terms[0].shape)
+    return _flat(U, S, V, params.alpha) if S.numel() else _zero(*terms[0].shape, terms[0].B.device)
 
 
 def iso_cts_sizes(rank: int, tasks: int, common: float) -> tuple[int, int]:
@@ -161,7 +161,7 @@ def iso_cts(terms: Sequence[LowRank], weights: Sequence[float], params: IsoCTSPa
     floor = noise_floor(terms, weights, CORE_DTYPE)
     U, S, V = _top(_task_sum(terms, weights, CORE_DTYPE), floor=floor)
     if S.numel() == 0:
-        return _zero(*terms[0].shape)
+        return _zero(*terms[0].shape, terms[0].B.device)
     budget = S.numel() if rank is None else min(rank, S.numel())
     kc, per_task = iso_cts_sizes(budget, len(terms), params.common)
     common = U[:, :kc]

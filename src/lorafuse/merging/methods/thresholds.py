@@ -49,7 +49,7 @@ class StreamingQuantile:
 
     def observe(self, x: torch.Tensor) -> None:
         """Pass 1: count entries per bin."""
-        self.counts += torch.bincount(_bin_index(x).reshape(-1), minlength=_BINS)
+        self.counts += torch.bincount(_bin_index(x).reshape(-1), minlength=_BINS).cpu()
         self.total += x.numel()
 
     def plan(self) -> None:
@@ -71,7 +71,7 @@ class StreamingQuantile:
         idx = _bin_index(flat)
         for slot, (b, _) in enumerate(self._targets):
             if b >= 0:
-                self._gathered[slot].append(flat[idx == b].abs().float())
+                self._gathered[slot].append(flat[idx == b].abs().float().cpu())
 
     def thresholds(self) -> list[float]:
         """The exact thresholds: the k-th largest |x| (inf keeps none, 0 keeps all)."""
@@ -109,6 +109,11 @@ def _bracket(sample: torch.Tensor, k: int, total: int) -> tuple[float, float]:
     return lo, hi
 
 
+def count_on_device(chunk: torch.Tensor) -> bool:
+    """Whether a chunk is counted by torch where it lies (an accelerator) rather than by numpy on the CPU."""
+    return chunk.device.type != "cpu"
+
+
 def _count_and_band(values: Iterable[torch.Tensor], brackets: list[tuple[float, float]]
                     ) -> list[tuple[int, np.ndarray]]:
     """For each (lo, hi): how many |x| exceed hi, and the |x| lying in [lo, hi] (numpy: fast boolean selection)."""
@@ -116,6 +121,12 @@ def _count_and_band(values: Iterable[torch.Tensor], brackets: list[tuple[float, 
     inside: list[list[np.ndarray]] = [[] for _ in brackets]
     for chunk in values:
         chunk = chunk.detach() if chunk.dtype in (torch.float32, torch.float64) else chunk.detach().float()
+        if count_on_device(chunk):  # on an accelerator: count there, bring back only the bracketed values
+            mag_t = chunk.abs().reshape(-1)
+            for i, (lo, hi) in enumerate(brackets):
+                above[i] += int((mag_t > hi).sum())
+                inside[i].append(mag_t[(mag_t >= lo) & (mag_t <= hi)].cpu().numpy())
+            continue
         mag = np.abs(chunk.numpy().reshape(-1))
         for i, (lo, hi) in enumerate(brackets):
             above[i] += int(np.count_nonzero(mag > hi))
