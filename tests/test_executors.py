@@ -108,7 +108,9 @@ def test_tpe_search_keeps_its_study_in_the_run_directory(setup, local_run, execu
     job = results["jobs"][-1]
     assert job["status"] == "ok", job.get("error")
     assert job["settings_tried"] == 4 and all(s["params"] in spec.grid() for s in job["sweep"])
-    best = max(job["sweep"], key=lambda s: s["validation"]["normalized_average"])
+    from lorafuse.experiment.runner import _score
+
+    best = max(job["sweep"], key=_score)  # equal scores go to the smaller change from task arithmetic
     assert job["validation"] == best["validation"] and job["params"]["lambda"] == best["params"]["lambda"]
     study = optuna.load_study(study_name=runner.search_id(spec), storage=f"sqlite:///{out / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
