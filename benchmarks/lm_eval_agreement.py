@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def main() -> None:
         ours = list(ev.evaluate(args.adapter).accuracy.values())[0], list(ev.last_predictions[name])
         del ev
         tasks = [f"lorafuse_{name}", f"lorafuse_{name}_token"]
+        os.chdir(out)  # the exported YAMLs name their data relative to the export
         res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={base}{peft},dtype=float32", tasks=tasks,
                                       task_manager=TaskManager(include_path=str(out), include_defaults=False),
                                       batch_size=16, device="cpu", log_samples=True)

@@ -23,8 +23,9 @@ tokens' log-likelihoods and can pick another label. Tokenization at the prompt/a
 concatenated; with a tokenizer that merges across that boundary the two can differ by a token.
 
 Run the exported tasks WITHOUT `--apply_chat_template` (the prompts already hold the template; lm-eval's
-warning that an instruct model runs without it is expected) and without few-shot examples. The YAMLs name their JSONL by absolute path: move OUT and export again (or edit
-`data_files`)."""
+warning that an instruct model runs without it is expected) and without few-shot examples, from inside OUT: the
+YAMLs name their JSONL relative to it (an export names no directory of the machine that wrote it), and `datasets`
+resolves such a path against the working directory."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             data = f"{PREFIX}{task.name}.jsonl"
             (tmp / data).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                     encoding="utf-8")
-            where = str((out / data).absolute())
+            where = data  # relative: lm_eval runs from inside OUT (see the module docstring)
             source = f"lorafuse task '{task.name}', split {args.split}, {len(rows)} examples, model {args.model}"
             (tmp / f"{PREFIX}{task.name}.yaml").write_text(task_yaml(
                 f"{PREFIX}{task.name}", where, full, f"{source}: choices are the whole label words"),
@@ -163,6 +164,6 @@ def run(args: argparse.Namespace) -> int:
                       "premise cut away; lorafuse cuts their start, the exported prompt keeps it", file=sys.stderr)
     listed = ",".join(f"{PREFIX}{n}" for n in exported)
     print(f"wrote {out}: " + ", ".join(f"{PREFIX}{n} ({k} examples)" for n, k in exported.items()))
-    print(f"lm_eval --model hf --model_args pretrained={info.path},peft=ADAPTER,dtype=float32 "
-          f"--tasks {listed},{listed.replace(',', '_token,')}_token --include_path {out}")
+    print(f"cd {out} && lm_eval --model hf --model_args pretrained={info.path},peft=ADAPTER,dtype=float32 "
+          f"--tasks {listed},{listed.replace(',', '_token,')}_token --include_path .")
     return 0
