@@ -118,3 +118,143 @@ def test_regmean_updates_on_model_grams_merge_every_module(bert):
     assert set(merged) == set(modules)
     one = regmean([ups[0][QUERY], ups[1][QUERY]], [grams[0][QUERY], grams[1][QUERY]])
     assert torch.allclose(merged[QUERY].dense(), one.dense())
+
+
+# -- Arrow -----------------------------------------------------------------------------------------------------------
+BERT_MODULES = {f"bert.encoder.layer.{i}.attention.self.{n}": (32, 32) for i in range(2) for n in ("query", "value")}
+
+
+def gapped_adapters(root, base, n=3):
+    """Random rank-4 adapters whose B columns are scaled 8, 1, 0.5, 0.25: a clear top singular value, so PEFT's
+    15-step power iteration reaches the exact top right singular vector."""
+    from adapter_factory import write_adapter
+    from safetensors.torch import load_file, save_file
+
+    paths = []
+    for i in range(n):
+        path = write_adapter(root / f"arrow{i}", BERT_MODULES, r=4, alpha=4, seed=40 + i, base_model=str(base),
+                             task_type=None)
+        state = load_file(str(path / "adapter_model.safetensors"))
+        state = {k: v * torch.tensor([8.0, 1.0, 0.5, 0.25]) if "lora_B" in k else v for k, v in state.items()}
+        save_file(state, str(path / "adapter_model.safetensors"))
+        paths.append(path)
+    return paths
+
+
+def hidden(model, inputs):
+    """The last hidden state: the tiny classifier's logits are too small to tell mixtures apart."""
+    return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+
+@pytest.fixture(scope="module")
+def arrow_world(bert, tmp_path_factory):
+    path, model = bert
+    adapters = gapped_adapters(tmp_path_factory.mktemp("arrow_adapters"), path)
+    gen = torch.Generator().manual_seed(9)
+    inputs = {"input_ids": torch.randint(5, 30, (2, 7), generator=gen),
+              "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2])}
+    return path, model, adapters, inputs
+
+
+def test_prototypes_are_the_top_right_singular_vectors(arrow_world):
+    from adapter_factory import dense_update
+
+    from lorafuse.fusion.arrow import ArrowRouter
+
+    _, _, adapters, _ = arrow_world
+    router = ArrowRouter.from_adapters(adapters)
+    for t, a in enumerate(adapters):
+        v = torch.linalg.svd(dense_update(a, QUERY).double())[2][0].float()
+        assert abs(float(router.protos[QUERY][t] @ v)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_all_adapters_at_infinite_temperature_is_the_uniform_mixture(arrow_world):
+    from lorafuse.fusion.arrow import ArrowRouter
+    from lorafuse.fusion.router import Router
+
+    _, model, adapters, inputs = arrow_world
+    arrow = ArrowRouter.from_adapters(adapters, top_k=3, temperature=1e12)
+    uniform = Router.from_adapters(adapters, 32)
+    uniform.fixed = torch.full((3,), 1 / 3)
+    with torch.no_grad():
+        with arrow.installed(model):
+            a = hidden(model, inputs)
+        with uniform.installed(model):
+            b = hidden(model, inputs)
+        plain = hidden(model, inputs)
+    assert torch.allclose(a, b, atol=1e-5) and (a - plain).abs().max() > 0.1
+
+
+def test_top_1_routes_an_input_along_a_prototype_to_its_adapter(arrow_world):
+    from lorafuse.fusion.arrow import ArrowRouter
+
+    _, _, adapters, _ = arrow_world
+    router = ArrowRouter.from_adapters(adapters, top_k=1)
+    for t in range(3):
+        for sign in (1.0, -1.0):  # sign-free: a singular vector's sign is arbitrary
+            w = router.weights(QUERY, sign * 5.0 * router.protos[QUERY][t][None])
+            assert torch.equal(w, torch.nn.functional.one_hot(torch.tensor([t]), 3).float())
+    x = torch.randn(10, 32)
+    w = ArrowRouter.from_adapters(adapters, top_k=2).weights(QUERY, x)
+    assert torch.allclose(w.sum(-1), torch.ones(10)) and bool(((w > 0).sum(-1) == 2).all())
+
+
+@pytest.mark.parametrize("top_k,temperature", [(1, 1.0), (2, 0.5), (3, 2.0)])
+def test_outputs_equal_peft_arrow(arrow_world, top_k, temperature):
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft, "ArrowConfig"):
+        pytest.skip("this peft has no ArrowConfig")
+    from peft.tuners.lora.arrow import create_arrow_model
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafuse.fusion.arrow import ArrowRouter
+
+    path, model, adapters, inputs = arrow_world
+    reference = create_arrow_model(AutoModelForSequenceClassification.from_pretrained(str(path)),
+                                   [str(a) for a in adapters],
+                                   peft.ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=0)).eval()
+    router = ArrowRouter.from_adapters(adapters, top_k=top_k, temperature=temperature)
+    with torch.no_grad():
+        expected = hidden(reference, inputs)
+        with router.installed(model):
+            routed = hidden(model, inputs)
+        plain = hidden(model, inputs)
+    assert torch.allclose(routed, expected, atol=1e-4) and (routed - plain).abs().max() > 0.1
+    layer = reference.get_submodule(f"base_model.model.{QUERY}").lora_arrow["arrow_router"]
+    cos = (layer.prototypes.float() * router.protos[QUERY]).sum(-1).abs()
+    assert torch.allclose(cos, torch.ones(3), atol=1e-5)
+
+
+def test_arrow_saves_loads_and_evaluates_from_the_cli(arrow_world, tmp_path):
+    import json
+
+    from lorafuse.cli import main
+    from lorafuse.errors import AdapterError
+    from lorafuse.fusion.arrow import ArrowRouter
+    from lorafuse.model.kinds import load_fused
+
+    path, model, adapters, inputs = arrow_world
+    out = tmp_path / "arrow"
+    assert main(["router", "--kind", "arrow", "--adapters", str(adapters[0]), str(adapters[1]), "--tasks", "a,b",
+                 "--top-k", "2", "--temperature", "0.5", "-o", str(out)]) == 0
+    config = json.loads((out / "arrow_config.json").read_text())
+    assert config["arrow"] == {"top_k": 2, "temperature": 0.5} and config["tasks"] == ["a", "b"]
+    loaded = load_fused(out)
+    assert isinstance(loaded, ArrowRouter) and loaded.names == ["a", "b"]
+    direct = ArrowRouter.from_adapters(adapters[:2], top_k=2, temperature=0.5)
+    with torch.no_grad():
+        with loaded.installed(model):
+            a = model(**inputs).logits
+        with direct.installed(model):
+            b = model(**inputs).logits
+    assert torch.equal(a, b)
+    from safetensors.torch import load_file, save_file
+
+    weights = adapters[1] / "adapter_model.safetensors"
+    original = load_file(str(weights))
+    try:
+        save_file({k: v * 2 for k, v in original.items()}, str(weights))
+        with pytest.raises(AdapterError, match="changed since"):
+            ArrowRouter.load(out)
+    finally:
+        save_file(original, str(weights))

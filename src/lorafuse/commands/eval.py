@@ -81,9 +81,10 @@ def _warn_at_chance(result: EvalResult, task: str, directory: str) -> None:
 def _check_adapter(path: str) -> None:
     """A bad adapter (config types, NaN alpha, integer tensors) is refused before the model loads."""
     from lorafuse.adapters.reader import LoraAdapter
+    from lorafuse.fusion.arrow import is_arrow
     from lorafuse.fusion.router import is_router
 
-    if not is_router(path):
+    if not is_router(path) and not is_arrow(path):
         LoraAdapter(path).check_dtypes()
 
 
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    import lorafuse.fusion.arrow  # noqa: F401 (registers the Arrow kind: --adapter ARROW_DIR)
     import lorafuse.fusion.router  # noqa: F401 (registers the router kind: --adapter ROUTER_DIR)
     from lorafuse.atomic import write_output_file
     from lorafuse.errors import ConfigError

@@ -8,6 +8,11 @@ from lorafuse.validate import finite_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", choices=["gate", "arrow"], default="gate",
+                   help="gate: a trained gate (MoLE); arrow: training-free per-token routing by each adapter's "
+                        "top right singular vector (Arrow, Ostapenko et al. 2024)")
+    p.add_argument("--top-k", type=positive_int, default=1, help="arrow: adapters mixed per token and layer")
+    p.add_argument("--temperature", type=finite_float, default=1.0, help="arrow: softmax temperature")
     p.add_argument("--model", default="minilm")
     p.add_argument("--formulation", choices=["classify", "chat"])
     p.add_argument("--adapters", nargs="+", required=True, help="one adapter per task, in --tasks order")
@@ -46,6 +51,14 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if len(tasks) != len(args.adapters):
         raise ConfigError(f"--tasks names {len(tasks)} tasks for {len(args.adapters)} adapters")
+    if args.kind == "arrow":  # nothing to train: no model, no data
+        from lorafuse.fusion.arrow import ArrowRouter
+
+        arrow = ArrowRouter.from_adapters(args.adapters, tasks, args.top_k, args.temperature)
+        out = arrow.save(args.output, args.overwrite, {"tasks": tasks})
+        print(f"Arrow router over {len(tasks)} adapters (top-{arrow.top_k}, temperature {arrow.temperature}); "
+              f"wrote {out}")
+        return 0
     ev = Evaluator(args.model, tasks, split="train", formulation=args.formulation, data_dir=args.data_dir,
                    max_examples=args.examples_per_task, max_length=args.max_length, progress=False,
                    dtype=args.dtype)
