@@ -248,6 +248,16 @@ def test_arrow_saves_loads_and_evaluates_from_the_cli(arrow_world, tmp_path):
         with direct.installed(model):
             b = model(**inputs).logits
     assert torch.equal(a, b)
+    from tiny_models import write_task_files
+
+    from lorafuse.model.evaluation import Evaluator
+    from lorafuse.tasks import load_task_file
+
+    load_task_file(write_task_files(tmp_path / "data", "arrowtask", ["contradiction", "entailment", "neutral"], n=16))
+    ev = Evaluator(str(path), ["arrowtask"], split="validation", formulation="classify", progress=False)
+    heads = {"arrowtask": {k: v.clone() for k, v in ev.model.named_parameters() if k.startswith("classifier.")}}
+    from_dir = ev.evaluate(out, heads=heads)  # what `lorafuse eval --adapter ARROW_DIR` runs
+    assert from_dir.accuracy == ev.evaluate(direct, heads=heads).accuracy
     from safetensors.torch import load_file, save_file
 
     weights = adapters[1] / "adapter_model.safetensors"

@@ -62,13 +62,9 @@ def regmean_updates(updates: Sequence[Mapping[str, LowRank]], grams: Sequence[Ma
     for module in sorted({m for u in updates for m in u}):
         if any(module not in g for g in grams):
             raise ConfigError(f"regmean: no Gram matrix of module '{module}' for some task")
-        terms = []
-        for u, g in zip(updates, grams):
-            if module in u:
-                terms.append(u[module])
-            else:  # zero update of the right shape, rank 1
-                ref = next(x[module] for x in updates if module in x)
-                terms.append(LowRank(torch.zeros(ref.shape[0], 1), torch.zeros(1, ref.shape[1])))
+        ref = next(u[module] for u in updates if module in u)
+        zero = LowRank(torch.zeros(ref.shape[0], 1), torch.zeros(1, ref.shape[1]))  # rank 1, the right shape
+        terms = [u.get(module, zero) for u in updates]
         merged[module] = regmean(terms, [g[module] for g in grams], alpha)
     return merged
 
