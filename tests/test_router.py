@@ -221,3 +221,23 @@ def test_experiment_jobs_with_a_runner_stand_in(bert, tmp_path):
     assert job["cost"]["latency_ratio"] > 0 and job["cost"]["seeds"] == 2
     assert (tmp_path / "router" / "router_config.json").is_file()
     assert (tmp_path / "fused" / "router-seed1" / "router_config.json").is_file()
+
+
+def test_a_saved_router_names_its_adapters_relative_to_itself_and_moves_with_them(tmp_path):
+    """router_config.json stores each adapter's path relative to the router's directory: no directory of the
+    machine that wrote it, and the router still loads after the whole tree moves."""
+    import shutil
+
+    from adapter_factory import write_adapter
+
+    from lorafuse.fusion.router import Router
+
+    tree = tmp_path / "tree"
+    modules = {"model.layers.0.self_attn.q_proj": (16, 16)}
+    adapters = [write_adapter(tree / "adapters" / f"a{i}", modules, r=2, alpha=2, seed=i) for i in range(2)]
+    Router.from_adapters(adapters, 16, ["a", "b"]).save(tree / "routers" / "r")
+    stored = json.loads((tree / "routers" / "r" / "router_config.json").read_text())["adapters"]
+    assert [e["path"] for e in stored] == ["../../adapters/a0", "../../adapters/a1"]
+    assert str(tmp_path) not in (tree / "routers" / "r" / "router_config.json").read_text()
+    shutil.move(str(tree), str(tmp_path / "elsewhere"))
+    assert Router.load(tmp_path / "elsewhere" / "routers" / "r").names == ["a", "b"]

@@ -22,7 +22,7 @@ import torch
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.atomic import atomic_output_dir
 from lorafuse.errors import AdapterError, ConfigError
-from lorafuse.fusion.router import _Module, _stack
+from lorafuse.fusion.router import _Module, _stack, relative_to_output, resolve_saved
 from lorafuse.merging.algebra.lowrank import factor_svd
 from lorafuse.model.kinds import register_kind
 from lorafuse.provenance import stamp
@@ -109,7 +109,7 @@ class ArrowRouter:
 
     def save(self, out: str | Path, overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
         """arrow_config.json: the adapters with their sha256 and the routing settings (prototypes are recomputed)."""
-        config = {"adapters": [{"name": n, "path": p, "sha256": h}
+        config = {"adapters": [{"name": n, "path": relative_to_output(p, out), "sha256": h}
                                for n, p, h in zip(self.names, self.paths, self.sha256)],
                   "arrow": {"top_k": self.top_k, "temperature": self.temperature},
                   "method": "Arrow routing (Ostapenko et al., ICML 2024): per token and layer, top-k adapters by "
@@ -127,7 +127,7 @@ class ArrowRouter:
             entries, settings = config["adapters"], config["arrow"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise AdapterError(f"{path / ARROW_CONFIG}: not a readable Arrow config ({type(exc).__name__})") from None
-        router = cls.from_adapters([e["path"] for e in entries], [e["name"] for e in entries],
+        router = cls.from_adapters([resolve_saved(e["path"], path) for e in entries], [e["name"] for e in entries],
                                    int(settings["top_k"]), float(settings["temperature"]))
         for entry, digest in zip(entries, router.sha256):
             if digest != entry["sha256"]:

@@ -167,7 +167,7 @@ class Router:
         """router_config.json (adapters with their sha256, gate settings, provenance) + gate.safetensors."""
         from safetensors.torch import save_file
 
-        config = {"adapters": [{"name": n, "path": p, "sha256": h}
+        config = {"adapters": [{"name": n, "path": relative_to_output(p, out), "sha256": h}
                                for n, p, h in zip(self.names, self.paths, self.sha256)],
                   "gate": {"in_features": self.gate.in_features, "granularity": self.granularity,
                            "features": "last hidden state of the base model (adapters off)"
@@ -191,7 +191,8 @@ class Router:
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise AdapterError(f"{path / ROUTER_CONFIG}: not a readable router config "
                                f"({type(exc).__name__})") from None
-        router = cls.from_adapters([e["path"] for e in entries], gate["in_features"], [e["name"] for e in entries],
+        router = cls.from_adapters([resolve_saved(e["path"], path) for e in entries], gate["in_features"],
+                                   [e["name"] for e in entries],
                                    gate.get("granularity", "sentence"))
         for entry, digest in zip(entries, router.sha256):
             if digest != entry["sha256"]:
@@ -212,6 +213,21 @@ def _stack(adapters: Sequence[LoraAdapter], module: str) -> _Module:
 
 def is_router(path: str | Path) -> bool:
     return (Path(path) / ROUTER_CONFIG).is_file()
+
+
+def relative_to_output(adapter: str | Path, out: str | Path) -> str:
+    """An adapter's path as a router stores it: relative to the router's own directory, so a router and its
+    adapters move together and the config names no directory of the machine that wrote it."""
+    import os
+
+    return os.path.relpath(Path(adapter).absolute(), Path(out).absolute())
+
+
+def resolve_saved(stored: str, router_dir: Path) -> str:
+    """A stored adapter path: relative to the router's directory (this build), else as stored (earlier builds
+    stored it as given, relative to their working directory)."""
+    beside = router_dir / stored
+    return str(beside) if not Path(stored).is_absolute() and beside.exists() else stored
 
 
 @contextmanager
