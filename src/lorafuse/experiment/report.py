@@ -299,8 +299,8 @@ def saved_adapter_lines(jobs: list[dict[str, Any]]) -> list[str]:
     if not cut:
         return []
     lines = ["Every method's numbers above are of its exact result. These saved adapters are that result cut to "
-             "the rank shown (the randomized SVD of each module's dense result), so they compute a slightly "
-             "different model:", "",
+             "the rank shown (each module's best rank-k approximation, to ~1e-7 of its energy), so they compute a "
+             "slightly different model:", "",
              "| method | saved rank | energy kept (min / mean over modules) | validation score: exact | saved |",
              "|---|---|---|---|---|"]
     for j in cut:
