@@ -37,11 +37,9 @@ def adapter_key(config: Any, task: str, data_fingerprint: str) -> str:
 
 def train_dtype(requested: str) -> str:
     """The dtype training runs in here for `requested` (the Trainer's device: the GPU when there is one)."""
-    import torch
+    from lorafuse.model.precision import training_precision
 
-    from lorafuse.model.precision import resolve_precision
-
-    return resolve_precision(requested, "cuda" if torch.cuda.is_available() else "cpu").dtype
+    return training_precision(requested).dtype
 
 
 class JobStore:

@@ -230,16 +230,19 @@ class ExperimentRunner:
     def evaluator(self, split: str) -> Any:
         """One loaded model and tokenized split per run, shared by every job that evaluates on it."""
         if split not in self._evaluators:
-            import lorafuse.fusion.router  # noqa: F401 (registers the router kind with the evaluator)
-            from lorafuse.model.evaluation import Evaluator
-
-            e = self.config.eval
-            self._evaluators[split] = Evaluator(
-                self.config.model, self.config.tasks, split=split, formulation=self.config.formulation,
-                data_dir=self.config.data_dir, max_examples=e.max_validation if split == "validation" else e.max_test,
-                batch_size=e.batch_size, max_length=e.max_length or self.config.train.max_length, progress=False,
-                dtype=e.dtype)
+            self._evaluators[split] = self._new_evaluator(split, self.config.eval.dtype)
         return self._evaluators[split]
+
+    def _new_evaluator(self, split: str, dtype: str) -> Any:
+        import lorafuse.fusion.router  # noqa: F401 (registers the router kind with the evaluator)
+        from lorafuse.model.evaluation import Evaluator
+
+        e = self.config.eval
+        return Evaluator(
+            self.config.model, self.config.tasks, split=split, formulation=self.config.formulation,
+            data_dir=self.config.data_dir, max_examples=e.max_validation if split == "validation" else e.max_test,
+            batch_size=e.batch_size, max_length=e.max_length or self.config.train.max_length, progress=False,
+            dtype=dtype)
 
     def own_heads(self) -> dict[str, dict[str, Any]]:
         """Each task's classification head from its own adapter (empty in the chat formulation)."""
@@ -265,13 +268,9 @@ class ExperimentRunner:
     def _precision_check(self, reduced: dict[str, Any]) -> dict[str, Any]:
         """The individual adapters on validation in fp32 too: the share of predictions equal to the reduced
         dtype's and each task's accuracy difference (analysis warns below PRECISION_AGREEMENT)."""
-        from lorafuse.model.evaluation import Evaluator
-
-        ev, e = self.evaluator("validation"), self.config.eval
+        ev = self.evaluator("validation")
         reduced_predictions = {t: list(p) for t, p in ev.last_predictions.items()}
-        fp32 = Evaluator(self.config.model, self.config.tasks, split="validation", formulation=self.config.formulation,
-                         data_dir=self.config.data_dir, max_examples=e.max_validation, batch_size=e.batch_size,
-                         max_length=e.max_length or self.config.train.max_length, progress=False, dtype="float32")
+        fp32 = self._new_evaluator("validation", "float32")
         equal, total, difference = 0, 0, {}
         for task, path in self.state.adapters.items():
             accuracy = fp32.subset([task]).evaluate(path).accuracy[task]

@@ -21,8 +21,15 @@ import torch
 
 from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.atomic import atomic_output_dir
-from lorafuse.errors import AdapterError, ConfigError
-from lorafuse.fusion.router import _Module, _stack, relative_to_output, resolve_saved
+from lorafuse.errors import ConfigError
+from lorafuse.fusion.router import (
+    _Module,
+    _stack,
+    adapter_entries,
+    check_unchanged,
+    read_config,
+    resolve_saved,
+)
 from lorafuse.merging.algebra.lowrank import factor_svd
 from lorafuse.model.kinds import register_kind
 from lorafuse.provenance import stamp
@@ -109,8 +116,7 @@ class ArrowRouter:
 
     def save(self, out: str | Path, overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
         """arrow_config.json: the adapters with their sha256 and the routing settings (prototypes are recomputed)."""
-        config = {"adapters": [{"name": n, "path": relative_to_output(p, out), "sha256": h}
-                               for n, p, h in zip(self.names, self.paths, self.sha256)],
+        config = {"adapters": adapter_entries(self.names, self.paths, self.sha256, out),
                   "arrow": {"top_k": self.top_k, "temperature": self.temperature},
                   "method": "Arrow routing (Ostapenko et al., ICML 2024): per token and layer, top-k adapters by "
                             "|x·v_t| with v_t the top right singular vector of ΔW_t, softmax weights",
@@ -122,17 +128,11 @@ class ArrowRouter:
     @classmethod
     def load(cls, path: str | Path) -> ArrowRouter:
         path = Path(path)
-        try:
-            config = json.loads((path / ARROW_CONFIG).read_text())
-            entries, settings = config["adapters"], config["arrow"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise AdapterError(f"{path / ARROW_CONFIG}: not a readable Arrow config ({type(exc).__name__})") from None
+        config = read_config(path / ARROW_CONFIG, "arrow", "Arrow")
+        entries, settings = config["adapters"], config["arrow"]
         router = cls.from_adapters([resolve_saved(e["path"], path) for e in entries], [e["name"] for e in entries],
                                    int(settings["top_k"]), float(settings["temperature"]))
-        for entry, digest in zip(entries, router.sha256):
-            if digest != entry["sha256"]:
-                raise AdapterError(f"{path / ARROW_CONFIG}: adapter '{entry['name']}' at {entry['path']} changed "
-                                   "since the Arrow router was saved (sha256 differs)")
+        check_unchanged(path / ARROW_CONFIG, entries, router.sha256, "the Arrow router was saved")
         return router
 
 

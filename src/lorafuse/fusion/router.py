@@ -167,8 +167,7 @@ class Router:
         """router_config.json (adapters with their sha256, gate settings, provenance) + gate.safetensors."""
         from safetensors.torch import save_file
 
-        config = {"adapters": [{"name": n, "path": relative_to_output(p, out), "sha256": h}
-                               for n, p, h in zip(self.names, self.paths, self.sha256)],
+        config = {"adapters": adapter_entries(self.names, self.paths, self.sha256, out),
                   "gate": {"in_features": self.gate.in_features, "granularity": self.granularity,
                            "features": "last hidden state of the base model (adapters off)"
                                        + (", mean-pooled" if self.granularity == "sentence" else ", per token")},
@@ -185,19 +184,11 @@ class Router:
         from safetensors.torch import load_file
 
         path = Path(path)
-        try:
-            config = json.loads((path / ROUTER_CONFIG).read_text())
-            entries, gate = config["adapters"], config["gate"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise AdapterError(f"{path / ROUTER_CONFIG}: not a readable router config "
-                               f"({type(exc).__name__})") from None
+        config = read_config(path / ROUTER_CONFIG, "gate", "router")
+        entries, gate = config["adapters"], config["gate"]
         router = cls.from_adapters([resolve_saved(e["path"], path) for e in entries], gate["in_features"],
-                                   [e["name"] for e in entries],
-                                   gate.get("granularity", "sentence"))
-        for entry, digest in zip(entries, router.sha256):
-            if digest != entry["sha256"]:
-                raise AdapterError(f"{path / ROUTER_CONFIG}: adapter '{entry['name']}' at {entry['path']} changed "
-                                   "since the router was trained (sha256 differs)")
+                                   [e["name"] for e in entries], gate.get("granularity", "sentence"))
+        check_unchanged(path / ROUTER_CONFIG, entries, router.sha256, "the router was trained")
         router.gate.load_state_dict(load_file(str(path / GATE_FILE)))
         return router
 
@@ -213,6 +204,32 @@ def _stack(adapters: Sequence[LoraAdapter], module: str) -> _Module:
 
 def is_router(path: str | Path) -> bool:
     return (Path(path) / ROUTER_CONFIG).is_file()
+
+
+def adapter_entries(names: Sequence[str], paths: Sequence[str], digests: Sequence[str],
+                    out: str | Path) -> list[dict[str, str]]:
+    """The `adapters` list of a saved router's config: name, path relative to the router, sha256."""
+    return [{"name": n, "path": relative_to_output(p, out), "sha256": h} for n, p, h in zip(names, paths, digests)]
+
+
+def read_config(file: Path, section: str, what: str) -> dict[str, Any]:
+    """A saved router's config with its `adapters` list and its own `section`; one error for anything unreadable."""
+    try:
+        config = json.loads(file.read_text())
+        missing = sorted({"adapters", section} - set(config))
+    except (OSError, ValueError, TypeError, RecursionError) as exc:
+        raise AdapterError(f"{file}: not a readable {what} config ({type(exc).__name__})") from None
+    if missing:
+        raise AdapterError(f"{file}: not a readable {what} config (no {', '.join(missing)})")
+    return config
+
+
+def check_unchanged(file: Path, entries: Sequence[Mapping[str, str]], digests: Sequence[str], since: str) -> None:
+    """Refuse a saved router whose adapters changed since it was made (their sha256 differs)."""
+    for entry, digest in zip(entries, digests):
+        if digest != entry["sha256"]:
+            raise AdapterError(f"{file}: adapter '{entry['name']}' at {entry['path']} changed since {since} "
+                               "(sha256 differs)")
 
 
 def relative_to_output(adapter: str | Path, out: str | Path) -> str:

@@ -98,3 +98,11 @@ def resolve_precision(requested: str = "auto", device: str = "cpu") -> Precision
         return Precision("bfloat16", requested, f"auto: the CPU has {' and '.join(native)}")
     return Precision("float32", requested, "auto: the CPU lacks AMX-BF16 and AVX512-BF16 (bf16 emulated: slower "
                                            "than fp32)")
+
+
+def training_precision(requested: str = "auto") -> Precision:
+    """The dtype training computes in (mixed precision when bf16) on the device the Trainer picks: the GPU when
+    there is one."""
+    import torch
+
+    return resolve_precision(requested, "cuda" if torch.cuda.is_available() else "cpu")

@@ -551,9 +551,9 @@ def _fingerprints(task: Task, data_dir: str | None) -> dict[str, str]:
 
 def train_precision(cfg: TrainConfig) -> Any:
     """The dtype training computes in (mixed precision when bf16) on the device the Trainer picks."""
-    from lorafuse.model.precision import resolve_precision
+    from lorafuse.model.precision import training_precision
 
-    return resolve_precision(cfg.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    return training_precision(cfg.dtype)
 
 
 def _write_card(directory: Path, record: dict[str, Any]) -> None:
