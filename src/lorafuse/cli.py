@@ -21,7 +21,7 @@ COMMANDS: dict[str, str] = {
     "experiment": "train, fuse, tune, evaluate and report from one config",
     "demo": "run the offline demo experiment on the embedded MiniLM",
     "lorahub": "learn per-adapter weights for a target task from a few examples (LoraHub)",
-    "router": "train an input-routed mixture of adapters",
+    "router": "an input-routed mixture of adapters: a trained gate, or Arrow or LoGo (training-free)",
     "export-lm-eval": "write lm-evaluation-harness tasks (YAML + JSONL) with lorafuse's chat prompts",
 }
 

@@ -82,9 +82,10 @@ def _check_adapter(path: str) -> None:
     """A bad adapter (config types, NaN alpha, integer tensors) is refused before the model loads."""
     from lorafuse.adapters.reader import LoraAdapter
     from lorafuse.fusion.arrow import is_arrow
+    from lorafuse.fusion.logo import is_logo
     from lorafuse.fusion.router import is_router
 
-    if not is_router(path) and not is_arrow(path):
+    if not is_router(path) and not is_arrow(path) and not is_logo(path):
         LoraAdapter(path).check_dtypes()
 
 
@@ -121,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import lorafuse.fusion.arrow  # noqa: F401 (registers the Arrow kind: --adapter ARROW_DIR)
+    import lorafuse.fusion.logo  # noqa: F401 (registers the LoGo kind: --adapter LOGO_DIR)
     import lorafuse.fusion.router  # noqa: F401 (registers the router kind: --adapter ROUTER_DIR)
     from lorafuse.atomic import write_output_file
     from lorafuse.errors import ConfigError

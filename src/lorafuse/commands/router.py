@@ -1,4 +1,5 @@
-"""`lorafuse router`: train the gate of an input-routed mixture of adapters; `lorafuse eval --adapter DIR` runs it."""
+"""`lorafuse router`: train the gate of an input-routed mixture of adapters, or write a training-free router (Arrow,
+LoGo); `lorafuse eval --adapter DIR` runs it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,20 @@ from lorafuse.validate import finite_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", choices=["gate", "arrow"], default="gate",
+    p.add_argument("--kind", choices=["gate", "arrow", "logo"], default="gate",
                    help="gate: a trained gate (MoLE); arrow: training-free per-token routing by each adapter's "
-                        "top right singular vector (Arrow, Ostapenko et al. 2024)")
-    p.add_argument("--top-k", type=positive_int, default=1, help="arrow: adapters mixed per token and layer")
+                        "top right singular vector (Arrow, Ostapenko et al. 2024); logo: training-free per-input "
+                        "selection by each adapter's LoRA output norm in one probe pass (LoGo, Lee et al. 2026)")
+    p.add_argument("--top-k", type=positive_int, default=1,
+                   help="arrow: adapters mixed per token and layer; logo: adapters mixed per input")
     p.add_argument("--temperature", type=finite_float, default=1.0, help="arrow: softmax temperature")
+    p.add_argument("--signal", choices=["norm", "entropy"], default="norm",
+                   help="logo: score each adapter's LoRA output by its L2 norm or its inverse entropy")
+    p.add_argument("--probe", choices=["adapters", "base"], default="adapters",
+                   help="logo: the probe pass runs with every adapter attached (the paper's) or with none")
+    p.add_argument("--probe-module",
+                   help="logo: the adapted module whose LoRA outputs are scored (default: the first adapted "
+                        "module of the last adapted layer)")
     p.add_argument("--model", default="minilm")
     p.add_argument("--formulation", choices=["classify", "chat"])
     p.add_argument("--adapters", nargs="+", required=True, help="one adapter per task, in --tasks order")
@@ -58,6 +68,14 @@ def run(args: argparse.Namespace) -> int:
         out = arrow.save(args.output, args.overwrite, {"tasks": tasks})
         print(f"Arrow router over {len(tasks)} adapters (top-{arrow.top_k}, temperature {arrow.temperature}); "
               f"wrote {out}")
+        return 0
+    if args.kind == "logo":  # nothing to train either: the probe pass runs per input at inference
+        from lorafuse.fusion.logo import LoGoRouter
+
+        logo = LoGoRouter.from_adapters(args.adapters, tasks, args.top_k, args.signal, args.probe, args.probe_module)
+        out = logo.save(args.output, args.overwrite, {"tasks": tasks})
+        print(f"LoGo router over {len(tasks)} adapters (top-{logo.top_k} by {logo.signal}, probe with "
+              f"{logo.probe}); wrote {out}")
         return 0
     ev = Evaluator(args.model, tasks, split="train", formulation=args.formulation, data_dir=args.data_dir,
                    max_examples=args.examples_per_task, max_length=args.max_length, progress=False,

@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
-from lorafuse.adapters.reader import LoraAdapter
 from lorafuse.atomic import atomic_output_dir
 from lorafuse.errors import ConfigError
 from lorafuse.fusion.router import (
     _Module,
-    _stack,
     adapter_entries,
     check_unchanged,
+    library,
     read_config,
     resolve_saved,
 )
@@ -73,17 +72,8 @@ class ArrowRouter:
     @classmethod
     def from_adapters(cls, adapters: Sequence[str | Path], names: Sequence[str] | None = None, top_k: int = 1,
                       temperature: float = 1.0) -> ArrowRouter:
-        loaded = [LoraAdapter(a) for a in adapters]
-        if len(loaded) < 2:
-            raise ConfigError("arrow routing needs at least two adapters")
-        if names is not None and len(names) != len(loaded):
-            raise ConfigError(f"arrow: {len(names)} names for {len(loaded)} adapters")
-        names = list(names or [a.name for a in loaded])
-        modules = {m: _stack(loaded, m) for m in sorted({m for a in loaded for m in a.modules})}
-        heads = {a.train_record.get("task") or n: {k: a.tensor(k) for k in a.extra_keys}
-                 for a, n in zip(loaded, names) if a.extra_keys}
-        return cls(names, modules, [str(a.path) for a in loaded], [a.sha256 for a in loaded], top_k, temperature,
-                   heads)
+        lib = library(adapters, names, "arrow")
+        return cls(lib.names, lib.modules, lib.paths, lib.sha256, top_k, temperature, lib.heads)
 
     def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
         """[..., T] routing weights of the tokens x [..., in] at `module`."""

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -107,17 +107,9 @@ class Router:
                       granularity: Granularity = "sentence") -> Router:
         if granularity not in GRANULARITIES:
             raise ConfigError(f"router granularity '{granularity}' is not one of {', '.join(GRANULARITIES)}")
-        loaded = [LoraAdapter(a) for a in adapters]
-        if len(loaded) < 2:
-            raise ConfigError("a router needs at least two adapters")
-        if names is not None and len(names) != len(loaded):
-            raise ConfigError(f"router: {len(names)} names for {len(loaded)} adapters")
-        names = list(names or [a.name for a in loaded])
-        modules = {m: _stack(loaded, m) for m in sorted({m for a in loaded for m in a.modules})}
-        heads = {a.train_record.get("task") or n: {k: a.tensor(k) for k in a.extra_keys}
-                 for a, n in zip(loaded, names) if a.extra_keys}
-        return cls(torch.nn.Linear(hidden, len(loaded)), names, modules, [str(a.path) for a in loaded],
-                   [a.sha256 for a in loaded], granularity, heads)
+        lib = library(adapters, names, "router")
+        return cls(torch.nn.Linear(hidden, len(lib.names)), lib.names, lib.modules, lib.paths, lib.sha256,
+                   granularity, lib.heads)
 
     def weights(self, features: torch.Tensor) -> torch.Tensor:
         """Softmax gate weights over the adapters: [B, T] (sentence) or [B, L, T] (token)."""
@@ -191,6 +183,30 @@ class Router:
         check_unchanged(path / ROUTER_CONFIG, entries, router.sha256, "the router was trained")
         router.gate.load_state_dict(load_file(str(path / GATE_FILE)))
         return router
+
+
+class Library(NamedTuple):
+    """T adapters as every router holds them: names, stacked factors per module, paths, sha256 and heads."""
+
+    names: list[str]
+    modules: dict[str, _Module]
+    paths: list[str]
+    sha256: list[str]
+    heads: dict[str, dict[str, torch.Tensor]]  # task -> its adapter's head
+
+
+def library(adapters: Sequence[str | Path], names: Sequence[str] | None, what: str) -> Library:
+    """Load two or more adapters for a router of kind `what` (named in errors)."""
+    loaded = [LoraAdapter(a) for a in adapters]
+    if len(loaded) < 2:
+        raise ConfigError(f"{what}: needs at least two adapters")
+    if names is not None and len(names) != len(loaded):
+        raise ConfigError(f"{what}: {len(names)} names for {len(loaded)} adapters")
+    names = list(names or [a.name for a in loaded])
+    modules = {m: _stack(loaded, m) for m in sorted({m for a in loaded for m in a.modules})}
+    heads = {a.train_record.get("task") or n: {k: a.tensor(k) for k in a.extra_keys}
+             for a, n in zip(loaded, names) if a.extra_keys}
+    return Library(names, modules, [str(a.path) for a in loaded], [a.sha256 for a in loaded], heads)
 
 
 def _stack(adapters: Sequence[LoraAdapter], module: str) -> _Module:

@@ -25,7 +25,8 @@ class FusedKind:
 _KINDS: dict[str, FusedKind] = {}
 # files that mark a kind's directory, and the module that registers the kind: for a clear error, not an import
 UNREGISTERED_HINTS = {"router_config.json": "lorafuse.fusion.router",
-                      "arrow_config.json": "lorafuse.fusion.arrow"}
+                      "arrow_config.json": "lorafuse.fusion.arrow",
+                      "logo_config.json": "lorafuse.fusion.logo"}
 
 
 def register_kind(name: str, detect: Callable[[Path], bool], load: Callable[[Path], Any], type_: type) -> None:
