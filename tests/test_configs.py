@@ -53,7 +53,7 @@ def test_cpu_configs_stay_within_their_budget():
 
 def test_the_real_data_reports_configs():
     """knots6-minilm and nli4-smollm2: the chosen settings on the complete test splits, every stochastic method
-    over >= 3 seeds, LoraHub and the router; knots6-minilm runs every data-free method in every space it has."""
+    over >= 3 seeds, LoraHub, the router, Arrow and LoGo; knots6-minilm runs every data-free method in every space it has."""
     from lorafuse.merging.methods.registry import list_methods
 
     knots, smol = load_config("knots6-minilm"), load_config("nli4-smollm2")
@@ -62,6 +62,7 @@ def test_the_real_data_reports_configs():
     for config in (knots, smol):
         assert config.data_dir == "../shared/data/nli" and config.eval.max_test is None and config.seeds >= 3
         assert config.lorahub is not None and config.router is not None
+        assert config.arrow is not None and config.logo is not None  # the training-free routers beside them
         assert any(m.stochastic for m in config.methods)
     ran = {(m.method, m.space) for m in knots.methods}
     for method in list_methods():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,74 @@ def test_logo_command_writes_a_router_that_lorafuse_eval_evaluates(tmp_path):
             LoGoRouter.load(out)
     finally:
         save_file(original, str(weights))
+
+
+# -- inside an experiment ------------------------------------------------------------------------------------------
+def test_arrow_and_logo_run_as_experiment_jobs_beside_lorahub_and_the_router(tmp_path):
+    """A tiny experiment with one static method, LoraHub, the trained router, Arrow and LoGo: the two training-free
+    routers choose top-k on validation, run on test, save router directories that evaluate to the same numbers,
+    record their data and time, appear in every table of the report, and are cached on a rerun."""
+    from lorafuse.model.kinds import load_fused
+    from test_experiment import assert_report_agrees, md_row, run, tiny_experiment
+
+    raw = {**tiny_experiment(tmp_path), "methods": [{"method": "task_arithmetic", "search": {"lambda": [0.5, 1.0]}}],
+           "seeds": 1, "lorahub": {"shots": [4], "budget": 3}, "router": {"examples_per_task": 16, "epochs": 1},
+           "arrow": {"top_k": [1, 2], "temperature": [1.0]}, "logo": {"top_k": [1, 2]}}
+    runner, results = run(raw, tmp_path / "run", cache_dir=tmp_path / "cache")
+    jobs = {j["name"]: j for j in results["jobs"]}
+    assert all(j["status"] == "ok" for j in jobs.values()), [j.get("error") for j in jobs.values()]
+    assert {"task_arithmetic", "lorahub (4-shot)", "router", "arrow", "logo"} <= set(jobs)
+    selection = results["statistics"]["selection_tasks"]
+    for kind in ("arrow", "logo"):
+        job = jobs[kind]
+        assert job["kind"] == "data-driven" and job["training_free"] and job["settings_tried"] == 2
+        assert [p["params"]["top_k"] for p in job["sweep"]] == [1, 2]
+        scores = [sum(p["validation"]["normalized"][t] for t in selection) / len(selection) for p in job["sweep"]]
+        assert job["params"]["top_k"] == [1, 2][scores.index(max(scores))]  # chosen on validation, first of equals
+        assert job["validation"] == job["sweep"][scores.index(max(scores))]["validation"]
+        assert job["examples_seen"] == 64 and job["data_split"] == "validation"  # 32 validation examples a task
+        assert isinstance(job["seconds"], float) and job["seconds"] >= job["search_seconds"] > 0
+        config = next(Path(job["router_dir"]).glob("*_config.json"))
+        assert str(tmp_path) not in config.read_text()  # adapters named relative to the router's directory
+        again = runner.evaluator("test").evaluate(load_fused(job["router_dir"]), heads=runner.own_heads())
+        assert again.accuracy == job["test"]["accuracy"]
+    assert jobs["logo"]["params"]["signal"] == "norm" and jobs["logo"]["params"]["probe"] == "adapters"
+    report = tmp_path / "run" / "report"
+    assert_report_agrees(report)
+    md = (report / "report.md").read_text()
+    for name in ("arrow", "logo", "router", "lorahub (4-shot)", "task_arithmetic"):
+        assert md_row(md, name, 0)[1] in ("data-driven", "static"), name
+    assert f"| logo | {json.dumps(jobs['logo']['cost'])} |" in md
+    rerun, _ = run(raw, tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert rerun.state.executed == []
+
+
+def test_a_single_setting_reads_no_labelled_data():
+    from lorafuse.experiment.config import parse_config
+
+    config = parse_config({"name": "x", "model": "minilm", "tasks": ["rte"], "arrow": {"top_k": [2]},
+                           "logo": {"top_k": [1, 3], "signal": "entropy"}}, "cfg")
+    assert config.arrow.grid() == [{"top_k": 2, "temperature": 1.0}]
+    assert config.logo.grid() == [{"top_k": 1}, {"top_k": 3}] and config.logo.probe == "adapters"
+    for bad in ({"arrow": {"top_k": [0]}}, {"arrow": {"temperature": [0.0]}}, {"logo": {"top_k": []}},
+                {"logo": {"signal": "loss"}}, {"logo": {"temprature": [1.0]}}):
+        with pytest.raises(ConfigError):
+            parse_config({"name": "x", "model": "minilm", "tasks": ["rte"], **bad}, "cfg")
+
+
+def test_the_findings_put_the_routers_beside_the_best_static_fusion():
+    from lorafuse.experiment.report import findings
+
+    def method(kind, value):
+        return {"kind": kind, "normalized_average": value}
+
+    methods = {"ties": method("static", 90.0), "average": method("static", 85.0), "router": method("data-driven", 93.5),
+               "arrow": method("data-driven", 80.25), "logo": method("data-driven", 88.0)}
+    jobs = [{"name": n, "status": "ok", "test": {}} for n in methods]
+    line = next(f for f in findings(jobs, {"methods": methods}) if "best static fusion" in f)
+    assert line.endswith("ties, keeps 90.0% of the individual adapters' accuracy on average; the router (router) "
+                         "reaches 93.5 (+3.5), Arrow (training-free) 80.2 (-9.8), LoGo (training-free) 88.0 (-2.0).")
+    del methods["router"]
+    jobs = [j for j in jobs if j["name"] != "router"]
+    line = next(f for f in findings(jobs, {"methods": methods}) if "best static fusion" in f)
+    assert "average; Arrow (training-free) reaches 80.2 (-9.8), LoGo" in line

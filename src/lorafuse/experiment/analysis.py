@@ -26,7 +26,7 @@ ALPHA = 0.05
 RESAMPLES = 2000
 SAME_UPDATE_TOLERANCE = 1e-5  # relative difference of two update sketches below which the updates are the same
 # bounds of a parameter's domain: a chosen value there is at the end of what is possible, not of the grid only
-DOMAIN_BOUNDS = {"density": (None, 1.0), "drop_rate": (0.0, None), "gamma": (0.0, None)}
+DOMAIN_BOUNDS = {"density": (None, 1.0), "drop_rate": (0.0, None), "gamma": (0.0, None), "top_k": (1, None)}
 FUSED_KINDS = ("static", "data-driven")
 REFERENCE_METHOD = "task_arithmetic"
 PRECISION_AGREEMENT = 0.99  # below this share of predictions equal to fp32's, a reduced dtype is warned about

@@ -171,6 +171,29 @@ class RouterSettings(_Strict):
     seed: int = 0
 
 
+class ArrowSettings(_Strict):
+    """Arrow routing (lorafuse.fusion.arrow), training-free: each combination of the values is evaluated on
+    validation and the best runs on test (one value each: nothing is chosen on data)."""
+
+    top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2], min_length=1)
+    temperature: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1.0], min_length=1)
+
+    def grid(self) -> list[dict[str, Any]]:
+        return [{"top_k": k, "temperature": t} for k in self.top_k for t in self.temperature]
+
+
+class LoGoSettings(_Strict):
+    """LoGo routing (lorafuse.fusion.logo), training-free: each `top_k` is evaluated on validation and the best
+    runs on test; the signal and the probe are fixed."""
+
+    top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2], min_length=1)
+    signal: Literal["norm", "entropy"] = "norm"
+    probe: Literal["adapters", "base"] = "adapters"
+
+    def grid(self) -> list[dict[str, Any]]:
+        return [{"top_k": k} for k in self.top_k]
+
+
 class ExecutorSettings(_Strict):
     """Where the jobs of a stage run: one after another in this process (`local`), or in parallel on a Ray
     cluster (`ray`: one worker per GPU, or per CPU slot, each keeping the model and tokenized tasks loaded)."""
@@ -205,6 +228,8 @@ class ExperimentConfig(_Strict):
     methods: list[MethodSpec] = Field(default_factory=list)
     lorahub: LoraHubSettings | None = None
     router: RouterSettings | None = None
+    arrow: ArrowSettings | None = None
+    logo: LoGoSettings | None = None
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     hardware: Literal["cpu", "gpu"] = "cpu"
     seeds: int = Field(3, ge=1, description="seeds of each stochastic method (DARE variants, LoraHub, the "

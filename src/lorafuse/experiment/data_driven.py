@@ -1,5 +1,6 @@
-"""Data-driven fusion inside an experiment: LoraHub per task on a few-shot sample of its validation split, and
-the input-routed mixture trained on the train splits. Each is a cached job like the static methods."""
+"""Data-driven fusion inside an experiment: LoraHub per task on a few-shot sample of its validation split, the
+input-routed mixture trained on the train splits, and the training-free routers (Arrow, LoGo: settings chosen on
+validation). Each is a cached job like the static methods."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def jobs(runner: Any) -> Iterator[Job]:
     if cfg.router is not None:
         key = {"router": cfg.router.model_dump(), "adapters": ids, "seeds": cfg.seeds}
         yield "router", key, f"{__name__}:router_job", ()
+    for kind in ("arrow", "logo"):
+        settings = getattr(cfg, kind)
+        if settings is not None:  # deterministic: no seeds in the key
+            yield kind, {kind: settings.model_dump(), "adapters": ids}, f"{__name__}:training_free_job", (kind,)
 
 
 def lorahub_job(runner: Any, shots: int) -> dict[str, Any]:
@@ -32,3 +37,9 @@ def router_job(runner: Any) -> dict[str, Any]:
     from lorafuse.fusion.router import experiment_job
 
     return experiment_job(runner)
+
+
+def training_free_job(runner: Any, kind: str) -> dict[str, Any]:
+    from lorafuse.experiment.routing import experiment_job
+
+    return experiment_job(runner, kind)

@@ -261,12 +261,20 @@ def findings(jobs: list[dict[str, Any]], statistics: dict[str, Any]) -> list[str
 
 
 def _router_gap(methods: dict[str, Any], top: str) -> str:
+    """The routers beside the best static fusion: the trained one, then the training-free Arrow and LoGo."""
     router = next((n for n in methods if n.startswith("router") and methods[n]["normalized_average"] is not None),
                   None)
-    if router is None:
+    found = [(f"the router ({router})", router)] if router is not None else []
+    found += [(label, name) for name, label in TRAINING_FREE_ROUTERS.items()
+              if name in methods and methods[name]["normalized_average"] is not None]
+    if not found:
         return ""
-    gap = methods[router]["normalized_average"] - methods[top]["normalized_average"]
-    return f"; the router ({router}) reaches {methods[router]['normalized_average']:.1f} ({gap:+.1f})"
+    return "; " + ", ".join(f"{label} {'reaches ' if i == 0 else ''}{methods[n]['normalized_average']:.1f} "
+                            f"({methods[n]['normalized_average'] - methods[top]['normalized_average']:+.1f})"
+                            for i, (label, n) in enumerate(found))
+
+
+TRAINING_FREE_ROUTERS = {"arrow": "Arrow (training-free)", "logo": "LoGo (training-free)"}  # job name -> words
 
 
 def _order_text(methods: dict[str, Any], lo: str, hi: str) -> str:

@@ -517,7 +517,8 @@ class ExperimentRunner:
     def _job_count(self, stages: Iterable[str]) -> int:
         cfg = self.config
         counts = {"train": len(cfg.tasks), "reference": 2, "fuse": len(cfg.methods), "report": 1,
-                  "data-driven": (len(cfg.lorahub.shots) if cfg.lorahub else 0) + (1 if cfg.router else 0)}
+                  "data-driven": (len(cfg.lorahub.shots) if cfg.lorahub else 0) + (1 if cfg.router else 0)
+                  + (1 if cfg.arrow else 0) + (1 if cfg.logo else 0)}
         return sum(counts[s] for s in stages)
 
     def _advance(self, counted: bool = True) -> None:
