@@ -125,11 +125,12 @@ def hidden(model, inputs):
     return model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
-def reference_weights(model, adapters, inputs, top_k: int, probe: str) -> torch.Tensor:
+def reference_weights(model, adapters, inputs, top_k: int, probe: str, at: str = PROBE,
+                      left_padded: bool = False) -> torch.Tensor:
     """Independently: the probe module's input in a forward with every adapter at weight 1 (or none), each
     adapter's dense ΔW_t (float64, from the files) applied to the last real token, top-k by norm, normalised."""
     seen = {}
-    hook = model.get_submodule(PROBE).register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach()))
+    hook = model.get_submodule(at).register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach()))
     try:
         if probe == "adapters":
             every = Router.from_adapters(adapters, 32)
@@ -140,9 +141,11 @@ def reference_weights(model, adapters, inputs, top_k: int, probe: str) -> torch.
             model(**inputs)
     finally:
         hook.remove()
-    last = inputs["attention_mask"].sum(1) - 1  # right padding
-    token = seen["x"][torch.arange(len(last)), last].double()
-    norms = torch.stack([(token @ dense_update(a, PROBE).T).norm(dim=-1) for a in adapters], 1)
+    rows = len(inputs["attention_mask"])
+    last = torch.full((rows,), inputs["attention_mask"].shape[1] - 1) if left_padded else \
+        inputs["attention_mask"].sum(1) - 1
+    token = seen["x"][torch.arange(rows), last].double()
+    norms = torch.stack([(token @ dense_update(a, at).T).norm(dim=-1) for a in adapters], 1)
     top, idx = norms.topk(top_k, dim=-1)
     return torch.zeros_like(norms).scatter(-1, idx, top / top.sum(-1, keepdim=True)).float()
 
@@ -166,6 +169,37 @@ def test_the_routed_model_is_each_inputs_mixture_from_one_probe_pass(world, top_
             assert torch.allclose(routed[b:b + 1], row, atol=1e-4), b
         plain = hidden(model, inputs)
     assert (routed - plain).abs().max() > 0.1
+
+
+def test_a_left_padded_causal_lm_probes_each_inputs_last_token(tmp_path):
+    """The chat formulation's batches are left-padded: the probe token is each row's last position."""
+    from tiny_models import tiny_llama
+
+    from lorafuse.model.evaluation import Evaluator
+    from test_lorahub import LLAMA_MODULES, noise_adapters
+
+    path = tiny_llama(tmp_path / "llama")
+    adapters = noise_adapters(tmp_path, LLAMA_MODULES, path, 3, 4.0, task_type="CAUSAL_LM")
+    ev = Evaluator(str(path), [], formulation="chat", progress=False)
+    rows = [{"prompt": ev.formulation.tokenizer(s)["input_ids"], "answer": [], "target": 0}
+            for s in ("the a saw 3 .", "all some are in of and the 12 13 .", "one word 7 ?", "what relation 5")]
+    inputs = ev.formulation.collate(rows).inputs
+    assert not inputs["attention_mask"][:, 0].all()  # left-padded
+    logo = LoGoRouter.from_adapters(adapters, top_k=2)
+    q1 = "model.layers.1.self_attn.q_proj"
+    assert default_probe_module(ev.model, logo.modules) == q1
+    with torch.no_grad():
+        expected = reference_weights(ev.model, adapters, inputs, 2, "adapters", at=q1, left_padded=True)
+        with logo.installed(ev.model):
+            routed = ev.model(**inputs).logits
+        assert torch.allclose(logo.last_weights, expected, atol=1e-5)
+        fixed = Router.from_adapters(adapters, 32)
+        mask = inputs["attention_mask"].bool()
+        for b in range(len(rows)):
+            fixed.fixed = expected[b]
+            with fixed.installed(ev.model):
+                row = ev.model(**{k: v[b:b + 1] for k, v in inputs.items()}).logits
+            assert torch.allclose(routed[b][mask[b]], row[0][mask[b]], atol=1e-4), b
 
 
 def test_logo_command_writes_a_router_that_lorafuse_eval_evaluates(tmp_path):
