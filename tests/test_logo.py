@@ -228,6 +228,11 @@ def test_logo_command_writes_a_router_that_lorafuse_eval_evaluates(tmp_path):
     ev = Evaluator(str(model), ["logotask"], split="validation", formulation="classify", progress=False)
     direct = ev.evaluate(LoGoRouter.from_adapters([good, noise[0]], ["logotask", "noise"], top_k=2))
     assert accuracy == pytest.approx(100 * direct.accuracy["logotask"])
+    broken = tmp_path / "routers" / "broken"
+    broken.mkdir()
+    (broken / "logo_config.json").write_text(json.dumps({**config, "logo": {"top_k": 2}}))
+    with pytest.raises(AdapterError, match="not a readable LoGo config"):
+        LoGoRouter.load(broken)
     weights = noise[0] / "adapter_model.safetensors"
     original = load_file(str(weights))
     try:
