@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "demo": "run the offline demo experiment on the embedded MiniLM",
     "lorahub": "learn per-adapter weights for a target task from a few examples (LoraHub)",
     "router": "an input-routed mixture of adapters: a trained gate, or Arrow or LoGo (training-free)",
+    "regmean": "merge adapters by RegMean from unlabelled inputs of their tasks (input Gram matrices)",
+    "adamerging": "merge adapters with coefficients learned by entropy minimisation on unlabelled inputs",
     "export-lm-eval": "write lm-evaluation-harness tasks (YAML + JSONL) with lorafuse's chat prompts",
 }
 

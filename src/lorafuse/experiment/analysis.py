@@ -309,3 +309,27 @@ def _search_warnings(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _params(job: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in job.get("params", {}).items()) or "no parameters"
+
+
+# -- what each data-driven job saw and spent ------------------------------------------------------------------
+DERIVED_DATA = {  # jobs recorded before they carried `data`: what their method reads, by its config section
+    "lorahub": ("validation", "class labels"),
+    "router": ("train", "task identity (which task an input is from)"),
+}
+
+
+def data_cost(job: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:
+    """A data-driven job's data and time (lorafuse.fusion.data_record's fields: split, examples_per_task, labels,
+    seeds, seconds), or None for other jobs. A job recorded before it carried them (LoraHub, the router) gets them
+    from the config that ran it, marked `derived` (its examples a task: at most that many)."""
+    if job.get("kind") != "data-driven":
+        return None
+    if job.get("data"):
+        return dict(job["data"])
+    method = job.get("method", "")
+    split, labels = DERIVED_DATA.get(method, ("?", "?"))
+    count = (job.get("params", {}).get("shots") if method == "lorahub"
+             else (config.get(method) or {}).get("examples_per_task"))
+    seconds = job.get("search_seconds", (job.get("cost") or {}).get("gate_train_seconds"))
+    return {"split": split, "examples_per_task": count, "labels": labels, "seeds": len(job.get("seeds") or [None]),
+            "seconds": seconds, "derived": True}

@@ -194,6 +194,48 @@ class LoGoSettings(_Strict):
         return [{"top_k": k} for k in self.top_k]
 
 
+class RegMeanSettings(_Strict):
+    """RegMean (lorafuse.fusion.regmean): Grams from `examples` unlabelled inputs a task of `split`."""
+
+    split: Literal["train", "validation"] = "train"
+    examples: int = Field(256, ge=1)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    seeds: int | None = Field(None, ge=1, description="default: the experiment's `seeds`")
+
+
+class AdaMergingSettings(_Strict):
+    """AdaMerging (lorafuse.fusion.adamerging): one job per split of `inputs`, each on `examples` unlabelled inputs
+    a task of it (`test`: the paper's transductive protocol, reported as such)."""
+
+    inputs: list[Literal["train", "validation", "test"]] = Field(
+        default_factory=lambda: ["validation", "test"], min_length=1)
+    examples: int = Field(200, ge=1)
+    steps: int = Field(500, ge=0)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    init: float | Literal["task_arithmetic"] = Field(
+        0.3, description="the starting λ, or the one the experiment's task_arithmetic chose on validation")
+    granularity: Literal["layer", "task"] = "layer"
+    seed: int = 0
+    seeds: int | None = Field(None, ge=1, description="default: the experiment's `seeds`")
+
+    @field_validator("inputs")
+    @classmethod
+    def _distinct_inputs(cls, inputs: list[str]) -> list[str]:
+        if len(set(inputs)) != len(inputs):
+            raise ValueError("inputs: each split once")
+        return inputs
+
+    @field_validator("init")
+    @classmethod
+    def _init_in_range(cls, init: float | str) -> float | str:
+        if not isinstance(init, str) and not 0.0 <= init <= 1.0:
+            raise ValueError("init: λ in [0, 1] (AdaMerging clamps it there)")
+        return init
+
+
 class ExecutorSettings(_Strict):
     """Where the jobs of a stage run: one after another in this process (`local`), or in parallel on a Ray
     cluster (`ray`: one worker per GPU, or per CPU slot, each keeping the model and tokenized tasks loaded)."""
@@ -230,6 +272,8 @@ class ExperimentConfig(_Strict):
     router: RouterSettings | None = None
     arrow: ArrowSettings | None = None
     logo: LoGoSettings | None = None
+    regmean: RegMeanSettings | None = None
+    adamerging: AdaMergingSettings | None = None
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     hardware: Literal["cpu", "gpu"] = "cpu"
     seeds: int = Field(3, ge=1, description="seeds of each stochastic method (DARE variants, LoraHub, the "
@@ -263,6 +307,15 @@ class ExperimentConfig(_Strict):
                                  + (f" and '{seen[slug]}' (both fused/{slug})" if seen[slug] != spec.name else "")
                                  + ": give one a distinct `label`")
             seen[slug] = spec.name
+        return self
+
+    @model_validator(mode="after")
+    def _adamerging_init_has_its_job(self) -> ExperimentConfig:
+        if self.adamerging is not None and self.adamerging.init == "task_arithmetic" and not any(
+                s.method == "task_arithmetic" and s.space == "full" and "lambda" in {**s.params, **s.search}
+                for s in self.methods):
+            raise ValueError("adamerging.init: task_arithmetic needs a `task_arithmetic` method (full space) whose "
+                             "lambda is given or searched in `methods`, or a number")
         return self
 
     @model_validator(mode="after")

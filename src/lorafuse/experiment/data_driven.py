@@ -1,6 +1,7 @@
 """Data-driven fusion inside an experiment: LoraHub per task on a few-shot sample of its validation split, the
-input-routed mixture trained on the train splits, and the training-free routers (Arrow, LoGo: settings chosen on
-validation). Each is a cached job like the static methods."""
+input-routed mixture trained on the train splits, the training-free routers (Arrow, LoGo: settings chosen on
+validation), RegMean (unlabelled inputs' Grams) and AdaMerging (one job per split its unlabelled inputs come
+from). Each is a cached job like the static methods."""
 
 from __future__ import annotations
 
@@ -25,6 +26,17 @@ def jobs(runner: Any) -> Iterator[Job]:
         settings = getattr(cfg, kind)
         if settings is not None:  # deterministic: no seeds in the key
             yield kind, {kind: settings.model_dump(), "adapters": ids}, f"{__name__}:training_free_job", (kind,)
+    if cfg.regmean is not None:
+        key = {"regmean": cfg.regmean.model_dump(), "adapters": ids, "seeds": cfg.seeds}
+        yield "regmean", key, "lorafuse.fusion.regmean:experiment_job", ()
+    if cfg.adamerging is not None:
+        from lorafuse.fusion.adamerging import initial_lambda
+
+        init = initial_lambda(runner, cfg.adamerging.init)  # `task_arithmetic`: the λ that job chose (key)
+        for split in cfg.adamerging.inputs:
+            key = {"adamerging": cfg.adamerging.model_dump(), "inputs": split, "init": init, "adapters": ids,
+                   "seeds": cfg.seeds}
+            yield f"adamerging-{split}", key, "lorafuse.fusion.adamerging:experiment_job", (split, init)
 
 
 def lorahub_job(runner: Any, shots: int) -> dict[str, Any]:

@@ -316,6 +316,44 @@ def saved_adapter_lines(jobs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def data_cost_lines(jobs: list[dict[str, Any]], cfg: dict[str, Any], statistics: dict[str, Any]) -> list[str]:
+    """Every data-driven job's data and time beside its result, so a gain can be weighed against its cost: the
+    split its examples came from, how many a task, which labels it read, its seeds and the method's own seconds
+    (the job's, evaluation included, beside them); the rest of its cost record after them."""
+    from lorafuse.experiment.analysis import data_cost
+
+    rows = [(j, data_cost(j, cfg)) for j in _ok(jobs)]
+    rows = [(j, d) for j, d in rows if d is not None]
+    if not rows:
+        return []
+    lines = ["## Data-driven methods: data and time", "",
+             "| method | avg normalized | inputs from | examples a task (per seed) | labels read | seeds | method s | "
+             "job s | other cost |", "|---|---|---|---|---|---|---|---|---|"]
+    for j, d in rows:
+        split = d["split"] + (" (transductive: the inputs it is tested on, labels unseen)" if d.get("transductive")
+                              else "")
+        lines.append(f"| {j['name']} | {_pct(statistics['methods'][j['name']]['normalized_average'])} | {split} | "
+                     f"{_count_cell(d['examples_per_task'])} | {d['labels']} | {d['seeds']} | {d.get('seconds', '')} | {j.get('seconds', '')} | "
+                     f"{json.dumps(j.get('cost', {}))} |")
+    if any(d.get("transductive") for _, d in rows):
+        lines += ["", "A job whose inputs come from test (AdaMerging's protocol in its paper) adapted to the very "
+                  "test inputs it is scored on, without their labels: compare it with the same method fed validation "
+                  "inputs, the held-out result."]
+    if any(d.get("derived") for _, d in rows):
+        lines += ["", "Rows with `≤` were recorded before jobs carried their data: their counts come from the config "
+                  "(at most that many a task)."]
+    return lines + [""]
+
+
+def _count_cell(counts: dict[str, int] | int | None) -> str:
+    """Examples a task: one number when every task saw as many, else each task's; `≤n` for a count derived from a
+    config (at most n), `?` when unknown."""
+    if isinstance(counts, dict):
+        values = set(counts.values())
+        return str(values.pop()) if len(values) == 1 else ", ".join(f"{t} {n}" for t, n in counts.items())
+    return "?" if counts is None else f"≤{counts}"
+
+
 def _machine_line(m: dict[str, Any]) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB{gpu}; torch {m['torch']} with "
@@ -390,11 +428,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
               "|---|---|---|"]
     parts += [f"| {s} | {compute.get(s, '')} | {wall.get(s, '')} |" for s in dict.fromkeys([*compute, *wall])]
     parts.append("")
-    extra = [j for j in _ok(jobs) if j.get("cost")]
-    if extra:
-        parts += ["## Data-driven methods: cost", "", "| method | cost |", "|---|---|"]
-        parts += [f"| {j['name']} | {json.dumps(j['cost'])} |" for j in extra]
-        parts.append("")
+    parts += data_cost_lines(jobs, cfg, statistics)
     if failed:
         parts += ["## Failed jobs", ""] + [f"- `{j.get('job_id', j.get('name'))}`: {j.get('error')}" for j in failed]
         parts.append("")

@@ -233,6 +233,17 @@ class ExperimentRunner:
             self._evaluators[split] = self._new_evaluator(split, self.config.eval.dtype)
         return self._evaluators[split]
 
+    def fp32_evaluator(self, split: str) -> Any:
+        """The evaluator of `split` computing in fp32: the shared one when evaluation runs in fp32, else one loaded
+        for it (once). Gradient-based and statistical data-driven fusion (AdaMerging, RegMean) run here
+        (lorafuse.model.precision)."""
+        shared = self.evaluator(split)
+        if not shared.precision.reduced:
+            return shared
+        if f"{split}@float32" not in self._evaluators:
+            self._evaluators[f"{split}@float32"] = self._new_evaluator(split, "float32")
+        return self._evaluators[f"{split}@float32"]
+
     def _new_evaluator(self, split: str, dtype: str) -> Any:
         import lorafuse.fusion.router  # noqa: F401 (registers the router kind with the evaluator)
         from lorafuse.model.evaluation import Evaluator
@@ -518,7 +529,8 @@ class ExperimentRunner:
         cfg = self.config
         counts = {"train": len(cfg.tasks), "reference": 2, "fuse": len(cfg.methods), "report": 1,
                   "data-driven": (len(cfg.lorahub.shots) if cfg.lorahub else 0) + (1 if cfg.router else 0)
-                  + (1 if cfg.arrow else 0) + (1 if cfg.logo else 0)}
+                  + (1 if cfg.arrow else 0) + (1 if cfg.logo else 0)
+                  + (1 if cfg.regmean else 0) + (len(cfg.adamerging.inputs) if cfg.adamerging else 0)}
         return sum(counts[s] for s in stages)
 
     def _advance(self, counted: bool = True) -> None:

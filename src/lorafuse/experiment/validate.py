@@ -79,7 +79,9 @@ def check_experiment(config: Any, stages: Sequence[str], formulation: Any) -> No
     check_given_adapters(config)
     splits = splits_for(stages)
     trained = [t for t in config.tasks if t not in config.adapters]
-    needs_train = config.router is not None and "data-driven" in stages  # the router trains on every task
+    needs_train = "data-driven" in stages and (  # the router trains on every task; RegMean, AdaMerging may read it
+        config.router is not None or getattr(config.regmean, "split", None) == "train"
+        or "train" in getattr(config.adamerging, "inputs", ()))
     check_data(config.tasks if needs_train else trained, config.data_dir, splits)
     check_data([t for t in config.tasks if t not in trained and not needs_train], config.data_dir,
                [s for s in splits if s != "train"])

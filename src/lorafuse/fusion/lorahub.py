@@ -343,11 +343,12 @@ def experiment_job(runner: Any, shots: int) -> dict[str, Any]:
     """LoraHub per task on a `shots`-example sample of its validation split; each task's test accuracy with its
     own learned weights (and its own head, in the classify formulation). Runs once per seed of the experiment
     (the sample and the search both depend on it): `test` is the mean over seeds, `seed_runs` each seed's."""
+    from lorafuse.fusion import data_record
     from lorafuse.stats import over_seeds
 
-    runs, weights, seconds, problems = [], {}, 0.0, []
+    runs, weights, seconds, problems, seen = [], {}, 0.0, [], {}
     for seed in runner.seeds(runner.config.lorahub.seed):
-        test, weights[seed], spent, found = _experiment_run(runner, shots, seed)
+        test, weights[seed], spent, found, seen = _experiment_run(runner, shots, seed)
         runs.append((seed, test))
         seconds += spent
         problems += found
@@ -355,13 +356,15 @@ def experiment_job(runner: Any, shots: int) -> dict[str, Any]:
     return {"name": f"lorahub ({shots}-shot)", "kind": "data-driven", "method": "lorahub", "params": {"shots": shots},
             "weights": weights[runs[0][0]], "weights_by_seed": weights, **over_seeds(runs),
             "search_seconds": round(seconds, 2), "problems": problems,
+            "data": data_record("validation", seen, "class labels", len(runs), seconds),
             "cost": {"search_seconds": round(seconds, 2), "candidates_per_task": settings.budget,
                      "seeds": len(runs), "inference": "one merged adapter per task"}}
 
 
-def _experiment_run(runner: Any, shots: int, seed: int) -> tuple[dict[str, Any], dict[str, Any], float, list[str]]:
-    """One seed of the experiment job: the test results, each task's weights, the search seconds and any task
-    whose search returned no composition (`LoraHubResult.problems`)."""
+def _experiment_run(runner: Any, shots: int, seed: int
+                    ) -> tuple[dict[str, Any], dict[str, Any], float, list[str], dict[str, int]]:
+    """One seed of the experiment job: the test results, each task's weights, the search seconds, any task
+    whose search returned no composition (`LoraHubResult.problems`) and the labelled examples each task's search saw."""
     import random
 
     from lorafuse.model.evaluation import EvalResult
@@ -373,14 +376,15 @@ def _experiment_run(runner: Any, shots: int, seed: int) -> tuple[dict[str, Any],
     paths = [runner.state.adapters[t] for t in tasks]
     heads = runner.own_heads()
     test_ev = runner.evaluator("test")
-    results, weights, seconds, problems = [], {}, 0.0, []
+    results, weights, seconds, problems, seen = [], {}, 0.0, [], {}
     for task in tasks:
         pool = get_task(task).load("validation", runner.config.data_dir)
         sample = random.Random(f"{seed}-{task}").sample(pool, min(shots, len(pool)))
+        seen[task] = len(sample)
         result, updates = lorahub(test_ev, paths, task, sample, settings, heads.get(task))
         seconds += result.seconds
         problems += [f"{task} (seed {seed}, {len(sample)} shots): {p}" for p in result.problems()]
         results.append(test_ev.subset([task]).evaluate(updates, heads=heads))
         weights[task] = dict(zip(tasks, result.weights))
     merged = EvalResult.combine(results)
-    return merged.normalize(runner.state.reference["test"]).to_dict(), weights, seconds, problems
+    return merged.normalize(runner.state.reference["test"]).to_dict(), weights, seconds, problems, seen

@@ -8,11 +8,20 @@ G̃_t = α·G_t + (1−α)·diag(G_t) (α = 0.9, the reference code's `reduce_no
 With W_t = W_0 + ΔW_t and one shared base, W* = W_0 + (Σ_t ΔW_t G̃_t)(Σ_t G̃_t)⁻¹, so only the updates are merged, and
 as factors: ΔW* = Σ_t B_t·[A_t G̃_t M⁻¹] with M = Σ_t G̃_t — rank Σr, never an m×n product (only n×n solves).
 Identical Grams give the mean of the updates; one task gives its update back.
+
+As a fusion job (`regmean_fusion`, `lorafuse regmean`, an experiment's `regmean:`): each task's Grams come from
+`examples` unlabelled inputs of its own split run through that task's own model (base + its adapter: the paper's
+X_t are the inputs of layer l in the fine-tuned model t), labels replaced before encoding (`fusion.without_labels`).
+Only the adapted linear modules are merged (everything else is the shared base). The result is exact at rank Σr, so
+the saved adapter is the evaluated update itself: nothing is cut (retained energy 1).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +30,8 @@ from lorafuse.errors import ConfigError
 from lorafuse.merging.algebra.lowrank import CORE_DTYPE, WORK_DTYPE, LowRank
 
 DEFAULT_ALPHA = 0.9
+PAPER = "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023"
+RECORD_FILE = "regmean.json"
 
 
 def shrink(gram: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
@@ -63,7 +74,7 @@ def regmean_updates(updates: Sequence[Mapping[str, LowRank]], grams: Sequence[Ma
         if any(module not in g for g in grams):
             raise ConfigError(f"regmean: no Gram matrix of module '{module}' for some task")
         ref = next(u[module] for u in updates if module in u)
-        zero = LowRank(torch.zeros(ref.shape[0], 1), torch.zeros(1, ref.shape[1]))  # rank 1, the right shape
+        zero = LowRank(torch.zeros(ref.shape[0], 0), torch.zeros(0, ref.shape[1]))  # rank 0: the result stays Σr
         terms = [u.get(module, zero) for u in updates]
         merged[module] = regmean(terms, [g[module] for g in grams], alpha)
     return merged
@@ -106,3 +117,109 @@ def gram_matrices(model: Any, batches: Iterable[Any], modules: Iterable[str]) ->
     if missing:
         raise ConfigError(f"regmean: no input reached module(s) {', '.join(missing)}")
     return grams
+
+
+# -- the fusion job ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegMeanSettings:
+    """`alpha`: the off-diagonal shrinkage (the paper's 0.9); `examples`: unlabelled inputs per task from `split`
+    (a few hundred suffice: the Gram is an n×n average); `batch_size`: rows per forward pass."""
+
+    alpha: float = DEFAULT_ALPHA
+    examples: int = 256
+    split: str = "train"
+    batch_size: int = 32
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0 or self.examples < 1 or self.batch_size < 1:
+            raise ConfigError(f"regmean settings: alpha in [0, 1], examples ≥ 1 and batch_size ≥ 1 (got {self})")
+
+
+def predicted_inputs(formulation: Any, batch: Any) -> dict[str, Any]:
+    """A batch's model inputs as prediction feeds them: chat's left-padded rows get their true positions and only
+    the last position's logits (the layers see what they see when the label is scored)."""
+    if formulation.name != "chat":
+        return dict(batch.inputs)
+    inputs = {k: batch.inputs[k] for k in ("input_ids", "attention_mask")}
+    return {**inputs, "position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0), "logits_to_keep": 1}
+
+
+def task_grams(evaluator: Any, adapter: str | Path, task: Any, examples: Sequence[Any], modules: Iterable[str],
+               batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """The Gram of each module's input over a task's unlabelled examples, in that task's own model (the
+    Evaluator's base with the adapter's exact update applied, undone afterwards)."""
+    from lorafuse.fusion import input_batches
+    from lorafuse.model.apply import applied
+    from lorafuse.model.evaluation import adapter_updates
+
+    updates, fan_in_fan_out = adapter_updates(adapter)
+    batches = [predicted_inputs(evaluator.formulation, b)
+               for b in input_batches(evaluator.formulation, task, examples, batch_size)]
+    with applied(evaluator.model, updates, fan_in_fan_out, evaluator.masters):
+        return gram_matrices(evaluator.model, batches, modules)
+
+
+def regmean_fusion(evaluator: Any, adapters: Sequence[str | Path], tasks: Sequence[str],
+                   inputs: Mapping[str, Sequence[Any]], settings: RegMeanSettings = RegMeanSettings()
+                   ) -> tuple[dict[str, LowRank], dict[str, Any]]:
+    """RegMean of `adapters` (adapter i trained on `tasks[i]`) from each task's unlabelled `inputs`, on an
+    Evaluator's loaded model (left as it was). Returns the merged updates and the record of what it saw and took."""
+    from lorafuse.model.evaluation import adapter_updates
+    from lorafuse.tasks import get_task
+
+    settings.check()
+    if len(adapters) != len(tasks):
+        raise ConfigError(f"regmean: {len(adapters)} adapters for {len(tasks)} tasks (one task per adapter)")
+    start = time.perf_counter()
+    updates = [adapter_updates(a)[0] for a in adapters]
+    modules = sorted({m for u in updates for m in u})
+    grams = [task_grams(evaluator, a, get_task(t), inputs[t], modules, settings.batch_size)
+             for a, t in zip(adapters, tasks)]
+    merged = regmean_updates(updates, grams, settings.alpha)
+    seconds = time.perf_counter() - start
+    record = {"tasks": list(tasks), "settings": asdict(settings), "paper": PAPER, "seconds": round(seconds, 3),
+              "data": {"split": settings.split, "examples_per_task": {t: len(inputs[t]) for t in tasks},
+                       "labels": "none"},
+              "exact": True, "retained_energy": 1.0}
+    return merged, record
+
+
+def save_regmean(updates: Mapping[str, LowRank], record: Mapping[str, Any], adapters: Sequence[str | Path],
+                 out: str | Path, overwrite: bool = False, modules_to_save: str = "auto") -> Path:
+    """The merged adapter in PEFT's format (exact, rank Σr a module), its record in regmean.json."""
+    from lorafuse.fusion import save_fused_updates
+
+    method = {"name": "regmean", "paper": PAPER, "exact": True}
+    return save_fused_updates(adapters, record["tasks"], updates, out, method, record, RECORD_FILE, overwrite,
+                              modules_to_save)
+
+
+def experiment_job(runner: Any) -> dict[str, Any]:
+    """RegMean inside an experiment: each task's Grams from `examples` unlabelled inputs of its `split` (fp32 model),
+    the merge evaluated on test; once per seed (the sample depends on it): `test` the mean over seeds."""
+    from lorafuse.fusion import data_record, job_seeds, sample_examples
+    from lorafuse.stats import over_seeds
+    from lorafuse.tasks import get_task
+
+    cfg = runner.config.regmean
+    tasks = list(runner.state.adapters)
+    paths = [runner.state.adapters[t] for t in tasks]
+    model_ev, test_ev, heads = runner.fp32_evaluator("validation"), runner.evaluator("test"), runner.own_heads()
+    runs, seconds, first = [], 0.0, None
+    for seed in job_seeds(runner, cfg):
+        settings = RegMeanSettings(cfg.alpha, cfg.examples, cfg.split, cfg.batch_size, seed)
+        inputs = {t: sample_examples(get_task(t), cfg.split, runner.config.data_dir, cfg.examples, seed)
+                  for t in tasks}
+        merged, record = regmean_fusion(model_ev, paths, tasks, inputs, settings)
+        seconds += record["seconds"]
+        result = test_ev.evaluate(merged, heads=heads).normalize(runner.state.reference["test"])
+        runs.append((seed, result.to_dict()))
+        first = first or (merged, record)
+    out = save_regmean(*first, paths, runner.out / "fused" / "regmean", overwrite=True, modules_to_save="per_task")
+    data = data_record(cfg.split, first[1]["data"]["examples_per_task"], "none", len(runs), seconds)
+    return {"name": "regmean", "kind": "data-driven", "method": "regmean",
+            "params": {"alpha": cfg.alpha, "examples": cfg.examples, "split": cfg.split}, **over_seeds(runs),
+            "fused_dir": str(out), "saved_adapter": {"exact": True, "retained_energy": 1.0},
+            "search_seconds": round(seconds, 2), "data": data,
+            "cost": {"gram_seconds": round(seconds, 2), "seeds": len(runs), "inference": "one merged adapter"}}
