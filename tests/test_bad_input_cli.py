@@ -392,7 +392,8 @@ def test_a_closed_pipe_is_not_a_traceback(tmp_path, pair):
     assert proc.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-@pytest.mark.parametrize("command", [["lorahub", "--task", "rte"], ["router", "--tasks", "rte,scitail"]])
+@pytest.mark.parametrize("command", [["lorahub", "--task", "rte"], ["router", "--tasks", "rte,scitail"],
+                                     ["regmean", "--tasks", "rte,scitail"], ["adamerging", "--tasks", "rte,scitail"]])
 def test_data_driven_outputs_never_replace_an_input(tmp_path, pair, capsys, command):
     refused([*command, "--adapters", *map(str, pair), "-o", str(pair[0]), "--overwrite"], capsys, tmp_path,
             "is the input")

@@ -147,6 +147,9 @@ def test_method_labels_are_names_and_fused_directories_stay_distinct(world):
     ({"methods": [{"method": "ties", "space": "knotz"}]}, "unknown space 'knotz' (did you mean 'knots'?)"),
     ({"methods": [{"method": "tsv", "space": "knots"}]}, "method 'tsv' works on whole updates"),
     ({"lorahub": {"shots": [5, 0]}}, "lorahub.shots.1: Input should be greater than or equal to 1"),
+    ({"regmean": {"alpha": 1.5}}, "regmean.alpha: Input should be less than or equal to 1"),
+    ({"adamerging": {"inputs": ["test", "test"]}}, "adamerging.inputs: each split once"),
+    ({"adamerging": {"init": "task_arithmetc"}}, "adamerging.init"),
 ])
 def test_strict_types_and_spaces_before_any_training(world, tmp_path, capsys, change, expected):
     refused(capsys, world, tmp_path, yaml.safe_dump(base_config(world, **change)), expected)

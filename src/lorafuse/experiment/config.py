@@ -225,14 +225,14 @@ class AdaMergingSettings(_Strict):
     @classmethod
     def _distinct_inputs(cls, inputs: list[str]) -> list[str]:
         if len(set(inputs)) != len(inputs):
-            raise ValueError("inputs: each split once")
+            raise ValueError("each split once")
         return inputs
 
     @field_validator("init")
     @classmethod
     def _init_in_range(cls, init: float | str) -> float | str:
         if not isinstance(init, str) and not 0.0 <= init <= 1.0:
-            raise ValueError("init: λ in [0, 1] (AdaMerging clamps it there)")
+            raise ValueError("λ in [0, 1] (AdaMerging clamps it there)")
         return init
 
 
