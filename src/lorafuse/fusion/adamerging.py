@@ -199,7 +199,8 @@ def optimise(evaluator: Any, factors: Mapping[str, Sequence[LowRank]], tasks: Se
     torch.manual_seed(settings.seed)
     batches = {t.name: input_batches(evaluator.formulation, t, inputs[t.name], settings.batch_size) for t in tasks}
     cycles = {t.name: _Cycle(batches[t.name], settings.seed * 1_000 + i) for i, t in enumerate(tasks)}
-    lam = Coefficients(len(tasks), sorted(factors), settings.init, settings.granularity)
+    device = next(evaluator.model.parameters()).device  # λ beside the model: the hooks index it with its tensors
+    lam = Coefficients(len(tasks), sorted(factors), settings.init, settings.granularity).to(device)
     optimiser = torch.optim.Adam(lam.parameters(), lr=settings.lr, betas=(0.9, 0.999))
     trace = []
     with merged_in(evaluator.model, factors, lam):

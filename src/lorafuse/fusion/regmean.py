@@ -206,18 +206,19 @@ def experiment_job(runner: Any) -> dict[str, Any]:
     tasks = list(runner.state.adapters)
     paths = [runner.state.adapters[t] for t in tasks]
     model_ev, test_ev, heads = runner.fp32_evaluator("validation"), runner.evaluator("test"), runner.own_heads()
-    runs, seconds, first = [], 0.0, None
+    runs, seconds, out, seen = [], 0.0, None, {}
     for seed in job_seeds(runner, cfg):
         settings = RegMeanSettings(cfg.alpha, cfg.examples, cfg.split, cfg.batch_size, seed)
         inputs = {t: sample_examples(get_task(t), cfg.split, runner.config.data_dir, cfg.examples, seed)
                   for t in tasks}
         merged, record = regmean_fusion(model_ev, paths, tasks, inputs, settings)
-        seconds += record["seconds"]
+        seconds, seen = seconds + record["seconds"], record["data"]["examples_per_task"]
         result = test_ev.evaluate(merged, heads=heads).normalize(runner.state.reference["test"])
         runs.append((seed, result.to_dict()))
-        first = first or (merged, record)
-    out = save_regmean(*first, paths, runner.out / "fused" / "regmean", overwrite=True, modules_to_save="per_task")
-    data = data_record(cfg.split, first[1]["data"]["examples_per_task"], "none", len(runs), seconds)
+        if out is None:  # the first seed's adapter is the one saved (as for the static methods)
+            out = save_regmean(merged, record, paths, runner.out / "fused" / "regmean", overwrite=True,
+                               modules_to_save="per_task")
+    data = data_record(cfg.split, seen, "none", len(runs), seconds)
     return {"name": "regmean", "kind": "data-driven", "method": "regmean",
             "params": {"alpha": cfg.alpha, "examples": cfg.examples, "split": cfg.split}, **over_seeds(runs),
             "fused_dir": str(out), "saved_adapter": {"exact": True, "retained_energy": 1.0},
