@@ -230,7 +230,7 @@ def test_experiment_jobs_run_and_the_report_shows_their_data_and_time(tmp_path):
     from test_experiment import assert_report_agrees, run, tiny_experiment
 
     raw = tiny_experiment(tmp_path)
-    raw.update(seeds=2, lorahub={"shots": [2], "budget": 4},
+    raw.update(seeds=2, lorahub={"shots": [2], "budget": 4}, arrow={"top_k": [1, 2]},
                regmean={"split": "validation", "examples": 12, "seeds": 1},
                adamerging={"inputs": ["validation", "test"], "examples": 8, "steps": 3, "batch_size": 4,
                            "init": "task_arithmetic"})
@@ -254,6 +254,8 @@ def test_experiment_jobs_run_and_the_report_shows_their_data_and_time(tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         data = jobs[name]["data"]
         assert cells[2].startswith(data["split"]) and float(cells[6]) == data["seconds"], name
+    arrow = next(line for line in table.splitlines() if line.startswith("| arrow |"))
+    assert f"| validation | {jobs['arrow']['examples_seen']} in all | class labels" in arrow  # its top-k choice
     assert "transductive" in table and "held-out result" in md
     assert [j["data"] for j in saved["jobs"] if "data" in j] == [j["data"] for j in results["jobs"] if "data" in j]
     rerun, _ = run(raw, tmp_path / "run")
@@ -269,6 +271,10 @@ def test_cost_of_jobs_recorded_before_they_carried_their_data():
         "seeds": 2, "seconds": 4.5, "derived": True}
     hub = {"kind": "data-driven", "method": "lorahub", "params": {"shots": 5}, "search_seconds": 3.0}
     assert data_cost(hub, {})["examples_per_task"] == 5 and data_cost({"kind": "static"}, {}) is None
+    arrow = {"kind": "data-driven", "method": "arrow", "examples_seen": 600, "data_split": "validation",
+             "search_seconds": 12.0}
+    assert data_cost(arrow, {}) == {"split": "validation", "examples_total": 600, "seeds": 1, "seconds": 12.0,
+                                    "labels": "class labels (choosing its settings)"}
 
 
 def test_adamerging_init_from_task_arithmetic_needs_that_method():

@@ -320,12 +320,18 @@ DERIVED_DATA = {  # jobs recorded before they carried `data`: what their method 
 
 def data_cost(job: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:
     """A data-driven job's data and time (lorafuse.fusion.data_record's fields: split, examples_per_task, labels,
-    seeds, seconds), or None for other jobs. A job recorded before it carried them (LoraHub, the router) gets them
-    from the config that ran it, marked `derived` (its examples a task: at most that many)."""
+    seeds, seconds), or None for other jobs. The training-free routers' own record (`examples_seen` over all tasks,
+    `data_split`) is read as `examples_total`; a job recorded before it carried either (LoraHub, the router) gets
+    them from the config that ran it, marked `derived` (its examples a task: at most that many)."""
     if job.get("kind") != "data-driven":
         return None
     if job.get("data"):
         return dict(job["data"])
+    if "examples_seen" in job:  # the training-free routers (experiment.routing): labelled validation examples in all
+        seen = job["examples_seen"]
+        return {"split": job.get("data_split") or "none", "examples_total": seen,
+                "labels": "class labels (choosing its settings)" if seen else "none", "seeds": 1,
+                "seconds": job.get("search_seconds")}
     method = job.get("method", "")
     split, labels = DERIVED_DATA.get(method, ("?", "?"))
     count = (job.get("params", {}).get("shots") if method == "lorahub"

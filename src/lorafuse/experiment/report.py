@@ -333,7 +333,7 @@ def data_cost_lines(jobs: list[dict[str, Any]], cfg: dict[str, Any], statistics:
         split = d["split"] + (" (transductive: the inputs it is tested on, labels unseen)" if d.get("transductive")
                               else "")
         lines.append(f"| {j['name']} | {_pct(statistics['methods'][j['name']]['normalized_average'])} | {split} | "
-                     f"{_count_cell(d['examples_per_task'])} | {d['labels']} | {d['seeds']} | {d.get('seconds', '')} | {j.get('seconds', '')} | "
+                     f"{_count_cell(d.get('examples_per_task'), d.get('examples_total'))} | {d['labels']} | {d['seeds']} | {d.get('seconds', '')} | {j.get('seconds', '')} | "
                      f"{json.dumps(j.get('cost', {}))} |")
     if any(d.get("transductive") for _, d in rows):
         lines += ["", "A job whose inputs come from test (AdaMerging's protocol in its paper) adapted to the very "
@@ -345,9 +345,11 @@ def data_cost_lines(jobs: list[dict[str, Any]], cfg: dict[str, Any], statistics:
     return lines + [""]
 
 
-def _count_cell(counts: dict[str, int] | int | None) -> str:
+def _count_cell(counts: dict[str, int] | int | None, total: int | None = None) -> str:
     """Examples a task: one number when every task saw as many, else each task's; `≤n` for a count derived from a
-    config (at most n), `?` when unknown."""
+    config (at most n); `n in all` where only the total is recorded; `?` when unknown."""
+    if total is not None:
+        return f"{total} in all"
     if isinstance(counts, dict):
         values = set(counts.values())
         return str(values.pop()) if len(values) == 1 else ", ".join(f"{t} {n}" for t, n in counts.items())
