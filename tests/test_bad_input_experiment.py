@@ -525,7 +525,7 @@ def test_fresh_recreates_a_run_and_keeps_the_cache(world, trained, capsys):
     cache_before = tree(world / "cache")
     code, _, _ = cli(capsys, "experiment", str(config), "--output", str(out), "--cache-dir", str(world / "cache"),
                      "--fresh", "--quiet")
-    assert code == 0 and rundir.is_run_dir(out)
+    assert code == 0 and rundir.is_run_dir(out), _
     stale = out / "report" / "coefficient_sweeps.png"
     assert not stale.exists() or stale.read_bytes() != b"a plot of an earlier run"  # deleted with the run
     assert tree(world / "cache") == cache_before  # adapters reused, nothing retrained

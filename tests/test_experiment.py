@@ -117,6 +117,28 @@ def test_end_to_end_then_cached_rerun(setup, counts):
     assert [j["test"] for j in again["jobs"]] == [j["test"] for j in results["jobs"]]
 
 
+def test_a_widened_grid_evaluates_only_its_new_settings_and_reuses_the_test_of_an_unmoved_choice(setup, counts):
+    root, raw = setup
+    out = root / "widened"
+    narrow = {**raw, "methods": [{"method": "task_arithmetic", "search": {"lambda": [0.5, 1.0]}}]}
+    _, first = run(narrow, out, cache_dir=root / "cache")
+    before = next(j for j in first["jobs"] if j["name"] == "task_arithmetic")
+    settings = sorted((out / "jobs" / "settings").iterdir())
+    assert len(settings) == 1 and len(list(settings[0].glob("setting-*.json"))) == 2
+
+    counts.update(train=0, merge=0)
+    wide = {**raw, "methods": [{"method": "task_arithmetic", "search": {"lambda": [0.5, 1.0, 0.25]}}]}
+    rerun, second = run(wide, out, cache_dir=root / "cache")
+    after = next(j for j in second["jobs"] if j["name"] == "task_arithmetic")
+    assert after["job_id"] != before["job_id"] and rerun.state.executed == [after["job_id"]]
+    assert after["sweep"][:2] == before["sweep"] and after["sweep"][2]["params"] == {"lambda": 0.25}
+    if after["params"] == before["params"]:  # the new setting is evaluated, the chosen one merged again to save
+        assert counts["merge"] == 2 and after["test"] == before["test"]
+    else:  # the new setting won: it is the one merge, kept and evaluated on test
+        assert counts["merge"] == 1 and after["params"] == {"lambda": 0.25}
+    assert (out / "fused" / "task_arithmetic" / "adapter_config.json").is_file()
+
+
 def assert_report_agrees(report) -> dict:
     """results.csv, report.md and report.html show exactly the numbers of results.json."""
     saved = json.loads((report / "results.json").read_text())

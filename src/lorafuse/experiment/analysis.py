@@ -267,7 +267,8 @@ def _edge_warnings(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             edges.append((key, chosen, f"{key} = {chosen} is the {side} of {numbers}"))
         if edges:
             out.append(_warning("edge_of_grid", f"{job['name']}: the chosen " + "; ".join(e[2] for e in edges)
-                                + ": the optimum is not bracketed (widen the grid)", method=job["name"],
+                                + ": the optimum is not bracketed (widen the grid; the settings already evaluated"
+                                " are reused)", method=job["name"],
                                 parameters={k: v for k, v, _ in edges}))
     return out
 

@@ -82,3 +82,38 @@ def read_json_or_none(path: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
+
+
+class SettingCache:
+    """The validation result of each evaluated setting of one method's search, one file per setting, and a
+    pointer from the chosen setting to the job whose test results it has. The directory is keyed by everything
+    that determines a setting's result except the grid (method, space, fixed parameters, adapters, seeds,
+    evaluation settings and data), so a widened grid or an interrupted search evaluates only what is new, and a
+    widened grid that chooses the same setting reuses its test evaluation."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, kind: str, point: dict[str, Any]) -> Path:
+        return self.root / f"{kind}-{stable_hash(point)[:16]}.json"
+
+    def _read(self, kind: str, point: dict[str, Any]) -> dict[str, Any] | None:
+        data = read_json_or_none(self._path(kind, point))
+        same = data is not None and data.get("params") == json.loads(json.dumps(point, default=str))
+        return data if same else None  # a hash collision or a hand-edited file is a miss, never a wrong hit
+
+    def get(self, point: dict[str, Any]) -> dict[str, Any] | None:
+        """A setting's stored validation result (as `_search_point` returns it), or None."""
+        data = self._read("setting", point)
+        return data["result"] if data is not None else None
+
+    def put(self, point: dict[str, Any], result: dict[str, Any]) -> None:
+        write_json_atomic(self._path("setting", point), {"params": point, "result": result})
+
+    def chosen_job(self, point: dict[str, Any]) -> str | None:
+        """The id of a finished job that chose `point` (its test results are this setting's), or None."""
+        data = self._read("chosen", point)
+        return data["job_id"] if data is not None else None
+
+    def set_chosen(self, point: dict[str, Any], job_id: str) -> None:
+        write_json_atomic(self._path("chosen", point), {"params": point, "job_id": job_id})

@@ -149,6 +149,8 @@ def _unexpected_entry(entry: Path) -> list[str]:
     if _OWN_HIDDEN.fullmatch(entry.name):
         return []
     if entry.parent.name == "jobs":
+        if entry.name == "settings" and entry.is_dir() and not entry.is_symlink():
+            return [f"settings/{p}" for p in _unexpected_settings(entry)]
         return [] if entry.is_file() and entry.suffix == ".json" else [entry.name]
     if entry.parent.name == "report":
         from lorafuse.experiment.report import REPORT_FILES
@@ -157,6 +159,18 @@ def _unexpected_entry(entry: Path) -> list[str]:
     if not atomic.is_lorafuse_output(entry):
         return [entry.name]
     return [f"{entry.name}/{p}" for p in atomic.unexpected_paths(entry)]
+
+
+def _unexpected_settings(folder: Path) -> list[str]:
+    """jobs/settings/ holds one folder per method's search, of JSON files (lorafuse.experiment.cache.SettingCache)."""
+    found = []
+    for search in sorted(folder.iterdir()):
+        if not search.is_dir() or search.is_symlink():
+            found.append(search.name)
+            continue
+        found += [f"{search.name}/{f.name}" for f in sorted(search.iterdir())
+                  if not (_OWN_HIDDEN.fullmatch(f.name) or (f.is_file() and f.suffix == ".json"))]
+    return found
 
 
 def write_marker(out: Path) -> None:
@@ -176,7 +190,9 @@ def remove_leftovers(out: Path, adapter_dirs: Iterable[Path]) -> list[Path]:
     another run's are its own business). A previous output set aside by a killed replacement is put back.
     Training checkpoints are kept (resume)."""
     found: list[Path] = []
-    for root in (out / "jobs", out / "fused", out, out / "report"):
+    settings = out / "jobs" / "settings"
+    searches = sorted(p for p in settings.iterdir() if p.is_dir()) if settings.is_dir() else []
+    for root in (out / "jobs", *searches, out / "fused", out, out / "report"):
         found += atomic.clean_leftovers_in(root)
     for adapter in adapter_dirs:
         found += atomic.clean_leftovers(adapter)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import ConfigError
-from lorafuse.experiment.cache import JobStore, adapter_key, stable_hash
+from lorafuse.experiment.cache import JobStore, SettingCache, adapter_key, stable_hash
 from lorafuse.experiment.config import ExperimentConfig, MethodSpec
 from lorafuse.experiment.executors import Executor, make_executor
 from lorafuse.experiment.jobs import ExperimentError, Job, resolve_call
@@ -143,6 +143,8 @@ class ExperimentRunner:
             job = self._job(*self._search_job(spec), "_fuse", (spec,), label=spec.name)
             if isinstance(job, Job):  # its settings, for an executor that spreads them over its workers
                 job = replace(job, parts=self._search_parts(spec), finish="_finish_search")
+            elif job is not None:
+                self._remember_settings(spec, job)
             planned.append(job)
         for job in self._run_stage(planned):
             self._add(job)
@@ -360,6 +362,9 @@ class ExperimentRunner:
         the score the choice compares (and the merges themselves when `keep`)."""
         from lorafuse.experiment.analysis import mean_split
 
+        cache = self.setting_cache(spec)
+        if (cached := cache.get(point)) is not None:
+            return (None, cached) if keep else cached
         merged, vals = self._merges(spec, point), []
         for result in merged:
             val = self.evaluator("validation").evaluate(result, heads=self.own_heads())
@@ -368,15 +373,46 @@ class ExperimentRunner:
         point_result["score"] = self._selection_score(point_result["validation"])
         if len(vals) > 1:
             point_result["seed_scores"] = [self._selection_score(v) for v in vals]
+        cache.put(point, point_result)
         return (merged, point_result) if keep else point_result
+
+    def setting_cache(self, spec: MethodSpec) -> SettingCache:
+        """Where a method's evaluated settings are kept, keyed by its job key without the grid."""
+        key = {"spec": spec.model_dump(exclude={"label", "search", "samples", "sample_seed", "sampler"}),
+               "adapters": self.adapter_ids(), "eval": self._eval_key(), "data": self._eval_data()}
+        if spec.stochastic:
+            key["seeds"] = self.seeds(spec.params.get("seed", 0))
+        name = _slug(spec.method if spec.space == "full" else f"{spec.method}-{spec.space}")
+        return SettingCache(self.store.root / "settings" / f"{name}-{stable_hash(key)[:8]}")
+
+    def _remember_settings(self, spec: MethodSpec, job: dict[str, Any]) -> None:
+        """Store a finished search's settings (jobs that ran before settings were kept on their own)."""
+        sweep = job.get("sweep") or []
+        if job.get("status") != "ok" or not sweep or spec.sampler == "tpe":
+            return
+        cache = self.setting_cache(spec)
+        best = max(sweep, key=_score)
+        if cache.chosen_job(best["params"]) is not None:
+            return
+        for point in sweep:
+            if cache.get(point["params"]) is None:
+                cache.put(point["params"], point)
+        cache.set_chosen(best["params"], job["job_id"])
+
+    def _reused_test(self, spec: MethodSpec, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The test results, saved-adapter record and update sketch of a finished job of the same method that
+        chose the same setting (a widened grid that did not move the choice), or None."""
+        job_id = self.setting_cache(spec).chosen_job(params)
+        job = self.store.get(job_id) if job_id is not None else None
+        if job is None:
+            return None
+        return {k: job[k] for k in ("test", "seeds", "seed_runs", "saved_adapter", "update_sketch") if k in job}
 
     def _finish_search(self, spec: MethodSpec, sweep: list[dict[str, Any]], search_seconds: float,
                        merged: Any = None) -> dict[str, Any]:
         """The best setting of `sweep` (a TPE search: of its study) on test, saved as a PEFT adapter; the best
         is merged again when the search ran elsewhere. A stochastic method's test results are the mean over
         seeds, each seed's kept in `seed_runs`."""
-        from lorafuse.experiment.analysis import over_seeds
-
         if spec.sampler == "tpe":
             from lorafuse.experiment import tuning
 
@@ -385,18 +421,26 @@ class ExperimentRunner:
         if best is None:
             raise ExperimentError(f"method '{spec.name}': no setting of its search was evaluated")
         results = merged if merged is not None else self._merges(spec, best["params"])
+        fused_dir = results[0].save(self.out / "fused" / _slug(spec.name), overwrite=True)
+        outcome = self._reused_test(spec, best["params"]) or self._test_outcome(spec, results, best["score"])
+        params = {k: v for k, v in {**spec.params, **best["params"]}.items() if not (spec.stochastic and k == "seed")}
+        self.setting_cache(spec).set_chosen(best["params"], self.search_id(spec))
+        return {"name": spec.name, "kind": "static", "method": spec.method, "space": spec.space,
+                "params": params, "sweep": sweep, "validation": best["validation"], **outcome,
+                "fused_dir": str(fused_dir), "search_seconds": round(search_seconds, 2), "settings_tried": len(sweep)}
+
+    def _test_outcome(self, spec: MethodSpec, results: list[Any], score: float) -> dict[str, Any]:
+        """The chosen setting on test (the mean over seeds for a stochastic method, each seed's kept), with what
+        its saved adapter keeps and its update sketch."""
+        from lorafuse.experiment.analysis import over_seeds
+
         tests = [self.evaluator("test").evaluate(r, heads=self.own_heads()).normalize(self.state.reference["test"])
                  for r in results]
-        fused_dir = results[0].save(self.out / "fused" / _slug(spec.name), overwrite=True)
         seeds = self._seeds_of(spec)
         outcome = over_seeds([(s, t.to_dict()) for s, t in zip(seeds, tests)]) if spec.stochastic \
             else {"test": tests[0].to_dict()}
-        params = {k: v for k, v in {**spec.params, **best["params"]}.items() if not (spec.stochastic and k == "seed")}
-        return {"name": spec.name, "kind": "static", "method": spec.method, "space": spec.space,
-                "params": params, "sweep": sweep, "validation": best["validation"],
-                **outcome, "fused_dir": str(fused_dir), "update_sketch": update_sketch(results[0].modules),
-                "saved_adapter": self._saved_adapter(results[0], best["score"]),
-                "search_seconds": round(search_seconds, 2), "settings_tried": len(sweep)}
+        return {**outcome, "update_sketch": update_sketch(results[0].modules),
+                "saved_adapter": self._saved_adapter(results[0], score)}
 
     def _saved_adapter(self, result: Any, exact_score: float) -> dict[str, Any]:
         """What the saved adapter keeps of the evaluated (exact) result: nothing is cut for exact, aligned and
