@@ -85,8 +85,17 @@ def case_lorafuse(layers: int, method: str, **params: Any) -> dict[str, Any]:
     start = time.perf_counter()
     result = merge(dirs, method, progress=False, **params)
     result.save(out)
-    return {"seconds": time.perf_counter() - start,
-            "retained_energy_min": result.provenance["retained_energy"]["min"]}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "retained_energy_min": result.provenance["retained_energy"]["min"],
+            **(_vllm_check(out) if method == "ctm" else {})}
+
+
+def _vllm_check(out: Path) -> dict[str, Any]:
+    """`lorafuse check --engine vllm` of the written adapter (after the clock): CtM's one rank-r output must load."""
+    from lorafuse.adapters.check import check_adapter
+
+    verdict = check_adapter(out, "vllm")
+    return {"vllm_check": "passes" if verdict.ok else "fails: " + "; ".join(str(f) for f in verdict.failures)}
 
 
 def _fresh(out: Path) -> Path:
@@ -415,6 +424,8 @@ def markdown(info: dict[str, Any], rows: list[dict[str, Any]], notes: list[str])
                                                        if r.get("peft_conditions") else ""))
         if "ratio_vs_dense_knots" in r:
             note.append(f"{r['ratio_vs_dense_knots']:.3f} × the dense KnOTS SVDs of one layer's q and k")
+        if "vllm_check" in r:
+            note.append(f"`lorafuse check --engine vllm` {r['vllm_check']}")
         if "peak_gb_before_call" in r:
             note.append(f"RSS before the call {r['peak_gb_before_call']:.2f} GB (bf16 base layer)")
         if r.get("load_at_start") is not None:
