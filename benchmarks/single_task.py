@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-test", type=int, help="default: the complete test split")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--validations", type=int, default=VALIDATIONS, help="validations per job (best checkpoint)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="training and evaluation dtype (bf16: mixed precision, fp32 masters; auto: by the CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for this job list (recorded per job)")
     p.add_argument("--note", default="", help="what else ran on the machine meanwhile (recorded)")
     p.add_argument("--report", action="store_true")
@@ -81,14 +83,14 @@ def run_job(args: argparse.Namespace, job: str) -> dict[str, Any]:
     cfg = TrainConfig(eval_steps=eval_steps, task=task, model=args.model, output=str(out), overwrite=True, lr=lr,
                       epochs=epochs, batch_size=args.batch_size, max_examples=args.max_examples,
                       max_length=args.max_length, max_eval_examples=args.max_validation, data_dir=args.data_dir,
-                      seed=int(seed), full_finetune=kind == "full", progress=False)
+                      seed=int(seed), full_finetune=kind == "full", progress=False, dtype=args.dtype)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     train_adapter(cfg)
     train_wall = time.perf_counter() - start
     record = json.loads((out / TRAIN_RECORD).read_text())
     start = time.perf_counter()
-    accuracy, n, predicted = evaluate(args, kind, task, out)
+    accuracy, n, predicted, flags = evaluate(args, kind, task, out)
     eval_seconds = time.perf_counter() - start
     labels = Counter(e.label for e in get_task(task).load("test", args.data_dir, args.max_test))
     majority_label, count = labels.most_common(1)[0]
@@ -110,7 +112,8 @@ def run_job(args: argparse.Namespace, job: str) -> dict[str, Any]:
         "train_examples_per_second": record.get("train_examples_per_second"),
         "eval_seconds": round(eval_seconds, 1), "predicted": predicted, "hyperparameters": record["hyperparameters"],
         "load_average_at_start": round(load_before, 2), "note": args.note, "cpu": _cpu(),
-        "torch_threads": args.threads,
+        "torch_threads": args.threads, "dtype": record.get("precision", {}).get("dtype", "float32"),
+        "test_correct_flags": "".join("1" if f else "0" for f in flags),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -130,13 +133,13 @@ def _cpu() -> str:
 _EVALUATORS: dict[str, Any] = {}
 
 
-def evaluate(args: argparse.Namespace, kind: str, task: str, out: Path) -> tuple[float, int, dict[str, int]]:
+def evaluate(args: argparse.Namespace, kind: str, task: str, out: Path) -> tuple[float, int, dict[str, int], list]:
     """Test accuracy on the complete split: a LoRA adapter through one Evaluator per task (base loaded and the
     split tokenized once per process), a fully fine-tuned model through its own."""
     from lorafuse.model.evaluation import Evaluator
 
     common = dict(split="test", data_dir=args.data_dir, max_examples=args.max_test, batch_size=args.eval_batch_size,
-                  max_length=args.max_length, progress=False)
+                  max_length=args.max_length, progress=False, dtype=args.dtype)
     if kind == "full":
         ev = Evaluator(str(out), [task], **common)
         head = {k: v for k, v in ev.model.state_dict().items() if k.split(".")[0] in ("classifier", "score")}
@@ -145,7 +148,7 @@ def evaluate(args: argparse.Namespace, kind: str, task: str, out: Path) -> tuple
         if task not in _EVALUATORS:
             _EVALUATORS[task] = Evaluator(args.model, [task], **common)
         result = _EVALUATORS[task].evaluate(out)
-    return result.accuracy[task], result.examples[task], result.predicted[task]
+    return result.accuracy[task], result.examples[task], result.predicted[task], list(result.correct_flags(task))
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -169,7 +172,8 @@ def report() -> None:
              "accuracy is on the complete test split. *p*: exact one-sided binomial test of the accuracy against "
              "the majority-class rate. *final loss*: mean of the last 5% of logged training losses; ✓ when "
              "below 0.8·ln K. Train s excludes the validation passes (listed apart in the JSON).", ""]
-    lines += _summary(rows)
+    lines += _summary([r for r in rows if r.get("dtype", "float32") == "float32"])
+    lines += _precision_table(rows)
     for run in dict.fromkeys(r["run"] for r in rows):
         lines += _section([r for r in rows if r["run"] == run])
     lines += _curves(rows)
@@ -323,6 +327,40 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
                 f"{'yes' if all(r['p_value'] < 0.01 for r in group) else 'NO'} | "
                 f"{'yes' if all(r['final_loss_below_0.8lnK'] for r in group) else 'NO'} | {full_text} | {gap} |")
     return lines + [""]
+
+
+def _precision_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Each reduced-precision job beside the fp32 jobs of the same recipe (model, kind, task, pairs, epochs): the
+    same seed (same data order and initialisation: the difference is the precision's) and the spread over seeds."""
+    import statistics
+
+    def recipe(r: dict[str, Any]) -> tuple:
+        return r["model"], r["kind"], r["task"], r["train_examples"], r["hyperparameters"]["epochs"]
+
+    reduced = [r for r in rows if r.get("dtype", "float32") != "float32"]
+    lines = ["## The recipe in bf16 against fp32 (mixed precision, fp32 master weights)", "",
+             "| model | task | seed | pairs × epochs | fp32 test acc (same seed) | fp32 over seeds | bf16 test acc | "
+             "bf16 − fp32 (same seed) | same-example agreement of correctness | train s fp32 / bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reduced:
+        fp32 = [x for x in rows if x.get("dtype", "float32") == "float32" and recipe(x) == recipe(r)]
+        seeds = sorted((x for x in fp32 if x["seed"] == r["seed"]), key=lambda x: not x.get("test_correct_flags"))
+        same = seeds[0] if seeds else None  # per-example flags where a run recorded them
+        accs = [100 * x["test_accuracy"] for x in fp32]
+        spread = f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f} ({len(accs)})" if len(accs) > 1 else "—"
+        agree = "—"
+        if same is not None and same.get("test_correct_flags") and r.get("test_correct_flags"):
+            a, b = same["test_correct_flags"], r["test_correct_flags"]
+            agree = f"{100 * sum(x == y for x, y in zip(a, b)) / len(a):.1f}%"
+        same_acc = "—" if same is None else f"{100 * same['test_accuracy']:.1f}"
+        delta = "—" if same is None else f"{100 * (r['test_accuracy'] - same['test_accuracy']):+.1f}"
+        seconds = "—" if same is None else f"{same['train_seconds']:.0f}"
+        lines.append(f"| {r['model']} | {r['task']} | {r['seed']} | {r['train_examples']} × "
+                     f"{r['hyperparameters']['epochs']:g} | {same_acc} | {spread} | {100 * r['test_accuracy']:.1f} | "
+                     f"{delta} | {agree} | {seconds} / {r['train_seconds']:.0f} |")
+    return lines + ["", "bf16 here is the CPU's: where the processor lacks AMX-BF16 and AVX512-BF16 it is emulated "
+                    "(slower than fp32; see precision_speed.md), but its rounding is the same as on hardware that "
+                    "has it, so the accuracy comparison holds there too.", ""] if reduced else []
 
 
 def _curves(rows: list[dict[str, Any]]) -> list[str]:
