@@ -116,9 +116,13 @@ def count_on_device(chunk: torch.Tensor) -> bool:
 
 def _count_and_band(values: Iterable[torch.Tensor], brackets: list[tuple[float, float]]
                     ) -> list[tuple[int, np.ndarray]]:
-    """For each (lo, hi): how many |x| exceed hi, and the |x| lying in [lo, hi] (numpy: fast boolean selection)."""
+    """For each (lo, hi): how many |x| exceed hi, and the |x| lying in [lo, hi] (numpy: fast boolean selection).
+    On the CPU two passes over each chunk: |x| into a reused buffer, then the entries ≥ the lowest lo gathered
+    (about the kept fraction plus the bracket); counting and selecting happen on that small set."""
     above = [0] * len(brackets)
     inside: list[list[np.ndarray]] = [[] for _ in brackets]
+    floor = min((lo for lo, _ in brackets), default=0.0)
+    scratch = np.empty(0, np.float32)
     for chunk in values:
         chunk = chunk.detach() if chunk.dtype in (torch.float32, torch.float64) else chunk.detach().float()
         if count_on_device(chunk):  # on an accelerator: count there, bring back only the bracketed values
@@ -127,10 +131,14 @@ def _count_and_band(values: Iterable[torch.Tensor], brackets: list[tuple[float, 
                 above[i] += int((mag_t > hi).sum())
                 inside[i].append(mag_t[(mag_t >= lo) & (mag_t <= hi)].cpu().numpy())
             continue
-        mag = np.abs(chunk.numpy().reshape(-1))
+        flat = chunk.numpy().reshape(-1)
+        if scratch.size < flat.size or scratch.dtype != flat.dtype:
+            scratch = np.empty(flat.size, flat.dtype)
+        mag = np.abs(flat, out=scratch[: flat.size])
+        high = mag[mag >= mag.dtype.type(floor)]  # compared in the values' own dtype, as the masks compare
         for i, (lo, hi) in enumerate(brackets):
-            above[i] += int(np.count_nonzero(mag > hi))
-            inside[i].append(mag[(mag >= lo) & (mag <= hi)])
+            above[i] += int(np.count_nonzero(high > hi))
+            inside[i].append(high[(high >= lo) & (high <= hi)])
     return [(a, np.concatenate(v) if v else np.zeros(0, np.float32)) for a, v in zip(above, inside)]
 
 
@@ -141,13 +149,17 @@ def top_thresholds(values: Callable[[], Iterable[torch.Tensor]], total: int, fra
 
 
 def top_limits(values: Callable[[], Iterable[torch.Tensor]], total: int, fractions: KeepSpec,
-               sample: torch.Tensor) -> list[tuple[float, int]]:
+               sample: torch.Tensor, strict: bool = False) -> list[tuple[float, int]]:
     """Exact (τ, ties) keeping int(f·total) of the largest |x| per fraction f (same rule as top_limit:
     (inf, 0) keeps none, (0, total) keeps all) over chunks that `values()` produces (e.g. bands of a dense update).
 
     A sample of |x| brackets each threshold; one pass counts the entries above the bracket and keeps those
     inside it, so the k-th largest is read from a small sorted set. Where the sample misses (improbable, but
-    possible on adversarial data), a second pass with the bracket widened to the side it missed stays exact."""
+    possible on adversarial data), a second pass with the bracket widened to the side it missed stays exact.
+
+    `strict`: where the k largest include every entry equal to τ > 0 (no tie at the threshold, the usual case),
+    the limit is (τ⁻, 0) instead, τ⁻ the float just below τ in the values' dtype: `|x| > τ⁻` keeps the same k
+    entries with no tie budget to consume, so chunks can be masked in any order (in parallel)."""
     ks = keep_counts(fractions, total)
     out: list[tuple[float, int] | None] = [(float("inf"), 0) if k <= 0 else (0.0, total) if k >= total else None
                                            for k in ks]
@@ -162,7 +174,11 @@ def top_limits(values: Callable[[], Iterable[torch.Tensor]], total: int, fractio
             rank = ks[i] - above  # the threshold is the rank-th largest value inside the bracket
             if 0 < rank <= inside.size:
                 tau = inside.dtype.type(np.partition(inside, inside.size - rank)[inside.size - rank])
-                out[i] = (float(tau), rank - int(np.count_nonzero(inside > tau)))
+                ties = rank - int(np.count_nonzero(inside > tau))
+                if strict and tau > 0 and ties == int(np.count_nonzero(inside == tau)):
+                    out[i] = (float(np.nextafter(tau, inside.dtype.type(0))), 0)
+                else:
+                    out[i] = (float(tau), ties)
             else:
                 lo, hi = brackets[i]
                 brackets[i] = (hi, float("inf")) if rank <= 0 else (0.0, lo)
