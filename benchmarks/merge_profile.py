@@ -53,10 +53,12 @@ class Timers:
         setattr(owner, attr, timed)
 
 
-def instrument(timers: Timers) -> None:
+def instrument(timers: Timers, package: str = "lorafuse") -> None:
     """Wrap the stages of the full-space element-wise path (whatever of them this version of lorafuse has)."""
-    from lorafuse.merging import engine, spaces
-    from lorafuse.merging.methods import elementwise, primitives, thresholds
+    import importlib
+
+    engine, spaces, elementwise, primitives, thresholds = (importlib.import_module(f"{package}.merging.{m}") for m in (
+        "engine", "spaces", "methods.elementwise", "methods.primitives", "methods.thresholds"))
 
     stages = [
         (engine._Engine, "_elementwise_full", "module total (merge pass + per-module thresholds)"),
@@ -76,17 +78,20 @@ def instrument(timers: Timers) -> None:
         (primitives, "disjoint_mean_", "disjoint mean"),
         (engine, "dense_truncated_svd", "rank-16 truncation (block Krylov, after the merge pass)"),
         (engine, "range_start", "range finder start block (QR)"),
+        (getattr(engine, "_Bands", None), "run", "merge bands (GEMMs, merge, product with the test block)"),
+        (getattr(engine, "_Bands", None), "run_parallel", "merge bands in parallel (wall)"),
     ]
     for owner, attr, stage in stages:
-        if hasattr(owner, attr):
+        if owner is not None and hasattr(owner, attr):
             timers.wrap(owner, attr, stage)
 
 
-def run(case: str, layers: int) -> dict[str, Any]:
-    from lorafuse.merging.engine import merge
+def run(case: str, layers: int, package: str = "lorafuse") -> dict[str, Any]:
+    import importlib
 
+    merge = importlib.import_module(f"{package}.merging.engine").merge
     timers = Timers()
-    instrument(timers)
+    instrument(timers, package)
     method, params = CASES[case]
     start = time.perf_counter()
     result = merge(merge_bench.adapter_dirs(layers), method, progress=False, **params)
@@ -94,7 +99,7 @@ def run(case: str, layers: int) -> dict[str, Any]:
     out = merge_bench._fresh(merge_bench.WORK / "out" / f"profile-{case}")
     save_start = time.perf_counter()
     result.save(out)
-    return {"case": case, "layers": layers, "total_s": merged + time.perf_counter() - save_start,
+    return {"case": case, "package": package, "layers": layers, "total_s": merged + time.perf_counter() - save_start,
             "merge_s": merged, "save_s": time.perf_counter() - save_start,
             "stages": {k: round(v, 3) for k, v in sorted(timers.seconds.items(), key=lambda kv: -kv[1])},
             "calls": dict(timers.calls), "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -106,13 +111,22 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--old-src", type=Path, help="also profile this tree (alternately, same process; see "
+                        "merge_speedup.py)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     merge_bench.ensure_adapters(args.layers)
+    packages = ["lorafuse"]
+    if args.old_src:
+        import merge_speedup
+
+        merge_speedup.import_old(args.old_src)
+        packages = ["lorafuse_old", "lorafuse"]
     for case in args.cases:
-        print(json.dumps(run(case, args.layers), indent=1), flush=True)
+        for package in packages:
+            print(json.dumps(run(case, args.layers, package), indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -477,7 +477,7 @@ class _Bands:
         return blocks, torch.empty_like(blocks)
 
     def run(self, bands: Iterable[tuple[int, int]], buffers: tuple[torch.Tensor, torch.Tensor],
-            draws: Draws | None = None) -> None:
+            draws: Draws | None = None, multiply: bool = True) -> None:
         blocks, scratch = buffers
         draws = self.generators if draws is None else draws
         n = self.rows.shape[1]
@@ -489,12 +489,17 @@ class _Bands:
                     self.rows.task_band(t, first, last, x[t])
                 self.merge_into(x, self.weights, self.limits, self.params, draws.at(first * n),
                                 self.merged[first:last], mask)
-            if self.omega is not None:  # the range finder's first pass, while the band is in cache
-                torch.matmul(self.merged[start:stop], self.omega, out=self.product[start:stop])
+            if multiply:  # the range finder's first pass, while the band is in cache
+                self.multiply(start, stop)
+
+    def multiply(self, start: int, stop: int) -> None:
+        if self.omega is not None:
+            torch.matmul(self.merged[start:stop], self.omega, out=self.product[start:stop])
 
     def run_parallel(self, workers: int) -> None:
         """The bands shared out to `workers` threads as they finish (torch and numpy release the GIL); each thread
-        draws its DARE masks itself (the mask pool is not used from inside another pool's threads)."""
+        draws its DARE masks itself (the mask pool is not used from inside another pool's threads). The product
+        with Ω is left to the caller (`multiply`)."""
         queue = iter(self.rows.bands())
         lock = threading.Lock()
 
@@ -507,7 +512,7 @@ class _Bands:
                 yield band
 
         def work(_: int) -> None:
-            self.run(next_band(), self.buffers(), self.generators.in_thread())
+            self.run(next_band(), self.buffers(), self.generators.in_thread(), multiply=False)
 
         list(_band_pool(workers).map(work, range(workers)))
 
@@ -624,6 +629,12 @@ class _Engine:
         if independent:
             with serial():
                 bands.run_parallel(workers)
+            # MKL's sums depend on its thread count: the product is formed band by band on as many threads as the
+            # sequential merge uses (one where it draws masks), so the truncation, and the saved factors, are bit
+            # for bit those of a sequential merge
+            with serial() if drawing else contextlib.nullcontext():
+                for start, stop in rows.bands():
+                    bands.multiply(start, stop)
         else:
             with serial() if drawing else contextlib.nullcontext():
                 bands.run(rows.bands(), bands.buffers())

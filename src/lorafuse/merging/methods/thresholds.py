@@ -116,13 +116,12 @@ def count_on_device(chunk: torch.Tensor) -> bool:
 
 def _count_and_band(values: Iterable[torch.Tensor], brackets: list[tuple[float, float]]
                     ) -> list[tuple[int, np.ndarray]]:
-    """For each (lo, hi): how many |x| exceed hi, and the |x| lying in [lo, hi] (numpy: fast boolean selection).
-    On the CPU two passes over each chunk: |x| into a reused buffer, then the entries ≥ the lowest lo gathered
-    (about the kept fraction plus the bracket); counting and selecting happen on that small set."""
+    """For each (lo, hi): how many |x| exceed hi, and the |x| lying in [lo, hi] (numpy: fast boolean selection,
+    into buffers reused from chunk to chunk). Selecting only the narrow bracket matters: a boolean selection of
+    every entry ≥ lo (the kept fifth) was 4x slower than these five passes (unpredictable branches)."""
     above = [0] * len(brackets)
     inside: list[list[np.ndarray]] = [[] for _ in brackets]
-    floor = min((lo for lo, _ in brackets), default=0.0)
-    scratch = np.empty(0, np.float32)
+    buffers: dict[tuple[int, np.dtype], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for chunk in values:
         chunk = chunk.detach() if chunk.dtype in (torch.float32, torch.float64) else chunk.detach().float()
         if count_on_device(chunk):  # on an accelerator: count there, bring back only the bracketed values
@@ -132,13 +131,18 @@ def _count_and_band(values: Iterable[torch.Tensor], brackets: list[tuple[float, 
                 inside[i].append(mag_t[(mag_t >= lo) & (mag_t <= hi)].cpu().numpy())
             continue
         flat = chunk.numpy().reshape(-1)
-        if scratch.size < flat.size or scratch.dtype != flat.dtype:
-            scratch = np.empty(flat.size, flat.dtype)
-        mag = np.abs(flat, out=scratch[: flat.size])
-        high = mag[mag >= mag.dtype.type(floor)]  # compared in the values' own dtype, as the masks compare
+        key = (flat.size, flat.dtype)
+        if key not in buffers:
+            buffers = {key: (np.empty(flat.size, flat.dtype), np.empty(flat.size, np.bool_),
+                             np.empty(flat.size, np.bool_))}
+        mag, first, second = buffers[key]
+        np.abs(flat, out=mag)
         for i, (lo, hi) in enumerate(brackets):
-            above[i] += int(np.count_nonzero(high > hi))
-            inside[i].append(high[(high >= lo) & (high <= hi)])
+            np.greater(mag, hi, out=first)
+            above[i] += int(np.count_nonzero(first))
+            np.greater_equal(mag, lo, out=first)
+            np.less_equal(mag, hi, out=second)
+            inside[i].append(mag[np.logical_and(first, second, out=first)])
     return [(a, np.concatenate(v) if v else np.zeros(0, np.float32)) for a, v in zip(above, inside)]
 
 
