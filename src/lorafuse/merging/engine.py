@@ -296,16 +296,16 @@ class _Thresholds:
         """Per-module thresholds of a full-space module produced in bands (exact, one pass per task)."""
         if self.fixed is not None:
             return self.fixed
-        return self._fit_rows([(module, rows)])
+        return self._fit_rows([module], lambda _: rows, [rows.shape[0] * rows.shape[1]])
 
-    def fit_global_rows(self, modules: Callable[[], Iterator[tuple[str, DenseRows]]]) -> None:
+    def fit_global_rows(self, modules: list[str], rows_of: Callable[[str], DenseRows], sizes: list[int]) -> None:
         """The global thresholds of the full space, streamed: per task one counting pass over every module's
         bands (in the merge's module order), bracketed by a sample spread over the modules in proportion to
-        their sizes; no module's T dense updates are ever stacked."""
-        self.fixed = self._fit_rows(list(modules()))
+        their sizes; a module's updates are formed only while it is read (`rows_of`), and no module's T dense
+        updates are ever stacked."""
+        self.fixed = self._fit_rows(modules, rows_of, sizes)
 
-    def _fit_rows(self, modules: list[tuple[str, DenseRows]]) -> torch.Tensor:
-        sizes = [rows.shape[0] * rows.shape[1] for _, rows in modules]
+    def _fit_rows(self, modules: list[str], rows_of: Callable[[str], DenseRows], sizes: list[int]) -> torch.Tensor:
         total = sum(sizes)
         counts = [max(1, round(SAMPLE_ENTRIES * size / total)) for size in sizes]  # a stratified sample
 
@@ -313,8 +313,8 @@ class _Thresholds:
             rule = self.rules[t]
             if not rule:
                 return []
-            sample = torch.cat([self._task_sample(t, rows, c) for (_, rows), c in zip(modules, counts)])
-            values = lambda: (v for module, rows in modules for v in self._task_values(t, module, rows))  # noqa: E731
+            sample = torch.cat([self._task_sample(t, rows_of(m), c) for m, c in zip(modules, counts)])
+            values = lambda: (v for m in modules for v in self._task_values(t, m, rows_of(m)))  # noqa: E731
             # strict: limits without a tie budget where nothing ties at τ, so bands can be masked in parallel
             return top_limits(values, total, rule, sample, strict=True)
 
@@ -563,7 +563,8 @@ class _Engine:
                     for m in self._progress(self.modules, f"merge ({self.spec.name})")}
         thresholds = _Thresholds(self.spec, self.params, self.densities, self.trim_scope, self._generators)
         if thresholds.global_scope and self.options.space == "full":
-            thresholds.fit_global_rows(lambda: ((m, self._rows(m)) for m in self.modules))
+            thresholds.fit_global_rows(self.modules, self._rows, [m * n for m, n in map(self.stream.shapes.get,
+                                                                                         self.modules)])
         elif thresholds.global_scope:
             thresholds.fit_global(lambda desc: ((m, self._project(m)) for m in self._progress(self.modules, desc)))
             thresholds.fixed = thresholds.fixed.to(self.device)  # one table: its tie budgets are consumed in place
