@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from adapter_factory import dense_update, llama_modules, write_adapter
@@ -229,3 +231,114 @@ def test_device_option_from_yaml_and_default(monkeypatch):
                        ).merge_kwargs()["device"] == "cpu"
     monkeypatch.delenv("LORAFUSE_DEVICE", raising=False)
     assert default_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_strict_limits_keep_the_exact_top_k_without_a_tie_budget():
+    """The counting pass's limits (sample bracket, one exact pass) equal a full sort's; `strict` turns a threshold
+    with no tie into (τ⁻, 0), which keeps the same k with a plain `>`, and leaves real ties (quantised values)
+    as (τ, ties), which keep exactly k by position."""
+    from lorafuse.merging.methods.primitives import top_mask
+    from lorafuse.merging.methods.thresholds import top_limits
+
+    gen = torch.Generator().manual_seed(1)
+    smooth = torch.randn(40_000, generator=gen) * torch.rand(40_000, generator=gen)
+    quantised = torch.randint(-3, 4, (40_000,), generator=gen).float() * 0.25
+    for values in (smooth, quantised):
+        for density in (0.05, 0.2, 0.5):
+            k = int(density * values.numel())
+            chunks = lambda v=values: iter(v.split(7_000))  # noqa: E731
+            (plain,) = top_limits(chunks, values.numel(), [density], values[::7])
+            (strict,) = top_limits(chunks, values.numel(), [density], values[::7], strict=True)
+            ranked = values.abs().sort(descending=True, stable=True)
+            tau = float(ranked.values[k - 1])
+            assert plain == (tau, k - int((values.abs() > tau).sum()))
+            expected = torch.zeros(values.numel())
+            expected[ranked.indices[:k]] = 1
+            for limit in (plain, strict):
+                table = torch.tensor([limit], dtype=torch.float64)  # its tie budget consumed chunk by chunk
+                mask = torch.cat([top_mask(c.unsqueeze(0), table)[0] for c in values.split(7_000)])
+                assert torch.equal(mask, expected)
+            tied = int((values.abs() == tau).sum()) > plain[1]
+            assert strict == (plain if tied else (float(torch.tensor(tau).nextafter(torch.tensor(0.0))), 0))
+
+
+def test_weighted_sum_has_the_bits_of_the_gemv():
+    """The task sums are added in task order from 0 (fused multiply-adds): on the CPU the same bits as the GEMV
+    tensordot(w, x) that lorafuse used before, signed zeros included."""
+    from lorafuse.merging.methods.primitives import weighted_sum
+
+    gen = torch.Generator().manual_seed(2)
+    for tasks in (1, 2, 4, 5):
+        x = torch.randn(tasks, 3, 1001, generator=gen) * (torch.rand(tasks, 3, 1001, generator=gen) > 0.3)
+        x[:, 0, :7] = -0.0
+        for w in (torch.ones(tasks), torch.randn(tasks, generator=gen)):
+            got, gemv = weighted_sum(x, w), torch.tensordot(w, x, dims=1)
+            assert torch.equal(got.view(torch.int32), gemv.view(torch.int32))
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("ties", {"density": 0.2}), ("ties", {"density": 0.2, "trim_scope": "global"}), ("dare_ties", {"drop_rate": 0.9}),
+    ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.3}), ("breadcrumbs", {}), ("magnitude_prune", {"density": 0.3})])
+def test_bands_in_parallel_give_the_sequential_bits(tmp_path, monkeypatch, method, params):
+    """Bands merged on two threads, in sub-bands of a few rows, equal one thread's merge in whole bands, bit for
+    bit (the dense result and the saved factors); quantised adapters (ties at the threshold) too, merged in row
+    order there."""
+    import lorafuse.merging.engine as engine
+    import lorafuse.merging.spaces as spaces
+
+    modules = llama_modules(layers=1, names=("self_attn.q_proj", "mlp.down_proj"))
+    smooth = [write_adapter(tmp_path / f"s{i}", modules, r=4, alpha=8, seed=30 + i) for i in range(3)]
+    quantised = _quantised(tmp_path)
+    threads = torch.get_num_threads()
+    original = engine._Bands.run_parallel
+    for paths in (smooth, quantised):
+        torch.set_num_threads(1)
+        try:
+            reference = merge(paths, method, rank=2, keep_exact=True, progress=False, **params)
+            torch.set_num_threads(2)
+            monkeypatch.setattr(engine, "MERGE_BAND_ENTRIES", 64)  # sub-bands of 1–2 rows
+            monkeypatch.setattr(spaces, "BAND_ENTRIES", 256)  # several bands per module
+            calls: list[int] = []
+            monkeypatch.setattr(engine._Bands, "run_parallel", functools.partialmethod(_spy, calls, original))
+            parallel = merge(paths, method, rank=2, keep_exact=True, progress=False, **params)
+            if paths is smooth:
+                assert calls
+            elif "drop_rate" not in params:  # ties at τ: some module merged in row order
+                assert len(calls) < len(modules)
+        finally:
+            torch.set_num_threads(threads)
+            monkeypatch.undo()
+        for module in reference.modules:
+            a, b = reference.exact[module].matrix, parallel.exact[module].matrix
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), module
+            assert torch.equal(reference.delta(module), parallel.delta(module)), module
+
+
+def _spy(self, calls, original, workers):
+    calls.append(workers)
+    return original(self, workers)
+
+
+def _quantised(root):
+    """Two adapters with entries in {-1, 0, 1}: their updates tie hundreds of entries at any threshold."""
+    import json
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    out = []
+    for i in range(2):
+        rng = np.random.default_rng(i)
+        state = {}
+        for module, (m, n) in llama_modules(layers=1, names=("self_attn.q_proj", "mlp.down_proj")).items():
+            state[f"base_model.model.{module}.lora_A.weight"] = torch.from_numpy(
+                rng.integers(-1, 2, (3, n)).astype(np.float32))
+            state[f"base_model.model.{module}.lora_B.weight"] = torch.from_numpy(
+                rng.integers(-1, 2, (m, 3)).astype(np.float32))
+        d = root / f"q{i}"
+        d.mkdir()
+        save_file(state, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 3, "lora_alpha": 3,
+                                                           "target_modules": ["q_proj", "down_proj"]}))
+        out.append(d)
+    return out

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,14 @@ from lorafuse.merging.methods.elementwise import Sparsify
 from lorafuse.merging.methods.primitives import Draws, dare_key
 from lorafuse.merging.methods.registry import MergeMethod, MethodParams, get_method
 from lorafuse.merging.methods.thresholds import StreamingQuantile, top_limits
-from lorafuse.merging.spaces import REFERENCE_TRIM_SCOPE, DenseRows, Projection, get_space
+from lorafuse.merging.spaces import (
+    MERGE_BAND_ENTRIES,
+    REFERENCE_TRIM_SCOPE,
+    SAMPLE_ENTRIES,
+    DenseRows,
+    Projection,
+    get_space,
+)
 from lorafuse.model.models import portable_name
 from lorafuse.provenance import stamp
 from lorafuse.validate import check_param_types, cut_name, finite_number, strict_bool, strict_int
@@ -288,32 +296,50 @@ class _Thresholds:
         """Per-module thresholds of a full-space module produced in bands (exact, one pass per task)."""
         if self.fixed is not None:
             return self.fixed
-        total = rows.shape[0] * rows.shape[1]
+        return self._fit_rows([module], lambda _: rows, [rows.shape[0] * rows.shape[1]])
 
-        def values(t: int) -> Iterator[torch.Tensor]:
-            if not self.recipe.trim_after_drop:
-                return rows.task_values(t)
-            from lorafuse.merging.methods.elementwise import drop
+    def fit_global_rows(self, modules: list[str], rows_of: Callable[[str], DenseRows], sizes: list[int]) -> None:
+        """The global thresholds of the full space, streamed: per task one counting pass over every module's
+        bands (in the merge's module order), bracketed by a sample spread over the modules in proportion to
+        their sizes; a module's updates are formed only while it is read (`rows_of`), and no module's T dense
+        updates are ever stacked."""
+        self.fixed = self._fit_rows(modules, rows_of, sizes)
 
-            draws = self.generators(module).task(t)  # counter-based: the same draws as the merge's, band by band
-            n = rows.shape[1]
-            return (drop(band.unsqueeze(0), self.params, draws.at(start * n))[0]
-                    for band, (start, _) in zip(rows.task_values(t), rows.bands()))
+    def _fit_rows(self, modules: list[str], rows_of: Callable[[str], DenseRows], sizes: list[int]) -> torch.Tensor:
+        total = sum(sizes)
+        counts = [max(1, round(SAMPLE_ENTRIES * size / total)) for size in sizes]  # a stratified sample
 
-        def sample(t: int) -> torch.Tensor:
-            if not self.recipe.trim_after_drop:
-                return rows.task_sample(t)
-            from lorafuse.merging.methods.elementwise import drop
-
-            # only brackets the threshold (exactness does not depend on it): an independent drop of the sample
-            return drop(rows.task_sample(t).unsqueeze(0), self.params, Draws((t,)))[0]
-
-        def task_thresholds(t: int) -> list[tuple[float, int]]:
+        def task_limits(t: int) -> list[tuple[float, int]]:
             rule = self.rules[t]
-            return top_limits(lambda: values(t), total, rule, sample(t)) if rule else []
+            if not rule:
+                return []
+            sample = torch.cat([self._task_sample(t, rows_of(m), c) for m, c in zip(modules, counts)])
+            values = lambda: (v for m in modules for v in self._task_values(t, m, rows_of(m)))  # noqa: E731
+            # strict: limits without a tie budget where nothing ties at τ, so bands can be masked in parallel
+            return top_limits(values, total, rule, sample, strict=True)
 
         # Tasks are independent, and the counting pass is numpy (one core, GIL released): one thread per core.
-        return self._table(list(_pool().map(task_thresholds, range(len(self.rules)))))
+        return self._table(list(_pool().map(task_limits, range(len(self.rules)))))
+
+    def _task_values(self, t: int, module: str, rows: DenseRows) -> Iterator[torch.Tensor]:
+        """Task t's values of one module band by band: ΔW_t, or for DARE-TIES's trim its dropped values (the
+        generator is counter-based: the same draws as the merge's, band by band)."""
+        if not self.recipe.trim_after_drop:
+            return rows.task_values(t)
+        from lorafuse.merging.methods.elementwise import drop
+
+        draws, n = self.generators(module).task(t), rows.shape[1]
+        return (drop(band.unsqueeze(0), self.params, draws.at(start * n))[0]
+                for band, (start, _) in zip(rows.task_values(t), rows.bands()))
+
+    def _task_sample(self, t: int, rows: DenseRows, count: int) -> torch.Tensor:
+        sample = rows.task_sample(t, count=count)
+        if not self.recipe.trim_after_drop:
+            return sample
+        from lorafuse.merging.methods.elementwise import drop
+
+        # only brackets the threshold (exactness does not depend on it): an independent drop of the sample
+        return drop(sample.unsqueeze(0), self.params, Draws((t,)))[0]
 
 
 @functools.cache
@@ -430,6 +456,72 @@ def _check_options(spec: MergeMethod, options: MergeOptions, densities: list[flo
     spec.check_space(options.space)
 
 
+class _Bands:
+    """One full-space module's merge band by band: each band of rows.bands() is formed and merged in sub-bands of
+    MERGE_BAND_ENTRIES per task (the T blocks, their masks and the sums stay in cache through the ~20 element-wise
+    passes), written into the m×n result, and multiplied by the range finder's test block Ω while in cache (per
+    band of rows.bands(): the same GEMMs, so the same product, whatever the sub-bands)."""
+
+    def __init__(self, rows: DenseRows, merge_into: Callable[..., torch.Tensor], limits: torch.Tensor,
+                 weights: torch.Tensor, params: MethodParams, generators: Draws, omega: torch.Tensor | None) -> None:
+        self.rows, self.merge_into, self.limits, self.weights, self.params = rows, merge_into, limits, weights, params
+        self.generators, self.omega = generators, omega
+        self.sub = max(1, MERGE_BAND_ENTRIES // max(1, rows.shape[1]))
+        self.merged = torch.empty(rows.shape, device=rows.device)
+        self.product = None if omega is None else torch.empty(rows.shape[0], omega.shape[1], device=rows.device)
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sub-band's T blocks and a scratch of their shape (one pair per thread)."""
+        blocks = torch.empty(len(self.rows), min(self.sub, self.rows.shape[0]), self.rows.shape[1],
+                             device=self.rows.device)
+        return blocks, torch.empty_like(blocks)
+
+    def run(self, bands: Iterable[tuple[int, int]], buffers: tuple[torch.Tensor, torch.Tensor],
+            draws: Draws | None = None, multiply: bool = True) -> None:
+        blocks, scratch = buffers
+        draws = self.generators if draws is None else draws
+        n = self.rows.shape[1]
+        for start, stop in bands:
+            for first in range(start, stop, self.sub):
+                last = min(first + self.sub, stop)
+                x, mask = blocks[:, : last - first], scratch[:, : last - first]
+                for t in range(len(self.rows)):
+                    self.rows.task_band(t, first, last, x[t])
+                self.merge_into(x, self.weights, self.limits, self.params, draws.at(first * n),
+                                self.merged[first:last], mask)
+            if multiply:  # the range finder's first pass, while the band is in cache
+                self.multiply(start, stop)
+
+    def multiply(self, start: int, stop: int) -> None:
+        if self.omega is not None:
+            torch.matmul(self.merged[start:stop], self.omega, out=self.product[start:stop])
+
+    def run_parallel(self, workers: int) -> None:
+        """The bands shared out to `workers` threads as they finish (torch and numpy release the GIL); each thread
+        draws its DARE masks itself (the mask pool is not used from inside another pool's threads). The product
+        with Ω is left to the caller (`multiply`)."""
+        queue = iter(self.rows.bands())
+        lock = threading.Lock()
+
+        def next_band() -> Iterator[tuple[int, int]]:
+            while True:
+                with lock:
+                    band = next(queue, None)
+                if band is None:
+                    return
+                yield band
+
+        def work(_: int) -> None:
+            self.run(next_band(), self.buffers(), self.generators.in_thread(), multiply=False)
+
+        list(_band_pool(workers).map(work, range(workers)))
+
+
+@functools.cache
+def _band_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorafuse-bands")
+
+
 class _Engine:
     def __init__(self, spec: MergeMethod, params: MethodParams, adapters: list[LoraAdapter], modules: list[str],
                  weights: list[float], densities: list[float], options: MergeOptions) -> None:
@@ -470,7 +562,10 @@ class _Engine:
             return {m: self._finish(m, self._module_update(m))
                     for m in self._progress(self.modules, f"merge ({self.spec.name})")}
         thresholds = _Thresholds(self.spec, self.params, self.densities, self.trim_scope, self._generators)
-        if thresholds.global_scope:
+        if thresholds.global_scope and self.options.space == "full":
+            thresholds.fit_global_rows(self.modules, self._rows, [m * n for m, n in map(self.stream.shapes.get,
+                                                                                         self.modules)])
+        elif thresholds.global_scope:
             thresholds.fit_global(lambda desc: ((m, self._project(m)) for m in self._progress(self.modules, desc)))
             thresholds.fixed = thresholds.fixed.to(self.device)  # one table: its tie budgets are consumed in place
         return {m: self._finish(m, self._elementwise_update(m, thresholds))
@@ -506,33 +601,46 @@ class _Engine:
                               self._generators(module))
         return proj.rebuild(merged)
 
+    def _rows(self, module: str, terms: Sequence[LowRank] | None = None) -> DenseRows:
+        """A full-space module's T dense updates, produced band by band (ΔWᵀ in the stored layout)."""
+        terms = self.stream.terms(module) if terms is None else terms
+        return DenseRows([LowRank(t.A.T, t.B.T) for t in terms] if self._stored_layout() else terms)
+
     def _elementwise_full(self, module: str, thresholds: _Thresholds) -> _Dense:
         """The full space a band of rows at a time: the same entries as the stacked dense blocks (element-wise
         methods are separable once thresholds are known; DARE's generator is counter-based, so its masks are those of
-        one draw over the whole module), in memory of one m×n result plus a band."""
+        one draw over the whole module), in memory of one m×n result plus a band per thread."""
         terms = self.stream.terms(module)
         stored = self._stored_layout()
-        rows = DenseRows([LowRank(t.A.T, t.B.T) for t in terms] if stored else terms)
+        rows = self._rows(module, terms)
         limits = thresholds.for_rows(module, rows).to(self.device)
-        weights = torch.tensor(self.weights, dtype=torch.float32, device=self.device)
-        generators = self._generators(module)
         row_space = torch.cat([t.A for t in terms]).float()
         omega = None if stored else self._range_start(module, rows.shape, row_space)
-        product = None if omega is None else torch.empty(rows.shape[0], omega.shape[1], device=self.device)
-        merged = torch.empty(rows.shape, device=self.device)
-        # DARE's masks are numpy on the trim pool's threads; between torch's parallel regions OpenMP's idle worker
-        # spins, taking the core those threads need (5x slower on the shared 2-core machine): torch runs on one
-        # thread there, the masks on all.
+        bands = _Bands(rows, self.spec.fn.merge_into, limits,  # type: ignore[attr-defined]
+                       torch.tensor(self.weights, dtype=torch.float32, device=self.device), self.params,
+                       self._generators(module), omega)
+        workers = torch.get_num_threads()
+        # Bands are independent where no tie budget is left to consume in position order (strict limits: the
+        # usual case): one band per thread, torch on one thread each. Else in row order, as one table's ties need;
+        # there DARE's masks are numpy on the mask pool's threads, and OpenMP's idle worker, spinning between torch's
+        # parallel regions, takes the core those threads need (5x slower on the shared 2-core machine): torch
+        # runs on one thread there, the masks on all.
+        independent = self.device.type == "cpu" and workers > 1 and not bool(limits[..., 1].gt(0).any())
         drawing = self.spec.fn.recipe.sparsify is Sparsify.RANDOM and self.device.type == "cpu"  # type: ignore[attr-defined]
-        with serial() if drawing else contextlib.nullcontext():
-            for start, stop in rows.bands():
-                band = merged[start:stop]
-                band.copy_(self.spec.fn(rows.band(start, stop), weights, limits, self.params,
-                                        generators.at(start * rows.shape[1])))
-                if omega is not None:  # the range finder's first pass, while the band is in cache
-                    torch.matmul(band, omega, out=product[start:stop])
-        start = None if omega is None else RangeStart(omega, product)
-        return _Dense(merged.T.contiguous() if stored else merged, row_space, start)
+        if independent:
+            with serial():
+                bands.run_parallel(workers)
+            # MKL's sums depend on its thread count: the product is formed band by band on as many threads as the
+            # sequential merge uses (one where it draws masks), so the truncation, and the saved factors, are bit
+            # for bit those of a sequential merge
+            with serial() if drawing else contextlib.nullcontext():
+                for start, stop in rows.bands():
+                    bands.multiply(start, stop)
+        else:
+            with serial() if drawing else contextlib.nullcontext():
+                bands.run(rows.bands(), bands.buffers())
+        start = None if omega is None else RangeStart(omega, bands.product)
+        return _Dense(bands.merged.T.contiguous() if stored else bands.merged, row_space, start)
 
     def _cut_rank(self, module: str, shape: tuple[int, ...]) -> int:
         """The rank a dense result is cut to: `rank`, else min(Σr, m, n)."""

@@ -60,7 +60,10 @@ def full_space(terms: Sequence[LowRank]) -> Projection:
 
 
 BAND_ENTRIES = 1 << 18  # one task's entries per band of rows: a few MB, reused, so no page faults per band
-_SAMPLE_ENTRIES = 1 << 18
+# one task's entries per sub-band of the merge: the T blocks, their masks and the sums (~2.5 MB for T = 4) stay in
+# L2/L3 through the ~20 element-wise passes of a merge; large enough that each torch call's overhead is small
+MERGE_BAND_ENTRIES = 1 << 16
+SAMPLE_ENTRIES = 1 << 18  # entries per threshold's sample (spread over the modules of a global trim)
 
 
 class DenseRows:
@@ -73,7 +76,8 @@ class DenseRows:
         self.shape = terms[0].shape
         self.rows = max(1, BAND_ENTRIES // max(1, self.shape[1]))
         self.device = self.B[0].device
-        self._buffer = torch.empty(len(terms), min(self.rows, self.shape[0]), self.shape[1], device=self.device)
+        # made on the first band(): a global trim holds every module's DenseRows at once
+        self._buffer: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.B)
@@ -83,6 +87,8 @@ class DenseRows:
 
     def band(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of every task's ΔW, [T, stop-start, n]; a view of a buffer reused by the next call."""
+        if self._buffer is None:
+            self._buffer = torch.empty(len(self), min(self.rows, self.shape[0]), self.shape[1], device=self.device)
         out = self._buffer[:, : stop - start]
         for t in range(len(self)):
             self.task_band(t, start, stop, out[t])
@@ -98,7 +104,7 @@ class DenseRows:
         for start, stop in self.bands():
             yield self.task_band(t, start, stop, out[: stop - start])
 
-    def task_sample(self, t: int, seed: int = 0) -> torch.Tensor:
+    def task_sample(self, t: int, seed: int = 0, count: int = SAMPLE_ENTRIES) -> torch.Tensor:
         """Entries of ΔW_t at independent uniformly random positions, to bracket its magnitude quantiles.
 
         Independent positions, not a grid of rows × columns: a low-rank update's entries share their row's and
@@ -107,6 +113,7 @@ class DenseRows:
         and each miss costs a second pass)."""
         gen = torch.Generator().manual_seed(seed)
         m, n = self.shape
-        rows = torch.randint(m, (_SAMPLE_ENTRIES,), generator=gen).to(self.device)
-        cols = torch.randint(n, (_SAMPLE_ENTRIES,), generator=gen).to(self.device)
-        return (self.B[t][rows] * self.A[t][:, cols].T).sum(dim=1)
+        rows = torch.randint(m, (count,), generator=gen).to(self.device)
+        cols = torch.randint(n, (count,), generator=gen).to(self.device)
+        # rows of Aᵀ, not columns of A: a gather of contiguous rows (a strided column gather was 20x slower)
+        return (self.B[t][rows] * self.A[t].T.contiguous()[cols]).sum(dim=1)

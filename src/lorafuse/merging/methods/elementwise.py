@@ -20,6 +20,7 @@ threshold alone would keep every tied entry.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -126,9 +127,16 @@ def keep_rule(params: ElementwiseParams, recipe: Recipe, density: float) -> Coun
 def drop(x: torch.Tensor, params: ElementwiseParams, generators: P.Draws) -> torch.Tensor:
     """DARE's drop: each entry kept with probability 1 − p, survivors rescaled by 1/(1 − p) unless rescale=false
     (`generators`: the counter-based draws of x's tasks, see primitives.Draws)."""
+    return drop_(x.clone(), params, generators)
+
+
+def drop_(x: torch.Tensor, params: ElementwiseParams, generators: P.Draws, scratch: torch.Tensor | None = None
+          ) -> torch.Tensor:
+    """`drop` in x's own memory: x·mask·scale (the same bits as mask·x·scale: the mask is 0 or 1). `scratch`: a
+    float32 CPU buffer of x's shape for the mask."""
     keep = 1.0 - params.drop_rate  # type: ignore[attr-defined]
     scale = 1.0 / keep if params.rescale else 1.0  # type: ignore[attr-defined]
-    return P.bernoulli_keep_mask(x, keep, generators).mul_(x).mul_(scale)
+    return x.mul_(P.bernoulli_keep_mask(x, keep, generators, scratch)).mul_(scale)
 
 
 def threshold_input(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams,
@@ -140,29 +148,50 @@ def threshold_input(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams,
 
 def sparsify(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams, thresholds: torch.Tensor,
              generators: P.Draws) -> torch.Tensor:
-    """Zero the entries each task drops; thresholds is [T, n_thresholds, 2]: per count its (τ, ties) limit, whose
-    tie budget `P.top_mask` consumes in place (so a scope's chunks must come in position order)."""
+    """Zero the entries each task drops, in a new tensor (x unchanged); see `sparsify_`."""
+    return sparsify_(x.clone(), recipe, params, thresholds, generators)
+
+
+def sparsify_(x: torch.Tensor, recipe: Recipe, params: ElementwiseParams, thresholds: torch.Tensor,
+              generators: P.Draws, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero the entries each task drops, in x's own memory; thresholds is [T, n_thresholds, 2]: per count its
+    (τ, ties) limit, whose tie budget `P.top_mask` consumes in place (so a scope's chunks must come in position
+    order). `scratch`: a buffer of x's shape for the masks (none allocated per band)."""
     if recipe.sparsify is Sparsify.MAGNITUDE:
-        return P.top_mask(x, thresholds[:, 0]).mul_(x)
+        return P.keep_top_(x, thresholds[:, 0], scratch)
     if recipe.sparsify is Sparsify.BAND:
         if params.rule == "authors":  # type: ignore[attr-defined]
-            return P.row_band_mask(x, params.gamma, params.density).mul_(x)  # type: ignore[attr-defined]
-        return P.top_mask(x, thresholds[:, 1]).sub_(P.top_mask(x, thresholds[:, 0])).mul_(x)
+            return x.mul_(P.row_band_mask(x, params.gamma, params.density))  # type: ignore[attr-defined]
+        return x.mul_(P.top_mask(x, thresholds[:, 1]).sub_(P.top_mask(x, thresholds[:, 0])))
     if recipe.sparsify is Sparsify.RANDOM:
-        dropped = drop(x, params, generators)
+        on_cpu = scratch is not None and scratch.device.type == "cpu" and scratch.dtype == torch.float32
+        dropped = drop_(x, params, generators, scratch if on_cpu else None)
         if recipe.trim_after_drop and thresholds.shape[1]:
-            return P.top_mask(dropped, thresholds[:, 0]).mul_(dropped)
+            return P.keep_top_(dropped, thresholds[:, 0], scratch)
         return dropped
     return x
 
 
-def combine(x: torch.Tensor, weights: torch.Tensor, recipe: Recipe, params: ElementwiseParams) -> torch.Tensor:
-    """λ·Σ w_t x_t, or TIES's sign election and disjoint mean on the weighted values, then λ."""
+def combine(x: torch.Tensor, weights: torch.Tensor, recipe: Recipe, params: ElementwiseParams,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """λ·Σ w_t x_t, or TIES's sign election and disjoint mean on the weighted values, then λ; into `out` if given.
+    x (the sparsified values) is overwritten by the consensus."""
     if not recipe.consensus:
-        return params.lambda_ * P.weighted_sum(x, weights)
-    elected = P.elect_sign(x, params.majority, weights)  # type: ignore[attr-defined]
-    count = params.denominator == "count"  # type: ignore[attr-defined]
-    return params.lambda_ * P.disjoint_mean(x, elected, weights, count)
+        merged = P.weighted_sum(x, weights, out=out)
+    else:
+        elected = P.elect_sign(x, params.majority, weights)  # type: ignore[attr-defined]
+        count = params.denominator == "count"  # type: ignore[attr-defined]
+        merged = P.disjoint_mean_(x, elected, weights, count, out=out)
+    return merged if params.lambda_ == 1.0 else merged.mul_(params.lambda_)  # × 1 is exact
+
+
+def merge_blocks_(x: torch.Tensor, weights: torch.Tensor, thresholds: torch.Tensor, params: ElementwiseParams,
+                  generators: P.Draws, out: torch.Tensor, scratch: torch.Tensor | None = None, *, recipe: Recipe
+                  ) -> torch.Tensor:
+    """One preset's merge of the blocks x written into `out`, in x's own memory (x is overwritten; `scratch`, of
+    x's shape, holds the masks): what the engine runs band by band, with no allocation of a block's size. The same
+    bits as the preset's function. `combine` and `sparsify_` are looked up at call time (tests spy on them)."""
+    return combine(sparsify_(x, recipe, params, thresholds, generators, scratch), weights, recipe, params, out)
 
 
 def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary: str, paper: str,
@@ -172,6 +201,8 @@ def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary:
         return combine(sparsify(x, recipe, params, thresholds, generators), weights, recipe, params)
 
     merge_blocks.recipe = recipe  # type: ignore[attr-defined]  # the engine reads it to plan thresholds
+    # the engine's in-place form, band by band (same bits)
+    merge_blocks.merge_into = functools.partial(merge_blocks_, recipe=recipe)  # type: ignore[attr-defined]
     merge_blocks.__name__ = name
     merge_blocks.__doc__ = doc
     register(name, kind="elementwise", params=params, summary=summary, paper=paper)(merge_blocks)

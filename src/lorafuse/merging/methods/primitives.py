@@ -22,13 +22,14 @@ def magnitude_mask(x: torch.Tensor, keep_above: torch.Tensor) -> torch.Tensor:
     return x.abs().ge_(per_task(keep_above, x))
 
 
-def top_mask(x: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+def top_mask(x: torch.Tensor, limits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """1 on each task's k largest |x|, exactly k: limits is [T, 2], per task the k-th largest |x| (τ) and how many
     entries equal to τ are still to keep (k − #{|x| > τ} over the whole scope). Entries above τ are kept, and of
     those equal to τ the first in position order (row-major; chunks given in position order), as a stable
     descending sort would, so tied (quantised) values never push the count past k. The tie budget is consumed in
-    place: a scope's chunks (bands of a module, modules of an adapter) share one table."""
-    mag = x.abs()
+    place: a scope's chunks (bands of a module, modules of an adapter) share one table. `out`: a buffer of x's shape
+    for the mask (no allocation per band)."""
+    mag = torch.abs(x, out=out) if out is not None else x.abs()
     tau = per_task(limits[:, 0], x)
     if not bool((limits[:, 1] > 0).any()):  # no tie left to keep (the usual case past τ's own entry): one pass
         return mag.gt_(tau)
@@ -37,6 +38,12 @@ def top_mask(x: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
     if bool(tied.any()):
         _keep_first_ties(mask, tied, limits[:, 1])
     return mask
+
+
+def keep_top_(x: torch.Tensor, limits: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """x with every entry outside each task's k largest |x| zeroed, in place: x·top_mask(x) (the same bits as
+    top_mask(x)·x, a product of one factor in {0, 1})."""
+    return x.mul_(top_mask(x, limits, scratch))
 
 
 def _keep_first_ties(mask: torch.Tensor, tied: torch.Tensor, budget: torch.Tensor) -> None:
@@ -73,36 +80,46 @@ class Draws:
 
     keys: tuple[int, ...]
     offset: int = 0
+    threaded: bool = True  # draw the tasks on the mask pool's threads (False: in the calling thread)
 
     def at(self, offset: int) -> Draws:
-        return Draws(self.keys, offset)
+        return Draws(self.keys, offset, self.threaded)
 
     def task(self, t: int) -> Draws:
-        return Draws((self.keys[t],), self.offset)
+        return Draws((self.keys[t],), self.offset, self.threaded)
+
+    def in_thread(self) -> Draws:
+        """The same draws, made in the calling thread (for callers that are themselves one of several threads)."""
+        return Draws(self.keys, self.offset, False)
 
 
 def uniform_words(key: int, offset: int, count: int) -> np.ndarray:
-    """word_i (see `Draws`) for i in [offset, offset + count), as uint32."""
+    """word_i (see `Draws`) for i in [offset, offset + count), as uint32. The counters' products with the golden
+    gamma come from a table (one add per chunk instead of arange, multiply, add), the finaliser runs in place in
+    the output: 9 numpy passes per chunk, each over 256 KiB that stays in cache."""
     first, last = offset // 2, (offset + count + 1) // 2  # the 64-bit counters covering the range
-    out = np.empty(2 * (last - first), np.uint32)
-    gamma, mix1, mix2 = np.uint64(_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
-    base = np.uint64(key % 2**64)
+    out = np.empty(last - first, np.uint64)
+    spare = np.empty(min(_WORDS_PER_CHUNK, last - first), np.uint64)
+    mix1, mix2 = np.uint64(_MIX1), np.uint64(_MIX2)
+    steps = _gamma_steps()
     for start in range(first, last, _WORDS_PER_CHUNK):
         stop = min(start + _WORDS_PER_CHUNK, last)
-        z = np.arange(start + 1, stop + 1, dtype=np.uint64)
-        np.multiply(z, gamma, out=z)
-        np.add(z, base, out=z)
-        y = np.right_shift(z, np.uint64(30))
-        np.bitwise_xor(z, y, out=z)
-        np.multiply(z, mix1, out=z)
-        np.right_shift(z, np.uint64(27), out=y)
-        np.bitwise_xor(z, y, out=z)
-        np.multiply(z, mix2, out=z)
-        np.right_shift(z, np.uint64(31), out=y)
-        np.bitwise_xor(z, y, out=z)
-        out[2 * (start - first): 2 * (stop - first)] = z.view("<u4")  # low word first
+        z, y = out[start - first: stop - first], spare[: stop - start]
+        # counter c = start + 1 + j: key + c·γ = (key + start·γ) + (j + 1)·γ  (mod 2⁶⁴)
+        np.add(steps[: stop - start], np.uint64((key + start * _GAMMA) % 2**64), out=z)
+        for shift, mix in ((30, mix1), (27, mix2), (31, None)):
+            np.right_shift(z, np.uint64(shift), out=y)
+            np.bitwise_xor(z, y, out=z)
+            if mix is not None:
+                np.multiply(z, mix, out=z)
     skip = offset - 2 * first
-    return out[skip: skip + count]
+    return out.view("<u4")[skip: skip + count]  # low word first
+
+
+@functools.cache
+def _gamma_steps() -> np.ndarray:
+    """(j + 1)·γ mod 2⁶⁴ for j < _WORDS_PER_CHUNK."""
+    return np.arange(1, _WORDS_PER_CHUNK + 1, dtype=np.uint64) * np.uint64(_GAMMA)
 
 
 def keep_threshold(keep_prob: float) -> int:
@@ -110,24 +127,26 @@ def keep_threshold(keep_prob: float) -> int:
     return int(keep_prob * 2.0**32)
 
 
-def bernoulli_keep_mask(x: torch.Tensor, keep_prob: float, draws: Draws) -> torch.Tensor:
+def bernoulli_keep_mask(x: torch.Tensor, keep_prob: float, draws: Draws, out: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """DARE's random drop: 1 with probability keep_prob, else 0, from the counter-based generator of `Draws` (one
     key per task of the [T, ...] stack x, whose entries start at draws.offset of their module). Tasks are drawn on
-    parallel threads (numpy releases the GIL)."""
+    parallel threads (numpy releases the GIL). `out`: a float32 CPU buffer of x's shape to write the mask into."""
     limit = keep_threshold(keep_prob)
     if limit >= 2**32:
         return torch.ones_like(x)
     count = x[0].numel()
-    out = np.empty((len(draws.keys), count), dtype=np.float32)
+    mask = np.empty((len(draws.keys), count), dtype=np.float32) if out is None else out.numpy().reshape(-1, count)
 
     def task(t: int) -> None:  # numpy end to end, written in place: no torch op (OpenMP region) per task
-        np.less(uniform_words(draws.keys[t], draws.offset, count), np.uint32(limit), out=out[t])
+        np.less(uniform_words(draws.keys[t], draws.offset, count), np.uint32(limit), out=mask[t])
 
-    if len(draws.keys) > 1:
+    if len(draws.keys) > 1 and draws.threaded:
         list(_pool().map(task, range(len(draws.keys))))
     else:
-        task(0)
-    return torch.from_numpy(out).reshape(x.shape).to(device=x.device, dtype=x.dtype)
+        for t in range(len(draws.keys)):
+            task(t)
+    return torch.from_numpy(mask).reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
 
 @functools.cache
@@ -135,16 +154,21 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="lorafuse-dare")
 
 
-def weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_t w_t·x_t over the task axis, as one GEMV (no [T, ...] temporary)."""
-    return torch.tensordot(weights.to(x.dtype), x, dims=1)
+def weighted_sum(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_t w_t·x_t over the task axis: from 0, each w_t·x_t added in task order (`add_` with alpha, a fused
+    multiply-add): the same bits as the GEMV torch.tensordot(w, x) makes on the CPU, signed zeros included (a sum
+    of −0's from 0 is +0), and cheaper on bands that stay in cache."""
+    out = torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device) if out is None else out.zero_()
+    for t, w in enumerate(weights.to(x.dtype).tolist()):
+        out.add_(x[t], alpha=w)
+    return out
 
 
 def elect_sign(x: torch.Tensor, rule: str = "total", weights: torch.Tensor | None = None) -> torch.Tensor:
     """TIES sign election on the weighted task values y_t = w_t·x_t (weights None: 1): +1 where the sum of the y_t
     ('total') or of their signs ('frequency') is ≥ 0, else −1. A tie (a zero sum) elects +1, as PEFT and mergekit
     do; an entry every task trimmed is 0 in all of them, so no task agrees with either sign there. Computed
-    without forming the y_t: Σ y_t = Σ w_t·x_t and Σ sign(y_t) = Σ sign(w_t)·sign(x_t) are GEMVs."""
+    without forming the y_t: Σ y_t = Σ w_t·x_t and Σ sign(y_t) = Σ sign(w_t)·sign(x_t) are weighted sums."""
     ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
     weights = ones if weights is None else weights.to(x.dtype)
     if rule == "total":
@@ -153,21 +177,31 @@ def elect_sign(x: torch.Tensor, rule: str = "total", weights: torch.Tensor | Non
         votes = weighted_sum(torch.sign(x), torch.sign(weights))
     else:
         raise ValueError(f"unknown sign election rule '{rule}'")
-    return votes.ge_(0).to(x.dtype).mul_(2).sub_(1)
+    return votes.ge_(0).mul_(2).sub_(1)  # ge_ on a float tensor writes 1.0 / 0.0
 
 
 def disjoint_mean(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor | None = None,
                   count: bool = False) -> torch.Tensor:
     """TIES's disjoint mean of the weighted values y_t = w_t·x_t: the sum of the y_t whose sign is the elected one,
     divided by the summed |w_t| of the tasks they come from (count=True: by their number); zero where none agrees.
-    With unit weights both are the TIES paper's disjoint mean.
+    With unit weights both are the TIES paper's disjoint mean. x is left unchanged (see `disjoint_mean_`)."""
+    return disjoint_mean_(x.clone(), elected, weights, count)
+
+
+def disjoint_mean_(x: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor | None = None,
+                   count: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`disjoint_mean` computed in x's own memory (x is overwritten), the result written into `out` if given.
 
     y_t agrees iff x_t·sign(w_t)·elected > 0, so the positive part of that product is |x_t| on agreeing entries
-    and 0 elsewhere, and an agreeing y_t is elected·|w_t|·|x_t|: every sum is a GEMV over the task axis."""
+    and 0 elsewhere, and an agreeing y_t is elected·|w_t|·|x_t|: every sum is a weighted sum over the task axis."""
     weights = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if weights is None else weights.to(x.dtype)
-    agreeing = (x * elected.unsqueeze(0)).mul_(per_task(torch.sign(weights), x)).clamp_(min=0)
-    total = weighted_sum(agreeing, weights.abs()).mul_(elected)
-    kept = torch.sign(agreeing)
+    agreeing = x.mul_(elected.unsqueeze(0))
+    signs = torch.sign(weights)
+    if not bool(signs.eq(1).all()):  # × 1 is exact: only other signs change anything
+        agreeing.mul_(per_task(signs, x))
+    agreeing.clamp_(min=0)
+    total = weighted_sum(agreeing, weights.abs(), out=out).mul_(elected)
+    kept = agreeing.sign_()
     norm = weighted_sum(kept, torch.ones_like(weights) if count else weights.abs())
     # where no task agrees both sums are 0: clamping the count to the smallest normal number keeps 0/… = 0
     return total.div_(norm.clamp_(min=torch.finfo(norm.dtype).tiny))
