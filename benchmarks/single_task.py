@@ -346,7 +346,8 @@ def _precision_table(rows: list[dict[str, Any]]) -> list[str]:
         fp32 = [x for x in rows if x.get("dtype", "float32") == "float32" and recipe(x) == recipe(r)]
         seeds = sorted((x for x in fp32 if x["seed"] == r["seed"]), key=lambda x: not x.get("test_correct_flags"))
         same = seeds[0] if seeds else None  # per-example flags where a run recorded them
-        accs = [100 * x["test_accuracy"] for x in fp32]
+        by_seed = {x["seed"]: x for x in fp32}  # a seed rerun (the same numbers) counts once
+        accs = [100 * x["test_accuracy"] for x in by_seed.values()]
         spread = f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f} ({len(accs)})" if len(accs) > 1 else "—"
         agree = "—"
         if same is not None and same.get("test_correct_flags") and r.get("test_correct_flags"):
