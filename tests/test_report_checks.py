@@ -304,3 +304,28 @@ def test_a_difference_only_one_test_finds_is_borderline_not_significant():
                                                      "p_value": 0.03, "significant": False, "borderline": True}
     assert comparison("x", 1.0, 0.2, 2.0, 0.03)["significant"]
     assert not comparison("x", 1.0, 0.2, 2.0, 0.2)["significant"]
+
+
+def test_every_method_is_also_compared_with_ties(known):
+    _, results, *_ = known
+    m = results["statistics"]["methods"]
+    assert results["statistics"]["ties"] == "ties" and "vs_ties" not in m["ties"]
+    assert m["average"]["vs_ties"]["against"] == "ties" and m["average"]["vs_ties"]["significant"]
+    assert m["average"]["vs_ties"]["difference"] == pytest.approx(-m["ties"]["vs_task_arithmetic"]["difference"])
+
+
+def test_the_findings_say_which_newer_method_beats_ties_and_by_how_much():
+    from lorafuse.experiment.report import findings
+
+    def versus(difference, significant):
+        return {"against": "ties", "difference": difference, "interval": [difference - 0.5, difference + 0.5],
+                "p_value": 0.0002 if significant else 0.3, "significant": significant, "borderline": False}
+
+    methods = {"ties": {"kind": "static", "normalized_average": 87.0},
+               "cart": {"kind": "static", "normalized_average": 89.0, "vs_ties": versus(2.0, True)},
+               "ties@knots": {"kind": "static", "normalized_average": 87.3, "vs_ties": versus(0.3, False)},
+               "dare_ties": {"kind": "static", "normalized_average": 86.0, "vs_ties": versus(-1.0, True)}}
+    jobs = [{"name": n, "method": n.split("@")[0], "status": "ok", "test": {}} for n in methods]
+    line = next(f for f in findings(jobs, {"methods": methods}) if f.startswith("- **Against TIES**"))
+    assert "cart +2.0 [+1.5, +2.5] p<0.001 ▲; ties@knots +0.3 [-0.2, +0.8] p=0.3." in line
+    assert "dare_ties" not in line and line.endswith("Significantly above TIES: cart.")

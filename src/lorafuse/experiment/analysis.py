@@ -29,6 +29,7 @@ SAME_UPDATE_TOLERANCE = 1e-5  # relative difference of two update sketches below
 DOMAIN_BOUNDS = {"density": (None, 1.0), "drop_rate": (0.0, None), "gamma": (0.0, None), "top_k": (1, None)}
 FUSED_KINDS = ("static", "data-driven")
 REFERENCE_METHOD = "task_arithmetic"
+TIES_REFERENCE = "ties"  # the newer methods are judged against TIES in the full space (issue 21)
 PRECISION_AGREEMENT = 0.99  # below this share of predictions equal to fp32's, a reduced dtype is warned about
 
 
@@ -116,7 +117,8 @@ def analyse(jobs: Sequence[dict[str, Any]], tasks: Sequence[str], resamples: int
     statistics: dict[str, Any] = {
         "trusted_tasks": kept, "left_out_tasks": left_out, "alpha": ALPHA, "resamples": resamples,
         "methods": methods, "best": best, "best_chosen_on": chosen_on,
-        "task_arithmetic": REFERENCE_METHOD if REFERENCE_METHOD in methods else None}
+        "task_arithmetic": REFERENCE_METHOD if REFERENCE_METHOD in methods else None,
+        "ties": TIES_REFERENCE if TIES_REFERENCE in methods else None}
     _bootstrap(ok, kept, individual, statistics, resamples, seed)
     statistics["tied_with_best"] = [n for n in fused if n != best and "vs_best" in methods[n]
                                     and not methods[n]["vs_best"]["significant"]]
@@ -175,14 +177,15 @@ def _bootstrap(ok: Sequence[dict[str, Any]], kept: Sequence[str], individual: di
         return
     boot = stats.paired_bootstrap(vectors, reference, kept, resamples, seed)
     methods = statistics["methods"]
-    best, ta = (name if name in vectors else None for name in (statistics["best"], statistics["task_arithmetic"]))
+    best, ta, ties = (name if name in vectors else None
+                      for name in (statistics["best"], statistics["task_arithmetic"], statistics.get("ties")))
     # each example's weight in the average normalized accuracy: 100 / (tasks · examples · own accuracy)
     weights = {t: 100 / (len(kept) * len(reference[t]) * max(float(reference[t].mean()), 1e-12)) for t in kept}
     for name in vectors:
         entry = methods[name]
         entry["normalized_average"] = float(boot.observed[boot.methods.index(name)])
         entry["interval"] = list(boot.interval(name))
-        for key, other in (("vs_best", best), ("vs_task_arithmetic", ta)):
+        for key, other in (("vs_best", best), ("vs_task_arithmetic", ta), ("vs_ties", ties)):
             if other is not None and other != name:
                 c = boot.compare(name, other)
                 p = stats.randomization_test(vectors[name], vectors[other], weights, seed=seed)

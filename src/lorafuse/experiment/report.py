@@ -247,6 +247,7 @@ def findings(jobs: list[dict[str, Any]], statistics: dict[str, Any]) -> list[str
     if statistics.get("task_arithmetic"):
         out.append(f"- **Against task arithmetic** (paired, 5%): significantly above: {', '.join(above) or 'none'}; "
                    f"significantly below: {', '.join(below) or 'none'}.")
+    out += _against_ties(jobs, methods)
     static = [n for n in ranked if methods[n]["kind"] == "static"]
     if static:
         top = static[0]
@@ -272,6 +273,22 @@ def _router_gap(methods: dict[str, Any], top: str) -> str:
     return "; " + ", ".join(f"{label} {'reaches ' if i == 0 else ''}{methods[n]['normalized_average']:.1f} "
                             f"({methods[n]['normalized_average'] - methods[top]['normalized_average']:+.1f})"
                             for i, (label, n) in enumerate(found))
+
+
+NEWER_METHODS = ("ctm", "cart", "star", "wudi", "robustmerge")  # issue 21: each judged against TIES
+TIES_RIVALS = ("ties@knots", "tsv@core")  # the published improvements on TIES, shown beside them
+
+
+def _against_ties(jobs: list[dict[str, Any]], methods: dict[str, Any]) -> list[str]:
+    """One line: the newer data-free methods (and KnOTS-TIES, Core-space TSV) against TIES, paired on test."""
+    rivals = [j["name"] for j in _ok(jobs) if (j.get("method") in NEWER_METHODS or j["name"] in TIES_RIVALS)
+              and methods[j["name"]].get("vs_ties")]
+    if not rivals:
+        return []
+    above = [n for n in rivals if methods[n]["vs_ties"]["significant"] and methods[n]["vs_ties"]["difference"] > 0]
+    cells = "; ".join(f"{n} {_comparison(methods[n]['vs_ties'])}" for n in rivals)
+    return [f"- **Against TIES** (paired on test, 5%; difference in points of average normalized accuracy): "
+            f"{cells}. Significantly above TIES: {', '.join(above) or 'none'}."]
 
 
 TRAINING_FREE_ROUTERS = {"arrow": "Arrow (training-free)", "logo": "LoGo (training-free)"}  # job name -> words
