@@ -290,8 +290,9 @@ def search(objective: Any, n: int, settings: LoraHubSettings) -> LoraHubResult:
     trace = []
     start = time.perf_counter()
     with warnings.catch_warnings():
-        # NGOpt's COBYLA stage (scipy) warns about its own trust-region radius at every call on a small budget
-        warnings.filterwarnings("ignore", message=".*RHOEND.*")
+        # NGOpt's COBYLA stage (scipy) warns about its own trust-region radius and evaluation budget at every call
+        # on a small budget: its settings, not the user's (the budget they gave is the one spent)
+        warnings.filterwarnings("ignore", message=".*COBYLA: Invalid (RHOEND|MAXFUN).*")
         for step in range(settings.budget):
             cand = opt.ask()
             w = [float(x) for x in cand.value]
