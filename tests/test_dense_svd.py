@@ -81,3 +81,42 @@ def test_truncation_of_a_dare_merge_is_the_best_rank_k(drop_rate: float, k: int)
     assert _subspace_energy(out, M) >= best * (1 - 1e-6)
     one, _ = dense_truncated_svd(M, k, row_space=row_space, n_iter=0)
     assert drop_rate < 0.9 or _subspace_energy(one, M) < best * 0.99
+
+
+def test_ritz_factors_from_the_gram_matrix_are_the_svd_of_the_block() -> None:
+    """The final factors come from the eigendecomposition of the float64 Gram matrix the convergence test holds,
+    not an SVD of the m×W block Y = M·V: the same σ and the same rank-k product as a float64 SVD of Y, to 1e-6
+    relative (float32 rounding); a block of rank below k gives zero columns, not NaN."""
+    from lorafuse.merging.algebra.dense import _ritz_factors
+
+    gen = torch.Generator().manual_seed(4)
+    m, n, width, k = 900, 300, 40, 16
+    V = torch.linalg.qr(torch.randn(n, width, generator=gen))[0]
+    for rank in (width, 10):
+        left = torch.linalg.qr(torch.randn(m, rank, generator=gen))[0]
+        right = torch.linalg.qr(torch.randn(width, rank, generator=gen))[0]
+        Y = (left * torch.logspace(0, -3, rank)) @ right.T
+        gram = Y.double().T @ Y.double()
+        U, S, Vh = _ritz_factors(gram, Y, V, k)
+        U64, S64, Xh64 = torch.linalg.svd(Y.double(), full_matrices=False)
+        kept = min(k, rank)
+        exact = (U64[:, :kept] * S64[:kept]) @ Xh64[:kept] @ V.double().T
+        got = (U.double() * S.double()) @ Vh.double()
+        assert torch.isfinite(U).all() and float((got - exact).norm() / exact.norm()) < 1e-6
+        assert float((S[:kept].double() - S64[:kept]).abs().max() / S64[0]) < 1e-6
+        assert S[kept:].numel() == 0 or float(S[kept:].abs().max()) < 1e-6 * float(S64[0])
+
+
+def test_truncation_matches_the_exact_svd_of_the_dense_result() -> None:
+    """Where the spectrum has a gap at k, the saved rank-k product is the exact SVD's truncation of M to 1e-6
+    relative (the Krylov basis converged, the factors from its Gram matrix)."""
+    gen = torch.Generator().manual_seed(6)
+    m, n, k = 700, 500, 12
+    A = torch.randn(16, n, generator=gen)
+    M = (torch.randn(m, 16, generator=gen) * torch.logspace(0, -1, 16)) @ A
+    M += 1e-4 * torch.randn(m, n, generator=gen)
+    out, kept = dense_truncated_svd(M, k, row_space=A)
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    exact = (U[:, :k] * S[:k]) @ Vh[:k]
+    assert float((out.dense().double() - exact).norm() / exact.norm()) < 1e-6
+    assert abs(kept - float((S[:k] ** 2).sum() / (S**2).sum())) < 1e-5  # the total ‖M‖² is a float32 sum
