@@ -162,26 +162,9 @@ def _block_krylov(M: torch.Tensor, start: RangeStart, rank: int, n_iter: int | N
         if n_iter is None and _converged(gains, energy):
             break
     with serial():
-        return _ritz_factors(gram, torch.cat(Ys, dim=1), torch.cat(Zs, dim=1), rank)
-
-
-def _ritz_factors(gram: torch.Tensor, Y: torch.Tensor, V: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
-    """The top-`rank` Rayleigh–Ritz factors of M over the basis V, from the float64 Gram matrix G = YᵀY of
-    Y = M·V that the convergence test already holds: G = X·Λ·Xᵀ gives M·V = U·S·Xᵀ with S = √Λ and
-    U = Y·X·S⁻¹, so M·(V·X) = U·S, without an SVD of the m×W block Y (0.1–0.3 s a module of Llama-3-8B, the
-    largest single factorisation of the truncation).
-
-    Against that SVD the factors differ by rounding only: G is formed in float64 from float32 Y (relative error
-    ~1e-16·‖Y‖²), so σ_i and the leading vectors agree to ~1e-7 relative in float32; the product U·S·Xᵀ·Vᵀ (what is
-    saved) is Y·X_k·X_kᵀ·Vᵀ, the same projection (tests/test_dense_svd.py checks it against the exact SVD of M to
-    1e-6). A zero σ (a result of rank below `rank`) gives a zero column of U (its product with σ is 0 either way)."""
-    values, vectors = torch.linalg.eigh(gram)  # ascending
-    top = values.flip(0)[:rank].clamp(min=0)
-    X = vectors.flip(1)[:, :rank]
-    S = top.sqrt()
-    inverse = torch.where(S > 0, 1.0 / S.clamp(min=torch.finfo(S.dtype).tiny), torch.zeros_like(S))
-    U = (Y.double() @ X) * inverse
-    return U.to(Y.dtype), S.to(Y.dtype), X.T.to(V.dtype) @ V.T
+        V, Y = torch.cat(Zs, dim=1), torch.cat(Ys, dim=1)
+        U, S, Xh = torch.linalg.svd(Y, full_matrices=False)  # M·V = U·S·Xᵀ, so M·(V·X) = U·S
+        return U, S, Xh @ V.T
 
 
 def _gram_update(gram: torch.Tensor | None, old: list[torch.Tensor], new: list[torch.Tensor]) -> torch.Tensor:
