@@ -383,17 +383,35 @@ def test_band_kernel_has_the_bits_of_the_generic_merge(method, params, weights):
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
 
-def test_band_kernel_only_where_no_tie_budget_is_left():
-    """Limits with a tie budget (quantised adapters) must be consumed in position order: the generic merge."""
-    from lorafuse.merging.methods.elementwise import BandKernel
+@pytest.mark.parametrize(("method", "params"), [
+    ("ties", {"density": 0.3}), ("magnitude_prune", {"density": 0.2}), ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.3})])
+def test_band_kernel_consumes_tie_budgets_as_the_generic_merge(method, params):
+    """Quantised blocks tie many entries at τ: band after band (row order) the kernel keeps the same first tied
+    entries as merge_blocks_ and leaves the same budgets in the shared table; Breadcrumbs' band stays generic."""
+    from lorafuse.merging.methods import primitives as P
+    from lorafuse.merging.methods.elementwise import BandKernel, threshold_input
     from lorafuse.merging.methods.registry import get_method
 
-    spec = get_method("ties")
-    params = spec.parse_params({"density": 0.2})
-    tied = torch.tensor([[[0.5, 3.0]], [[0.25, 0.0]]], dtype=torch.float64)
-    assert not isinstance(spec.fn.band_kernel(torch.ones(2), tied, params), BandKernel)
-    assert isinstance(spec.fn.band_kernel(torch.ones(2), tied * torch.tensor([1.0, 0.0], dtype=torch.float64),
-                                          params), BandKernel)
+    spec = get_method(method)
+    parsed, recipe = spec.parse_params(params), spec.fn.recipe
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randint(-4, 5, (3, 12, 50), generator=gen).float() * 0.125
+    draws = P.Draws((21, 22, 23)).in_thread()
+    values = threshold_input(x, recipe, parsed, draws)
+    density = getattr(parsed, "density", getattr(parsed, "trim_density", 1.0))
+    table = torch.tensor([[P.top_limit(v, int(density * v.numel()))] for v in values], dtype=torch.float64)
+    assert bool(table[:, 0, 1].gt(0).all())
+    w = torch.tensor([0.5, 1.0, 2.0])
+    generic_table, kernel_table = table.clone(), table.clone()
+    kernel = spec.fn.band_kernel(w, kernel_table, parsed)
+    assert isinstance(kernel, BandKernel)
+    for start in range(0, 12, 5):
+        block = x[:, start:start + 5]
+        expected = spec.fn.merge_into(block.clone(), w, generic_table, parsed, draws.at(start * 50),
+                                      torch.empty(block.shape[1:]), torch.empty_like(block))
+        got = kernel(block.clone(), draws.at(start * 50), torch.empty(block.shape[1:]), torch.empty_like(block))
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+        assert torch.equal(kernel_table, generic_table)
+    assert bool(kernel_table[:, 0, 1].eq(0).all())  # every budget spent: exactly k kept per task
     breadcrumbs = get_method("breadcrumbs")
-    assert not isinstance(breadcrumbs.fn.band_kernel(torch.ones(2), tied[..., :0, :], breadcrumbs.parse_params({})),
-                          BandKernel)
+    assert not isinstance(breadcrumbs.fn.band_kernel(w, table, breadcrumbs.parse_params({})), BandKernel)

@@ -196,11 +196,14 @@ def merge_blocks_(x: torch.Tensor, weights: torch.Tensor, thresholds: torch.Tens
 
 
 class BandKernel:
-    """`merge_blocks_` for one module whose limits are strict (no tie budget: the usual case, see
-    thresholds.top_limits), planned once per module: every per-band constant (the weights as Python floats, the
+    """`merge_blocks_` for one module's magnitude trims and DARE drops, planned once per module: every per-band constant (the weights as Python floats, the
     thresholds, the weights' signs) is read before the first band, and the per-band sums live in buffers reused by
     each thread. On a sub-band that stays in cache the small tensor ops of the generic path (conversions, ones,
     checks read back from tensors, allocations of the sums) cost as much as the element-wise passes themselves.
+
+    Limits with a tie budget (float32 values tie at τ in most modules of Llama-3-8B's size) are consumed as
+    `P.top_mask` does, in place and in the order the bands come (the engine runs such modules' bands in row order):
+    a task with budget left looks for its entries equal to τ, keeps the first ones, and takes them from the budget.
 
     The same bits as `merge_blocks_` (tests/test_merge_elementwise.py checks them). The one difference is a trimmed
     entry's zero: the trim keeps x where |x| > τ and writes +0 elsewhere (`hardshrink`: one pass instead of abs,
@@ -218,15 +221,15 @@ class BandKernel:
         trims = recipe.sparsify is Sparsify.MAGNITUDE or (recipe.trim_after_drop and thresholds.shape[1] > 0)
         # τ as the float32 the generic path compares against (its per_task conversion)
         self.taus = thresholds[:, 0, 0].to(torch.float32).tolist() if trims else None
+        self.budgets = thresholds[:, 0, 1] if trims else None  # consumed in place, as P.top_mask does
+        self.tied = trims and bool(thresholds[:, 0, 1].gt(0).any())  # False once every budget is spent
         self.local = threading.local()
 
     @staticmethod
     def applies(recipe: Recipe, params: ElementwiseParams, thresholds: torch.Tensor) -> bool:
         """Whether a kernel can stand in for `merge_blocks_`: magnitude trims and DARE's drop (not Breadcrumbs'
-        band), with limits that carry no tie budget to consume in position order, on the CPU."""
-        if recipe.sparsify not in (Sparsify.MAGNITUDE, Sparsify.RANDOM) or thresholds.device.type != "cpu":
-            return False
-        return not bool(thresholds[..., 1].gt(0).any())
+        band, whose two limits' ties would need both budgets), on the CPU."""
+        return recipe.sparsify in (Sparsify.MAGNITUDE, Sparsify.RANDOM) and thresholds.device.type == "cpu"
 
     def _buffer(self, slot: int, like: torch.Tensor) -> torch.Tensor:
         """A per-thread buffer of like's shape (one per slot), grown as needed, so no band allocates its sums."""
@@ -237,9 +240,27 @@ class BandKernel:
         return buffer[: like.numel()].view(like.shape)
 
     def _trim(self, x: torch.Tensor) -> None:
-        assert self.taus is not None
-        for t, tau in enumerate(self.taus):  # |x| > τ kept, +0 elsewhere (see the class docstring)
-            torch.ops.aten.hardshrink.out(x[t], tau, out=x[t])
+        assert self.taus is not None and self.budgets is not None
+        budgets = self.budgets.tolist() if self.tied else [0.0] * len(self.taus)
+        for t, tau in enumerate(self.taus):
+            kept = self._first_ties(x[t], tau, int(budgets[t]), t) if budgets[t] > 0 else None
+            torch.ops.aten.hardshrink.out(x[t], tau, out=x[t])  # |x| > τ kept, +0 elsewhere (class docstring)
+            if kept is not None:
+                x[t].view(-1)[kept[0]] = kept[1]
+        if self.tied:
+            self.tied = bool(self.budgets.gt(0).any())
+
+    def _first_ties(self, block: torch.Tensor, tau: float, budget: int, t: int
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The positions (row-major) and values of the first `budget` entries with |x| = τ in one task's block,
+        taken from its budget (P._keep_first_ties' rule); None where there is none."""
+        assert self.budgets is not None
+        tied = torch.abs(block).eq_(tau).view(-1)
+        if not bool(tied.any()):
+            return None
+        positions = tied.nonzero().view(-1)[:budget]
+        self.budgets[t] -= positions.numel()
+        return positions, block.view(-1)[positions].clone()
 
     def _sum(self, x: torch.Tensor, weights: list[float], out: torch.Tensor) -> torch.Tensor:
         """P.weighted_sum with the weights already read: from 0, each w_t·x_t added in task order."""
@@ -288,8 +309,7 @@ class BandKernel:
 def band_kernel(weights: torch.Tensor, thresholds: torch.Tensor, params: ElementwiseParams, *, recipe: Recipe
                 ) -> Callable[..., torch.Tensor]:
     """What the engine runs on each sub-band of a full-space module, (x, draws, out, scratch) → out: a planned
-    `BandKernel` where it applies, else `merge_blocks_` itself (ties at the threshold: the limits' tie budgets are
-    consumed band by band, in row order)."""
+    `BandKernel` where it applies, else `merge_blocks_` itself."""
     if BandKernel.applies(recipe, params, thresholds):
         return BandKernel(recipe, params, weights, thresholds)
     return lambda x, generators, out, scratch=None: merge_blocks_(x, weights, thresholds, params, generators, out,
