@@ -342,3 +342,76 @@ def _quantised(root):
                                                            "target_modules": ["q_proj", "down_proj"]}))
         out.append(d)
     return out
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("ties", {"density": 0.2}), ("ties", {"density": 0.3, "majority": "frequency", "denominator": "count"}),
+    ("ties", {"density": 0.2, "lambda": 1.5}), ("magnitude_prune", {"density": 0.3}),
+    ("dare_ties", {"drop_rate": 0.9}), ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.3}),
+    ("dare_ties", {"drop_rate": 0.7, "majority": "frequency"}), ("dare_linear", {"drop_rate": 0.6})])
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (0.7, -1.3, 0.0, 2.0)])
+def test_band_kernel_has_the_bits_of_the_generic_merge(method, params, weights):
+    """The engine's planned band kernel (strict limits) writes the bits of merge_blocks_, signed zeros included,
+    on blocks with exact zeros, negative zeros and entries at ±τ; the kernel keeps its buffers across calls of
+    different sizes."""
+    from lorafuse.merging.methods import primitives as P
+    from lorafuse.merging.methods.elementwise import BandKernel
+    from lorafuse.merging.methods.registry import get_method
+
+    spec = get_method(method)
+    parsed, recipe = spec.parse_params(params), spec.fn.recipe
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 9, 301, generator=gen) * (torch.rand(4, 9, 301, generator=gen) > 0.2)
+    x[:, 0, :5] = -0.0
+    density = getattr(parsed, "density", getattr(parsed, "trim_density", 1.0))
+    k = int(density * x[0].numel())
+    taus = [float(x[t].abs().reshape(-1).kthvalue(max(1, x[t].numel() - k)).values)
+            for t in range(4)]  # the float below the k-th largest: a strict limit
+    x[:, 1, :4] = torch.tensor(taus).reshape(4, 1) * torch.tensor([1.0, -1.0, 1.0, -1.0])  # at ±τ⁻: trimmed
+    table = torch.tensor([[[tau, 0.0]] for tau in taus], dtype=torch.float64)
+    if not (recipe.sparsify.value == "magnitude" or recipe.trim_after_drop and density < 1.0):
+        table = table[:, :0]  # DARE without a trim: no thresholds
+    w = torch.tensor(weights)
+    kernel = spec.fn.band_kernel(w, table, parsed)
+    assert isinstance(kernel, BandKernel)
+    draws = P.Draws((11, 12, 13, 14)).in_thread()
+    for rows in (slice(0, 9), slice(2, 5), slice(0, 9)):
+        block = x[:, rows]
+        expected = spec.fn.merge_into(block.clone(), w, table.clone(), parsed, draws.at(rows.start * 301),
+                                      torch.empty(block.shape[1:]), torch.empty_like(block))
+        got = kernel(block.clone(), draws.at(rows.start * 301), torch.empty(block.shape[1:]), torch.empty_like(block))
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("ties", {"density": 0.3}), ("magnitude_prune", {"density": 0.2}), ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.3})])
+def test_band_kernel_consumes_tie_budgets_as_the_generic_merge(method, params):
+    """Quantised blocks tie many entries at τ: band after band (row order) the kernel keeps the same first tied
+    entries as merge_blocks_ and leaves the same budgets in the shared table; Breadcrumbs' band stays generic."""
+    from lorafuse.merging.methods import primitives as P
+    from lorafuse.merging.methods.elementwise import BandKernel, threshold_input
+    from lorafuse.merging.methods.registry import get_method
+
+    spec = get_method(method)
+    parsed, recipe = spec.parse_params(params), spec.fn.recipe
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randint(-4, 5, (3, 12, 50), generator=gen).float() * 0.125
+    draws = P.Draws((21, 22, 23)).in_thread()
+    values = threshold_input(x, recipe, parsed, draws)
+    density = getattr(parsed, "density", getattr(parsed, "trim_density", 1.0))
+    table = torch.tensor([[P.top_limit(v, int(density * v.numel()))] for v in values], dtype=torch.float64)
+    assert bool(table[:, 0, 1].gt(0).all())
+    w = torch.tensor([0.5, 1.0, 2.0])
+    generic_table, kernel_table = table.clone(), table.clone()
+    kernel = spec.fn.band_kernel(w, kernel_table, parsed)
+    assert isinstance(kernel, BandKernel)
+    for start in range(0, 12, 5):
+        block = x[:, start:start + 5]
+        expected = spec.fn.merge_into(block.clone(), w, generic_table, parsed, draws.at(start * 50),
+                                      torch.empty(block.shape[1:]), torch.empty_like(block))
+        got = kernel(block.clone(), draws.at(start * 50), torch.empty(block.shape[1:]), torch.empty_like(block))
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+        assert torch.equal(kernel_table, generic_table)
+    assert bool(kernel_table[:, 0, 1].eq(0).all())  # every budget spent: exactly k kept per task
+    breadcrumbs = get_method("breadcrumbs")
+    assert not isinstance(breadcrumbs.fn.band_kernel(w, table, breadcrumbs.parse_params({})), BandKernel)

@@ -462,10 +462,9 @@ class _Bands:
     passes), written into the m×n result, and multiplied by the range finder's test block Ω while in cache (per
     band of rows.bands(): the same GEMMs, so the same product, whatever the sub-bands)."""
 
-    def __init__(self, rows: DenseRows, merge_into: Callable[..., torch.Tensor], limits: torch.Tensor,
-                 weights: torch.Tensor, params: MethodParams, generators: Draws, omega: torch.Tensor | None) -> None:
-        self.rows, self.merge_into, self.limits, self.weights, self.params = rows, merge_into, limits, weights, params
-        self.generators, self.omega = generators, omega
+    def __init__(self, rows: DenseRows, kernel: Callable[..., torch.Tensor], generators: Draws,
+                 omega: torch.Tensor | None) -> None:
+        self.rows, self.kernel, self.generators, self.omega = rows, kernel, generators, omega
         self.sub = max(1, MERGE_BAND_ENTRIES // max(1, rows.shape[1]))
         self.merged = torch.empty(rows.shape, device=rows.device)
         self.product = None if omega is None else torch.empty(rows.shape[0], omega.shape[1], device=rows.device)
@@ -487,8 +486,7 @@ class _Bands:
                 x, mask = blocks[:, : last - first], scratch[:, : last - first]
                 for t in range(len(self.rows)):
                     self.rows.task_band(t, first, last, x[t])
-                self.merge_into(x, self.weights, self.limits, self.params, draws.at(first * n),
-                                self.merged[first:last], mask)
+                self.kernel(x, draws.at(first * n), self.merged[first:last], mask)
             if multiply:  # the range finder's first pass, while the band is in cache
                 self.multiply(start, stop)
 
@@ -616,9 +614,9 @@ class _Engine:
         limits = thresholds.for_rows(module, rows).to(self.device)
         row_space = torch.cat([t.A for t in terms]).float()
         omega = None if stored else self._range_start(module, rows.shape, row_space)
-        bands = _Bands(rows, self.spec.fn.merge_into, limits,  # type: ignore[attr-defined]
-                       torch.tensor(self.weights, dtype=torch.float32, device=self.device), self.params,
-                       self._generators(module), omega)
+        weights = torch.tensor(self.weights, dtype=torch.float32, device=self.device)
+        kernel = self.spec.fn.band_kernel(weights, limits, self.params)  # type: ignore[attr-defined]
+        bands = _Bands(rows, kernel, self._generators(module), omega)
         workers = torch.get_num_threads()
         # Bands are independent where no tie budget is left to consume in position order (strict limits: the
         # usual case): one band per thread, torch on one thread each. Else in row order, as one table's ties need;

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -194,6 +195,127 @@ def merge_blocks_(x: torch.Tensor, weights: torch.Tensor, thresholds: torch.Tens
     return combine(sparsify_(x, recipe, params, thresholds, generators, scratch), weights, recipe, params, out)
 
 
+class BandKernel:
+    """`merge_blocks_` for one module's magnitude trims and DARE drops, planned once per module: every per-band constant (the weights as Python floats, the
+    thresholds, the weights' signs) is read before the first band, and the per-band sums live in buffers reused by
+    each thread. On a sub-band that stays in cache the small tensor ops of the generic path (conversions, ones,
+    checks read back from tensors, allocations of the sums) cost as much as the element-wise passes themselves.
+
+    Limits with a tie budget (float32 values tie at τ in most modules of Llama-3-8B's size) are consumed as
+    `P.top_mask` does, in place and in the order the bands come (the engine runs such modules' bands in row order):
+    a task with budget left looks for its entries equal to τ, keeps the first ones, and takes them from the budget.
+
+    The same bits as `merge_blocks_` (tests/test_merge_elementwise.py checks them). The one difference is a trimmed
+    entry's zero: the trim keeps x where |x| > τ and writes +0 elsewhere (`hardshrink`: one pass instead of abs,
+    compare and multiply), where x·0 gave −0 for negative x. No result sees that sign: every later sum over the
+    tasks starts from +0, and +0 + (±0) = +0, so the votes, the agreeing sums and their norms are unchanged."""
+
+    def __init__(self, recipe: Recipe, params: ElementwiseParams, weights: torch.Tensor, thresholds: torch.Tensor
+                 ) -> None:
+        self.recipe, self.params = recipe, params
+        as_float = weights.to(torch.float32)  # the values add_ takes as alpha in the generic path
+        self.weights = as_float.tolist()
+        self.abs_weights = as_float.abs().tolist()
+        self.signs = torch.sign(as_float)
+        self.all_positive = bool(self.signs.eq(1).all())
+        trims = recipe.sparsify is Sparsify.MAGNITUDE or (recipe.trim_after_drop and thresholds.shape[1] > 0)
+        # τ as the float32 the generic path compares against (its per_task conversion)
+        self.taus = thresholds[:, 0, 0].to(torch.float32).tolist() if trims else None
+        self.budgets = thresholds[:, 0, 1] if trims else None  # consumed in place, as P.top_mask does
+        self.tied = trims and bool(thresholds[:, 0, 1].gt(0).any())  # False once every budget is spent
+        self.local = threading.local()
+
+    @staticmethod
+    def applies(recipe: Recipe, params: ElementwiseParams, thresholds: torch.Tensor) -> bool:
+        """Whether a kernel can stand in for `merge_blocks_`: magnitude trims and DARE's drop (not Breadcrumbs'
+        band, whose two limits' ties would need both budgets), on the CPU."""
+        return recipe.sparsify in (Sparsify.MAGNITUDE, Sparsify.RANDOM) and thresholds.device.type == "cpu"
+
+    def _buffer(self, slot: int, like: torch.Tensor) -> torch.Tensor:
+        """A per-thread buffer of like's shape (one per slot), grown as needed, so no band allocates its sums."""
+        buffers = self.local.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(slot)
+        if buffer is None or buffer.numel() < like.numel():
+            buffer = buffers[slot] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        return buffer[: like.numel()].view(like.shape)
+
+    def _trim(self, x: torch.Tensor) -> None:
+        assert self.taus is not None and self.budgets is not None
+        budgets = self.budgets.tolist() if self.tied else [0.0] * len(self.taus)
+        for t, tau in enumerate(self.taus):
+            kept = self._first_ties(x[t], tau, int(budgets[t]), t) if budgets[t] > 0 else None
+            torch.ops.aten.hardshrink.out(x[t], tau, out=x[t])  # |x| > τ kept, +0 elsewhere (class docstring)
+            if kept is not None:
+                x[t].view(-1)[kept[0]] = kept[1]
+        if self.tied:
+            self.tied = bool(self.budgets.gt(0).any())
+
+    def _first_ties(self, block: torch.Tensor, tau: float, budget: int, t: int
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The positions (row-major) and values of the first `budget` entries with |x| = τ in one task's block,
+        taken from its budget (P._keep_first_ties' rule); None where there is none."""
+        assert self.budgets is not None
+        tied = torch.abs(block).eq_(tau).view(-1)
+        if not bool(tied.any()):
+            return None
+        positions = tied.nonzero().view(-1)[:budget]
+        self.budgets[t] -= positions.numel()
+        return positions, block.view(-1)[positions].clone()
+
+    def _sum(self, x: torch.Tensor, weights: list[float], out: torch.Tensor) -> torch.Tensor:
+        """P.weighted_sum with the weights already read: from 0, each w_t·x_t added in task order."""
+        out.zero_()
+        for t, w in enumerate(weights):
+            out.add_(x[t], alpha=w)
+        return out
+
+    def __call__(self, x: torch.Tensor, generators: P.Draws, out: torch.Tensor,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+        params = self.params
+        if self.recipe.sparsify is Sparsify.RANDOM:
+            on_cpu = scratch is not None and scratch.dtype == torch.float32
+            drop_(x, params, generators, scratch if on_cpu else None)
+        if self.taus is not None:
+            self._trim(x)
+        if not self.recipe.consensus:
+            merged = self._sum(x, self.weights, out)
+        else:
+            merged = self._disjoint_mean(x, self._elect(x, scratch), out)
+        return merged if params.lambda_ == 1.0 else merged.mul_(params.lambda_)
+
+    def _elect(self, x: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+        """P.elect_sign: +1 where the votes are ≥ 0, else −1, in this thread's buffer."""
+        votes = self._buffer(0, x[0])
+        if self.params.majority == "total":  # type: ignore[attr-defined]
+            self._sum(x, self.weights, votes)
+        else:  # 'frequency': the votes on the signs (scratch is free once the drop mask is applied)
+            signs = torch.sign(x, out=scratch) if scratch is not None else torch.sign(x)
+            self._sum(signs, self.signs.tolist(), votes)
+        return votes.ge_(0).mul_(2).sub_(1)
+
+    def _disjoint_mean(self, x: torch.Tensor, elected: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """P.disjoint_mean_ with the constants read once and its norm in this thread's buffer."""
+        agreeing = x.mul_(elected.unsqueeze(0))
+        if not self.all_positive:
+            agreeing.mul_(P.per_task(self.signs, x))
+        agreeing.clamp_(min=0)
+        total = self._sum(agreeing, self.abs_weights, out).mul_(elected)
+        kept = agreeing.sign_()
+        count = self.params.denominator == "count"  # type: ignore[attr-defined]
+        norm = self._sum(kept, [1.0] * len(self.weights) if count else self.abs_weights, self._buffer(1, x[0]))
+        return total.div_(norm.clamp_(min=torch.finfo(norm.dtype).tiny))
+
+
+def band_kernel(weights: torch.Tensor, thresholds: torch.Tensor, params: ElementwiseParams, *, recipe: Recipe
+                ) -> Callable[..., torch.Tensor]:
+    """What the engine runs on each sub-band of a full-space module, (x, draws, out, scratch) → out: a planned
+    `BandKernel` where it applies, else `merge_blocks_` itself."""
+    if BandKernel.applies(recipe, params, thresholds):
+        return BandKernel(recipe, params, weights, thresholds)
+    return lambda x, generators, out, scratch=None: merge_blocks_(x, weights, thresholds, params, generators, out,
+                                                                   scratch, recipe=recipe)
+
+
 def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary: str, paper: str,
             doc: str) -> None:
     def merge_blocks(x: torch.Tensor, weights: torch.Tensor, thresholds: torch.Tensor,
@@ -203,6 +325,7 @@ def _preset(name: str, recipe: Recipe, params: type[ElementwiseParams], summary:
     merge_blocks.recipe = recipe  # type: ignore[attr-defined]  # the engine reads it to plan thresholds
     # the engine's in-place form, band by band (same bits)
     merge_blocks.merge_into = functools.partial(merge_blocks_, recipe=recipe)  # type: ignore[attr-defined]
+    merge_blocks.band_kernel = functools.partial(band_kernel, recipe=recipe)  # type: ignore[attr-defined]
     merge_blocks.__name__ = name
     merge_blocks.__doc__ = doc
     register(name, kind="elementwise", params=params, summary=summary, paper=paper)(merge_blocks)
