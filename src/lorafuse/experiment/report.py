@@ -376,7 +376,7 @@ def _count_cell(counts: dict[str, int] | int | None, total: int | None = None) -
 def _machine_line(m: dict[str, Any]) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB{gpu}; torch {m['torch']} with "
-            f"{m['torch_threads']} threads")
+            f"{m['torch_threads']} thread{'' if m['torch_threads'] == 1 else 's'}")
 
 
 def _adapter_cell(record: dict[str, Any]) -> str:
