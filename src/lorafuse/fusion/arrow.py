@@ -25,6 +25,7 @@ from lorafuse.fusion.router import (
     _Module,
     adapter_entries,
     check_unchanged,
+    forward_hooks,
     library,
     read_config,
     resolve_saved,
@@ -87,7 +88,6 @@ class ArrowRouter:
     @contextmanager
     def installed(self, model: Any) -> Iterator[ArrowRouter]:
         """Route every adapted layer of `model` inside the context."""
-        from lorafuse.model.apply import _submodule
 
         def hook_for(name: str, module: _Module) -> Any:
             def hook(layer: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
@@ -95,14 +95,8 @@ class ArrowRouter:
                 return output + module.delta(x, self.weights(name, x))
             return hook
 
-        handles = []
-        try:
-            for name, module in self.modules.items():
-                handles.append(_submodule(model, name).register_forward_hook(hook_for(name, module)))
+        with forward_hooks(model, {name: hook_for(name, m) for name, m in self.modules.items()}):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def save(self, out: str | Path, overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
         """arrow_config.json: the adapters with their sha256 and the routing settings (prototypes are recomputed)."""

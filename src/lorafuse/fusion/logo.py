@@ -37,8 +37,8 @@ from lorafuse.errors import AdapterError, ConfigError
 from lorafuse.fusion.router import (
     _Module,
     adapter_entries,
-    backbone_of,
     check_unchanged,
+    forward_hooks,
     library,
     read_config,
     resolve_saved,
@@ -160,7 +160,6 @@ class LoGoRouter:
     def installed(self, model: Any) -> Iterator[LoGoRouter]:
         """Route every forward of `model`: a probe pass of its backbone up to the probe module, then the
         input's mixture in every adapted layer."""
-        from lorafuse.model.apply import _submodule
 
         probe_at = self.probe_module or default_probe_module(model, self.modules)
         state: dict[str, Any] = {"probing": False, "x": None, "g": None}
@@ -194,14 +193,8 @@ class LoGoRouter:
                 return output if state["g"] is None else output + module.delta(x, state["g"])
             return hook
 
-        handles = [backbone_of(model).register_forward_pre_hook(probe_hook, with_kwargs=True)]
-        try:
-            for name, module in self.modules.items():
-                handles.append(_submodule(model, name).register_forward_hook(layer_hook(name, module)))
+        with forward_hooks(model, {name: layer_hook(name, m) for name, m in self.modules.items()}, probe_hook):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def settings(self) -> dict[str, Any]:
         return {"top_k": self.top_k, "signal": self.signal, "probe": self.probe, "probe_module": self.probe_module}

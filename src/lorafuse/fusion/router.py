@@ -40,6 +40,22 @@ def backbone_of(model: Any) -> Any:
     return getattr(hf, hf.base_model_prefix)
 
 
+@contextmanager
+def forward_hooks(model: Any, hooks: Mapping[str, Any], pre_hook: Any = None) -> Iterator[None]:
+    """`hooks[name]` as a forward hook on each named submodule (and `pre_hook` on the backbone, with kwargs) while
+    the block runs; every hook is removed on exit, whatever happens inside."""
+    from lorafuse.model.apply import _submodule
+
+    handles = [] if pre_hook is None else [backbone_of(model).register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    try:
+        for name, hook in hooks.items():
+            handles.append(_submodule(model, name).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _features(backbone: Any, inputs: Mapping[str, Any], granularity: str) -> torch.Tensor:
     """Last hidden state, mean-pooled over real tokens ([B, H]) or per token ([B, L, H]). Positions come from the
     attention mask so left- and right-padded batches give the same features."""
@@ -121,7 +137,6 @@ class Router:
     def installed(self, model: Any) -> Iterator[Router]:
         """Route every forward of `model`: a gate pass of the backbone with the mixture off, then the mixture in
         each adapted layer. Gradients reach the gate when enabled (end-to-end training), never the features."""
-        from lorafuse.model.apply import _submodule
 
         state: dict[str, Any] = {"g": None, "off": False}
 
@@ -146,14 +161,8 @@ class Router:
                 return output + module.delta(args[0], state["g"])
             return hook
 
-        handles = [backbone_of(model).register_forward_pre_hook(gate_hook, with_kwargs=True)]
-        try:
-            for name, module in self.modules.items():
-                handles.append(_submodule(model, name).register_forward_hook(layer_hook(module)))
+        with forward_hooks(model, {name: layer_hook(m) for name, m in self.modules.items()}, gate_hook):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def save(self, out: str | Path, overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
         """router_config.json (adapters with their sha256, gate settings, provenance) + gate.safetensors."""
