@@ -658,6 +658,7 @@ NEW_METHODS = {  # case → (method, parameters, space, reference on the weighte
     "star": ("star", {}, "full", star_reference),
     "wudi": ("wudi", {}, "full", wudi_reference),
     "wudi-fast": ("wudi", {"steps": 60, "lr": 2e-3}, "full", lambda x: wudi_reference(x, 60, 2e-3)),
+    "wudi-scaled": ("wudi", {"steps": 60, "lr": 2e-3, "lambda": 0.3}, "full", lambda x: 0.3 * wudi_reference(x, 60, 2e-3)),
     "star-params": ("star", {"eta": 75.0, "lambda": 1.4}, "full", lambda x: star_reference(x, 75.0, 1.4)),
 }
 FACTOR_METHODS = {  # case → (method, parameters, reference on the adapters' factors of one module)

@@ -329,3 +329,49 @@ def test_the_findings_say_which_newer_method_beats_ties_and_by_how_much():
     line = next(f for f in findings(jobs, {"methods": methods}) if f.startswith("- **Against TIES**"))
     assert "cart +2.0 [+1.5, +2.5] p<0.001 ▲; ties@knots +0.3 [-0.2, +0.8] p=0.3." in line
     assert "dare_ties" not in line and line.endswith("Significantly above TIES: cart.")
+
+
+# -- a choice at the method's floor is not an edge of the grid ---------------------------------------------------
+def test_cart_and_star_know_their_floor():
+    from lorafuse.merging.methods.truncated import CARTParams, STARParams
+
+    shapes = [(384, 384), (1536, 384)]
+    assert set(CARTParams(rank_ratio=0.003).floors(shapes, [8])) == {"rank_ratio"}  # ⌊0.003·384⌋ → 1
+    assert CARTParams(rank_ratio=0.01).floors(shapes, [8]) == {}  # ⌊3.84⌋ = 3 directions
+    assert CARTParams(rank_ratio=0.0).floors(shapes, [8]) == {}  # 0 is the plain average: lower still
+    assert CARTParams(rank_ratio=0.003, rounding="ceil").floors(shapes, [8]) == {}  # ⌈1.15⌉ = 2
+    assert set(STARParams(eta=12.5).floors(shapes, [8, 4])) == {"eta"}  # σ1 ≥ Σσ/8 reaches 12.5%
+    assert STARParams(eta=13).floors(shapes, [8]) == {}
+    assert set(STARParams(eta=20).floors(shapes, [4])) == {"eta"}  # rank 4: σ1 ≥ 25% of Σσ
+
+
+def test_the_runner_marks_a_floor_and_the_report_asks_for_no_wider_grid(tmp_path):
+    from lorafuse.experiment.runner import ExperimentRunner
+
+    modules = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.mlp.up_proj": (128, 64)}
+    paths = {t: write_adapter(tmp_path / t, modules, r=4, seed=i) for i, t in enumerate(("a", "b"))}
+    config = parse_config({"name": "floor", "model": "minilm", "tasks": ["a", "b"],
+                           "methods": [{"method": "cart"}, {"method": "star"}]}, "t")
+    runner = ExperimentRunner(config, tmp_path / "run", progress=False)
+    runner.state.adapters = paths
+
+    def job(method, space, params, grid):
+        sweep = [{"params": p, "validation": {}, "score": 80.0 + i} for i, p in enumerate(reversed(grid))]
+        return {"name": method if space == "full" else f"{method}@{space}", "kind": "static", "method": method,
+                "space": space, "status": "ok", "params": params, "sweep": sweep, "test": {}}
+
+    runner.state.jobs = [
+        job("cart", "full", {"rank_ratio": 0.01}, [{"rank_ratio": 0.01}, {"rank_ratio": 0.1}]),  # ⌊0.64⌋ → 1
+        job("cart", "core", {"rank_ratio": 0.1}, [{"rank_ratio": 0.1}, {"rank_ratio": 0.5}]),  # core 8×8: ⌊0.8⌋ → 1
+        job("star", "full", {"eta": 30}, [{"eta": 30}, {"eta": 60}]),  # 30 > 100/4: not at the floor
+    ]
+    runner._mark_floors()
+    marked = {j["name"]: set(j.get("at_floor", {})) for j in runner.state.jobs}
+    assert marked == {"cart": {"rank_ratio"}, "cart@core": {"rank_ratio"}, "star": set()}
+    from lorafuse.experiment.analysis import _edge_warnings
+    from lorafuse.experiment.report import _at_floor
+
+    assert [w["method"] for w in _edge_warnings(runner.state.jobs)] == ["star"]
+
+    line = _at_floor(runner.state.jobs)[0]
+    assert "cart: rank_ratio = 0.01 keeps 1 singular direction" in line and "cart@core" in line and "star" not in line

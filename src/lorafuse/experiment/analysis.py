@@ -249,7 +249,8 @@ def _collapse_warnings(ok: Sequence[dict[str, Any]], tasks: Sequence[str],
 
 
 def _edge_warnings(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One warning per method, naming each chosen coefficient at an end of its grid (not of its domain)."""
+    """One warning per method, naming each chosen coefficient at an end of its grid (not of its domain, nor the
+    method's floor on these adapters: `at_floor`, recorded by the runner)."""
     out = []
     for job in ok:
         edges = []
@@ -267,6 +268,8 @@ def _edge_warnings(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             side = "lowest" if chosen == numbers[0] else "highest" if chosen == numbers[-1] else None
             if side is None or (side == "lowest" and chosen == low) or (side == "highest" and chosen == high):
                 continue
+            if side == "lowest" and key in (job.get("at_floor") or {}):
+                continue  # the method cannot go lower there: the report says so among its findings
             edges.append((key, chosen, f"{key} = {chosen} is the {side} of {numbers}"))
         if edges:
             out.append(_warning("edge_of_grid", f"{job['name']}: the chosen " + "; ".join(e[2] for e in edges)

@@ -248,6 +248,7 @@ def findings(jobs: list[dict[str, Any]], statistics: dict[str, Any]) -> list[str
         out.append(f"- **Against task arithmetic** (paired, 5%): significantly above: {', '.join(above) or 'none'}; "
                    f"significantly below: {', '.join(below) or 'none'}.")
     out += _against_ties(jobs, methods)
+    out += _at_floor(jobs)
     static = [n for n in ranked if methods[n]["kind"] == "static"]
     if static:
         top = static[0]
@@ -289,6 +290,16 @@ def _against_ties(jobs: list[dict[str, Any]], methods: dict[str, Any]) -> list[s
     cells = "; ".join(f"{n} {_comparison(methods[n]['vs_ties'])}" for n in rivals)
     return [f"- **Against TIES** (paired on test, 5%; difference in points of average normalized accuracy): "
             f"{cells}. Significantly above TIES: {', '.join(above) or 'none'}."]
+
+
+def _at_floor(jobs: list[dict[str, Any]]) -> list[str]:
+    """One line: the chosen settings at their method's floor (the lowest a parameter can go on these adapters),
+    which a grid cannot bracket from below."""
+    cells = [f"{j['name']}: {why}" for j in _ok(jobs) for why in (j.get("at_floor") or {}).values()]
+    if not cells:
+        return []
+    return ["- **At the method's floor** (chosen at the least its parameter can express on these adapters, so the "
+            "search is bracketed by the method, not the grid): " + "; ".join(cells) + "."]
 
 
 TRAINING_FREE_ROUTERS = {"arrow": "Arrow (training-free)", "logo": "LoGo (training-free)"}  # job name -> words

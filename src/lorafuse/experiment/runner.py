@@ -162,9 +162,36 @@ class ExperimentRunner:
 
         if self._bar is not None:
             self._bar.set_postfix_str("report")
+        self._mark_floors()
         results = write_report(self.out / "report", self.config, self.state)
         self._advance()
         return results
+
+    def _mark_floors(self) -> None:
+        """Record in each fused job the parameters its chosen setting holds at the method's floor on these
+        adapters (`at_floor`), so the report does not ask to widen a grid below what the method can express."""
+        from lorafuse.adapters.reader import LoraAdapter
+        from lorafuse.merging.methods.registry import get_method
+
+        adapters = [LoraAdapter(p) for p in self.state.adapters.values()]
+        if not adapters:
+            return
+        modules = sorted({m for a in adapters for m in a.modules})
+        ranks = [a.module_rank(m) for a in adapters for m in a.modules]
+        for job in self.state.jobs:
+            if job.get("kind") != "static" or job.get("space") not in ("full", "core") or not job.get("method"):
+                continue
+            try:
+                params = get_method(job["method"]).parse_params(job.get("params") or {})
+            except ConfigError:
+                continue
+            if job["space"] == "core":  # a module's core is R×R, R = Σr over the adapters holding it
+                shapes = [(r, r) for m in modules
+                          if (r := sum(a.module_rank(m) for a in adapters if m in a.modules))]
+            else:
+                shapes = [next(a.module_shape(m) for a in adapters if m in a.modules) for m in modules]
+            if floors := params.floors(shapes, ranks):
+                job["at_floor"] = floors
 
     # -- units of work -----------------------------------------------------------------------------------
     def _train_job(self, task: str) -> dict[str, Any] | Job:

@@ -11,7 +11,7 @@ Two kinds:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -32,6 +32,12 @@ class MethodParams(BaseModel):
         """Whether a merge with these parameter values draws random numbers (DARE's drop): then experiments run it
         over several seeds."""
         return "drop_rate" in cls.model_fields
+
+    def floors(self, shapes: Sequence[tuple[int, int]], ranks: Sequence[int]) -> dict[str, str]:
+        """The parameters whose value is at the method's floor for these modules (each module's (m, n) in the
+        space merged, and the adapters' ranks): a lower value would not change the merge, so a search that chose
+        the lowest value of its grid there is bracketed by the method itself. Each with why, in words."""
+        return {}
 
 
 @dataclass(frozen=True)

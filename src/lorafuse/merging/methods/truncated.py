@@ -38,6 +38,13 @@ class CARTParams(MethodParams):
     rounding: str = Field("floor", pattern="^(floor|ceil)$",
                           description="k = max(1, ⌊ratio·min(m, n)⌋) (CART code) or ⌈ratio·min(m, n)⌉ (Core Space)")
 
+    def floors(self, shapes: Sequence[tuple[int, int]], ranks: Sequence[int]) -> dict[str, str]:
+        if self.rank_ratio == 0.0 or not shapes or \
+                any(cart_rank(self.rank_ratio, min(shape), self.rounding) != 1 for shape in shapes):
+            return {}
+        return {"rank_ratio": f"rank_ratio = {self.rank_ratio:g} keeps 1 singular direction of each task's centred "
+                              "update in every module, the least short of rank_ratio 0 (the plain average)"}
+
 
 def cart_rank(ratio: float, dim: int, rounding: str) -> int:
     """Directions kept per task: the CART code's max(1, int(ratio·dim)) (0 for ratio 0), or the Core Space code's
@@ -92,6 +99,13 @@ class STARParams(MethodParams):
     eta: float = Field(40.0, gt=0.0, le=100.0,
                        description="percentage of each task's nuclear norm its kept singular values must reach")
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged (averaged) update")
+
+    def floors(self, shapes: Sequence[tuple[int, int]], ranks: Sequence[int]) -> dict[str, str]:
+        # σ_1 ≥ Σσ/r for a rank-r update, so eta ≤ 100/r keeps its top direction only, whatever its spectrum
+        if not ranks or self.eta > 100.0 / max(ranks):
+            return {}
+        return {"eta": f"eta = {self.eta:g} keeps each task's top singular direction only, in every module (eta ≤ "
+                       f"100/r for rank-r updates: r = {max(ranks)} here), the least it can keep"}
 
 
 def star_rank(S: torch.Tensor, eta: float) -> int:
