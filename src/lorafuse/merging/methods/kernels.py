@@ -1,0 +1,220 @@
+"""Compiled (numba) kernels of the full-space element-wise merge: the per-task counting pass of a threshold and the
+fused merge pass (DARE drop, trim with per-row tie budgets, sign election, disjoint mean, λ), each one parallel
+pass over a band of rows [T, rows, n] that the engine's GEMMs have just formed.
+
+The arithmetic is that of the torch path (elementwise.BandKernel), operation for operation in float32: the task
+sums are fused multiply-adds from +0 in task order (llvm.fma, as torch's vectorised `add_` with alpha), the
+products and the division are IEEE, nothing is reassociated (no fastmath). So the merged bits are the same.
+
+Imported only by the engine's full-space path (never at `lorafuse --help`). Compiled once per machine
+(`cache=True`: next to this file, else in NUMBA_CACHE_DIR or the user's cache); where no cache location is
+writable (a read-only install and home) the kernels compile in memory on first use instead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+# fork-safe (the experiment executors fork) and no second OpenMP runtime beside torch's; it is not thread-safe,
+# so every parallel launch holds _LOCK. A user's own NUMBA_THREADING_LAYER wins.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+
+import numba  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import prange  # noqa: E402
+from numba.core import types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+_LOCK = threading.Lock()
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's constants (primitives.Draws)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_TINY = np.float32(np.finfo(np.float32).tiny)
+
+
+def _jit(parallel: bool = False) -> Callable[[Callable[..., Any]], Any]:
+    """numba.njit with an on-disk cache where one can be written, else in memory (numba refuses `cache=True`
+    at decoration when it finds no writable location)."""
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        try:
+            return numba.njit(cache=True, parallel=parallel, nogil=True)(fn)
+        except RuntimeError:
+            return numba.njit(parallel=parallel, nogil=True)(fn)
+
+    return wrap
+
+
+@intrinsic
+def _fma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """a·b + c rounded once (llvm.fma.f32): torch's `add_(x, alpha=w)` is this fused multiply-add."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@numba.njit(inline="always")
+def _word(key: np.uint64, i: np.int64) -> np.uint64:
+    """DARE's 32-bit word of entry i of a module (primitives.Draws: SplitMix64 of the counter ⌊i/2⌋ + 1)."""
+    z = key + (np.uint64(i >> 1) + np.uint64(1)) * _GAMMA
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(32 * (i & 1))) & np.uint64(0xFFFFFFFF)
+
+
+@numba.njit(inline="always")
+def _drop_row(v: np.ndarray, key: np.uint64, first: np.int64, limit: np.uint64, scale: np.float32) -> None:
+    """DARE's drop of one row in place: v·mask·scale, mask 1 where the word of entry first + j is < limit
+    (the torch path's two products; x·0 keeps x's sign on the zero, as there)."""
+    for j in range(v.size):
+        keep = np.float32(1.0) if _word(key, first + j) < limit else np.float32(0.0)
+        v[j] = (v[j] * keep) * scale
+
+
+@numba.njit(inline="always")
+def _trim_row(v: np.ndarray, tau: np.float32, budget: np.int64) -> None:
+    """The trim of one row in place: hardshrink (|v| > τ kept, +0 elsewhere), and of the entries equal to ±τ the
+    first `budget` kept (this row's share of the task's tie budget, by position)."""
+    if budget <= 0:
+        for j in range(v.size):
+            x = v[j]
+            v[j] = np.float32(0.0) if (x >= -tau and x <= tau) else x
+        return
+    for j in range(v.size):
+        x = v[j]
+        if x >= -tau and x <= tau:
+            if budget > 0 and abs(x) == tau:
+                budget -= 1
+            else:
+                v[j] = np.float32(0.0)
+
+
+@_jit(parallel=True)
+def merge_band(x: np.ndarray, out: np.ndarray, offset: np.int64, weights: np.ndarray, abs_weights: np.ndarray,
+               signs: np.ndarray, lam: np.float32, flags: np.ndarray, keys: np.ndarray, limit: np.uint64,
+               scale: np.float32, taus: np.ndarray, budgets: np.ndarray) -> None:
+    """One band's merge, in parallel over its rows: x [T, R, n] (overwritten) → out [R, n].
+
+    Per task: DARE's drop (flags[0]; entry j of row r is entry offset + r·n + j of the module), the trim by τ_t
+    with budgets[t, r] tied entries kept (flags[1]); then (flags[2]) the sign election on Σ w_t·x_t ('total') or
+    Σ sign(w_t)·sign(x_t) (flags[3] = 0, 'frequency') and the disjoint mean Σ|w_t|·agreeing_t over the agreeing
+    tasks' Σ|w_t| (or their count, flags[4]), or else Σ w_t·x_t; then ·λ (flags[5]). flags[6]: all w_t > 0."""
+    tasks, rows, n = x.shape
+    for r in prange(rows):
+        for t in range(tasks):
+            if flags[0]:
+                _drop_row(x[t, r], keys[t], offset + r * n, limit, scale)
+            if flags[1]:
+                _trim_row(x[t, r], taus[t], budgets[t, r])
+        if flags[2]:
+            _consensus_row(x[:, r], out[r], weights, abs_weights, signs, flags)
+        else:
+            _sum_row(x[:, r], weights, out[r])
+        if flags[5]:
+            row = out[r]
+            for j in range(n):
+                row[j] = row[j] * lam
+
+
+@numba.njit(inline="always")
+def _sum_row(x: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
+    """out = Σ_t w_t·x_t, fused multiply-adds from +0 in task order (P.weighted_sum)."""
+    for j in range(out.size):
+        out[j] = np.float32(0.0)
+    for t in range(x.shape[0]):
+        w = weights[t]
+        v = x[t]
+        for j in range(out.size):
+            out[j] = _fma(v[j], w, out[j])
+
+
+@numba.njit(inline="always")
+def _consensus_row(x: np.ndarray, out: np.ndarray, weights: np.ndarray, abs_weights: np.ndarray,
+                   signs: np.ndarray, flags: np.ndarray) -> None:
+    """TIES's election and disjoint mean of one row (P.elect_sign, P.disjoint_mean_; the same operations)."""
+    n = out.size
+    elected = np.zeros(n, np.float32)  # the votes, then ±1
+    for t in range(x.shape[0]):
+        v = x[t]
+        if flags[3]:
+            w = weights[t]
+            for j in range(n):
+                elected[j] = _fma(v[j], w, elected[j])
+        else:
+            s = signs[t]
+            for j in range(n):
+                sg = np.float32(1.0) if v[j] > 0 else (np.float32(-1.0) if v[j] < 0 else np.float32(0.0))
+                elected[j] = _fma(sg, s, elected[j])
+    for j in range(n):
+        elected[j] = np.float32(1.0) if elected[j] >= 0 else np.float32(-1.0)
+    norm = np.zeros(n, np.float32)
+    for j in range(n):
+        out[j] = np.float32(0.0)
+    for t in range(x.shape[0]):
+        v = x[t]
+        aw = abs_weights[t]
+        c = np.float32(1.0) if flags[4] else aw
+        s = signs[t]
+        for j in range(n):
+            a = v[j] * elected[j]
+            if not flags[6]:
+                a = a * s
+            a = a if a > 0 else np.float32(0.0)  # clamp(min=0); a zero's sign reaches no sum (all start at +0)
+            out[j] = _fma(a, aw, out[j])
+            norm[j] = _fma(np.float32(1.0) if a > 0 else np.float32(0.0), c, norm[j])
+    for j in range(n):
+        out[j] = (out[j] * elected[j]) / max(norm[j], _TINY)
+
+
+@_jit(parallel=True)
+def count_band(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, drop: bool, offset: np.int64, keys: np.ndarray,
+               limit: np.uint64, scale: np.float32, above: np.ndarray, inside: np.ndarray) -> None:
+    """The counting pass of one band, in parallel over (task, row): per row of x [T, R, n] the number of |v| > hi_t
+    (above[t, r]) and of lo_t ≤ |v| ≤ hi_t (inside[t, r]), those |v| moved, in row order, to the front of the row
+    (x is overwritten). With `drop`, v is first DARE's dropped value (DARE-TIES trims the dropped values)."""
+    tasks, rows, n = x.shape
+    for i in prange(tasks * rows):
+        t, r = i // rows, i % rows
+        v = x[t, r]
+        if drop:
+            _drop_row(v, keys[t], offset + r * n, limit, scale)
+        low, high = lo[t], hi[t]
+        count_above = 0
+        for j in range(n):
+            count_above += abs(v[j]) > high
+        kept = 0
+        for j in range(n):
+            a = abs(v[j])
+            if a >= low and a <= high:
+                v[kept] = a
+                kept += 1
+        above[t, r] = count_above
+        inside[t, r] = kept
+
+
+@_jit()
+def gather_inside(x: np.ndarray, inside: np.ndarray, t: np.int64, out: np.ndarray, at: np.int64) -> np.int64:
+    """Append task t's in-bracket values that `count_band` left at the front of each row to out[at:]; the new end."""
+    for r in range(x.shape[1]):
+        for j in range(inside[t, r]):
+            out[at] = x[t, r, j]
+            at += 1
+    return at
+
+
+def run(kernel: Callable[..., Any], threads: int, *args: Any) -> Any:
+    """A parallel kernel on `threads` threads (numba's pool is not thread-safe: one launch at a time)."""
+    with _LOCK:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        return kernel(*args)
