@@ -308,11 +308,14 @@ class BandKernel:
 
 
 def compiled_kernels() -> bool:
-    """Whether the compiled kernels (kernels.py, numba) can run: numba installed and LORAFUSE_COMPILED not 0."""
+    """Whether the compiled kernels (kernels.py, numba) can run: numba installed, a little-endian machine (DARE's
+    words are halves of a uint64) and LORAFUSE_COMPILED not 0."""
     import importlib.util
     import os
+    import sys
 
-    return os.environ.get("LORAFUSE_COMPILED", "1") != "0" and importlib.util.find_spec("numba") is not None
+    return (os.environ.get("LORAFUSE_COMPILED", "1") != "0" and sys.byteorder == "little"
+            and importlib.util.find_spec("numba") is not None)
 
 
 class CompiledKernel:

@@ -288,8 +288,8 @@ def _count_bands(bands: Callable[[], Iterable[Band]], tasks: int, brackets: dict
         x = band.values
         band_above = np.empty(x.shape[:2], np.int64)
         band_inside = np.empty(x.shape[:2], np.int64)
-        kernels.run(kernels.count_band, threads, x, lo, hi, drop is not None, np.int64(band.offset), band.keys,
-                    limit, scale, band_above, band_inside)
+        kernels.run(kernels.count_band, threads, x, x.view(np.uint32), lo.view(np.uint32), hi.view(np.uint32),
+                    drop is not None, np.int64(band.offset), band.keys, limit, scale, band_above, band_inside)
         above += band_above.sum(1)
         per_row.append(band_inside)
         for t in brackets:
