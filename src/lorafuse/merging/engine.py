@@ -376,6 +376,15 @@ class _Thresholds:
         keep = 1.0 - self.params.drop_rate  # type: ignore[attr-defined]
         return Drop(keep_threshold(keep), 1.0 / keep if self.params.rescale else 1.0)  # type: ignore[attr-defined]
 
+    @staticmethod
+    def _compiled_sample(t: int, rows: DenseRows, count: int) -> torch.Tensor:
+        """`rows.task_sample` by a compiled loop (kernels.sample_dots): no gathered copies of B's and Aᵀ's rows."""
+        from lorafuse.merging.methods import kernels
+
+        at, cols = rows.sample_positions(count=count)
+        return torch.from_numpy(kernels.sample_dots(rows.B[t].contiguous().numpy(),
+                                                    rows.A[t].T.contiguous().numpy(), at.numpy(), cols.numpy()))
+
     def _task_values(self, t: int, module: str, rows: DenseRows) -> Iterator[torch.Tensor]:
         """Task t's values of one module band by band: ΔW_t, or for DARE-TIES's trim its dropped values (the
         generator is counter-based: the same draws as the merge's, band by band)."""
@@ -388,7 +397,7 @@ class _Thresholds:
                 for band, (start, _) in zip(rows.task_values(t), rows.bands()))
 
     def _task_sample(self, t: int, rows: DenseRows, count: int) -> torch.Tensor:
-        sample = rows.task_sample(t, count=count)
+        sample = self._compiled_sample(t, rows, count) if self.compiled else rows.task_sample(t, count=count)
         if not self.recipe.trim_after_drop:
             return sample
         from lorafuse.merging.methods.elementwise import drop

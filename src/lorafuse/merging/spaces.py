@@ -111,9 +111,13 @@ class DenseRows:
         column's scale, so a grid's entries are correlated and its quantiles scatter far more than a binomial
         bracket allows (on Llama-3-8B's gate_proj a 1024×512 grid missed the 20% quantile for one task in four,
         and each miss costs a second pass)."""
+        rows, cols = self.sample_positions(seed, count)
+        # rows of Aᵀ, not columns of A: a gather of contiguous rows (a strided column gather was 20x slower)
+        return (self.B[t][rows] * self.A[t].T.contiguous()[cols]).sum(dim=1)
+
+    def sample_positions(self, seed: int = 0, count: int = SAMPLE_ENTRIES) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows and columns of `task_sample`'s entries."""
         gen = torch.Generator().manual_seed(seed)
         m, n = self.shape
         rows = torch.randint(m, (count,), generator=gen).to(self.device)
-        cols = torch.randint(n, (count,), generator=gen).to(self.device)
-        # rows of Aᵀ, not columns of A: a gather of contiguous rows (a strided column gather was 20x slower)
-        return (self.B[t][rows] * self.A[t].T.contiguous()[cols]).sum(dim=1)
+        return rows, torch.randint(n, (count,), generator=gen).to(self.device)

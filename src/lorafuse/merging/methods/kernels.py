@@ -37,6 +37,7 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _TINY = np.float32(np.finfo(np.float32).tiny)
 _ABS = np.uint32(0x7FFFFFFF)
+_CHUNK = 8  # entries tested at once by the counting pass
 
 
 def _jit(parallel: bool = False) -> Callable[[Callable[..., Any]], Any]:
@@ -206,16 +207,17 @@ def count_band(x: np.ndarray, bits: np.ndarray, lo: np.ndarray, hi: np.ndarray, 
 @numba.njit(inline="always")
 def _count_row(v: np.ndarray, low: np.uint32, high: np.uint32) -> tuple[int, int]:
     """`count_band` on one row of bit patterns: |v| is v & 0x7fffffff, and lo ≤ |v| ≤ hi one unsigned compare of
-    |v| − lo (the bits of non-negative floats are ordered as the floats). Chunks of 16 are tested vectorised; the
-    rare ones holding an in-bracket value are moved by a scalar loop (a branch per entry mispredicts ~1 in 5)."""
+    |v| − lo (the bits of non-negative floats are ordered as the floats). Chunks of 8 are tested vectorised; the
+    ~10% holding an in-bracket value (~1.25% of entries) are moved by a scalar loop (a branch per entry on
+    |v| ≥ lo would mispredict ~1 in 5; chunks of 16 measured 1.3 against 0.95 ns an entry).)"""
     n = v.size
-    full = n - n % 16
+    full = n - n % _CHUNK
     width = high - low
     above, kept = 0, 0
-    for s in range(0, n, 16):
+    for s in range(0, n, _CHUNK):
         hit = 0
         if s < full:
-            for j in range(16):
+            for j in range(_CHUNK):
                 a = v[s + j] & _ABS
                 above += a > high
                 hit |= (a - low) <= width
@@ -225,7 +227,7 @@ def _count_row(v: np.ndarray, low: np.uint32, high: np.uint32) -> tuple[int, int
                 above += a > high
                 hit |= (a - low) <= width
         if hit:
-            for j in range(s, min(s + 16, n)):
+            for j in range(s, min(s + _CHUNK, n)):
                 a = v[j] & _ABS
                 if (a - low) <= width:
                     v[kept] = a
@@ -241,6 +243,20 @@ def gather_inside(x: np.ndarray, inside: np.ndarray, t: np.int64, out: np.ndarra
             out[at] = x[t, r, j]
             at += 1
     return at
+
+
+@_jit()
+def sample_dots(B: np.ndarray, At: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Entries (rows[k], cols[k]) of B·Aᵀ (B [m, r], At [n, r]): the threshold's sample of ΔW without forming
+    the gathered rows (it only brackets the threshold: its rounding changes no result)."""
+    out = np.empty(rows.size, np.float32)
+    for k in range(rows.size):
+        b, a = B[rows[k]], At[cols[k]]
+        acc = np.float32(0.0)
+        for q in range(b.size):
+            acc += b[q] * a[q]
+        out[k] = acc
+    return out
 
 
 def run(kernel: Callable[..., Any], threads: int, *args: Any) -> Any:
