@@ -14,6 +14,7 @@ writable (a read-only install and home) the kernels compile in memory on first u
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -41,14 +42,20 @@ _CHUNK = 8  # entries tested at once by the counting pass
 
 
 def _jit(parallel: bool = False) -> Callable[[Callable[..., Any]], Any]:
-    """numba.njit with an on-disk cache where one can be written, else in memory (numba refuses `cache=True`
-    at decoration when it finds no writable location)."""
+    """numba.njit with an on-disk cache (compiling the kernels takes ~10 s): beside this file or in the user's
+    cache; where neither can be written (a read-only install and home), in a per-user temporary directory; and
+    where that fails too, in memory only (numba refuses `cache=True` at decoration when no location is
+    writable)."""
 
     def wrap(fn: Callable[..., Any]) -> Any:
-        try:
-            return numba.njit(cache=True, parallel=parallel, nogil=True)(fn)
-        except RuntimeError:
-            return numba.njit(parallel=parallel, nogil=True)(fn)
+        for _ in range(2):
+            try:
+                return numba.njit(cache=True, parallel=parallel, nogil=True)(fn)
+            except RuntimeError:
+                if numba.config.CACHE_DIR:
+                    break
+                numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"lorafuse-numba-{getattr(os, 'getuid', lambda: 0)()}")
+        return numba.njit(parallel=parallel, nogil=True)(fn)
 
     return wrap
 
