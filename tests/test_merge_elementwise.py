@@ -304,8 +304,7 @@ def test_bands_in_parallel_give_the_sequential_bits(tmp_path, monkeypatch, metho
             monkeypatch.setattr(spaces, "BAND_ENTRIES", 256)  # several bands per module
             calls: list[int] = []
             monkeypatch.setattr(engine._Bands, "run_parallel", functools.partialmethod(_spy, calls, original))
-            monkeypatch.setattr(kernels, "run", lambda kernel, threads, *a: (calls.append(threads),
-                                                                              launch(kernel, threads, *a))[1])
+            monkeypatch.setattr(kernels, "run", functools.partial(_spy_launch, calls, launch))
             parallel = merge(paths, method, rank=2, keep_exact=True, progress=False, **params)
             if uses_kernels:
                 assert calls and set(calls) == {2}
@@ -320,6 +319,11 @@ def test_bands_in_parallel_give_the_sequential_bits(tmp_path, monkeypatch, metho
             a, b = reference.exact[module].matrix, parallel.exact[module].matrix
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), module
             assert torch.equal(reference.delta(module), parallel.delta(module)), module
+
+
+def _spy_launch(calls, launch, kernel, threads, *args):
+    calls.append(threads)
+    return launch(kernel, threads, *args)
 
 
 def _spy(self, calls, original, workers):

@@ -19,9 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 import numba
+import numpy as np
 from llvmlite import ir
 from numba import prange
 from numba.core import types
