@@ -302,6 +302,7 @@ def test_bands_in_parallel_give_the_sequential_bits(tmp_path, monkeypatch, metho
             torch.set_num_threads(2)
             monkeypatch.setattr(engine, "MERGE_BAND_ENTRIES", 64)  # sub-bands of 1–2 rows
             monkeypatch.setattr(spaces, "BAND_ENTRIES", 256)  # several bands per module
+            monkeypatch.setattr(engine, "COMPILED_BAND_ENTRIES", 256)
             calls: list[int] = []
             monkeypatch.setattr(engine._Bands, "run_parallel", functools.partialmethod(_spy, calls, original))
             monkeypatch.setattr(kernels, "run", functools.partial(_spy_launch, calls, launch))
@@ -439,12 +440,14 @@ def test_compiled_kernels_give_the_torch_paths_bits(tmp_path, monkeypatch, metho
     """The compiled counting and merge passes (methods/kernels.py) against the torch path, on 2 threads in several
     bands a module: the same limits, the same kept entries (ties at τ by position: quantised adapters), the same
     dense bits and saved factors, with negative and zero weights too."""
+    import lorafuse.merging.engine as engine
     import lorafuse.merging.spaces as spaces
 
     modules = llama_modules(layers=1, names=("self_attn.q_proj", "mlp.down_proj"))
     smooth = [write_adapter(tmp_path / f"s{i}", modules, r=4, alpha=8, seed=40 + i) for i in range(3)]
     threads = torch.get_num_threads()
     monkeypatch.setattr(spaces, "BAND_ENTRIES", 512)
+    monkeypatch.setattr(engine, "COMPILED_BAND_ENTRIES", 300)  # bands of a few rows, their sizes not aligned
     try:
         torch.set_num_threads(2)
         for paths, weights in ((smooth, [1.0, -0.5, 2.0]), (smooth, [0.7, 0.0, 1.3]), (_quantised(tmp_path), None)):
@@ -459,3 +462,32 @@ def test_compiled_kernels_give_the_torch_paths_bits(tmp_path, monkeypatch, metho
                 assert torch.equal(results[0].delta(module), results[1].delta(module)), module
     finally:
         torch.set_num_threads(threads)
+
+
+def test_count_pass_gives_each_row_its_share_of_the_tie_budget():
+    """The compiled counting pass: the exact (τ, ties) of a full sort for every task at once, and per row the tied
+    entries it keeps, so that |x| > τ plus each row's first budget[r] entries equal to τ are exactly the k largest
+    of a stable descending sort (ties by position), whatever the bands."""
+    import numpy as np
+
+    from lorafuse.merging.methods.primitives import top_limit
+    from lorafuse.merging.methods.thresholds import Band, count_pass
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-4, 5, (3, 40, 33), generator=gen).float() * 0.25  # quantised: many ties at any τ
+    ks = [int(d * x[0].numel()) for d in (0.2, 0.35, 0.5)]
+
+    def bands():
+        for start in range(0, 40, 7):  # bands of 7 rows
+            yield Band(x[:, start:start + 7].contiguous().numpy(), start * 33, np.zeros(3, np.uint64))
+
+    limits, budgets = count_pass(bands, x[0].numel(), ks, lambda t: x[t].reshape(-1)[::5])
+    for t, k in enumerate(ks):
+        assert limits[t] == top_limit(x[t], k) and limits[t][1] > 0
+        assert int(budgets[t].sum()) == limits[t][1]
+        mags = x[t].abs()
+        tied = mags == limits[t][0]
+        keep_tied = tied & (tied.int().cumsum(1) <= torch.from_numpy(budgets[t]).unsqueeze(1))
+        expected = torch.zeros(x[t].numel(), dtype=torch.bool)
+        expected[mags.reshape(-1).sort(descending=True, stable=True).indices[:k]] = True
+        assert torch.equal((mags > limits[t][0]) | keep_tied, expected.reshape(x[t].shape))

@@ -356,8 +356,8 @@ class _Thresholds:
                 rows = rows_of(module)
                 heights[module] = rows.shape[0]
                 keys = np.array(self.generators(module).keys if drop else (), np.uint64)
-                for start, stop in rows.bands():
-                    yield Band(rows.band(start, stop).numpy(), start * rows.shape[1], keys)
+                for start, _, x in rows.stacked_bands(COMPILED_BAND_ENTRIES):
+                    yield Band(x.numpy(), start * rows.shape[1], keys)
 
         limits, budgets = count_pass(bands, total, ks, samples, drop, torch.get_num_threads())
         first = 0
@@ -409,6 +409,11 @@ class _Thresholds:
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="lorafuse-trim")
+
+
+# one task's entries per band of the compiled path (16 MB for 4 tasks, in L3): each parallel launch wakes numba's
+# pool, which on a busy machine costs a scheduler wake-up, so fewer, larger bands (the GEMMs gain a little too)
+COMPILED_BAND_ENTRIES = 1 << 20
 
 
 def merge(
@@ -696,9 +701,8 @@ class _Engine:
                                 self._generators(module).keys)
         merged = torch.empty(rows.shape)
         threads, n = torch.get_num_threads(), rows.shape[1]
-        for start, stop in rows.bands():
-            kernel(rows.band(start, stop).numpy(), merged[start:stop].numpy(), start * n, budgets[:, start:stop],
-                   threads)
+        for start, stop, x in rows.stacked_bands(COMPILED_BAND_ENTRIES):
+            kernel(x.numpy(), merged[start:stop].numpy(), start * n, budgets[:, start:stop], threads)
         if omega is None:
             return _Dense(merged, row_space)
         product = torch.empty(rows.shape[0], omega.shape[1])

@@ -94,6 +94,19 @@ class DenseRows:
             self.task_band(t, start, stop, out[t])
         return out
 
+    def stacked_bands(self, entries: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, rows [start, stop) of every task's ΔW as one contiguous [T, stop-start, n] tensor), bands
+        of about `entries` entries a task; each tensor is a view of one buffer, overwritten by the next band."""
+        m, n = self.shape
+        height = max(1, min(m, entries // max(1, n)))
+        buffer = torch.empty(len(self) * height * n, device=self.device)
+        for start in range(0, m, height):
+            stop = min(start + height, m)
+            out = buffer[: len(self) * (stop - start) * n].view(len(self), stop - start, n)
+            for t in range(len(self)):
+                self.task_band(t, start, stop, out[t])
+            yield start, stop, out
+
     def task_band(self, t: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return torch.matmul(self.B[t][start:stop], self.A[t], out=out)
 

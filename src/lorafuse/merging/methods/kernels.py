@@ -117,31 +117,50 @@ def _trim_row(v: np.ndarray, tau: np.float32, budget: np.int64) -> None:
                 v[j] = np.float32(0.0)
 
 
+@numba.njit(inline="always")
+def _merge_row(x: np.ndarray, r: int, out: np.ndarray, offset: np.int64, weights: np.ndarray,
+               abs_weights: np.ndarray, signs: np.ndarray, lam: np.float32, flags: np.ndarray, keys: np.ndarray,
+               limit: np.uint64, scale: np.float32, taus: np.ndarray, budgets: np.ndarray) -> None:
+    """Row r of `merge_band`."""
+    tasks, n = x.shape[0], x.shape[2]
+    for t in range(tasks):
+        if flags[0]:
+            _drop_row(x[t, r], keys[t], offset + r * n, limit, scale)
+        if flags[1]:
+            _trim_row(x[t, r], taus[t], budgets[t, r])
+    if flags[2]:
+        _consensus_row(x, r, out[r], weights, abs_weights, signs, flags)
+    else:
+        _sum_row(x, r, weights, out[r])
+    if flags[5]:
+        row = out[r]
+        for j in range(n):
+            row[j] = row[j] * lam
+
+
 @_jit(parallel=True)
 def merge_band(x: np.ndarray, out: np.ndarray, offset: np.int64, weights: np.ndarray, abs_weights: np.ndarray,
                signs: np.ndarray, lam: np.float32, flags: np.ndarray, keys: np.ndarray, limit: np.uint64,
                scale: np.float32, taus: np.ndarray, budgets: np.ndarray) -> None:
-    """One band's merge, in parallel over its rows: x [T, R, n] (overwritten) → out [R, n].
+    """One band's merge, in parallel over its rows: x [T, R, n] (C-contiguous, overwritten) → out [R, n].
 
     Per task: DARE's drop (flags[0]; entry j of row r is entry offset + r·n + j of the module), the trim by τ_t
     with budgets[t, r] tied entries kept (flags[1]); then (flags[2]) the sign election on Σ w_t·x_t ('total') or
     Σ sign(w_t)·sign(x_t) (flags[3] = 0, 'frequency') and the disjoint mean Σ|w_t|·agreeing_t over the agreeing
     tasks' Σ|w_t| (or their count, flags[4]), or else Σ w_t·x_t; then ·λ (flags[5]). flags[6]: all w_t > 0."""
-    tasks, rows, n = x.shape
-    for r in prange(rows):
-        for t in range(tasks):
-            if flags[0]:
-                _drop_row(x[t, r], keys[t], offset + r * n, limit, scale)
-            if flags[1]:
-                _trim_row(x[t, r], taus[t], budgets[t, r])
-        if flags[2]:
-            _consensus_row(x, r, out[r], weights, abs_weights, signs, flags)
-        else:
-            _sum_row(x, r, weights, out[r])
-        if flags[5]:
-            row = out[r]
-            for j in range(n):
-                row[j] = row[j] * lam
+    for r in prange(x.shape[1]):
+        _merge_row(x, r, out, offset, weights, abs_weights, signs, lam, flags, keys, limit, scale, taus, budgets)
+
+
+@_jit()
+def merge_band_serial(x: np.ndarray, out: np.ndarray, offset: np.int64, weights: np.ndarray,
+                      abs_weights: np.ndarray, signs: np.ndarray, lam: np.float32, flags: np.ndarray,
+                      keys: np.ndarray, limit: np.uint64, scale: np.float32, taus: np.ndarray, budgets: np.ndarray
+                      ) -> None:
+    """`merge_band` in the calling thread (one thread: no hand-off to numba's pool, which costs a scheduler
+    wake-up per band on a busy machine)."""
+    for r in range(x.shape[1]):
+        _merge_row(x, r, out, offset, weights, abs_weights, signs, lam, flags, keys, limit, scale, taus, budgets)
 
 
 @numba.njit(inline="always")
@@ -195,6 +214,18 @@ def _consensus_row(x: np.ndarray, r: int, out: np.ndarray, weights: np.ndarray, 
         out[j] = (out[j] * elected[j]) / max(norm[j], _TINY)
 
 
+@numba.njit(inline="always")
+def _count_item(i: int, x: np.ndarray, bits: np.ndarray, lo: np.ndarray, hi: np.ndarray, drop: bool,
+                offset: np.int64, keys: np.ndarray, limit: np.uint64, scale: np.float32, above: np.ndarray,
+                inside: np.ndarray) -> None:
+    """Item i = (task, row) of `count_band`."""
+    rows, n = x.shape[1], x.shape[2]
+    t, r = i // rows, i % rows
+    if drop:
+        _drop_row(x[t, r], keys[t], offset + r * n, limit, scale)
+    above[t, r], inside[t, r] = _count_row(bits[t, r], lo[t], hi[t])
+
+
 @_jit(parallel=True)
 def count_band(x: np.ndarray, bits: np.ndarray, lo: np.ndarray, hi: np.ndarray, drop: bool, offset: np.int64,
                keys: np.ndarray, limit: np.uint64, scale: np.float32, above: np.ndarray, inside: np.ndarray) -> None:
@@ -202,12 +233,17 @@ def count_band(x: np.ndarray, bits: np.ndarray, lo: np.ndarray, hi: np.ndarray, 
     (above[t, r]) and of lo_t ≤ |v| ≤ hi_t (inside[t, r]), those |v| moved, in row order, to the front of the row
     (x is overwritten; `bits` is x viewed as uint32, lo and hi the brackets' bit patterns). With `drop`, v is
     first DARE's dropped value (DARE-TIES trims the dropped values)."""
-    tasks, rows, n = x.shape
-    for i in prange(tasks * rows):
-        t, r = i // rows, i % rows
-        if drop:
-            _drop_row(x[t, r], keys[t], offset + r * n, limit, scale)
-        above[t, r], inside[t, r] = _count_row(bits[t, r], lo[t], hi[t])
+    for i in prange(x.shape[0] * x.shape[1]):
+        _count_item(i, x, bits, lo, hi, drop, offset, keys, limit, scale, above, inside)
+
+
+@_jit()
+def count_band_serial(x: np.ndarray, bits: np.ndarray, lo: np.ndarray, hi: np.ndarray, drop: bool,
+                      offset: np.int64, keys: np.ndarray, limit: np.uint64, scale: np.float32, above: np.ndarray,
+                      inside: np.ndarray) -> None:
+    """`count_band` in the calling thread (see `merge_band_serial`)."""
+    for i in range(x.shape[0] * x.shape[1]):
+        _count_item(i, x, bits, lo, hi, drop, offset, keys, limit, scale, above, inside)
 
 
 @numba.njit(inline="always")
@@ -265,8 +301,15 @@ def sample_dots(B: np.ndarray, At: np.ndarray, rows: np.ndarray, cols: np.ndarra
     return out
 
 
+_SERIAL = {merge_band: merge_band_serial, count_band: count_band_serial}
+
+
 def run(kernel: Callable[..., Any], threads: int, *args: Any) -> Any:
-    """A parallel kernel on `threads` threads (numba's pool is not thread-safe: one launch at a time)."""
+    """A parallel kernel on `threads` threads (numba's pool is not thread-safe: one launch at a time); on one
+    thread its serial twin, in the calling thread."""
+    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    if threads == 1 and kernel in _SERIAL:
+        return _SERIAL[kernel](*args)
     with _LOCK:
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(threads)
         return kernel(*args)
