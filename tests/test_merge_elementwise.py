@@ -436,12 +436,18 @@ def test_band_kernel_consumes_tie_budgets_as_the_generic_merge(method, params):
     ("dare_ties", {"drop_rate": 0.9}), ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.3}),
     ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.3, "trim_scope": "global"}),
     ("magnitude_prune", {"density": 0.3}), ("dare_linear", {"drop_rate": 0.6, "lambda": 0.8})])
-def test_compiled_kernels_give_the_torch_paths_bits(tmp_path, monkeypatch, method, params):
+@pytest.mark.parametrize("brackets", ["sampled", "missed"])
+def test_compiled_kernels_give_the_torch_paths_bits(tmp_path, monkeypatch, method, params, brackets):
     """The compiled counting and merge passes (methods/kernels.py) against the torch path, on 2 threads in several
     bands a module: the same limits, the same kept entries (ties at τ by position: quantised adapters), the same
-    dense bits and saved factors, with negative and zero weights too."""
+    dense bits and saved factors, with negative and zero weights too; also where the sample's bracket misses τ
+    (forced here: the counting pass counts again with the widened bracket)."""
     import lorafuse.merging.engine as engine
+    import lorafuse.merging.methods.thresholds as thresholds
     import lorafuse.merging.spaces as spaces
+
+    if brackets == "missed":  # a bracket above every value, for both paths
+        monkeypatch.setattr(thresholds, "_bracket", lambda sample, k, total: (1e30, 2e30))
 
     modules = llama_modules(layers=1, names=("self_attn.q_proj", "mlp.down_proj"))
     smooth = [write_adapter(tmp_path / f"s{i}", modules, r=4, alpha=8, seed=40 + i) for i in range(3)]
