@@ -85,6 +85,19 @@ def instrument(timers: Timers, package: str = "lorafuse") -> None:
         (getattr(engine, "_Bands", None), "run", "merge bands (GEMMs, merge, product with the test block)"),
         (getattr(engine, "_Bands", None), "run_parallel", "merge bands in parallel (wall)"),
     ]
+    try:  # the compiled kernels (issue 23, round 4), where this version has them
+        kernels = importlib.import_module(f"{package}.merging.methods.kernels")
+    except ImportError:
+        kernels = None
+    stages += [
+        (spaces.DenseRows, "band", "GEMMs B·A (a band of every task's ΔW)"),
+        (thresholds, "_count_bands", "compiled counting pass (incl. its GEMMs)"),
+        (kernels, "count_band", "kernel: counting pass"),
+        (kernels, "gather_inside", "kernel: gather in-bracket values"),
+        (kernels, "merge_band", "kernel: merge pass (drop, trim, election, mean)"),
+        (getattr(engine._Engine, "_elementwise_compiled", None) and engine._Engine, "_elementwise_compiled",
+         "module total, compiled (merge pass + per-module thresholds)"),
+    ]
     for owner, attr, stage in stages:
         if owner is not None and hasattr(owner, attr):
             timers.wrap(owner, attr, stage)

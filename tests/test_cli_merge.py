@@ -78,6 +78,14 @@ def test_help_does_not_import_torch():
     assert torch  # the test process itself has torch; the CLI process above must not
 
 
+def test_help_does_not_import_numba():
+    """The compiled kernels (merging/methods/kernels.py) are imported by the full-space merge only."""
+    code = ("import sys\nfrom lorafuse.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+
+
 def test_hub_ids_are_downloaded(tmp_path, monkeypatch):
     """A name that is not a local directory is fetched with huggingface_hub (offline here: the call is faked)."""
     import huggingface_hub

@@ -279,29 +279,37 @@ def test_weighted_sum_has_the_bits_of_the_gemv():
 @pytest.mark.parametrize(("method", "params"), [
     ("ties", {"density": 0.2}), ("ties", {"density": 0.2, "trim_scope": "global"}), ("dare_ties", {"drop_rate": 0.9}),
     ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.3}), ("breadcrumbs", {}), ("magnitude_prune", {"density": 0.3})])
-def test_bands_in_parallel_give_the_sequential_bits(tmp_path, monkeypatch, method, params):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bands_in_parallel_give_the_sequential_bits(tmp_path, monkeypatch, method, params, compiled):
     """Bands merged on two threads, in sub-bands of a few rows, equal one thread's merge in whole bands, bit for
     bit (the dense result and the saved factors); quantised adapters (ties at the threshold) too, merged in row
-    order there."""
+    order there by the torch path, in parallel by the compiled kernels (each row knows its tie budget)."""
     import lorafuse.merging.engine as engine
+    import lorafuse.merging.methods.kernels as kernels
     import lorafuse.merging.spaces as spaces
 
     modules = llama_modules(layers=1, names=("self_attn.q_proj", "mlp.down_proj"))
     smooth = [write_adapter(tmp_path / f"s{i}", modules, r=4, alpha=8, seed=30 + i) for i in range(3)]
     quantised = _quantised(tmp_path)
     threads = torch.get_num_threads()
-    original = engine._Bands.run_parallel
+    original, launch = engine._Bands.run_parallel, kernels.run
+    uses_kernels = compiled and method != "breadcrumbs"
     for paths in (smooth, quantised):
+        monkeypatch.setenv("LORAFUSE_COMPILED", "1" if compiled else "0")
         torch.set_num_threads(1)
         try:
             reference = merge(paths, method, rank=2, keep_exact=True, progress=False, **params)
             torch.set_num_threads(2)
             monkeypatch.setattr(engine, "MERGE_BAND_ENTRIES", 64)  # sub-bands of 1–2 rows
             monkeypatch.setattr(spaces, "BAND_ENTRIES", 256)  # several bands per module
+            monkeypatch.setattr(engine, "COMPILED_BAND_ENTRIES", 256)
             calls: list[int] = []
             monkeypatch.setattr(engine._Bands, "run_parallel", functools.partialmethod(_spy, calls, original))
+            monkeypatch.setattr(kernels, "run", functools.partial(_spy_launch, calls, launch))
             parallel = merge(paths, method, rank=2, keep_exact=True, progress=False, **params)
-            if paths is smooth:
+            if uses_kernels:
+                assert calls and set(calls) == {2}
+            elif paths is smooth:
                 assert calls
             elif "drop_rate" not in params:  # ties at τ: some module merged in row order
                 assert len(calls) < len(modules)
@@ -312,6 +320,11 @@ def test_bands_in_parallel_give_the_sequential_bits(tmp_path, monkeypatch, metho
             a, b = reference.exact[module].matrix, parallel.exact[module].matrix
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), module
             assert torch.equal(reference.delta(module), parallel.delta(module)), module
+
+
+def _spy_launch(calls, launch, kernel, threads, *args):
+    calls.append(threads)
+    return launch(kernel, threads, *args)
 
 
 def _spy(self, calls, original, workers):
@@ -415,3 +428,72 @@ def test_band_kernel_consumes_tie_budgets_as_the_generic_merge(method, params):
     assert bool(kernel_table[:, 0, 1].eq(0).all())  # every budget spent: exactly k kept per task
     breadcrumbs = get_method("breadcrumbs")
     assert not isinstance(breadcrumbs.fn.band_kernel(w, table, breadcrumbs.parse_params({})), BandKernel)
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("ties", {"density": 0.2}), ("ties", {"density": 0.3, "trim_scope": "global"}),
+    ("ties", {"density": 0.3, "majority": "frequency", "denominator": "count", "lambda": 1.5}),
+    ("dare_ties", {"drop_rate": 0.9}), ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.3}),
+    ("dare_ties", {"drop_rate": 0.5, "trim_density": 0.3, "trim_scope": "global"}),
+    ("magnitude_prune", {"density": 0.3}), ("dare_linear", {"drop_rate": 0.6, "lambda": 0.8})])
+@pytest.mark.parametrize("brackets", ["sampled", "missed"])
+def test_compiled_kernels_give_the_torch_paths_bits(tmp_path, monkeypatch, method, params, brackets):
+    """The compiled counting and merge passes (methods/kernels.py) against the torch path, on 2 threads in several
+    bands a module: the same limits, the same kept entries (ties at τ by position: quantised adapters), the same
+    dense bits and saved factors, with negative and zero weights too; also where the sample's bracket misses τ
+    (forced here: the counting pass counts again with the widened bracket)."""
+    import lorafuse.merging.engine as engine
+    import lorafuse.merging.methods.thresholds as thresholds
+    import lorafuse.merging.spaces as spaces
+
+    if brackets == "missed":  # a bracket above every value, for both paths
+        monkeypatch.setattr(thresholds, "_bracket", lambda sample, k, total: (1e30, 2e30))
+
+    modules = llama_modules(layers=1, names=("self_attn.q_proj", "mlp.down_proj"))
+    smooth = [write_adapter(tmp_path / f"s{i}", modules, r=4, alpha=8, seed=40 + i) for i in range(3)]
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(spaces, "BAND_ENTRIES", 512)
+    monkeypatch.setattr(engine, "COMPILED_BAND_ENTRIES", 300)  # bands of a few rows, their sizes not aligned
+    try:
+        torch.set_num_threads(2)
+        for paths, weights in ((smooth, [1.0, -0.5, 2.0]), (smooth, [0.7, 0.0, 1.3]), (_quantised(tmp_path), None)):
+            results = []
+            for compiled in ("0", "1"):
+                monkeypatch.setenv("LORAFUSE_COMPILED", compiled)
+                results.append(merge(paths, method, rank=2, keep_exact=True, progress=False, weights=weights,
+                                     **params))
+            for module in results[0].modules:
+                a, b = (r.exact[module].matrix for r in results)
+                assert torch.equal(a.view(torch.int32), b.view(torch.int32)), module
+                assert torch.equal(results[0].delta(module), results[1].delta(module)), module
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_count_pass_gives_each_row_its_share_of_the_tie_budget():
+    """The compiled counting pass: the exact (τ, ties) of a full sort for every task at once, and per row the tied
+    entries it keeps, so that |x| > τ plus each row's first budget[r] entries equal to τ are exactly the k largest
+    of a stable descending sort (ties by position), whatever the bands."""
+    import numpy as np
+
+    from lorafuse.merging.methods.primitives import top_limit
+    from lorafuse.merging.methods.thresholds import Band, count_pass
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-4, 5, (3, 40, 33), generator=gen).float() * 0.25  # quantised: many ties at any τ
+    ks = [int(d * x[0].numel()) for d in (0.2, 0.35, 0.5)]
+
+    def bands():
+        for start in range(0, 40, 7):  # bands of 7 rows
+            yield Band(x[:, start:start + 7].contiguous().numpy(), start * 33, np.zeros(3, np.uint64))
+
+    limits, budgets = count_pass(bands, x[0].numel(), ks, lambda t: x[t].reshape(-1)[::5])
+    for t, k in enumerate(ks):
+        assert limits[t] == top_limit(x[t], k) and limits[t][1] > 0
+        assert int(budgets[t].sum()) == limits[t][1]
+        mags = x[t].abs()
+        tied = mags == limits[t][0]
+        keep_tied = tied & (tied.int().cumsum(1) <= torch.from_numpy(budgets[t]).unsqueeze(1))
+        expected = torch.zeros(x[t].numel(), dtype=torch.bool)
+        expected[mags.reshape(-1).sort(descending=True, stable=True).indices[:k]] = True
+        assert torch.equal((mags > limits[t][0]) | keep_tied, expected.reshape(x[t].shape))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lorafuse.adapters.config import targeted
@@ -247,7 +248,7 @@ class _Thresholds:
     the merge makes."""
 
     def __init__(self, method: MergeMethod, params: MethodParams, densities: list[float], scope: str,
-                 generators: Callable[[str], Draws]) -> None:
+                 generators: Callable[[str], Draws], compiled: bool = False) -> None:
         from lorafuse.merging.methods.elementwise import keep_rule
 
         self.recipe = method.fn.recipe  # type: ignore[attr-defined]
@@ -257,6 +258,10 @@ class _Thresholds:
         self.global_scope = scope == "global" and any(self.rules)
         self.generators = generators
         self.fixed: torch.Tensor | None = None
+        # the compiled full-space path: thresholds by kernels.count_band, and each row's share of the tie budgets
+        # per module ([T, m]), so that the merge's bands need no order
+        self.compiled = compiled
+        self.budgets: dict[str, np.ndarray] = {}
 
     def _input(self, module: str, blocks: torch.Tensor) -> torch.Tensor:
         from lorafuse.merging.methods.elementwise import threshold_input
@@ -305,7 +310,14 @@ class _Thresholds:
         updates are ever stacked."""
         self.fixed = self._fit_rows(modules, rows_of, sizes)
 
+    def row_budgets(self, module: str, rows: int) -> np.ndarray:
+        """[T, rows]: how many entries tied at τ each row of the module keeps (compiled path; zeros where none)."""
+        budgets = self.budgets.get(module)
+        return np.zeros((len(self.rules), rows), np.int64) if budgets is None or budgets.shape[1] != rows else budgets
+
     def _fit_rows(self, modules: list[str], rows_of: Callable[[str], DenseRows], sizes: list[int]) -> torch.Tensor:
+        if self.compiled:
+            return self._fit_rows_compiled(modules, rows_of, sizes)
         total = sum(sizes)
         counts = [max(1, round(SAMPLE_ENTRIES * size / total)) for size in sizes]  # a stratified sample
 
@@ -321,6 +333,58 @@ class _Thresholds:
         # Tasks are independent, and the counting pass is numpy (one core, GIL released): one thread per core.
         return self._table(list(_pool().map(task_limits, range(len(self.rules)))))
 
+    def _fit_rows_compiled(self, modules: list[str], rows_of: Callable[[str], DenseRows], sizes: list[int]
+                           ) -> torch.Tensor:
+        """`_fit_rows` by the compiled counting pass (thresholds.count_pass): every task in one pass over each band
+        of every module, the rows' tie budgets kept in self.budgets."""
+        from lorafuse.merging.methods.thresholds import Band, count_pass
+
+        if not any(self.rules):
+            return self._table([[] for _ in self.rules])
+        total = sum(sizes)
+        counts = [max(1, round(SAMPLE_ENTRIES * size / total)) for size in sizes]  # a stratified sample
+        ks = [rule(total)[0] if rule else 0 for rule in self.rules]  # one count each: magnitude trims
+        drop = self._drop()
+
+        def samples(t: int) -> torch.Tensor:
+            return torch.cat([self._task_sample(t, rows_of(m), c) for m, c in zip(modules, counts)])
+
+        heights: dict[str, int] = {}  # rows per module, in the bands' order
+
+        def bands() -> Iterator[Band]:
+            for module in modules:
+                rows = rows_of(module)
+                heights[module] = rows.shape[0]
+                keys = np.array(self.generators(module).keys if drop else (), np.uint64)
+                for start, _, x in rows.stacked_bands(COMPILED_BAND_ENTRIES):
+                    yield Band(x.numpy(), start * rows.shape[1], keys)
+
+        limits, budgets = count_pass(bands, total, ks, samples, drop, torch.get_num_threads())
+        first = 0
+        for module, m in heights.items():  # empty where no task needed a pass (no budgets then)
+            self.budgets[module] = budgets[:, first:first + m]
+            first += m
+        return self._table([[limit] for limit in limits])
+
+    def _drop(self) -> Any:
+        """DARE-TIES's drop before its trim, for the compiled counting pass (None for a plain trim)."""
+        from lorafuse.merging.methods.primitives import keep_threshold
+        from lorafuse.merging.methods.thresholds import Drop
+
+        if not self.recipe.trim_after_drop:
+            return None
+        keep = 1.0 - self.params.drop_rate  # type: ignore[attr-defined]
+        return Drop(keep_threshold(keep), 1.0 / keep if self.params.rescale else 1.0)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _compiled_sample(t: int, rows: DenseRows, count: int) -> torch.Tensor:
+        """`rows.task_sample` by a compiled loop (kernels.sample_dots): no gathered copies of B's and Aᵀ's rows."""
+        from lorafuse.merging.methods import kernels
+
+        at, cols = rows.sample_positions(count=count)
+        return torch.from_numpy(kernels.sample_dots(rows.B[t].contiguous().numpy(),
+                                                    rows.A[t].T.contiguous().numpy(), at.numpy(), cols.numpy()))
+
     def _task_values(self, t: int, module: str, rows: DenseRows) -> Iterator[torch.Tensor]:
         """Task t's values of one module band by band: ΔW_t, or for DARE-TIES's trim its dropped values (the
         generator is counter-based: the same draws as the merge's, band by band)."""
@@ -333,7 +397,7 @@ class _Thresholds:
                 for band, (start, _) in zip(rows.task_values(t), rows.bands()))
 
     def _task_sample(self, t: int, rows: DenseRows, count: int) -> torch.Tensor:
-        sample = rows.task_sample(t, count=count)
+        sample = self._compiled_sample(t, rows, count) if self.compiled else rows.task_sample(t, count=count)
         if not self.recipe.trim_after_drop:
             return sample
         from lorafuse.merging.methods.elementwise import drop
@@ -345,6 +409,11 @@ class _Thresholds:
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="lorafuse-trim")
+
+
+# one task's entries per band of the compiled path (16 MB for 4 tasks, in L3): each parallel launch wakes numba's
+# pool, which on a busy machine costs a scheduler wake-up, so fewer, larger bands (the GEMMs gain a little too)
+COMPILED_BAND_ENTRIES = 1 << 20
 
 
 def merge(
@@ -559,7 +628,8 @@ class _Engine:
         if self.spec.kind == "module":
             return {m: self._finish(m, self._module_update(m))
                     for m in self._progress(self.modules, f"merge ({self.spec.name})")}
-        thresholds = _Thresholds(self.spec, self.params, self.densities, self.trim_scope, self._generators)
+        thresholds = _Thresholds(self.spec, self.params, self.densities, self.trim_scope, self._generators,
+                                 compiled=self._compiled())
         if thresholds.global_scope and self.options.space == "full":
             thresholds.fit_global_rows(self.modules, self._rows, [m * n for m, n in map(self.stream.shapes.get,
                                                                                          self.modules)])
@@ -604,10 +674,51 @@ class _Engine:
         terms = self.stream.terms(module) if terms is None else terms
         return DenseRows([LowRank(t.A.T, t.B.T) for t in terms] if self._stored_layout() else terms)
 
+    def _compiled(self) -> bool:
+        """Whether the full space's element-wise merge runs the compiled kernels (methods/kernels.py): on the CPU,
+        for magnitude trims and DARE's drop, where numba is installed; else the torch path (the same bits)."""
+        from lorafuse.merging.methods.elementwise import compiled_kernels
+        from lorafuse.merging.methods.thresholds import count_on_device
+
+        return (self.options.space == "full" and self.device.type == "cpu" and not self._stored_layout()
+                and self.spec.fn.recipe.sparsify in (Sparsify.MAGNITUDE, Sparsify.RANDOM)  # type: ignore[attr-defined]
+                and not count_on_device(torch.empty(0)) and compiled_kernels())
+
+    def _elementwise_compiled(self, module: str, thresholds: _Thresholds) -> _Dense:
+        """`_elementwise_full` by the compiled kernels: each band of rows formed by the GEMMs (the engine's
+        threads) and merged in one parallel pass (kernels.merge_band); every row knows its tie budget, so no band
+        waits for another."""
+        from lorafuse.merging.methods.elementwise import CompiledKernel
+
+        terms = self.stream.terms(module)
+        rows = self._rows(module, terms)
+        limits = thresholds.for_rows(module, rows)
+        budgets = thresholds.row_budgets(module, rows.shape[0])
+        row_space = torch.cat([t.A for t in terms]).float()
+        omega = self._range_start(module, rows.shape, row_space)
+        weights = torch.tensor(self.weights, dtype=torch.float32)
+        kernel = CompiledKernel(self.spec.fn.recipe, self.params, weights, limits,  # type: ignore[attr-defined]
+                                self._generators(module).keys)
+        merged = torch.empty(rows.shape)
+        threads, n = torch.get_num_threads(), rows.shape[1]
+        for start, stop, x in rows.stacked_bands(COMPILED_BAND_ENTRIES):
+            kernel(x.numpy(), merged[start:stop].numpy(), start * n, budgets[:, start:stop], threads)
+        if omega is None:
+            return _Dense(merged, row_space)
+        product = torch.empty(rows.shape[0], omega.shape[1])
+        # MKL's sums depend on its thread count: band by band on the torch path's threads (one where it draws
+        # masks), so the truncation and the saved factors are its bits
+        with serial() if kernel.drops else contextlib.nullcontext():
+            for start, stop in rows.bands():
+                torch.matmul(merged[start:stop], omega, out=product[start:stop])
+        return _Dense(merged, row_space, RangeStart(omega, product))
+
     def _elementwise_full(self, module: str, thresholds: _Thresholds) -> _Dense:
         """The full space a band of rows at a time: the same entries as the stacked dense blocks (element-wise
         methods are separable once thresholds are known; DARE's generator is counter-based, so its masks are those of
         one draw over the whole module), in memory of one m×n result plus a band per thread."""
+        if thresholds.compiled:
+            return self._elementwise_compiled(module, thresholds)
         terms = self.stream.terms(module)
         stored = self._stored_layout()
         rows = self._rows(module, terms)

@@ -94,6 +94,19 @@ class DenseRows:
             self.task_band(t, start, stop, out[t])
         return out
 
+    def stacked_bands(self, entries: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, rows [start, stop) of every task's ΔW as one contiguous [T, stop-start, n] tensor), bands
+        of about `entries` entries a task; each tensor is a view of one buffer, overwritten by the next band."""
+        m, n = self.shape
+        height = max(1, min(m, entries // max(1, n)))
+        buffer = torch.empty(len(self) * height * n, device=self.device)
+        for start in range(0, m, height):
+            stop = min(start + height, m)
+            out = buffer[: len(self) * (stop - start) * n].view(len(self), stop - start, n)
+            for t in range(len(self)):
+                self.task_band(t, start, stop, out[t])
+            yield start, stop, out
+
     def task_band(self, t: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return torch.matmul(self.B[t][start:stop], self.A[t], out=out)
 
@@ -111,9 +124,13 @@ class DenseRows:
         column's scale, so a grid's entries are correlated and its quantiles scatter far more than a binomial
         bracket allows (on Llama-3-8B's gate_proj a 1024×512 grid missed the 20% quantile for one task in four,
         and each miss costs a second pass)."""
+        rows, cols = self.sample_positions(seed, count)
+        # rows of Aᵀ, not columns of A: a gather of contiguous rows (a strided column gather was 20x slower)
+        return (self.B[t][rows] * self.A[t].T.contiguous()[cols]).sum(dim=1)
+
+    def sample_positions(self, seed: int = 0, count: int = SAMPLE_ENTRIES) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows and columns of `task_sample`'s entries."""
         gen = torch.Generator().manual_seed(seed)
         m, n = self.shape
         rows = torch.randint(m, (count,), generator=gen).to(self.device)
-        cols = torch.randint(n, (count,), generator=gen).to(self.device)
-        # rows of Aᵀ, not columns of A: a gather of contiguous rows (a strided column gather was 20x slower)
-        return (self.B[t][rows] * self.A[t].T.contiguous()[cols]).sum(dim=1)
+        return rows, torch.randint(n, (count,), generator=gen).to(self.device)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -304,6 +305,45 @@ class BandKernel:
         count = self.params.denominator == "count"  # type: ignore[attr-defined]
         norm = self._sum(kept, [1.0] * len(self.weights) if count else self.abs_weights, self._buffer(1, x[0]))
         return total.div_(norm.clamp_(min=torch.finfo(norm.dtype).tiny))
+
+
+def compiled_kernels() -> bool:
+    """Whether the compiled kernels (kernels.py, numba) can run: numba installed, a little-endian machine (DARE's
+    words are halves of a uint64) and LORAFUSE_COMPILED not 0."""
+    import importlib.util
+    import os
+    import sys
+
+    return (os.environ.get("LORAFUSE_COMPILED", "1") != "0" and sys.byteorder == "little"
+            and importlib.util.find_spec("numba") is not None)
+
+
+class CompiledKernel:
+    """`BandKernel` compiled (kernels.merge_band): one module's merge of magnitude trims and DARE drops, its
+    constants read once, each band one parallel pass. Ties at τ are kept by each row's share of the budget
+    (thresholds.row_tie_budgets), so bands and rows need no order. The same bits as `BandKernel`."""
+
+    def __init__(self, recipe: Recipe, params: ElementwiseParams, weights: torch.Tensor, thresholds: torch.Tensor,
+                 keys: tuple[int, ...]) -> None:
+        w = weights.to(torch.float32).cpu().numpy()
+        trims = recipe.sparsify is Sparsify.MAGNITUDE or (recipe.trim_after_drop and thresholds.shape[1] > 0)
+        self.drops = recipe.sparsify is Sparsify.RANDOM
+        keep = 1.0 - getattr(params, "drop_rate", 0.0)
+        scale = 1.0 / keep if getattr(params, "rescale", True) else 1.0
+        self.constants = (w, np.abs(w), np.sign(w), np.float32(params.lambda_), np.array([
+            self.drops, trims, recipe.consensus, getattr(params, "majority", "total") == "total",
+            getattr(params, "denominator", "weights") == "count", params.lambda_ != 1.0, bool((w > 0).all())]),
+            np.array(keys, np.uint64), np.uint64(P.keep_threshold(keep)), np.float32(scale),
+            # τ as the float32 the torch path compares against
+            thresholds[:, 0, 0].to(torch.float32).numpy() if trims else np.zeros(len(w), np.float32))
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, offset: int, budgets: np.ndarray, threads: int) -> None:
+        """Merge one band x [T, R, n] (overwritten), entry (r, j) at flat index offset + r·n + j of the module,
+        into out [R, n]; budgets [T, R]: the tied entries each row keeps."""
+        from lorafuse.merging.methods import kernels
+
+        kernels.run(kernels.merge_band, threads, x, out, np.int64(offset), *self.constants,
+                    np.ascontiguousarray(budgets))
 
 
 def band_kernel(weights: torch.Tensor, thresholds: torch.Tensor, params: ElementwiseParams, *, recipe: Recipe

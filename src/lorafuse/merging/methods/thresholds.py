@@ -11,6 +11,7 @@ to τ, so that tied values (quantised adapters) keep exactly k (lorafuse.merging
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -175,19 +176,125 @@ def top_limits(values: Callable[[], Iterable[torch.Tensor]], total: int, fractio
         found = _count_and_band(values(), [brackets[i] for i in todo])
         missed = []
         for i, (above, inside) in zip(todo, found):
-            rank = ks[i] - above  # the threshold is the rank-th largest value inside the bracket
-            if 0 < rank <= inside.size:
-                tau = inside.dtype.type(np.partition(inside, inside.size - rank)[inside.size - rank])
-                ties = rank - int(np.count_nonzero(inside > tau))
-                if strict and tau > 0 and ties == int(np.count_nonzero(inside == tau)):
-                    out[i] = (float(np.nextafter(tau, inside.dtype.type(0))), 0)
-                else:
-                    out[i] = (float(tau), ties)
-            else:
-                lo, hi = brackets[i]
-                brackets[i] = (hi, float("inf")) if rank <= 0 else (0.0, lo)
+            limit = limit_in_bracket(ks[i], above, inside)
+            if limit is None:
+                brackets[i] = widened(brackets[i], ks[i] - above)
                 missed.append(i)
+                continue
+            tau, ties = limit
+            if strict and tau > 0 and ties == int(np.count_nonzero(inside == tau)):
+                out[i] = (float(np.nextafter(inside.dtype.type(tau), inside.dtype.type(0))), 0)
+            else:
+                out[i] = limit
         todo = missed
     if todo:
         raise AssertionError("top_thresholds: a widened bracket must contain the threshold")
     return [v for v in out if v is not None]
+
+
+def limit_in_bracket(k: int, above: int, inside: np.ndarray) -> tuple[float, int] | None:
+    """(τ, ties) keeping the k largest |x|, from the count of |x| above a bracket and the |x| inside it: τ is the
+    (k − above)-th largest inside; None where the bracket missed it."""
+    rank = k - above
+    if not 0 < rank <= inside.size:
+        return None
+    tau = inside.dtype.type(np.partition(inside, inside.size - rank)[inside.size - rank])
+    return float(tau), rank - int(np.count_nonzero(inside > tau))
+
+
+def widened(bracket: tuple[float, float], rank: int) -> tuple[float, float]:
+    """The bracket to count again where `limit_in_bracket` missed: above it (rank ≤ 0) or below it."""
+    lo, hi = bracket
+    return (hi, float("inf")) if rank <= 0 else (0.0, lo)
+
+
+def row_tie_budgets(tau: float, ties: int, inside: np.ndarray, per_row: np.ndarray) -> np.ndarray:
+    """Each row's share of a tie budget: of the entries equal to τ the first `ties` in position order are kept,
+    so row r keeps min(its tied entries, what the rows before it left). `inside` holds the rows' in-bracket |x|
+    in row order, per_row[r] of them in row r (τ lies in every bracket, so every tied entry is there)."""
+    tied = np.concatenate([[0], np.cumsum(inside == inside.dtype.type(tau))])
+    bounds = np.concatenate([[0], np.cumsum(per_row)])
+    in_row = tied[bounds[1:]] - tied[bounds[:-1]]
+    before = np.cumsum(in_row) - in_row
+    return np.clip(ties - before, 0, in_row).astype(np.int64)
+
+
+# -- the compiled counting pass (lorafuse.merging.methods.kernels) -----------------------------------------------
+@dataclass(frozen=True)
+class Band:
+    """Rows of every task's values, [T, R, n] float32 (the counting pass overwrites them), at flat index `offset` of
+    their module, whose DARE keys are `keys` (uint64 [T]; used only with a drop)."""
+
+    values: np.ndarray
+    offset: int
+    keys: np.ndarray
+
+
+@dataclass(frozen=True)
+class Drop:
+    """DARE's drop applied before counting (DARE-TIES trims the dropped values): word < limit kept, ·scale."""
+
+    limit: int
+    scale: float
+
+
+def count_pass(bands: Callable[[], Iterable[Band]], total: int, ks: Sequence[int],
+               samples: Callable[[int], torch.Tensor], drop: Drop | None = None, threads: int = 1
+               ) -> tuple[list[tuple[float, int]], np.ndarray]:
+    """`top_limits` for every task at once, by the compiled counting pass, with each row's tie budget: per task
+    t the exact (τ, ties) keeping the ks[t] largest of its `total` values (bracketed by samples(t)), and
+    budgets [T, rows of all bands in order], the tied entries each row keeps (`row_tie_budgets`). One pass over
+    the bands per try; a task whose bracket missed is counted again with the widened bracket."""
+    tasks = len(ks)
+    limits: list[tuple[float, int] | None] = [(float("inf"), 0) if k <= 0 else (0.0, total) if k >= total else None
+                                              for k in ks]
+    brackets = {t: _bracket(samples(t), ks[t], total) for t in range(tasks) if limits[t] is None}
+    budgets: dict[int, np.ndarray] = {}
+    for _ in range(2):
+        todo = [t for t in range(tasks) if limits[t] is None]
+        if not todo:
+            break
+        above, inside, per_row = _count_bands(bands, tasks, {t: brackets[t] for t in todo}, drop, threads)
+        for t in todo:
+            limit = limit_in_bracket(ks[t], int(above[t]), inside[t])
+            if limit is None:
+                brackets[t] = widened(brackets[t], ks[t] - int(above[t]))
+                continue
+            limits[t], budgets[t] = limit, row_tie_budgets(*limit, inside[t], per_row[t])
+    if any(v is None for v in limits):
+        raise AssertionError("count_pass: a widened bracket must contain the threshold")
+    rows = per_row.shape[1] if tasks and budgets else 0
+    table = np.zeros((tasks, rows), np.int64)
+    for t, b in budgets.items():
+        table[t] = b
+    return [v for v in limits if v is not None], table
+
+
+def _count_bands(bands: Callable[[], Iterable[Band]], tasks: int, brackets: dict[int, tuple[float, float]],
+                 drop: Drop | None, threads: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """One counting pass: per task the count above its bracket, the in-bracket |x| in position order, and the
+    number of them in each row [T, rows]. Tasks without a bracket are skipped (nothing lies in [inf, inf])."""
+    from lorafuse.merging.methods import kernels
+
+    lo = np.full(tasks, np.inf, np.float32)
+    hi = np.full(tasks, np.inf, np.float32)
+    for t, (low, high) in brackets.items():
+        lo[t], hi[t] = low, high
+    above = np.zeros(tasks, np.int64)
+    inside: list[list[np.ndarray]] = [[] for _ in range(tasks)]
+    per_row: list[np.ndarray] = []
+    limit, scale = (np.uint64(drop.limit), np.float32(drop.scale)) if drop else (np.uint64(0), np.float32(1))
+    for band in bands():
+        x = band.values
+        band_above = np.empty(x.shape[:2], np.int64)
+        band_inside = np.empty(x.shape[:2], np.int64)
+        kernels.run(kernels.count_band, threads, x, x.view(np.uint32), lo.view(np.uint32), hi.view(np.uint32),
+                    drop is not None, np.int64(band.offset), band.keys, limit, scale, band_above, band_inside)
+        above += band_above.sum(1)
+        per_row.append(band_inside)
+        for t in brackets:
+            out = np.empty(int(band_inside[t].sum()), np.float32)
+            kernels.gather_inside(x, band_inside, t, out, 0)
+            inside[t].append(out)
+    values = [np.concatenate(v) if v else np.zeros(0, np.float32) for v in inside]
+    return above, values, np.concatenate(per_row, axis=1) if per_row else np.zeros((tasks, 0), np.int64)
