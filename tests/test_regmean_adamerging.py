@@ -288,3 +288,13 @@ def test_adamerging_init_from_task_arithmetic_needs_that_method():
     with pytest.raises(ConfigError, match="inputs"):
         parse_config({**raw, "adamerging": {"inputs": ["test", "test"]}}, "x.yaml")
     assert parse_config({**raw, "adamerging": {"init": 0.4}}, "x.yaml").adamerging.steps == 500
+
+
+def test_the_other_costs_read_as_words_not_json():
+    from lorafuse.experiment.report import _cost_cell
+
+    cell = _cost_cell({"gate_train_seconds": 91.23, "routed_ms_per_example": 38.592, "latency_ratio": 2.51,
+                       "seeds": 3, "inference": "one merged adapter", "method": "Arrow (…)", "examples": 1200})
+    assert cell == ("gate train 91.2 s; routed 38.6 ms/example; latency ratio 2.51; inference: one merged adapter; "
+                    "examples 1200")
+    assert "{" not in cell and _cost_cell({}) == "" and "|" not in _cost_cell({"note": "a | b"})

@@ -362,7 +362,7 @@ def data_cost_lines(jobs: list[dict[str, Any]], cfg: dict[str, Any], statistics:
                               else "")
         lines.append(f"| {j['name']} | {_pct(statistics['methods'][j['name']]['normalized_average'])} | {split} | "
                      f"{_count_cell(d.get('examples_per_task'), d.get('examples_total'))} | {d['labels']} | {d['seeds']} | {d.get('seconds', '')} | {j.get('seconds', '')} | "
-                     f"{json.dumps(j.get('cost', {}))} |")
+                     f"{_cost_cell(j.get('cost') or {})} |")
     if any(d.get("transductive") for _, d in rows):
         lines += ["", "A job whose inputs come from test (AdaMerging's protocol in its paper) adapted to the very "
                   "test inputs it is scored on, without their labels: compare it with the same method fed validation "
@@ -371,6 +371,28 @@ def data_cost_lines(jobs: list[dict[str, Any]], cfg: dict[str, Any], statistics:
         lines += ["", "Rows with `≤` were recorded before jobs carried their data: their counts come from the config "
                   "(at most that many a task)."]
     return lines + [""]
+
+
+_COST_SHOWN = {"seeds", "search_seconds", "examples_seen", "data_split", "method"}  # in other columns or the methods
+
+
+def _cost_cell(cost: dict[str, Any]) -> str:
+    """A job's other costs in words: `gate train 91.2 s; routed 38.6 ms/example; …` (seconds and milliseconds
+    rounded, what the other columns already show left out)."""
+    cells = []
+    for key, value in cost.items():
+        if key in _COST_SHOWN:
+            continue
+        name = key.replace("_", " ")
+        if key.endswith("_ms_per_example") and isinstance(value, (int, float)):
+            cells.append(f"{name.removesuffix(' ms per example')} {value:.1f} ms/example")
+        elif key.endswith("_seconds") and isinstance(value, (int, float)):
+            cells.append(f"{name.removesuffix(' seconds')} {value:.1f} s")
+        elif isinstance(value, float):
+            cells.append(f"{name} {value:.3g}")
+        else:
+            cells.append(f"{name}: {value}" if isinstance(value, str) else f"{name} {value}")
+    return "; ".join(cells).replace("|", "/")
 
 
 def _count_cell(counts: dict[str, int] | int | None, total: int | None = None) -> str:
