@@ -266,7 +266,8 @@ def _router_gap(methods: dict[str, Any], top: str) -> str:
     """The routers beside the best static fusion: the trained one, then the training-free Arrow and LoGo."""
     router = next((n for n in methods if n.startswith("router") and methods[n]["normalized_average"] is not None),
                   None)
-    found = [(f"the router ({router})", router)] if router is not None else []
+    label = "the router" if router == "router" else f"the router ({router})"
+    found = [(label, router)] if router is not None else []
     found += [(label, name) for name, label in TRAINING_FREE_ROUTERS.items()
               if name in methods and methods[name]["normalized_average"] is not None]
     if not found:
