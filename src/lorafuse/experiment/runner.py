@@ -178,19 +178,17 @@ class ExperimentRunner:
             return
         modules = sorted({m for a in adapters for m in a.modules})
         ranks = [a.module_rank(m) for a in adapters for m in a.modules]
+        cores = [sum(a.module_rank(m) for a in adapters if m in a.modules) for m in modules]
+        shapes = {"full": [next(a.module_shape(m) for a in adapters if m in a.modules) for m in modules],
+                  "core": [(r, r) for r in cores if r]}  # a module's core is R×R, R = Σr over the adapters holding it
         for job in self.state.jobs:
-            if job.get("kind") != "static" or job.get("space") not in ("full", "core") or not job.get("method"):
+            if job.get("kind") != "static" or job.get("space") not in shapes or not job.get("method"):
                 continue
             try:
                 params = get_method(job["method"]).parse_params(job.get("params") or {})
             except ConfigError:
                 continue
-            if job["space"] == "core":  # a module's core is R×R, R = Σr over the adapters holding it
-                shapes = [(r, r) for m in modules
-                          if (r := sum(a.module_rank(m) for a in adapters if m in a.modules))]
-            else:
-                shapes = [next(a.module_shape(m) for a in adapters if m in a.modules) for m in modules]
-            if floors := params.floors(shapes, ranks):
+            if floors := params.floors(shapes[job["space"]], ranks):
                 job["at_floor"] = floors
 
     # -- units of work -----------------------------------------------------------------------------------
